@@ -1,0 +1,82 @@
+"""The daemon's own wire frames (docs/protocol.md), declared with construct.
+
+Every message between a client and viommud is one frame: a 12-byte little-endian header
+followed by ``length`` payload bytes. Binary payloads (guest doorbells) carry the vIOMMU
+name as a length-prefixed UTF-8 string, then the guest's bytes untouched.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from construct import Bytes, GreedyBytes, Int8ul, Int16ul, Int32ul, PascalString, Struct, this
+
+PROTOCOL_VERSION = 1
+HEADER_SIZE = 12
+MAX_PAYLOAD = 64 * 1024 * 1024
+
+
+class FrameType(enum.IntEnum):
+    """Frame types; replies set bit 7 of the request's type (docs/protocol.md §2)."""
+
+    HELLO = 0x01  # JSON: {"protocol": 1, "client": str, "host": {...}?, "calls": bool}
+    RECORD = 0x02  # JSON: one trace record without data-heavy fields (config records)
+    CMDS = 0x03  # binary: GuestData — one doorbell of SMMUv3 CMDQ entries / VT-d descriptors
+    REQUEST = 0x04  # binary: GuestData — one virtio-iommu request
+    STATS = 0x05  # empty: ask for the session totals
+    HELLO_OK = 0x81  # JSON: {"protocol": 1, "server": str, "backend": str, "host": {...}}
+    RESPONSE = 0x82  # JSON: the record's response (spec §3) plus "calls" when asked for
+    STATS_OK = 0x85  # JSON: session totals in the replay report's shape
+    ERROR = 0xFF  # JSON: {"error": str, "fatal": bool} — the request was refused
+
+
+FrameHeader = Struct(
+    "version" / Int8ul,  # PROTOCOL_VERSION
+    "type" / Int8ul,  # FrameType
+    "flags" / Int16ul,  # must be 0
+    "seq" / Int32ul,  # chosen by the client, echoed in the reply
+    "length" / Int32ul,  # payload bytes that follow (at most MAX_PAYLOAD)
+)
+FrameHeader.__doc__ = "docs/protocol.md §1: the 12-byte frame header."
+
+GuestData = Struct(
+    "viommu" / PascalString(Int8ul, "utf8"),  # name of the vIOMMU, as in the trace
+    "data" / GreedyBytes,  # the guest's bytes, to the end of the payload
+)
+GuestData.__doc__ = "docs/protocol.md §3: payload of CMDS and REQUEST frames."
+
+Frame = Struct(
+    "header" / FrameHeader,
+    "payload" / Bytes(this.header.length),
+)
+Frame.__doc__ = "docs/protocol.md §1: a whole frame."
+
+
+def parse_header(raw: bytes) -> dict[str, int]:
+    """Decode a frame header with the construct declaration (reference decoder)."""
+    parsed: Any = FrameHeader.parse(raw)
+    return {k: int(parsed[k]) for k in ("version", "type", "flags", "seq", "length")}
+
+
+def build_frame(frame_type: int, seq: int, payload: bytes) -> bytes:
+    """Encode a whole frame with the construct declaration (reference encoder)."""
+    header = {
+        "version": PROTOCOL_VERSION,
+        "type": frame_type,
+        "flags": 0,
+        "seq": seq,
+        "length": len(payload),
+    }
+    return bytes(Frame.build({"header": header, "payload": payload}))
+
+
+def build_guest_data(viommu: str, data: bytes) -> bytes:
+    """Encode a CMDS/REQUEST payload with the construct declaration."""
+    return bytes(GuestData.build({"viommu": viommu, "data": data}))
+
+
+def parse_guest_data(payload: bytes) -> tuple[str, bytes]:
+    """Decode a CMDS/REQUEST payload with the construct declaration."""
+    parsed: Any = GuestData.parse(payload)
+    return str(parsed.viommu), bytes(parsed.data)

@@ -1,0 +1,1 @@
+"""Backends: the Linux iommufd nested uAPI, emulated (default) or real (/dev/iommu)."""

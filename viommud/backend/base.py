@@ -1,0 +1,70 @@
+"""The interface every backend offers: the kernel's own calling convention.
+
+A backend is addressed exactly like the kernel: ``ioctl(fd, request, arg)`` where ``arg`` is
+the packed uAPI structure (``protocols.iommufd``) in a mutable buffer; the backend writes
+back output fields into ``arg`` as the kernel's ``copy_to_user`` would and returns 0 or a
+positive errno. Pointers inside structures (``data_uptr``) are addresses in the backend's
+``memory``: emulated user memory for the emulator, real process memory for /dev/iommu.
+
+``fd`` is either ``iommufd`` (the open /dev/iommu) or a device fd from ``open_device``
+(a VFIO cdev, on which VFIO_DEVICE_BIND_IOMMUFD / ATTACH / DETACH are issued).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from viommud.host import HostConfig
+
+
+class UserFault(Exception):  # noqa: N818 - mirrors the kernel's EFAULT condition
+    """An access to user memory that is not mapped (the kernel would answer EFAULT)."""
+
+
+class UserMemory(Protocol):
+    """Memory a backend reads ``*_uptr`` pointers from."""
+
+    def alloc(self, size: int) -> int:
+        """Map ``size`` zeroed bytes and return their address (never 0)."""
+        ...
+
+    def free(self, addr: int) -> None:
+        """Unmap an allocation made by ``alloc``."""
+        ...
+
+    def write(self, addr: int, data: bytes) -> None:
+        """Store ``data`` at ``addr``; raises UserFault if any byte is unmapped."""
+        ...
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Load ``size`` bytes from ``addr``; raises UserFault if any byte is unmapped."""
+        ...
+
+
+class Backend(Protocol):
+    """One iommufd context (one open of /dev/iommu) plus the device cdevs it uses."""
+
+    name: str
+    host: HostConfig
+    iommufd: int
+    memory: UserMemory
+
+    def open_device(self, device: str) -> int:
+        """Open the VFIO cdev of host device ``device``; returns its fd.
+
+        Raises ``OSError(errno)`` like open(2): ENODEV for an unknown device, EBUSY when it
+        is already open.
+        """
+        ...
+
+    def close_device(self, fd: int) -> None:
+        """Close a device fd: the device is unbound from the iommufd."""
+        ...
+
+    def ioctl(self, fd: int, request: int, arg: bytearray) -> int:
+        """Issue ``request`` with the packed structure ``arg``; returns 0 or an errno."""
+        ...
+
+    def close(self) -> None:
+        """Close the iommufd: every object it holds is destroyed, leaf first."""
+        ...

@@ -1,0 +1,263 @@
+"""Typed calls on a backend, and the backend call log (spec/trace-format.md §4).
+
+``Iommufd`` packs the kernel's structures (protocols.iommufd), issues them through a
+``Backend`` and unpacks the written-back fields. Every call is counted by ioctl name and,
+when asked, logged as one JSON-ready dict in issue order. A call that fails raises
+``BackendCallError`` carrying the errno, except ``invalidate`` whose partial progress is part
+of its result.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocols import iommufd as uapi
+from viommud.backend.base import Backend
+
+
+class BackendCallError(Exception):
+    """A backend call failed with ``errno``."""
+
+    def __init__(self, ioctl: str, err: int, args: dict[str, Any]) -> None:
+        name = errno_mod.errorcode.get(err, str(err))
+        super().__init__(f"{ioctl} failed: {name}")
+        self.ioctl = ioctl
+        self.errno = err
+        self.errno_name = name
+        self.args = args
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidateResult:
+    """``IOMMU_HWPT_INVALIDATE``: errno and the written-back entry_num (entries handled)."""
+
+    errno: int
+    done: int
+
+
+@dataclass(slots=True)
+class CallLog:
+    """Counts every backend call; keeps the call log entries when ``keep`` is set."""
+
+    keep: bool = False
+    barrier: int = 0  # the guest barrier the current work belongs to (set by the dispatcher)
+    seq: int = 0
+    calls: dict[str, int] = field(default_factory=dict)
+    invalidation_entries: int = 0
+    errnos: dict[str, int] = field(default_factory=dict)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, ioctl: str, err: int, payload: dict[str, Any], iommu: str | None) -> None:
+        self.seq += 1
+        self.calls[ioctl] = self.calls.get(ioctl, 0) + 1
+        if err:
+            name = errno_mod.errorcode.get(err, str(err))
+            self.errnos[name] = self.errnos.get(name, 0) + 1
+        if self.keep:
+            entry: dict[str, Any] = {
+                "seq": self.seq,
+                "barrier": self.barrier,
+                "iommu": iommu,
+                "ioctl": ioctl,
+            }
+            entry.update(payload)
+            entry["errno"] = err
+            self.entries.append(entry)
+
+    def drain(self) -> list[dict[str, Any]]:
+        out = self.entries
+        self.entries = []
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class BoundDevice:
+    """A host device opened and bound to the iommufd."""
+
+    name: str
+    iommu: str
+    fd: int
+    dev_id: int
+
+
+class Iommufd:
+    """The iommufd calls viommud makes, with the kernel's structures underneath."""
+
+    def __init__(self, backend: Backend, log: CallLog | None = None) -> None:
+        self.backend = backend
+        self.log = log if log is not None else CallLog()
+        self._scratch = 0
+        self._scratch_size = 0
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _buffer(self, data: bytes) -> int:
+        """Copy ``data`` into (reused) user memory; returns its address."""
+        if len(data) > self._scratch_size:
+            memory = self.backend.memory
+            if self._scratch:
+                memory.free(self._scratch)
+            self._scratch_size = max(4096, 1 << (len(data) - 1).bit_length())
+            self._scratch = memory.alloc(self._scratch_size)
+        self.backend.memory.write(self._scratch, data)
+        return self._scratch
+
+    def _call(self, fd: int, request: int, obj: Any) -> tuple[int, Any]:
+        arg = uapi.encode(obj)
+        err = self.backend.ioctl(fd, request, arg)
+        return err, uapi.decode(type(obj), arg)
+
+    def _simple(
+        self, iommu: str | None, fd: int, request: int, obj: Any, args: dict[str, Any]
+    ) -> Any:
+        err, out = self._call(fd, request, obj)
+        name = uapi.IOCTL_NAMES[request]
+        self.log.add(name, err, {"args": args}, iommu)
+        if err:
+            raise BackendCallError(name, err, args)
+        return out
+
+    # -- devices (VFIO cdev) --------------------------------------------------------------
+    def bind(self, device: str, iommu: str) -> BoundDevice:
+        try:
+            fd = self.backend.open_device(device)
+        except OSError as exc:
+            err = exc.errno or errno_mod.ENODEV
+            self.log.add("VFIO_DEVICE_BIND_IOMMUFD", err, {"args": {"device": device}}, iommu)
+            raise BackendCallError("VFIO_DEVICE_BIND_IOMMUFD", err, {"device": device}) from None
+        args = {"device": device}
+        try:
+            out = self._simple(
+                iommu,
+                fd,
+                uapi.VFIO_DEVICE_BIND_IOMMUFD,
+                uapi.VfioDeviceBindIommufd(iommufd=self.backend.iommufd),
+                args,
+            )
+        except BackendCallError:
+            self.backend.close_device(fd)
+            raise
+        return BoundDevice(device, iommu, fd, out.out_devid)
+
+    def unbind(self, dev: BoundDevice) -> None:
+        self.backend.close_device(dev.fd)
+
+    def attach(self, dev: BoundDevice, pt_id: int) -> None:
+        self._simple(
+            dev.iommu,
+            dev.fd,
+            uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+            uapi.VfioDeviceAttachIommufdPt(pt_id=pt_id),
+            {"dev_id": dev.dev_id, "pt_id": pt_id},
+        )
+
+    def detach(self, dev: BoundDevice) -> None:
+        self._simple(
+            dev.iommu,
+            dev.fd,
+            uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT,
+            uapi.VfioDeviceDetachIommufdPt(),
+            {"dev_id": dev.dev_id},
+        )
+
+    # -- iommufd objects ------------------------------------------------------------------
+    def ioas_alloc(self, iommu: str | None = None) -> int:
+        out = self._simple(
+            iommu, self.backend.iommufd, uapi.IOMMU_IOAS_ALLOC, uapi.IoasAlloc(), {}
+        )
+        return int(out.out_ioas_id)
+
+    def hwpt_alloc(
+        self,
+        iommu: str,
+        dev_id: int,
+        pt_id: int,
+        *,
+        flags: int = 0,
+        data_type: int = uapi.IOMMU_HWPT_DATA_NONE,
+        data: bytes = b"",
+    ) -> int:
+        args: dict[str, Any] = {
+            "flags": flags,
+            "dev_id": dev_id,
+            "pt_id": pt_id,
+            "data_type": data_type,
+        }
+        if data:
+            args["data"] = data.hex()
+        out = self._simple(
+            iommu,
+            self.backend.iommufd,
+            uapi.IOMMU_HWPT_ALLOC,
+            uapi.HwptAlloc(
+                flags=flags,
+                dev_id=dev_id,
+                pt_id=pt_id,
+                data_type=data_type,
+                data_len=len(data),
+                data_uptr=self._buffer(data) if data else 0,
+            ),
+            args,
+        )
+        return int(out.out_hwpt_id)
+
+    def viommu_alloc(self, iommu: str, dev_id: int, hwpt_id: int, viommu_type: int) -> int:
+        out = self._simple(
+            iommu,
+            self.backend.iommufd,
+            uapi.IOMMU_VIOMMU_ALLOC,
+            uapi.ViommuAlloc(type=viommu_type, dev_id=dev_id, hwpt_id=hwpt_id),
+            {"type": viommu_type, "dev_id": dev_id, "hwpt_id": hwpt_id},
+        )
+        return int(out.out_viommu_id)
+
+    def vdevice_alloc(self, iommu: str, viommu_id: int, dev_id: int, virt_id: int) -> int:
+        out = self._simple(
+            iommu,
+            self.backend.iommufd,
+            uapi.IOMMU_VDEVICE_ALLOC,
+            uapi.VdeviceAlloc(viommu_id=viommu_id, dev_id=dev_id, virt_id=virt_id),
+            {"viommu_id": viommu_id, "dev_id": dev_id, "virt_id": virt_id},
+        )
+        return int(out.out_vdevice_id)
+
+    def destroy(self, iommu: str | None, obj_id: int) -> None:
+        self._simple(
+            iommu, self.backend.iommufd, uapi.IOMMU_DESTROY, uapi.Destroy(id=obj_id), {"id": obj_id}
+        )
+
+    def invalidate(
+        self,
+        iommu: str,
+        object_kind: str,
+        object_id: int,
+        data_type: int,
+        entry_len: int,
+        entries: list[bytes],
+    ) -> InvalidateResult:
+        """One ``IOMMU_HWPT_INVALIDATE`` array call; never raises for an errno."""
+        blob = b"".join(entries)
+        err, out = self._call(
+            self.backend.iommufd,
+            uapi.IOMMU_HWPT_INVALIDATE,
+            uapi.HwptInvalidate(
+                hwpt_id=object_id,
+                data_uptr=self._buffer(blob) if blob else 0,
+                data_type=data_type,
+                entry_len=entry_len,
+                entry_num=len(entries),
+            ),
+        )
+        self.log.invalidation_entries += len(entries)
+        if self.log.keep:
+            payload: dict[str, Any] = {
+                "object": {"kind": object_kind, "id": object_id},
+                "data_type": uapi.INVALIDATE_DATA_NAMES.get(data_type, str(data_type)),
+                "entries": [e.hex() for e in entries],
+                "entry_num": out.entry_num,
+            }
+        else:
+            payload = {}
+        self.log.add("IOMMU_HWPT_INVALIDATE", err, payload, iommu)
+        return InvalidateResult(err, int(out.entry_num))

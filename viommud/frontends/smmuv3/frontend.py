@@ -1,0 +1,381 @@
+"""The SMMUv3 command-queue frontend: a sans-I/O state machine (h11 style).
+
+``receive_data(doorbell)`` takes the 16-byte CMDQ entries the guest published with one
+CMDQ_PROD write; ``next_event()`` returns the intermediate-form events (viommud.events) one
+by one, then ``NEED_DATA``. The frontend never calls a backend and never logs: it applies the
+guest-visible rules of the emulated SMMU and keeps the guest-visible state (the stream
+table contents the guest wrote, per-opcode counters).
+
+Guest-visible rules (SMMUv3 §4.1.3 command errors, reference smmuv3.md §2.3):
+* CERROR_ILL for an unknown opcode, a command for a feature this vSMMU does not advertise,
+  a non-zero reserved field, SSec=1 on the Non-secure queue, or a reserved encoding
+  (CMD_SYNC CS=0b11, ATC_INV Size > 52, range-invalidation encodings listed in
+  ``_check_range``). The queue stops at the bad entry; the replay then continues after it,
+  as a Linux guest that acknowledges the error and skips the entry does (trace spec §1).
+* The emulated vSMMU is an accelerated, stage-1-only SMMU like QEMU's ``accel=on``:
+  IDR0.S2P=0, HYP=0, PRI=0, STALL_MODEL=0b01 (no stall), MSI=0, no MPAM, no DPT,
+  IDR3.RIL as configured, IDR0.ATS as configured.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final
+
+from viommud.events import (
+    Barrier,
+    Cache,
+    Event,
+    GuestError,
+    Invalidation,
+    Scope,
+    StreamTableInvalidated,
+)
+from viommud.frontends.smmuv3.decode import COMMAND, DEFINED, kind_name
+
+NEED_DATA: Final = None  # what next_event() returns once the doorbell is fully consumed
+
+CERROR_ILL = "CERROR_ILL"
+CMD_SIZE = 16
+STE_SIZE = 64
+ATC_INV_SIZE_ALL = 52
+
+# Opcodes (SMMUv3 §4, table in reference smmuv3.md §1.1)
+PREFETCH_CONFIG = 0x01
+PREFETCH_ADDR = 0x02
+CFGI_STE = 0x03
+CFGI_STE_RANGE = 0x04
+CFGI_CD = 0x05
+CFGI_CD_ALL = 0x06
+TLBI_NH_ALL = 0x10
+TLBI_NH_ASID = 0x11
+TLBI_NH_VA = 0x12
+TLBI_NH_VAA = 0x13
+TLBI_NSNH_ALL = 0x30
+ATC_INV = 0x40
+CMD_SYNC = 0x46
+
+# Opcodes whose W0[10] is SSec (must be 0 on the Non-secure queue).
+_HAS_SSEC = frozenset({0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x44, 0x45})
+
+# Commands this vSMMU recognises but does not implement, with the reason given to the guest.
+_UNSUPPORTED: Final[dict[int, str]] = {
+    0x07: "CFGI_VMS_PIDM needs MPAM, which this vSMMU does not advertise",
+    0x18: "EL3 TLB invalidation is only valid on the Secure command queue",
+    0x1A: "EL3 TLB invalidation is only valid on the Secure command queue",
+    0x20: "EL2 TLB invalidation needs IDR0.HYP, which this vSMMU does not advertise",
+    0x21: "EL2 TLB invalidation needs IDR0.HYP, which this vSMMU does not advertise",
+    0x22: "EL2 TLB invalidation needs IDR0.HYP, which this vSMMU does not advertise",
+    0x23: "EL2 TLB invalidation needs IDR0.HYP, which this vSMMU does not advertise",
+    0x28: "stage-2 invalidation on a stage-1-only vSMMU (IDR0.S2P=0)",
+    0x2A: "stage-2 invalidation on a stage-1-only vSMMU (IDR0.S2P=0)",
+    0x41: "PRI_RESP needs IDR0.PRI, which this vSMMU does not advertise",
+    0x44: "RESUME needs stall support (IDR0.STALL_MODEL=0b01: none)",
+    0x45: "STALL_TERM needs stall support (IDR0.STALL_MODEL=0b01: none)",
+    0x50: "Secure command on the Non-secure queue",
+    0x51: "Secure command on the Non-secure queue",
+    0x52: "Secure command on the Non-secure queue",
+    0x53: "Secure command on the Non-secure queue",
+    0x58: "Secure command on the Non-secure queue",
+    0x5A: "Secure command on the Non-secure queue",
+    0x60: "Secure command on the Non-secure queue",
+    0x70: "DPT invalidation needs DPT support, which this vSMMU does not advertise",
+    0x73: "DPT invalidation needs DPT support, which this vSMMU does not advertise",
+}
+
+
+class FrameError(ValueError):
+    """The doorbell itself is malformed (not a whole number of commands); ``data`` is it."""
+
+    def __init__(self, message: str, data: bytes) -> None:
+        super().__init__(message)
+        self.data = data
+
+
+@dataclass(frozen=True, slots=True)
+class SmmuFeatures:
+    """What this vSMMU advertises to the guest (its ID registers)."""
+
+    ril: bool = True  # IDR3.RIL: range invalidation (TG/NUM/SCALE/TTL)
+    ats: bool = True  # IDR0.ATS: ATC_INV accepted
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> SmmuFeatures:
+        unknown = set(options) - {"ril", "ats"}
+        if unknown:
+            raise ValueError(f"unknown smmuv3 options: {', '.join(sorted(unknown))}")
+        values: dict[str, bool] = {}
+        for key in ("ril", "ats"):
+            if key in options:
+                if not isinstance(options[key], bool):
+                    raise ValueError(f"smmuv3 option {key!r} must be a boolean")
+                values[key] = options[key]
+        return cls(**values)
+
+
+@dataclass(slots=True)
+class DoorbellSummary:
+    """What the last doorbell did, for the reply: entries consumed and syncs completed."""
+
+    consumed: int = 0
+    syncs: int = 0
+
+
+def _field(word: int, lo: int, width: int) -> int:
+    return (word >> lo) & ((1 << width) - 1)
+
+
+@dataclass(slots=True)
+class SmmuV3Frontend:
+    """One vSMMU's command queue, as the guest sees it."""
+
+    features: SmmuFeatures = field(default_factory=SmmuFeatures)
+    # The guest's stream table: the last STE written for each vSID (``ste`` records).
+    stream_table: dict[int, bytes] = field(default_factory=dict)
+    # Commands seen per opcode (all of them, good or bad) and errors per code.
+    opcode_counts: list[int] = field(default_factory=lambda: [0] * 256)
+    error_counts: dict[str, int] = field(default_factory=dict)
+    barriers: int = 0
+    last: DoorbellSummary = field(default_factory=DoorbellSummary)
+    _events: deque[Event] = field(default_factory=deque)
+
+    model: ClassVar[str] = "smmuv3"
+
+    # -- guest memory -------------------------------------------------------------------
+    def write_ste(self, vsid: int, data: bytes) -> None:
+        """The guest wrote ``data`` as the STE of ``vsid`` (SMMUv3 §5.2)."""
+        if len(data) != STE_SIZE:
+            raise FrameError(f"an STE is {STE_SIZE} bytes, got {len(data)}", data)
+        self.stream_table[vsid] = bytes(data)
+
+    # -- sans-I/O verbs -----------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        """Consume one doorbell's commands; events become available from next_event()."""
+        if len(data) % CMD_SIZE:
+            raise FrameError(
+                f"a CMDQ doorbell is a whole number of {CMD_SIZE}-byte commands, "
+                f"got {len(data)} bytes",
+                bytes(data),
+            )
+        summary = DoorbellSummary()
+        events = self._events
+        counts = self.opcode_counts
+        handlers = _HANDLERS
+        for index, (w0, w1) in enumerate(COMMAND.iter_unpack(data)):
+            opcode = w0 & 0xFF
+            counts[opcode] += 1
+            summary.consumed += 1
+            handler = handlers.get(opcode)
+            event = (
+                handler(self, index, w0, w1)
+                if handler is not None
+                else self._illegal(index, w0, w1, f"unknown opcode 0x{opcode:02x}")
+            )
+            if event is None:
+                continue
+            if type(event) is Barrier:
+                summary.syncs += 1
+                self.barriers += 1
+            events.append(event)
+        self.last = summary
+
+    def next_event(self) -> Event | None:
+        """The next event of the doorbell, or NEED_DATA when it is fully consumed."""
+        events = self._events
+        return events.popleft() if events else NEED_DATA
+
+    def events(self) -> list[Event]:
+        """Drain every pending event at once (the dispatcher plans per doorbell)."""
+        out = list(self._events)
+        self._events.clear()
+        return out
+
+    def record_error(self, code: str) -> None:
+        """Count a guest-visible error found downstream (a failed host call)."""
+        self.error_counts[code] = self.error_counts.get(code, 0) + 1
+
+    def kind_counts(self) -> dict[str, int]:
+        """Commands seen, keyed ``smmuv3:NAME`` as the replay report wants."""
+        return {
+            f"smmuv3:{kind_name(op)}": n for op, n in enumerate(self.opcode_counts) if n
+        }
+
+    # -- per-opcode rules ---------------------------------------------------------------
+    def _illegal(self, index: int, w0: int, w1: int, reason: str) -> GuestError:
+        self.record_error(CERROR_ILL)
+        return GuestError(index, CERROR_ILL, reason, COMMAND.pack(w0, w1))
+
+    def _common_checks(self, index: int, w0: int, w1: int) -> GuestError | None:
+        opcode = w0 & 0xFF
+        defined = DEFINED.get(opcode)
+        if defined is None:
+            return self._illegal(index, w0, w1, f"unknown opcode 0x{opcode:02x}")
+        unsupported = _UNSUPPORTED.get(opcode)
+        if unsupported is not None:
+            return self._illegal(index, w0, w1, unsupported)
+        m0, m1 = defined
+        if w0 & ~m0 or w1 & ~m1:
+            return self._illegal(
+                index,
+                w0,
+                w1,
+                f"reserved bits set: W0 0x{w0 & ~m0 & 0xFFFFFFFFFFFFFFFF:016x} "
+                f"W1 0x{w1 & ~m1 & 0xFFFFFFFFFFFFFFFF:016x}",
+            )
+        if opcode in _HAS_SSEC and w0 & (1 << 10):
+            return self._illegal(index, w0, w1, "SSec=1 on the Non-secure command queue")
+        return None
+
+    def _check_range(self, index: int, w0: int, w1: int) -> GuestError | None:
+        """Range-invalidation encodings (SMMUv3 §4.4.1.1, IDR3.RIL)."""
+        num, scale = _field(w0, 12, 5), _field(w0, 20, 5)
+        ttl, tg = _field(w1, 8, 2), _field(w1, 10, 2)
+        if tg == 0:
+            if num or scale or ttl:
+                return self._illegal(index, w0, w1, "NUM/SCALE/TTL set with TG=0")
+            return None
+        if not self.features.ril:
+            return self._illegal(index, w0, w1, "range invalidation without IDR3.RIL")
+        if ttl == 0 and num == 0 and scale == 0:
+            return self._illegal(index, w0, w1, "reserved range encoding TTL=0 NUM=0 SCALE=0")
+        if tg == 2 and ttl == 1:
+            return self._illegal(index, w0, w1, "TTL=1 with a 16KB granule")
+        return None
+
+    def _on_prefetch(self, index: int, w0: int, w1: int) -> Event | None:
+        # PREFETCH_* (§4.2) are hints: accepted, nothing to forward.
+        return self._common_checks(index, w0, w1)
+
+    def _on_cfgi_ste(self, index: int, w0: int, w1: int) -> Event | None:
+        error = self._common_checks(index, w0, w1)
+        if error is not None:
+            return error
+        sid = w0 >> 32
+        return StreamTableInvalidated(index, sid, sid, COMMAND.pack(w0, w1))
+
+    def _on_cfgi_ste_range(self, index: int, w0: int, w1: int) -> Event | None:
+        error = self._common_checks(index, w0, w1)
+        if error is not None:
+            return error
+        span_log2 = _field(w1, 0, 5) + 1  # §4.3.2: 2^(Range+1) STEs; Range=31 is CFGI_ALL
+        if span_log2 >= 32:
+            return StreamTableInvalidated(index, 0, 0xFFFFFFFF, COMMAND.pack(w0, w1))
+        first = (w0 >> 32) & ~((1 << span_log2) - 1)
+        return StreamTableInvalidated(
+            index, first, first + (1 << span_log2) - 1, COMMAND.pack(w0, w1)
+        )
+
+    def _on_cfgi_cd(self, index: int, w0: int, w1: int) -> Event | None:
+        error = self._common_checks(index, w0, w1)
+        if error is not None:
+            return error
+        return Invalidation(
+            index,
+            Cache.CONFIG,
+            Scope.DEVICE,
+            device=w0 >> 32,
+            asid=_field(w0, 12, 20),  # SSID: the CD index
+            leaf=bool(w1 & 1),
+            raw=COMMAND.pack(w0, w1),
+        )
+
+    def _on_cfgi_cd_all(self, index: int, w0: int, w1: int) -> Event | None:
+        error = self._common_checks(index, w0, w1)
+        if error is not None:
+            return error
+        return Invalidation(
+            index, Cache.CONFIG, Scope.DEVICE, device=w0 >> 32, raw=COMMAND.pack(w0, w1)
+        )
+
+    def _on_tlbi_all(self, index: int, w0: int, w1: int) -> Event | None:
+        error = self._common_checks(index, w0, w1)
+        if error is not None:
+            return error
+        return Invalidation(index, Cache.TLB, Scope.ALL, raw=COMMAND.pack(w0, w1))
+
+    def _on_tlbi_asid(self, index: int, w0: int, w1: int) -> Event | None:
+        error = self._common_checks(index, w0, w1)
+        if error is not None:
+            return error
+        return Invalidation(index, Cache.TLB, Scope.ASID, asid=w0 >> 48, raw=COMMAND.pack(w0, w1))
+
+    def _on_tlbi_va(self, index: int, w0: int, w1: int) -> Event | None:
+        error = self._common_checks(index, w0, w1) or self._check_range(index, w0, w1)
+        if error is not None:
+            return error
+        tg = _field(w1, 10, 2)
+        addr = w1 & ~0xFFF & 0xFFFFFFFFFFFFFFFF
+        if tg:
+            granule = 1 << (tg * 2 + 10)
+            size = ((_field(w0, 12, 5) + 1) << _field(w0, 20, 5)) * granule
+        else:
+            granule, size = 0, 1 << 12  # a single address: every entry that contains it
+        return Invalidation(
+            index,
+            Cache.TLB,
+            Scope.RANGE,
+            asid=(w0 >> 48) if w0 & 0xFF == TLBI_NH_VA else None,
+            addr=addr,
+            size=size,
+            granule=granule,
+            leaf=bool(w1 & 1),
+            raw=COMMAND.pack(w0, w1),
+        )
+
+    def _on_atc_inv(self, index: int, w0: int, w1: int) -> Event | None:
+        error = self._common_checks(index, w0, w1)
+        if error is not None:
+            return error
+        if not self.features.ats:
+            return self._illegal(index, w0, w1, "ATC_INV without IDR0.ATS")
+        size_log2 = _field(w1, 0, 6)
+        if size_log2 > ATC_INV_SIZE_ALL:
+            return self._illegal(index, w0, w1, f"ATC_INV Size {size_log2} > 52")
+        if size_log2 == ATC_INV_SIZE_ALL:
+            addr, size = 0, 0
+        else:
+            size = 1 << (12 + size_log2)  # §4.5.1: 2^Size pages of 4KB, aligned to the span
+            addr = (w1 & ~0xFFF) & ~(size - 1) & 0xFFFFFFFFFFFFFFFF
+        ssv = bool(w0 & (1 << 11))
+        return Invalidation(
+            index,
+            Cache.DEVICE_TLB,
+            Scope.DEVICE,
+            device=w0 >> 32,
+            asid=_field(w0, 12, 20) if ssv else None,
+            addr=addr,
+            size=size,
+            raw=COMMAND.pack(w0, w1),
+        )
+
+    def _on_sync(self, index: int, w0: int, w1: int) -> Event | None:
+        error = self._common_checks(index, w0, w1)
+        if error is not None:
+            return error
+        if _field(w0, 12, 2) == 3:
+            return self._illegal(index, w0, w1, "CMD_SYNC CS=0b11 is reserved")
+        return Barrier(index)
+
+    def _on_unsupported(self, index: int, w0: int, w1: int) -> Event | None:
+        return self._common_checks(index, w0, w1)
+
+
+_Handler = Any  # Callable[[SmmuV3Frontend, int, int, int], Event | None]
+
+_HANDLERS: Final[dict[int, _Handler]] = {
+    PREFETCH_CONFIG: SmmuV3Frontend._on_prefetch,
+    PREFETCH_ADDR: SmmuV3Frontend._on_prefetch,
+    CFGI_STE: SmmuV3Frontend._on_cfgi_ste,
+    CFGI_STE_RANGE: SmmuV3Frontend._on_cfgi_ste_range,
+    CFGI_CD: SmmuV3Frontend._on_cfgi_cd,
+    CFGI_CD_ALL: SmmuV3Frontend._on_cfgi_cd_all,
+    TLBI_NH_ALL: SmmuV3Frontend._on_tlbi_all,
+    TLBI_NH_ASID: SmmuV3Frontend._on_tlbi_asid,
+    TLBI_NH_VA: SmmuV3Frontend._on_tlbi_va,
+    TLBI_NH_VAA: SmmuV3Frontend._on_tlbi_va,
+    TLBI_NSNH_ALL: SmmuV3Frontend._on_tlbi_all,
+    ATC_INV: SmmuV3Frontend._on_atc_inv,
+    CMD_SYNC: SmmuV3Frontend._on_sync,
+    **{op: SmmuV3Frontend._on_unsupported for op in _UNSUPPORTED},
+}

@@ -1,0 +1,80 @@
+"""Structured logging, configured once by the CLI (never at import).
+
+Events are snake_case facts (``client_connected``, ``batch_forwarded``, ``guest_error`` …)
+with bound context (``client``, ``viommu``); JSON lines on stderr by default, console
+rendering when stderr is a terminal or ``--log-format console``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}
+
+
+def configure(
+    level: str | None = None,
+    fmt: str | None = None,
+    stream: TextIO | None = None,
+    *,
+    default_level: str = "info",
+) -> None:
+    """Set up structlog (and stdlib logging for third-party libraries).
+
+    ``level``/``fmt`` fall back to $VIOMMUD_LOG_LEVEL / $VIOMMUD_LOG_FORMAT, then to
+    ``default_level`` and to ``console`` on a TTY, ``json`` elsewhere.
+    """
+    out = stream if stream is not None else sys.stderr
+    level_name = (level or os.environ.get("VIOMMUD_LOG_LEVEL") or default_level).lower()
+    if level_name not in LEVELS:
+        raise ValueError(f"unknown log level {level_name!r} (use {', '.join(LEVELS)})")
+    fmt_name = (fmt or os.environ.get("VIOMMUD_LOG_FORMAT") or "auto").lower()
+    if fmt_name == "auto":
+        fmt_name = "console" if out.isatty() else "json"
+    if fmt_name not in ("json", "console"):
+        raise ValueError(f"unknown log format {fmt_name!r} (use json or console)")
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt_name == "json"
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.dict_tracebacks if fmt_name == "json" else _passthrough,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level_name]),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    # Third-party libraries log through stdlib logging: same stream, same rendering.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(LEVELS[level_name], logging.INFO))
+
+
+def _passthrough(_logger: Any, _name: str, event: Any) -> Any:
+    return event
+
+
+def get_logger(**context: Any) -> Any:
+    return structlog.get_logger("viommud").bind(**context)

@@ -1,0 +1,196 @@
+"""Replay a trace file through a daemon and build the replay report (spec §2–§4).
+
+Records are sent pipelined (at most ``window`` unanswered frames); replies come back in
+order and are written to the responses file and the call log as they arrive. A malformed
+trace line or a record the daemon refuses stops the replay: what was sent before is still
+answered, and the result carries exit status 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from protocols.frames import FrameType
+from viommud import wire
+from viommud.client import Client, ClientError
+from viommud.server import BackendFactory, Server, emulated_backend
+from viommud.trace import Cmds, Request, TraceError, TraceReader, record_to_json
+
+EXIT_OK = 0
+EXIT_MISSED = 1
+EXIT_REFUSED = 2
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    exit_code: int
+    report: dict[str, Any] | None
+    error: str | None = None
+
+
+async def replay(
+    trace: str | Path,
+    socket_path: str | Path,
+    *,
+    responses: IO[str] | None = None,
+    calls: IO[str] | None = None,
+    window: int = 128,
+) -> ReplayResult:
+    """Replay ``trace`` on the daemon listening at ``socket_path``."""
+    try:
+        reader = TraceReader(trace)
+    except TraceError as exc:
+        return ReplayResult(EXIT_REFUSED, None, f"{trace}: {exc}")
+    header = reader.header
+    try:
+        client = await Client.connect(socket_path)
+    except ClientError as exc:
+        reader.close()
+        return ReplayResult(EXIT_REFUSED, None, str(exc))
+    try:
+        return await _run(client, reader, responses, calls, window)
+    except ClientError as exc:
+        return ReplayResult(EXIT_REFUSED, None, f"{header.name}: {exc}")
+    finally:
+        reader.close()
+        await client.close()
+
+
+async def _run(
+    client: Client,
+    reader: TraceReader,
+    responses: IO[str] | None,
+    calls: IO[str] | None,
+    window: int,
+) -> ReplayResult:
+    header = reader.header
+    await client.hello(host=header.host.to_json(), calls=calls is not None, trace=header.name)
+    started = time.perf_counter()
+    lines: dict[int, int] = {}  # seq -> trace line
+    records = 0
+    error: str | None = None
+
+    async def settle(limit: int) -> str | None:
+        """Read replies until at most ``limit`` are outstanding; returns a refusal, if any."""
+        refusal = None
+        while len(lines) > limit:
+            frame = await client.receive()
+            line = lines.pop(frame.seq, None)
+            if line is None:
+                raise ClientError(f"reply for unknown request {frame.seq}")
+            body = frame.json()
+            if frame.type == FrameType.ERROR:
+                refusal = refusal or f"line {line}: the daemon refused the record: {body['error']}"
+                if body.get("fatal"):
+                    raise ClientError(refusal)
+                continue
+            call_log = body.pop("calls", None)
+            if calls is not None and call_log:
+                calls.writelines(json.dumps(c, separators=(",", ":")) + "\n" for c in call_log)
+            if responses is not None:
+                responses.write(json.dumps({"record": line, **body}, separators=(",", ":")) + "\n")
+        return refusal
+
+    try:
+        for record in reader:
+            seq = client.next_seq()
+            if isinstance(record, Cmds):
+                frame = wire.encode_guest_data(FrameType.CMDS, seq, record.viommu, record.data)
+            elif isinstance(record, Request):
+                frame = wire.encode_guest_data(FrameType.REQUEST, seq, record.viommu, record.data)
+            else:
+                frame = wire.encode_json(FrameType.RECORD, seq, record_to_json(record))
+            client.send(frame)
+            lines[seq] = record.line
+            records += 1
+            if len(lines) >= window:
+                await client.drain()
+                error = await settle(window // 2)
+                if error:
+                    break
+    except TraceError as exc:
+        error = f"{reader.path}: {exc}"
+    await client.drain()
+    refusal = await settle(0)
+    error = error or refusal
+    elapsed = time.perf_counter() - started
+    if error:
+        return ReplayResult(EXIT_REFUSED, None, error)
+    totals = await client.stats()
+    report = build_report(header.name, records, totals, elapsed)
+    return ReplayResult(EXIT_OK, report)
+
+
+def build_report(
+    name: str, records: int, totals: dict[str, Any], elapsed: float
+) -> dict[str, Any]:
+    commands = totals["commands"]["total"]
+    return {
+        "trace": name,
+        "records": records,
+        "commands": totals["commands"],
+        "errors": totals["errors"],
+        "barriers": totals["barriers"],
+        "backend": totals["backend"],
+        "baseline": totals["baseline"],
+        "verify": {"enabled": False, "missed": 0, "over": 0},
+        "config_errors": totals.get("config_errors", 0),
+        "elapsed_s": round(elapsed, 6),
+        "commands_per_s": round(commands / elapsed, 1) if elapsed > 0 else 0.0,
+    }
+
+
+async def replay_embedded(
+    trace: str | Path,
+    *,
+    factory: BackendFactory = emulated_backend,
+    responses: IO[str] | None = None,
+    calls: IO[str] | None = None,
+) -> ReplayResult:
+    """Start a daemon on a temporary Unix socket in this process and replay through it."""
+    with tempfile.TemporaryDirectory(prefix="viommud-") as tmp:
+        socket_path = Path(tmp) / "viommud.sock"
+        server = Server(socket_path, factory=factory)
+        await server.start()
+        stop = asyncio.Event()
+        serving = asyncio.create_task(server.run(stop.wait))
+        try:
+            return await replay(trace, socket_path, responses=responses, calls=calls)
+        finally:
+            stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """The report as a short human table."""
+    backend = report["backend"]
+    baseline = report["baseline"]["invalidate_calls"]
+    invalidates = backend["calls"].get("IOMMU_HWPT_INVALIDATE", 0)
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(
+        report["commands"]["by_kind"].items(), key=lambda kv: -kv[1]))
+    codes = ", ".join(f"{k} {v}" for k, v in report["errors"]["by_code"].items()) or "none"
+    calls = ", ".join(f"{k} {v}" for k, v in backend["calls"].items()) or "none"
+    saved = f" ({100 * (1 - invalidates / baseline):.1f}% fewer)" if baseline else ""
+    verify = report["verify"]
+    rows = [
+        ("trace", report["trace"]),
+        ("records", f"{report['records']}"),
+        ("commands", f"{report['commands']['total']}  [{kinds}]"),
+        ("guest errors", f"{report['errors']['total']}  [{codes}]"),
+        ("barriers", f"{report['barriers']}"),
+        ("backend calls", calls),
+        ("invalidate calls", f"{invalidates} vs baseline {baseline}{saved}"),
+        ("invalidation entries", f"{backend['invalidation_entries']}"),
+        ("verify", "on" if verify["enabled"] else "off"),
+        ("elapsed", f"{report['elapsed_s']:.3f} s  ({report['commands_per_s']:,.0f} commands/s)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,267 @@
+"""Topology: the guest-to-host mappings of one vIOMMU, kept as data (DESIGN.md point 3).
+
+For an SMMUv3 vIOMMU:
+
+* each physical SMMU the vIOMMU spans gets, at the first device attached behind it, a
+  nesting-parent stage-2 HWPT on the VM's IOAS and an iommufd vIOMMU object (``PiommuSlot``);
+* each guest device is an iommufd vDEVICE (vdev_id = vSID) on the vIOMMU object of its
+  physical SMMU (``VDevice``);
+* the guest's STE decides what the device is attached to: a nested HWPT allocated on that
+  vIOMMU object from the vSTE words alone (the VMM never reads guest CD tables). Devices on
+  the same physical SMMU whose vSTEs are equal share one HWPT (``SharedHwpt``, refcounted).
+
+Teardown frees everything in the order the kernel's references require (iommufd.md §0.3).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+
+from protocols import iommufd as uapi
+from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
+from viommud.frontends.smmuv3.decode import decode_ste
+from viommud.host import HostConfig
+
+# QEMU's masks on the vSTE before IOMMU_HWPT_ALLOC (smmuv3.md §3.2): D0 keeps V, Config,
+# S1Fmt, bits [55:6] and S1CDMax; D1 keeps S1DSS, S1CIR, S1COR, S1CSH, S1STALLD and EATS.
+# The kernel then refuses (EIO) anything outside its own, narrower D0 mask.
+STE0_MASK = 0xF8FFFFFFFFFFFFFF
+STE1_MASK = 0x380000FF
+_STE_WORDS = struct.Struct("<QQ")
+
+
+class StreamConfig(enum.Enum):
+    """What a vSTE asks the hardware to do with the device's traffic (SMMUv3 §5.2)."""
+
+    ABORT = "abort"
+    BYPASS = "bypass"
+    TRANSLATE = "translate"  # stage-1 translation through guest CD tables
+
+
+class TopologyError(Exception):
+    """A topology change the daemon refuses; ``guest_code`` is what the guest sees, if any."""
+
+    def __init__(self, message: str, guest_code: str | None = None) -> None:
+        super().__init__(message)
+        self.guest_code = guest_code
+
+
+@dataclass(frozen=True, slots=True)
+class VsteKey:
+    """The part of a vSTE that determines the nested HWPT (its identity for sharing)."""
+
+    config: StreamConfig
+    d0: int
+    d1: int
+
+
+ABORT_KEY = VsteKey(StreamConfig.ABORT, 0x1, 0)  # V=1, Config=0b000
+BYPASS_KEY = VsteKey(StreamConfig.BYPASS, 0x9, 0)  # V=1, Config=0b100
+
+
+def derive_vste(ste: bytes) -> VsteKey:
+    """The stage-1 configuration a guest STE asks for, as QEMU's accelerated vSMMU derives it.
+
+    V=0 and the abort configs give the shared abort HWPT, Config 0b100 the bypass HWPT,
+    Config 0b101 a translate HWPT from the masked D0/D1; stage-2 and nested configs are
+    refused (CERROR_ILL) because this vSMMU is stage-1 only. Bits the kernel would refuse
+    (iommufd.md §3.1) are left for the backend to refuse, as on real hardware.
+    """
+    fields = decode_ste(ste)
+    if not fields.v or fields.config < 0b100:
+        return ABORT_KEY
+    if fields.config == 0b100:
+        return BYPASS_KEY
+    if fields.config == 0b101:
+        return VsteKey(StreamConfig.TRANSLATE, fields.d0 & STE0_MASK, fields.d1 & STE1_MASK)
+    raise TopologyError(
+        f"STE Config 0b{fields.config:03b} needs stage 2, which this vSMMU does not have",
+        "CERROR_ILL",
+    )
+
+
+@dataclass(slots=True)
+class SharedHwpt:
+    hwpt_id: int
+    users: int = 0
+
+
+@dataclass(slots=True)
+class PiommuSlot:
+    """The backend objects one vIOMMU holds on one physical SMMU."""
+
+    iommu: str
+    s2_hwpt_id: int
+    viommu_id: int
+    devices: set[int] = field(default_factory=set)  # vSIDs
+    hwpts: dict[VsteKey, SharedHwpt] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class VDevice:
+    vid: int
+    bound: BoundDevice
+    vdevice_id: int
+    ats: bool
+    vste: VsteKey | None = None  # None: still on the nesting parent (no STE installed yet)
+
+    @property
+    def iommu(self) -> str:
+        return self.bound.iommu
+
+
+@dataclass(slots=True)
+class SmmuTopology:
+    """One SMMUv3 vIOMMU: its physical SMMUs, vdevices and shared nested HWPTs."""
+
+    name: str
+    iommus: tuple[str, ...]
+    host: HostConfig
+    iommufd: Iommufd
+    ioas_id: int | None = None
+    slots: dict[str, PiommuSlot] = field(default_factory=dict)
+    vdevices: dict[int, VDevice] = field(default_factory=dict)
+
+    # -- lookups ------------------------------------------------------------------------
+    def vdevice(self, vsid: int) -> VDevice | None:
+        return self.vdevices.get(vsid)
+
+    def vdevices_in(self, first: int, last: int) -> list[VDevice]:
+        return [d for vid, d in sorted(self.vdevices.items()) if first <= vid <= last]
+
+    # -- device_attach / device_detach --------------------------------------------------
+    def attach(self, vid: int, device: str) -> VDevice:
+        if vid in self.vdevices:
+            raise TopologyError(f"vSID {vid} is already attached")
+        try:
+            pdev = self.host.device(device)
+        except KeyError:
+            raise TopologyError(f"host device {device!r} does not exist") from None
+        if pdev.iommu not in self.iommus:
+            raise TopologyError(
+                f"host device {device} sits behind {pdev.iommu}, "
+                f"which vIOMMU {self.name} does not span"
+            )
+        if self.host.iommu(pdev.iommu).model != "arm-smmuv3":
+            raise TopologyError(f"{pdev.iommu} is not an Arm SMMUv3")
+        if not 0 <= vid < 2**32:
+            raise TopologyError(f"vSID {vid} is out of range")
+        fd = self.iommufd
+        bound = fd.bind(device, pdev.iommu)
+        made: list[int] = []
+        try:
+            slot = self.slots.get(pdev.iommu)
+            if slot is None:
+                if self.ioas_id is None:
+                    self.ioas_id = fd.ioas_alloc(pdev.iommu)
+                s2 = fd.hwpt_alloc(
+                    pdev.iommu,
+                    bound.dev_id,
+                    self.ioas_id,
+                    flags=uapi.IOMMU_HWPT_ALLOC_NEST_PARENT,
+                )
+                made.append(s2)
+                viommu = fd.viommu_alloc(
+                    pdev.iommu, bound.dev_id, s2, uapi.IOMMU_VIOMMU_TYPE_ARM_SMMUV3
+                )
+                made.append(viommu)
+                slot = PiommuSlot(pdev.iommu, s2, viommu)
+            vdevice_id = fd.vdevice_alloc(pdev.iommu, slot.viommu_id, bound.dev_id, vid)
+            made.append(vdevice_id)
+            # Until the guest installs an STE the device translates as the nesting parent
+            # does (GPA -> HPA), as a VFIO device does before QEMU's first CFGI_STE.
+            fd.attach(bound, slot.s2_hwpt_id)
+        except BackendCallError as exc:
+            for obj in reversed(made):
+                self._try_destroy(pdev.iommu, obj)
+            fd.unbind(bound)
+            raise TopologyError(f"attaching {device}: {exc}") from None
+        self.slots[pdev.iommu] = slot
+        slot.devices.add(vid)
+        vdev = VDevice(vid, bound, vdevice_id, pdev.ats)
+        self.vdevices[vid] = vdev
+        return vdev
+
+    def detach(self, vid: int) -> None:
+        vdev = self.vdevices.get(vid)
+        if vdev is None:
+            raise TopologyError(f"vSID {vid} is not attached")
+        fd = self.iommufd
+        slot = self.slots[vdev.iommu]
+        fd.detach(vdev.bound)
+        if vdev.vste is not None:
+            self._release(slot, vdev.vste)
+        fd.destroy(vdev.iommu, vdev.vdevice_id)
+        fd.unbind(vdev.bound)
+        del self.vdevices[vid]
+        slot.devices.discard(vid)
+        if not slot.devices:
+            fd.destroy(slot.iommu, slot.viommu_id)
+            fd.destroy(slot.iommu, slot.s2_hwpt_id)
+            del self.slots[slot.iommu]
+
+    def destroy(self) -> None:
+        """Free everything this vIOMMU holds on the backend."""
+        for vid in sorted(self.vdevices):
+            self.detach(vid)
+        if self.ioas_id is not None:
+            self.iommufd.destroy(None, self.ioas_id)
+            self.ioas_id = None
+
+    # -- STE install (CFGI_STE and friends) ---------------------------------------------
+    def install_ste(self, vid: int, ste: bytes) -> bool:
+        """Point device ``vid`` at the nested HWPT its vSTE asks for.
+
+        Returns False when nothing changed. Raises TopologyError (guest code CERROR_ILL)
+        when the vSTE is refused, by this vSMMU or by the kernel."""
+        vdev = self.vdevices[vid]
+        key = derive_vste(ste)
+        if key == vdev.vste:
+            return False  # same configuration: the attached HWPT already is the right one
+        slot = self.slots[vdev.iommu]
+        shared = slot.hwpts.get(key)
+        fd = self.iommufd
+        if shared is None:
+            try:
+                hwpt_id = fd.hwpt_alloc(
+                    slot.iommu,
+                    vdev.bound.dev_id,
+                    slot.viommu_id,
+                    data_type=uapi.IOMMU_HWPT_DATA_ARM_SMMUV3,
+                    data=_STE_WORDS.pack(key.d0, key.d1),
+                )
+            except BackendCallError as exc:
+                raise TopologyError(
+                    f"vSTE of vSID {vid} refused by the host: {exc.errno_name}", "CERROR_ILL"
+                ) from None
+            shared = SharedHwpt(hwpt_id)
+            slot.hwpts[key] = shared
+        try:
+            fd.attach(vdev.bound, shared.hwpt_id)
+        except BackendCallError as exc:
+            if shared.users == 0:
+                del slot.hwpts[key]
+                self._try_destroy(slot.iommu, shared.hwpt_id)
+            raise TopologyError(
+                f"attaching vSID {vid} to its nested HWPT failed: {exc.errno_name}", "CERROR_ILL"
+            ) from None
+        shared.users += 1
+        old, vdev.vste = vdev.vste, key
+        if old is not None:
+            self._release(slot, old)
+        return True
+
+    def _release(self, slot: PiommuSlot, key: VsteKey) -> None:
+        shared = slot.hwpts[key]
+        shared.users -= 1
+        if shared.users == 0:
+            del slot.hwpts[key]
+            self.iommufd.destroy(slot.iommu, shared.hwpt_id)
+
+    def _try_destroy(self, iommu: str, obj_id: int) -> None:
+        try:
+            self.iommufd.destroy(iommu, obj_id)
+        except BackendCallError:
+            pass  # rollback of a half-made object: the error that caused it is reported

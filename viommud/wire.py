@@ -1,0 +1,120 @@
+"""Sans-I/O codec of the daemon's frame protocol (docs/protocol.md, protocols/frames.py).
+
+``FrameDecoder.receive_data(bytes)`` buffers; ``next_frame()`` returns a ``Frame`` or
+``NEED_DATA``. The header is validated before any payload is buffered, so a peer that lies
+about lengths is refused after 12 bytes. Encoding helpers build frames with ``struct``; a test
+proves them equal to the construct declarations.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any, Final
+
+from protocols.frames import HEADER_SIZE, MAX_PAYLOAD, PROTOCOL_VERSION, FrameType
+
+NEED_DATA: Final = None
+_HEADER = struct.Struct("<BBHII")
+_KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+
+
+class WireError(ValueError):
+    """The byte stream is not a valid frame stream; the connection cannot continue."""
+
+    def __init__(self, message: str, raw: bytes = b"") -> None:
+        super().__init__(message)
+        self.raw = raw
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: int
+    seq: int
+    payload: bytes
+
+    def json(self) -> Any:
+        """The payload as JSON; raises WireError when it is not."""
+        try:
+            return json.loads(self.payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WireError(f"frame payload is not valid JSON: {exc}", self.payload[:64]) from None
+
+    def guest_data(self) -> tuple[str, bytes]:
+        """Split a CMDS/REQUEST payload into (vIOMMU name, guest bytes)."""
+        payload = self.payload
+        if not payload or len(payload) < 1 + payload[0]:
+            raise WireError("guest-data payload shorter than its vIOMMU name", payload[:64])
+        name_len = payload[0]
+        try:
+            name = payload[1 : 1 + name_len].decode()
+        except UnicodeDecodeError:
+            raise WireError("vIOMMU name is not UTF-8", payload[: 1 + name_len]) from None
+        return name, payload[1 + name_len :]
+
+
+class FrameDecoder:
+    """Buffers bytes from a peer and cuts them into frames."""
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buffer = bytearray()
+        self._max_payload = max_payload
+        self._eof = False
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes from the peer; ``b""`` means the peer closed its side."""
+        if not data:
+            self._eof = True
+        self._buffer += data
+
+    def next_frame(self) -> Frame | None:
+        """The next whole frame, or NEED_DATA. Raises WireError on a bad header or on EOF
+        inside a frame."""
+        buffer = self._buffer
+        if len(buffer) < HEADER_SIZE:
+            if self._eof and buffer:
+                raise WireError("connection closed inside a frame header", bytes(buffer))
+            return NEED_DATA
+        version, frame_type, flags, seq, length = _HEADER.unpack_from(buffer)
+        if version != PROTOCOL_VERSION:
+            raise WireError(
+                f"unsupported protocol version {version} (this daemon speaks {PROTOCOL_VERSION})",
+                bytes(buffer[:HEADER_SIZE]),
+            )
+        if frame_type not in _KNOWN_TYPES:
+            raise WireError(f"unknown frame type 0x{frame_type:02x}", bytes(buffer[:HEADER_SIZE]))
+        if flags:
+            raise WireError(f"reserved frame flags 0x{flags:04x}", bytes(buffer[:HEADER_SIZE]))
+        if length > self._max_payload:
+            raise WireError(
+                f"frame payload of {length} bytes exceeds the limit of {self._max_payload}",
+                bytes(buffer[:HEADER_SIZE]),
+            )
+        end = HEADER_SIZE + length
+        if len(buffer) < end:
+            if self._eof:
+                raise WireError("connection closed inside a frame", bytes(buffer[:HEADER_SIZE]))
+            return NEED_DATA
+        payload = bytes(buffer[HEADER_SIZE:end])
+        del buffer[:end]
+        return Frame(frame_type, seq, payload)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+def encode(frame_type: int, seq: int, payload: bytes = b"") -> bytes:
+    return _HEADER.pack(PROTOCOL_VERSION, frame_type, 0, seq, len(payload)) + payload
+
+
+def encode_json(frame_type: int, seq: int, obj: Any) -> bytes:
+    return encode(frame_type, seq, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def encode_guest_data(frame_type: int, seq: int, viommu: str, data: bytes) -> bytes:
+    name = viommu.encode()
+    if len(name) > 255:
+        raise ValueError("a vIOMMU name is at most 255 bytes of UTF-8")
+    return encode(frame_type, seq, bytes((len(name),)) + name + data)
