@@ -52,7 +52,11 @@ def configure(
     structlog.configure(
         processors=[
             *shared,
-            structlog.processors.dict_tracebacks if fmt_name == "json" else _passthrough,
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+            if fmt_name == "json"
+            else _passthrough,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level_name]),

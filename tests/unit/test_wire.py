@@ -1,0 +1,89 @@
+"""The frame protocol: struct fast path equals the construct declaration; framing is robust."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocols import frames
+from viommud import wire
+
+
+@given(
+    frame_type=st.sampled_from(list(frames.FrameType)),
+    seq=st.integers(0, 2**32 - 1),
+    payload=st.binary(max_size=300),
+)
+def test_fast_encoder_matches_construct(frame_type: int, seq: int, payload: bytes) -> None:
+    fast = wire.encode(frame_type, seq, payload)
+    assert fast == frames.build_frame(frame_type, seq, payload)
+    assert frames.parse_header(fast[: frames.HEADER_SIZE]) == {
+        "version": 1,
+        "type": frame_type,
+        "flags": 0,
+        "seq": seq,
+        "length": len(payload),
+    }
+
+
+@given(name=st.text(min_size=1, max_size=40), data=st.binary(max_size=200))
+def test_guest_data_matches_construct(name: str, data: bytes) -> None:
+    if len(name.encode()) > 255:
+        return
+    frame = wire.encode_guest_data(frames.FrameType.CMDS, 1, name, data)
+    payload = frame[frames.HEADER_SIZE :]
+    assert payload == frames.build_guest_data(name, data)
+    assert frames.parse_guest_data(payload) == (name, data)
+    assert wire.Frame(frames.FrameType.CMDS, 1, payload).guest_data() == (name, data)
+
+
+@given(chunks=st.lists(st.integers(1, 40), min_size=1, max_size=30))
+def test_decoder_reassembles_any_split(chunks: list[int]) -> None:
+    stream = b"".join(
+        wire.encode(frames.FrameType.CMDS, i, bytes([i]) * (i * 7 % 50)) for i in range(10)
+    )
+    decoder = wire.FrameDecoder()
+    got = []
+    pos = 0
+    sizes = iter(chunks * (len(stream) // sum(chunks) + 1))
+    while pos < len(stream):
+        n = next(sizes)
+        decoder.receive_data(stream[pos : pos + n])
+        pos += n
+        while (frame := decoder.next_frame()) is not None:
+            got.append(frame)
+    assert [f.seq for f in got] == list(range(10))
+    assert [f.payload for f in got] == [bytes([i]) * (i * 7 % 50) for i in range(10)]
+    assert decoder.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (bytes([2, 1, 0, 0]) + bytes(8), "unsupported protocol version 2"),
+        (bytes([1, 0x42, 0, 0]) + bytes(8), "unknown frame type 0x42"),
+        (bytes([1, 1, 1, 0]) + bytes(8), "reserved frame flags"),
+        (bytes([1, 1, 0, 0, 0, 0, 0, 0]) + (2**31).to_bytes(4, "little"), "exceeds the limit"),
+    ],
+)
+def test_bad_headers_are_refused_before_the_payload(raw: bytes, message: str) -> None:
+    decoder = wire.FrameDecoder()
+    decoder.receive_data(raw)
+    with pytest.raises(wire.WireError, match=message) as info:
+        decoder.next_frame()
+    assert info.value.raw == raw[:12]
+
+
+def test_eof_inside_a_frame_is_an_error() -> None:
+    decoder = wire.FrameDecoder()
+    decoder.receive_data(wire.encode(frames.FrameType.CMDS, 1, b"abcdef")[:-2])
+    assert decoder.next_frame() is None
+    decoder.receive_data(b"")
+    with pytest.raises(wire.WireError, match="closed inside a frame"):
+        decoder.next_frame()
+
+
+def test_guest_data_shorter_than_its_name() -> None:
+    with pytest.raises(wire.WireError, match="shorter than its vIOMMU name"):
+        wire.Frame(frames.FrameType.CMDS, 1, bytes([9]) + b"abc").guest_data()
