@@ -30,19 +30,30 @@ def _parser() -> argparse.ArgumentParser:
         prog="viommud", description="VMM-side virtual-IOMMU emulator daemon"
     )
     parser.add_argument("--version", action="version", version=f"viommud {__version__}")
-    parser.add_argument("--log-level", choices=sorted(logs.LEVELS), help="default: info for "
-                        "serve, warning otherwise ($VIOMMUD_LOG_LEVEL)")
-    parser.add_argument("--log-format", choices=("json", "console", "auto"),
-                        help="default: console on a TTY, json elsewhere ($VIOMMUD_LOG_FORMAT)")
+    parser.add_argument(
+        "--log-level",
+        choices=sorted(logs.LEVELS),
+        help="default: info for serve, warning otherwise ($VIOMMUD_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "console", "auto"),
+        help="default: console on a TTY, json elsewhere ($VIOMMUD_LOG_FORMAT)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the daemon on a Unix socket")
     serve.add_argument("--socket", default=DEFAULT_SOCKET, help=f"default {DEFAULT_SOCKET}")
     serve.add_argument("--socket-mode", default="0600", help="permissions of the socket (octal)")
-    serve.add_argument("--host", type=Path, help="fixed host (JSON: a trace header's host "
-                       "object, or a trace whose header to use); clients must fit in it")
-    serve.add_argument("--grace", type=float, default=5.0,
-                       help="seconds running clients get at shutdown")
+    serve.add_argument(
+        "--host",
+        type=Path,
+        help="fixed host (JSON: a trace header's host "
+        "object, or a trace whose header to use); clients must fit in it",
+    )
+    serve.add_argument(
+        "--grace", type=float, default=5.0, help="seconds running clients get at shutdown"
+    )
 
     rep = sub.add_parser("replay", help="replay a trace and print the replay report")
     rep.add_argument("trace", type=Path)
@@ -60,8 +71,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        logs.configure(args.log_level, args.log_format,
-                       default_level="info" if args.command == "serve" else "warning")
+        logs.configure(
+            args.log_level,
+            args.log_format,
+            default_level="info" if args.command == "serve" else "warning",
+        )
     except ValueError as exc:
         print(f"viommud: {exc}", file=sys.stderr)
         return 2
@@ -119,9 +133,7 @@ def _replay(args: argparse.Namespace) -> int:
                     replay(args.trace, args.socket, responses=responses, calls=calls)
                 )
             else:
-                result = asyncio.run(
-                    replay_embedded(args.trace, responses=responses, calls=calls)
-                )
+                result = asyncio.run(replay_embedded(args.trace, responses=responses, calls=calls))
     except OSError as exc:
         print(f"viommud: {exc}", file=sys.stderr)
         return EXIT_REFUSED

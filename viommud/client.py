@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -86,21 +87,19 @@ class Client:
 
     async def close(self) -> None:
         self._writer.close()
-        try:
+        with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
-        except ConnectionError:
-            pass
 
 
-async def health(socket_path: str | Path, timeout: float = 2.0) -> str:
+async def health(socket_path: str | Path, wait: float = 2.0) -> str:
     """Connect and exchange HELLO (probe); returns the server's name or raises ClientError."""
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait):
             client = await Client.connect(socket_path)
             try:
                 reply = await client.hello(probe=True, client="viommud-health")
             finally:
                 await client.close()
     except TimeoutError:
-        raise ClientError(f"no answer from {socket_path} within {timeout} s") from None
+        raise ClientError(f"no answer from {socket_path} within {wait} s") from None
     return str(reply.get("server", "?"))

@@ -131,11 +131,11 @@ class SmmuDispatcher:
         while entries:
             result = self.iommufd.invalidate(
                 bucket.slot.iommu,
-                "viommu",
-                bucket.slot.viommu_id,
-                uapi.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
-                ARM_ENTRY_LEN,
-                entries,
+                object_kind="viommu",
+                object_id=bucket.slot.viommu_id,
+                data_type=uapi.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
+                entry_len=ARM_ENTRY_LEN,
+                entries=entries,
             )
             if result.errno == 0:
                 return

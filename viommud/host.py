@@ -75,8 +75,11 @@ class HostConfig:
         for i, item in enumerate(devices_raw):
             if not isinstance(item, dict):
                 raise HostConfigError(f"host.devices[{i}] must be an object")
-            did, iommu, sid, ats = item.get("id"), item.get("iommu"), item.get("sid"), item.get(
-                "ats", False
+            did, iommu, sid, ats = (
+                item.get("id"),
+                item.get("iommu"),
+                item.get("sid"),
+                item.get("ats", False),
             )
             if not isinstance(did, str) or not did:
                 raise HostConfigError(f"host.devices[{i}].id must be a non-empty string")

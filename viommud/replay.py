@@ -1,4 +1,4 @@
-"""Replay a trace file through a daemon and build the replay report (spec §2–§4).
+"""Replay a trace file through a daemon and build the replay report (spec §2, §3, §4).
 
 Records are sent pipelined (at most ``window`` unanswered frames); replies come back in
 order and are written to the responses file and the call log as they arrive. A malformed
@@ -128,9 +128,7 @@ async def _run(
     return ReplayResult(EXIT_OK, report)
 
 
-def build_report(
-    name: str, records: int, totals: dict[str, Any], elapsed: float
-) -> dict[str, Any]:
+def build_report(name: str, records: int, totals: dict[str, Any], elapsed: float) -> dict[str, Any]:
     commands = totals["commands"]["total"]
     return {
         "trace": name,
@@ -174,8 +172,9 @@ def render_table(report: dict[str, Any]) -> str:
     backend = report["backend"]
     baseline = report["baseline"]["invalidate_calls"]
     invalidates = backend["calls"].get("IOMMU_HWPT_INVALIDATE", 0)
-    kinds = ", ".join(f"{k} {v}" for k, v in sorted(
-        report["commands"]["by_kind"].items(), key=lambda kv: -kv[1]))
+    kinds = ", ".join(
+        f"{k} {v}" for k, v in sorted(report["commands"]["by_kind"].items(), key=lambda kv: -kv[1])
+    )
     codes = ", ".join(f"{k} {v}" for k, v in report["errors"]["by_code"].items()) or "none"
     calls = ", ".join(f"{k} {v}" for k, v in backend["calls"].items()) or "none"
     saved = f" ({100 * (1 - invalidates / baseline):.1f}% fewer)" if baseline else ""

@@ -147,8 +147,11 @@ class Connection:
         reply["backend"] = backend.name
         reply["host"] = host.to_json()
         self.session = Session(backend, keep_calls=bool(hello.get("calls")), log=self.log)
-        self.log.info("session_started", client_name=str(hello.get("client", "")),
-                      trace=str(hello.get("trace", "")))
+        self.log.info(
+            "session_started",
+            client_name=str(hello.get("client", "")),
+            trace=str(hello.get("trace", "")),
+        )
         return wire.encode_json(FrameType.HELLO_OK, frame.seq, reply)
 
     def _host_for(self, requested: Any) -> HostConfig:
@@ -165,8 +168,9 @@ class Connection:
         if wanted is not None:
             problems = wanted.missing_from(self.fixed_host)
             if problems:
-                raise _Fatal("this daemon's host lacks what the client needs: "
-                             + "; ".join(problems))
+                raise _Fatal(
+                    "this daemon's host lacks what the client needs: " + "; ".join(problems)
+                )
         return self.fixed_host
 
     def close(self) -> None:

@@ -78,7 +78,9 @@ class Session:
         if isinstance(record, Cmds):
             return self.doorbell(record.viommu, record.data)
         if isinstance(record, Request):
-            raise RecordRefused(f"vIOMMU {record.viommu!r}: virtio-iommu requests are not supported")
+            raise RecordRefused(
+                f"vIOMMU {record.viommu!r}: virtio-iommu requests are not supported"
+            )
         self.calls.barrier = self.stats.barriers + 1
         try:
             response = self._config(record)

@@ -15,6 +15,7 @@ Teardown frees everything in the order the kernel's references require (iommufd.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import struct
 from dataclasses import dataclass, field
@@ -261,7 +262,6 @@ class SmmuTopology:
             self.iommufd.destroy(slot.iommu, shared.hwpt_id)
 
     def _try_destroy(self, iommu: str, obj_id: int) -> None:
-        try:
+        # Rollback of a half-made object: the error that caused it is what gets reported.
+        with contextlib.suppress(BackendCallError):
             self.iommufd.destroy(iommu, obj_id)
-        except BackendCallError:
-            pass  # rollback of a half-made object: the error that caused it is reported

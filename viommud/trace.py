@@ -149,19 +149,19 @@ class _Fields:
             raise TraceError(self.line, f"missing required key {key!r}")
         return self.obj[key]
 
-    def str(self, key: str) -> str:
+    def text(self, key: str) -> str:
         value = self._get(key)
         if not isinstance(value, str) or not value:
             raise TraceError(self.line, f"{key!r} must be a non-empty string")
         return value
 
-    def int(self, key: str, bits: int = 32) -> int:
+    def integer(self, key: str, bits: int = 32) -> int:
         value = self._get(key)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**bits:
             raise TraceError(self.line, f"{key!r} must be an integer in [0, 2^{bits})")
         return value
 
-    def hex(self, key: str, sizes: tuple[int, ...] | None = None, multiple: int = 1) -> bytes:
+    def hexbytes(self, key: str, sizes: tuple[int, ...] | None = None, multiple: int = 1) -> bytes:
         value = self._get(key)
         if not isinstance(value, str):
             raise TraceError(self.line, f"{key!r} must be a hex string")
@@ -186,11 +186,11 @@ def parse_record(line: int, obj: Any) -> Record:
     f = _Fields(line, obj)
     op = obj.get("op")
     if op == "cmds":
-        return Cmds(line, f.str("viommu"), f.hex("data"))
+        return Cmds(line, f.text("viommu"), f.hexbytes("data"))
     if op == "request":
-        return Request(line, f.str("viommu"), f.hex("data"))
+        return Request(line, f.text("viommu"), f.hexbytes("data"))
     if op == "viommu_create":
-        model = f.str("model")
+        model = f.text("model")
         if model not in VIOMMU_MODELS:
             raise TraceError(line, f"'model' must be one of {', '.join(VIOMMU_MODELS)}")
         iommus = obj.get("iommus")
@@ -199,21 +199,27 @@ def parse_record(line: int, obj: Any) -> Record:
         options = obj.get("options", {})
         if not isinstance(options, dict):
             raise TraceError(line, "'options' must be an object")
-        return ViommuCreate(line, f.str("viommu"), model, tuple(iommus), options)
+        return ViommuCreate(line, f.text("viommu"), model, tuple(iommus), options)
     if op == "device_attach":
-        return DeviceAttach(line, f.str("viommu"), f.int("vid"), f.str("device"))
+        return DeviceAttach(line, f.text("viommu"), f.integer("vid"), f.text("device"))
     if op == "device_detach":
-        return DeviceDetach(line, f.str("viommu"), f.int("vid"))
+        return DeviceDetach(line, f.text("viommu"), f.integer("vid"))
     if op == "ste":
-        return Ste(line, f.str("viommu"), f.int("vsid"), f.hex("data", (64,)))
+        return Ste(line, f.text("viommu"), f.integer("vsid"), f.hexbytes("data", (64,)))
     if op == "context_entry":
-        return ContextEntry(line, f.str("viommu"), f.int("sid", 16), f.hex("data", (16, 32)))
+        return ContextEntry(
+            line, f.text("viommu"), f.integer("sid", 16), f.hexbytes("data", (16, 32))
+        )
     if op == "pasid_entry":
         return PasidEntry(
-            line, f.str("viommu"), f.int("sid", 16), f.int("pasid", 20), f.hex("data", (64,))
+            line,
+            f.text("viommu"),
+            f.integer("sid", 16),
+            f.integer("pasid", 20),
+            f.hexbytes("data", (64,)),
         )
     if op == "viommu_destroy":
-        return ViommuDestroy(line, f.str("viommu"))
+        return ViommuDestroy(line, f.text("viommu"))
     if op is None:
         raise TraceError(line, "missing required key 'op'")
     raise TraceError(line, f"unknown op {op!r}")
@@ -307,7 +313,12 @@ def record_to_json(record: Record) -> dict[str, Any]:
     if isinstance(record, DeviceDetach):
         return {"op": "device_detach", "viommu": record.viommu, "vid": record.vid}
     if isinstance(record, Ste):
-        return {"op": "ste", "viommu": record.viommu, "vsid": record.vsid, "data": record.data.hex()}
+        return {
+            "op": "ste",
+            "viommu": record.viommu,
+            "vsid": record.vsid,
+            "data": record.data.hex(),
+        }
     if isinstance(record, ContextEntry):
         return {
             "op": "context_entry",

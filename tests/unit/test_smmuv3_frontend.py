@@ -36,8 +36,17 @@ def test_linux_strict_unmap_doorbell() -> None:
     tlbi = struct.pack("<QQ", 0x0001000000000012, 0xFFFF0701)
     events = run(tlbi, SYNC)
     assert events == [
-        Invalidation(0, Cache.TLB, Scope.RANGE, asid=1, addr=0xFFFF0000, size=4096,
-                     granule=4096, leaf=True, raw=tlbi),
+        Invalidation(
+            0,
+            Cache.TLB,
+            Scope.RANGE,
+            asid=1,
+            addr=0xFFFF0000,
+            size=4096,
+            granule=4096,
+            leaf=True,
+            raw=tlbi,
+        ),
         Barrier(1),
     ]
 
@@ -183,7 +192,7 @@ def test_any_doorbell_decodes_without_exceptions(words: list[tuple[int, int]]) -
     frontend.receive_data(b"".join(struct.pack("<QQ", a, b) for a, b in words))
     events = frontend.events()
     assert frontend.last.consumed == len(words)
-    indexes = [e.index for e in events]  # type: ignore[union-attr]
+    indexes = [e.index for e in events]
     assert indexes == sorted(set(indexes))  # at most one event per command, in order
     assert sum(frontend.opcode_counts) == len(words)
     assert sum(isinstance(e, GuestError) for e in events) == frontend.error_counts.get(

@@ -73,9 +73,7 @@ def test_reads_records_in_every_container(tmp_path: Path, suffix: str) -> None:
         ("[1, 2]", "must be a JSON object"),
     ],
 )
-def test_malformed_line_names_its_number_and_stops(
-    tmp_path: Path, line: str, message: str
-) -> None:
+def test_malformed_line_names_its_number_and_stops(tmp_path: Path, line: str, message: str) -> None:
     path = write(
         tmp_path,
         [
@@ -85,7 +83,7 @@ def test_malformed_line_names_its_number_and_stops(
             '{"op":"viommu_destroy","viommu":"v"}',
         ],
     )
-    seen = []
+    seen: list[object] = []
     with pytest.raises(TraceError) as info:
         seen.extend(TraceReader(path))
     assert info.value.line == 3

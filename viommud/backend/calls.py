@@ -26,7 +26,7 @@ class BackendCallError(Exception):
         self.ioctl = ioctl
         self.errno = err
         self.errno_name = name
-        self.args = args
+        self.call_args = args
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,9 +163,7 @@ class Iommufd:
 
     # -- iommufd objects ------------------------------------------------------------------
     def ioas_alloc(self, iommu: str | None = None) -> int:
-        out = self._simple(
-            iommu, self.backend.iommufd, uapi.IOMMU_IOAS_ALLOC, uapi.IoasAlloc(), {}
-        )
+        out = self._simple(iommu, self.backend.iommufd, uapi.IOMMU_IOAS_ALLOC, uapi.IoasAlloc(), {})
         return int(out.out_ioas_id)
 
     def hwpt_alloc(
@@ -230,6 +228,7 @@ class Iommufd:
     def invalidate(
         self,
         iommu: str,
+        *,
         object_kind: str,
         object_id: int,
         data_type: int,

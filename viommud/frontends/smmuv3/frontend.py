@@ -197,9 +197,7 @@ class SmmuV3Frontend:
 
     def kind_counts(self) -> dict[str, int]:
         """Commands seen, keyed ``smmuv3:NAME`` as the replay report wants."""
-        return {
-            f"smmuv3:{kind_name(op)}": n for op, n in enumerate(self.opcode_counts) if n
-        }
+        return {f"smmuv3:{kind_name(op)}": n for op, n in enumerate(self.opcode_counts) if n}
 
     # -- per-opcode rules ---------------------------------------------------------------
     def _illegal(self, index: int, w0: int, w1: int, reason: str) -> GuestError:
@@ -377,5 +375,5 @@ _HANDLERS: Final[dict[int, _Handler]] = {
     TLBI_NSNH_ALL: SmmuV3Frontend._on_tlbi_all,
     ATC_INV: SmmuV3Frontend._on_atc_inv,
     CMD_SYNC: SmmuV3Frontend._on_sync,
-    **{op: SmmuV3Frontend._on_unsupported for op in _UNSUPPORTED},
+    **dict.fromkeys(_UNSUPPORTED, SmmuV3Frontend._on_unsupported),
 }

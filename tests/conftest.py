@@ -1,0 +1,47 @@
+"""Shared fixtures: paths of bundled traces and an in-process daemon on a temporary socket."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from viommud.backend.base import Backend
+from viommud.backend.emulated import EmulatedIommufd
+from viommud.host import HostConfig
+from viommud.server import Server
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+REAL_SMMUV3 = FIXTURES / "smmuv3-linux61-strict.jsonl.xz"
+
+
+@dataclass
+class Daemon:
+    socket: Path
+    server: Server
+    backends: list[EmulatedIommufd] = field(default_factory=list)
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    """A daemon serving on a temporary Unix socket; it keeps every backend it made."""
+    made: list[EmulatedIommufd] = []
+
+    def factory(host: HostConfig) -> Backend:
+        backend = EmulatedIommufd(host)
+        made.append(backend)
+        return backend
+
+    socket = tmp_path / "viommud.sock"
+    server = Server(socket, factory=factory, grace=1.0)
+    await server.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop.wait))
+    try:
+        yield Daemon(socket, server, made)
+    finally:
+        stop.set()
+        await task

@@ -1,0 +1,1 @@
+"""Guest-facing frontends: one decoder per emulated IOMMU model."""

@@ -1,0 +1,1 @@
+"""ARM SMMUv3 frontend: guest command-queue and stream-table decoding."""
