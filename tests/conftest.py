@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,3 +45,16 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
     finally:
         stop.set()
         await task
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """Each test starts from structlog's defaults (the CLI configures it per run)."""
+    import logging
+
+    import structlog
+
+    structlog.reset_defaults()
+    yield None
+    structlog.reset_defaults()
+    logging.getLogger().handlers.clear()

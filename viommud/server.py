@@ -127,7 +127,10 @@ class Connection:
     def _hello(self, frame: wire.Frame) -> bytes:
         if self.session is not None:
             raise _Fatal("HELLO was already exchanged")
-        hello = frame.json()
+        try:
+            hello = frame.json()
+        except wire.WireError as exc:
+            raise _Fatal(f"bad HELLO: {exc}") from None
         if not isinstance(hello, dict):
             raise _Fatal("HELLO payload must be a JSON object")
         if hello.get("protocol") != PROTOCOL_VERSION:
@@ -205,6 +208,8 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self.clients = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def start(self) -> None:
         path = self.socket_path
@@ -245,6 +250,10 @@ class Server:
             self.socket_path.unlink()
         self.log.info("shutdown_complete")
 
+    async def wait_idle(self) -> None:
+        """Return once no client is connected (their sessions are closed by then)."""
+        await self._idle.wait()
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -254,6 +263,7 @@ class Server:
         log = self.log.bind(client=client_id)
         connection = Connection(client_id, self.factory, self.fixed_host, log)
         self.clients += 1
+        self._idle.clear()
         log.info("client_connected")
         try:
             while not connection.closing:
@@ -272,8 +282,10 @@ class Server:
         except Exception:
             log.exception("client_failed")
         finally:
-            self.clients -= 1
             connection.close()
+            self.clients -= 1
+            if not self.clients:
+                self._idle.set()
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()

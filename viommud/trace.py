@@ -288,6 +288,12 @@ class TraceReader:
     def close(self) -> None:
         self._file.close()
 
+    def __enter__(self) -> TraceReader:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
 
 def record_to_json(record: Record) -> dict[str, Any]:
     """The JSON form of a record (as in a trace file), without the line number."""

@@ -57,8 +57,11 @@ async def test_real_linux_trace(daemon: Daemon) -> None:
         for e in c["entries"]
     }
     assert forwarded == {Opcode.TLBI_NH_VA, Opcode.TLBI_NH_ASID, Opcode.TLBI_NSNH_ALL}
-    assert all(c["errno"] == 0 and c["entry_num"] == len(c["entries"]) for c in calls
-               if c["ioctl"] == "IOMMU_HWPT_INVALIDATE")
+    assert all(
+        c["errno"] == 0 and c["entry_num"] == len(c["entries"])
+        for c in calls
+        if c["ioctl"] == "IOMMU_HWPT_INVALIDATE"
+    )
     barriers = [c["barrier"] for c in calls]
     assert barriers == sorted(barriers)
     # Three devices with three different vSTEs: three nested HWPTs plus one nest parent.
@@ -75,18 +78,28 @@ async def test_every_opcode(daemon: Daemon) -> None:
     assert report["errors"]["total"] == 0
     assert report["config_errors"] == 0
     kinds = report["commands"]["by_kind"]
-    for name in ("PREFETCH_CONFIG", "PREFETCH_ADDR", "CFGI_STE", "CFGI_STE_RANGE", "CFGI_CD",
-                 "CFGI_CD_ALL", "TLBI_NH_ALL", "TLBI_NH_ASID", "TLBI_NH_VA", "TLBI_NH_VAA",
-                 "TLBI_NSNH_ALL", "ATC_INV", "SYNC"):
+    for name in (
+        "PREFETCH_CONFIG",
+        "PREFETCH_ADDR",
+        "CFGI_STE",
+        "CFGI_STE_RANGE",
+        "CFGI_CD",
+        "CFGI_CD_ALL",
+        "TLBI_NH_ALL",
+        "TLBI_NH_ASID",
+        "TLBI_NH_VA",
+        "TLBI_NH_VAA",
+        "TLBI_NSNH_ALL",
+        "ATC_INV",
+        "SYNC",
+    ):
         assert f"smmuv3:CMD_{name}" in kinds, name
     lines = trace.read_text().splitlines()
-    entries_per_record = {}
-    for call in invalidations(calls):
-        entries_per_record.setdefault(call["barrier"], []).append(len(call["entries"]))
     inv = invalidations(calls)
     assert [len(c["entries"]) for c in inv] == [2, 6, 3]
-    assert all(c["object"]["kind"] == "viommu" and c["data_type"] == "VIOMMU_ARM_SMMUV3"
-               for c in inv)
+    assert all(
+        c["object"]["kind"] == "viommu" and c["data_type"] == "VIOMMU_ARM_SMMUV3" for c in inv
+    )
     # CFGI_CD with vSID 8 reaches the kernel with the guest's vSID (the kernel translates).
     cfgi_cd = parse_command(bytes.fromhex(inv[0]["entries"][0]))
     assert (cfgi_cd["opcode"], cfgi_cd["sid"]) == (Opcode.CFGI_CD, 8)
@@ -103,22 +116,21 @@ async def test_every_opcode(daemon: Daemon) -> None:
 
 async def test_guest_errors(daemon: Daemon) -> None:
     trace = FIXTURES / "smmuv3-guest-errors.jsonl"
-    result, responses, calls = await run(daemon, trace)
+    result, responses, _calls = await run(daemon, trace)
     assert result.exit_code == 0, result.error  # guest errors are replayed, not refused
     report = result.report
     assert report is not None
     records = [json.loads(x) for x in trace.read_text().splitlines()[1:]]
     bad = [
-        (line, r) for line, r in enumerate(records, start=2)
-        if "CERROR_ILL" in r.get("comment", "")
+        (line, r) for line, r in enumerate(records, start=2) if "CERROR_ILL" in r.get("comment", "")
     ]
     assert len(bad) == 21
     answers = by_record(responses)
     for line, record in bad:
         answer = answers[line]
-        assert [(e["index"], e["code"]) for e in answer["errors"]] == [(1, "CERROR_ILL")], (
-            record["comment"]
-        )
+        assert [(e["index"], e["code"]) for e in answer["errors"]] == [(1, "CERROR_ILL")], record[
+            "comment"
+        ]
         assert answer["consumed"] == 3
         assert answer["syncs"] == 1  # the bad entry is skipped; the SYNC after it completes
     assert report["errors"] == {"total": 21, "by_code": {"CERROR_ILL": 21}}

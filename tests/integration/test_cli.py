@@ -1,0 +1,155 @@
+"""The command line: the README's main job, exit codes, output files, and `serve` as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURES, REAL_SMMUV3
+from viommud.cli import main
+
+REPORT_KEYS = {
+    "trace",
+    "records",
+    "commands",
+    "errors",
+    "barriers",
+    "backend",
+    "baseline",
+    "verify",
+    "elapsed_s",
+    "commands_per_s",
+}
+
+
+def test_replay_json_report_and_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    responses, calls = tmp_path / "r.jsonl", tmp_path / "c.jsonl"
+    code = main(
+        ["replay", str(REAL_SMMUV3), "--json", "--responses", str(responses), "--calls", str(calls)]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) >= REPORT_KEYS
+    assert (
+        report["backend"]["calls"]["IOMMU_HWPT_INVALIDATE"]
+        <= report["baseline"]["invalidate_calls"]
+    )
+    assert report["verify"] == {"enabled": False, "missed": 0, "over": 0}
+    assert len(responses.read_text().splitlines()) == report["records"]
+    assert len(calls.read_text().splitlines()) == sum(report["backend"]["calls"].values())
+
+
+def test_replay_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", str(FIXTURES / "smmuv3-guest-errors.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "guest errors" in out
+    assert "CERROR_ILL 21" in out
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            ['{"op":"viommu_create","viommu":"v","model":"smmuv3","iommus":["smmu0"]}', "{oops"],
+            "line 3: invalid JSON",
+        ),
+        (
+            ['{"op":"cmds","viommu":"ghost","data":"4620c00f000000000000000000000000"}'],
+            "line 2: the daemon refused the record: no vIOMMU named 'ghost'",
+        ),
+        (
+            [
+                '{"op":"viommu_create","viommu":"v","model":"smmuv3","iommus":["smmu0"]}',
+                '{"op":"cmds","viommu":"v","data":"46"}',
+            ],
+            "line 3: the daemon refused the record",
+        ),
+    ],
+)
+def test_malformed_traces_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], lines: list[str], message: str
+) -> None:
+    header = (FIXTURES / "smmuv3-every-opcode.jsonl").read_text().splitlines()[0]
+    trace = tmp_path / "bad.jsonl"
+    trace.write_text("\n".join([header, *lines]) + "\n")
+    assert main(["replay", str(trace), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert captured.out == ""
+
+
+def test_missing_trace_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", str(tmp_path / "nope.jsonl")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_health_without_daemon_exits_1(tmp_path: Path) -> None:
+    assert main(["health", "--socket", str(tmp_path / "x.sock"), "--timeout", "0.5"]) == 1
+
+
+def test_serve_replay_health_and_sigterm(tmp_path: Path) -> None:
+    socket = tmp_path / "d.sock"
+    env = {**os.environ, "VIOMMUD_LOG_FORMAT": "json"}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "viommud", "serve", "--socket", str(socket)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not socket.exists():
+            assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        cli = [sys.executable, "-m", "viommud"]
+        health = subprocess.run(
+            [*cli, "health", "--socket", str(socket)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert health.returncode == 0, health.stderr
+        rep = subprocess.run(
+            [
+                *cli,
+                "replay",
+                str(FIXTURES / "smmuv3-ste-configs.jsonl"),
+                "--socket",
+                str(socket),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert rep.returncode == 0, rep.stderr
+        assert json.loads(rep.stdout)["trace"] == "smmuv3-ste-configs"
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0
+    events = [json.loads(line) for line in err.splitlines()]
+    names = [e["event"] for e in events]
+    for name in (
+        "server_started",
+        "client_connected",
+        "session_started",
+        "batch_forwarded",
+        "client_disconnected",
+        "shutdown_started",
+        "shutdown_complete",
+    ):
+        assert name in names, name
+    batch = next(e for e in events if e["event"] == "batch_forwarded")
+    assert {"client", "viommu", "commands", "syncs", "level", "timestamp"} <= set(batch)
+    assert not socket.exists()

@@ -1,0 +1,69 @@
+"""Structured log events: one INFO line per batch, one DEBUG line per command, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import structlog
+from structlog.testing import capture_logs
+
+from protocols.smmuv3 import Opcode, build_command
+from viommud import logs
+from viommud.backend.emulated import EmulatedIommufd
+from viommud.host import HostConfig
+from viommud.session import Session
+from viommud.trace import DeviceAttach, ViommuCreate
+
+HOST = HostConfig.from_json(
+    {
+        "iommus": [{"id": "smmu0", "model": "arm-smmuv3"}],
+        "devices": [{"id": "0000:01:00.0", "iommu": "smmu0", "sid": 256}],
+    }
+)
+
+
+def test_batch_and_guest_error_events() -> None:
+    with capture_logs() as events:
+        session = Session(EmulatedIommufd(HOST), log=structlog.get_logger().bind(client=7))
+        session.handle(ViommuCreate(2, "v", "smmuv3", ("smmu0",)))
+        session.handle(DeviceAttach(3, "v", 8, "0000:01:00.0"))
+        bad = struct.pack("<QQ", 0x5F, 0)
+        session.doorbell(
+            "v", build_command(Opcode.TLBI_NH_ASID, asid=1) + bad + build_command(Opcode.CMD_SYNC)
+        )
+        session.close()
+    names = [e["event"] for e in events]
+    assert names.count("command_decoded") == 3
+    batch = next(e for e in events if e["event"] == "batch_forwarded")
+    assert batch == {
+        "event": "batch_forwarded",
+        "log_level": "info",
+        "client": 7,
+        "viommu": "v",
+        "commands": 3,
+        "syncs": 1,
+        "errors": 1,
+        "backend_calls": 1,
+    }
+    error = next(e for e in events if e["event"] == "guest_error")
+    assert (error["code"], error["index"], error["raw_hex"]) == ("CERROR_ILL", 1, bad.hex())
+    assert error["log_level"] == "warning"
+    assert {"viommu_created", "device_attached"} <= set(names)
+
+
+def test_json_configuration_filters_by_level() -> None:
+    stream = io.StringIO()
+    logs.configure("info", "json", stream)
+    try:
+        log = structlog.get_logger("viommud").bind(client=1)
+        log.debug("command_decoded", index=0)
+        log.info("batch_forwarded", viommu="v", commands=2)
+        lines = [json.loads(x) for x in stream.getvalue().splitlines()]
+        assert [x["event"] for x in lines] == ["batch_forwarded"]
+        assert lines[0]["client"] == 1
+        assert lines[0]["level"] == "info"
+        assert "timestamp" in lines[0]
+    finally:
+        structlog.reset_defaults()
