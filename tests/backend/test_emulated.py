@@ -173,8 +173,9 @@ class Rig:
         rc, out = self.call(uapi.IOMMU_HWPT_ALLOC, uapi.HwptAlloc(**fields))
         return rc, out.out_hwpt_id
 
-    def ok_hwpt(self, dev: int, pt: int, flags: int = 0, data_type: int = 0,
-                data: bytes = b"") -> int:
+    def ok_hwpt(
+        self, dev: int, pt: int, flags: int = 0, data_type: int = 0, data: bytes = b""
+    ) -> int:
         rc, hwpt = self.hwpt(dev, pt, flags, data_type, data)
         assert rc == 0
         return hwpt
@@ -278,8 +279,9 @@ DESTROY_ARGS = [
 ]
 
 
-@pytest.mark.parametrize(("arg", "expected"), [c[1:] for c in DESTROY_ARGS],
-                         ids=[c[0] for c in DESTROY_ARGS])
+@pytest.mark.parametrize(
+    ("arg", "expected"), [c[1:] for c in DESTROY_ARGS], ids=[c[0] for c in DESTROY_ARGS]
+)
 def test_destroy_size_convention(rig: Rig, arg: bytearray, expected: int) -> None:
     before = bytes(arg)
     assert rig.raw(uapi.IOMMU_DESTROY, arg) == expected
@@ -288,8 +290,17 @@ def test_destroy_size_convention(rig: Rig, arg: bytearray, expected: int) -> Non
 
 @pytest.mark.parametrize(
     "request_",
-    [0x3B7F, 0x3B00, 0x3BFF, 0xC0083B80, 0x3C80, uapi.IOMMU_IOAS_MAP, uapi.IOMMU_TEST_CMD,
-     uapi.VFIO_DEVICE_BIND_IOMMUFD, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT],
+    [
+        0x3B7F,
+        0x3B00,
+        0x3BFF,
+        0xC0083B80,
+        0x3C80,
+        uapi.IOMMU_IOAS_MAP,
+        uapi.IOMMU_TEST_CMD,
+        uapi.VFIO_DEVICE_BIND_IOMMUFD,
+        uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+    ],
 )
 def test_unknown_request_on_iommufd_is_enotty(rig: Rig, request_: int) -> None:
     arg = uapi.encode(uapi.Destroy())
@@ -493,7 +504,7 @@ def _holder_nested_by_device(r: Rig) -> tuple[int, int]:
 
 def _holder_parent_by_arm_nested_via_viommu(r: Rig) -> tuple[int, int]:
     """The nested HWPT holds the vIOMMU, not the parent: the parent is held by the vIOMMU."""
-    viommu, nested = _holder_viommu_by_nested(r)
+    viommu, _ = _holder_viommu_by_nested(r)
     parent = r.be.lookup(viommu)
     assert isinstance(parent, ViommuObject)
     return parent.parent_id, viommu
@@ -549,8 +560,9 @@ def test_nested_on_viommu_does_not_hold_the_parent_directly(rig: Rig) -> None:
 # ======================================================================================
 
 
-@pytest.mark.parametrize(("flags", "expected"), [(0, 0), (1, errno.EOPNOTSUPP),
-                                                 (0x80000000, errno.EOPNOTSUPP)])
+@pytest.mark.parametrize(
+    ("flags", "expected"), [(0, 0), (1, errno.EOPNOTSUPP), (0x80000000, errno.EOPNOTSUPP)]
+)
 def test_ioas_alloc(rig: Rig, flags: int, expected: int) -> None:
     rc, out = rig.call(uapi.IOMMU_IOAS_ALLOC, uapi.IoasAlloc(flags=flags))
     assert rc == expected
@@ -609,14 +621,19 @@ HWPT_ROWS: dict[str, HwptRow] = {
     ),
     "paging-fault-id": HwptRow("a0", "ioas", flags=FAULT_ID_VALID, expected=errno.ENOENT),
     # 6. HWPT_PAGING: nested on a parent (VT-d, §4.1)
-    "vtd-nested": HwptRow("v0", "parent", data_type=VTD_DATA, data=VTD_S1_DATA,
-                          kind="HWPT_NESTED"),
-    "vtd-nested-pasid": HwptRow("v0", "parent", flags=PASID, data_type=VTD_DATA,
-                                data=VTD_S1_DATA, kind="HWPT_NESTED"),
-    "vtd-nested-other-unit": HwptRow("w0", "parent", data_type=VTD_DATA, data=VTD_S1_DATA,
-                                     kind="HWPT_NESTED"),
+    "vtd-nested": HwptRow("v0", "parent", data_type=VTD_DATA, data=VTD_S1_DATA, kind="HWPT_NESTED"),
+    "vtd-nested-pasid": HwptRow(
+        "v0", "parent", flags=PASID, data_type=VTD_DATA, data=VTD_S1_DATA, kind="HWPT_NESTED"
+    ),
+    "vtd-nested-other-unit": HwptRow(
+        "w0", "parent", data_type=VTD_DATA, data=VTD_S1_DATA, kind="HWPT_NESTED"
+    ),
     "vtd-nested-nest-parent-flag": HwptRow(  # A8
-        "v0", "parent", flags=NEST_PARENT, data_type=VTD_DATA, data=VTD_S1_DATA,
+        "v0",
+        "parent",
+        flags=NEST_PARENT,
+        data_type=VTD_DATA,
+        data=VTD_S1_DATA,
         expected=errno.EOPNOTSUPP,
     ),
     "vtd-nested-no-data": HwptRow("v0", "parent", expected=errno.EOPNOTSUPP),
@@ -645,7 +662,11 @@ HWPT_ROWS: dict[str, HwptRow] = {
         "v0", "parent", data_type=VTD_DATA, data=VTD_S1_DATA, uptr=0, expected=errno.EFAULT
     ),
     "vtd-nested-fault-id": HwptRow(
-        "v0", "parent", flags=FAULT_ID_VALID, data_type=VTD_DATA, data=VTD_S1_DATA,
+        "v0",
+        "parent",
+        flags=FAULT_ID_VALID,
+        data_type=VTD_DATA,
+        data=VTD_S1_DATA,
         expected=errno.ENOENT,
     ),
     "arm-on-parent": HwptRow(
@@ -663,11 +684,19 @@ HWPT_ROWS: dict[str, HwptRow] = {
         "v0", "viommu", data_type=ARM_DATA, data=ARM_S1, expected=errno.EINVAL
     ),
     "arm-nested-nest-parent-flag": HwptRow(
-        "a0", "viommu", flags=NEST_PARENT, data_type=ARM_DATA, data=ARM_S1,
+        "a0",
+        "viommu",
+        flags=NEST_PARENT,
+        data_type=ARM_DATA,
+        data=ARM_S1,
         expected=errno.EOPNOTSUPP,
     ),
     "arm-nested-unknown-flag": HwptRow(  # O9
-        "a0", "viommu", flags=FAULT_ID_VALID | 1 << 31, data_type=ARM_DATA, data=ARM_S1,
+        "a0",
+        "viommu",
+        flags=FAULT_ID_VALID | 1 << 31,
+        data_type=ARM_DATA,
+        data=ARM_S1,
         expected=errno.EOPNOTSUPP,
     ),
     "arm-nested-pasid": HwptRow(
@@ -690,17 +719,26 @@ HWPT_ROWS: dict[str, HwptRow] = {
         "a0", "viommu", data_type=ARM_DATA, data=ARM_S1, uptr=0xDEAD0000, expected=errno.EFAULT
     ),
     "arm-nested-fault-id": HwptRow(  # O8
-        "a0", "viommu", flags=FAULT_ID_VALID, data_type=ARM_DATA, data=ARM_S1,
+        "a0",
+        "viommu",
+        flags=FAULT_ID_VALID,
+        data_type=ARM_DATA,
+        data=ARM_S1,
         expected=errno.ENOENT,
     ),
     "arm-nested-bad-vste-before-fault-id": HwptRow(
-        "a0", "viommu", flags=FAULT_ID_VALID, data_type=ARM_DATA, data=cmd(STE_S1 | 1 << 52),
+        "a0",
+        "viommu",
+        flags=FAULT_ID_VALID,
+        data_type=ARM_DATA,
+        data=cmd(STE_S1 | 1 << 52),
         expected=errno.EIO,
     ),
     # 8. any other kind
     "pt-is-device": HwptRow("a0", "device", expected=errno.EINVAL),  # A2
-    "pt-is-nested": HwptRow("a0", "nested", data_type=ARM_DATA, data=ARM_S1,
-                            expected=errno.EINVAL),  # A12
+    "pt-is-nested": HwptRow(
+        "a0", "nested", data_type=ARM_DATA, data=ARM_S1, expected=errno.EINVAL
+    ),  # A12
     "pt-is-vdevice": HwptRow("a0", "vdev", expected=errno.EINVAL),
 }
 
@@ -757,8 +795,9 @@ def test_hwpt_alloc_rows(rig: Rig, row: HwptRow) -> None:
 def test_vtd_nested_keeps_its_data(rig: Rig) -> None:
     dev = rig.bind("v0")
     parent = rig.nest_parent(dev, rig.ioas())
-    rc, nested = rig.vtd_nested(dev, parent, flags=7, pgtbl_addr=0xABC000, addr_width=57,
-                                reserved=5)  # the nested alloc does not validate these
+    rc, nested = rig.vtd_nested(
+        dev, parent, flags=7, pgtbl_addr=0xABC000, addr_width=57, reserved=5
+    )  # the nested alloc does not validate these
     assert rc == 0
     obj = rig.be.lookup(nested)
     assert isinstance(obj, HwptNestedObject)
@@ -808,10 +847,12 @@ VSTE_ROWS: dict[str, tuple[int, int, int, ArmNestedData | None]] = {
 }
 
 
-@pytest.mark.parametrize(("ste0", "ste1", "expected", "stored"), VSTE_ROWS.values(),
-                         ids=VSTE_ROWS.keys())
-def test_vste_validation(rig: Rig, ste0: int, ste1: int, expected: int,
-                         stored: ArmNestedData | None) -> None:
+@pytest.mark.parametrize(
+    ("ste0", "ste1", "expected", "stored"), VSTE_ROWS.values(), ids=VSTE_ROWS.keys()
+)
+def test_vste_validation(
+    rig: Rig, ste0: int, ste1: int, expected: int, stored: ArmNestedData | None
+) -> None:
     topo = rig.arm_topology()
     table = rig.objects()
     rc, hwpt = rig.arm_nested(topo.dev, topo.viommu, ste0, ste1)
@@ -852,8 +893,9 @@ VIOMMU_ROWS: dict[str, ViommuRow] = {
     "vtd-device": ViommuRow("v0", "vtd-parent", expected=errno.EOPNOTSUPP),
     "type-tegra-on-arm": ViommuRow("a0", "none", vtype=2, expected=errno.EOPNOTSUPP),
     "type-selftest": ViommuRow("a0", "parent", vtype=0xDEADBEEF, expected=errno.EOPNOTSUPP),
-    "type-checked-before-hwpt": ViommuRow("a0", "none", vtype=0xDEAD,
-                                          expected=errno.EOPNOTSUPP),  # O3 (6.13: ENOENT)
+    "type-checked-before-hwpt": ViommuRow(
+        "a0", "none", vtype=0xDEAD, expected=errno.EOPNOTSUPP
+    ),  # O3 (6.13: ENOENT)
     "hwpt-0": ViommuRow("a0", "none", expected=errno.ENOENT),  # O1
     "hwpt-is-ioas": ViommuRow("a0", "ioas", expected=errno.ENOENT),
     "hwpt-is-nested": ViommuRow("a0", "nested", expected=errno.ENOENT),
@@ -1026,14 +1068,15 @@ class InvRow:
 VMID1 = 1 << 32
 CORE_ROWS: dict[str, InvRow] = {
     "reserved": InvRow("viommu", GOOD_ARM, ARM_INV, 16, reserved=1, expected=errno.EOPNOTSUPP),
-    "reserved-before-lookup": InvRow("missing", b"", ARM_INV, 16, 5, reserved=1,
-                                     expected=errno.EOPNOTSUPP),
+    "reserved-before-lookup": InvRow(
+        "missing", b"", ARM_INV, 16, 5, reserved=1, expected=errno.EOPNOTSUPP
+    ),
     "null-uptr": InvRow("viommu", b"", ARM_INV, 16, 1, uptr=0, expected=errno.EINVAL),  # V6
     "entry-len-0": InvRow("viommu", GOOD_ARM, ARM_INV, 0, 1, expected=errno.EINVAL),  # V7
-    "null-uptr-before-lookup": InvRow("missing", b"", ARM_INV, 16, 1, uptr=0,
-                                      expected=errno.EINVAL),
-    "empty-null-uptr-reaches-lookup": InvRow("missing", b"", ARM_INV, 0, 0,
-                                             expected=errno.ENOENT),
+    "null-uptr-before-lookup": InvRow(
+        "missing", b"", ARM_INV, 16, 1, uptr=0, expected=errno.EINVAL
+    ),
+    "empty-null-uptr-reaches-lookup": InvRow("missing", b"", ARM_INV, 0, 0, expected=errno.ENOENT),
     "id-0": InvRow("zero", b"", ARM_INV, 16, 0, expected=errno.ENOENT),
     "missing": InvRow("missing", GOOD_ARM, ARM_INV, 16, expected=errno.ENOENT),
     "paging-parent": InvRow("parent", GOOD_ARM, ARM_INV, 16, expected=errno.EINVAL),  # I1
@@ -1041,63 +1084,87 @@ CORE_ROWS: dict[str, InvRow] = {
     "ioas": InvRow("ioas", GOOD_ARM, ARM_INV, 16, expected=errno.EINVAL),
     "device": InvRow("device", GOOD_ARM, ARM_INV, 16, expected=errno.EINVAL),
     "vdevice": InvRow("vdev", GOOD_ARM, ARM_INV, 16, expected=errno.EINVAL),
-    "arm-nested-hwpt": InvRow("arm-nested", GOOD_ARM, ARM_INV, 16,
-                              expected=errno.EOPNOTSUPP),
+    "arm-nested-hwpt": InvRow("arm-nested", GOOD_ARM, ARM_INV, 16, expected=errno.EOPNOTSUPP),
     # §2.3, ARM column (whole-array driver)
     "arm-empty": InvRow("viommu", b"", ARM_INV, 16, 0, expected=errno.EINVAL),
     "arm-empty-wrong-type": InvRow("viommu", b"", VTD_INV, 16, 0, expected=errno.EINVAL),
     "arm-wrong-type": InvRow("viommu", GOOD_ARM, VTD_INV, 16, expected=errno.EINVAL),
-    "arm-ok": InvRow("viommu", GOOD_ARM, ARM_INV, 16, done=1,
-                     issued=(cmd(0x11 | 5 << 48 | VMID1), SYNC)),
+    "arm-ok": InvRow(
+        "viommu", GOOD_ARM, ARM_INV, 16, done=1, issued=(cmd(0x11 | 5 << 48 | VMID1), SYNC)
+    ),
     "arm-short-entry-zero-filled": InvRow(
-        "viommu", GOOD_ARM[:8] + GOOD_ARM[:8], ARM_INV, 8, done=2,
+        "viommu",
+        GOOD_ARM[:8] + GOOD_ARM[:8],
+        ARM_INV,
+        8,
+        done=2,
         issued=(cmd(0x11 | 5 << 48 | VMID1),) * 2 + (SYNC,),
     ),
     "arm-1-byte-entries": InvRow(
         "viommu", b"\x30\x30", ARM_INV, 1, done=2, issued=(cmd(0x10 | VMID1),) * 2 + (SYNC,)
     ),
     "arm-long-entry-zero-tail": InvRow(
-        "viommu", GOOD_ARM + bytes(8) + GOOD_ARM + bytes(8), ARM_INV, 24, done=2,
+        "viommu",
+        GOOD_ARM + bytes(8) + GOOD_ARM + bytes(8),
+        ARM_INV,
+        24,
+        done=2,
         issued=(cmd(0x11 | 5 << 48 | VMID1),) * 2 + (SYNC,),
     ),
     "arm-long-entry-nonzero-tail": InvRow(
-        "viommu", GOOD_ARM + bytes(8) + GOOD_ARM + bytes(7) + b"\x01", ARM_INV, 24,
+        "viommu",
+        GOOD_ARM + bytes(8) + GOOD_ARM + bytes(7) + b"\x01",
+        ARM_INV,
+        24,
         expected=errno.E2BIG,
     ),
-    "arm-unreadable-entry": InvRow("viommu", GOOD_ARM * 2, ARM_INV, 16, 3,
-                                   expected=errno.EFAULT),
-    "arm-unreadable-long-entry": InvRow("viommu", GOOD_ARM + bytes(8) + GOOD_ARM, ARM_INV, 24,
-                                        2, expected=errno.EFAULT),
-    "arm-bad-uptr": InvRow("viommu", b"", ARM_INV, 16, 1, uptr=0xDEAD000,
-                           expected=errno.EFAULT),
-    "arm-semantic-error-at-1": InvRow("viommu", GOOD_ARM + cmd(0x46), ARM_INV, 16,
-                                      expected=errno.EIO, done=1),
-    "arm-enomem": InvRow("viommu", b"", ARM_INV, 16, (4 << 20) // 16 + 1, uptr=0x10000,
-                         expected=errno.ENOMEM),
+    "arm-unreadable-entry": InvRow("viommu", GOOD_ARM * 2, ARM_INV, 16, 3, expected=errno.EFAULT),
+    "arm-unreadable-long-entry": InvRow(
+        "viommu", GOOD_ARM + bytes(8) + GOOD_ARM, ARM_INV, 24, 2, expected=errno.EFAULT
+    ),
+    "arm-bad-uptr": InvRow("viommu", b"", ARM_INV, 16, 1, uptr=0xDEAD000, expected=errno.EFAULT),
+    "arm-semantic-error-at-1": InvRow(
+        "viommu", GOOD_ARM + cmd(0x46), ARM_INV, 16, expected=errno.EIO, done=1
+    ),
+    "arm-enomem": InvRow(
+        "viommu", b"", ARM_INV, 16, (4 << 20) // 16 + 1, uptr=0x10000, expected=errno.ENOMEM
+    ),
     # §2.3 / §4.2, VT-d column (per-entry driver)
     "vtd-ok": InvRow("vtd-nested", vtd_inv(0x1000, 2, 1), VTD_INV, 24, done=1),
     "vtd-empty": InvRow("vtd-nested", b"", VTD_INV, 24, 0, done=0),
     "vtd-empty-any-len-null-uptr": InvRow("vtd-nested", b"", VTD_INV, 0, 0, done=0),
     "vtd-empty-wrong-type": InvRow("vtd-nested", b"", ARM_INV, 24, 0, expected=errno.EINVAL),
     "vtd-wrong-type": InvRow("vtd-nested", vtd_inv(), ARM_INV, 24, expected=errno.EINVAL),
-    "vtd-short-entry": InvRow("vtd-nested", vtd_inv()[:23] * 2, VTD_INV, 23,
-                              expected=errno.EINVAL),
-    "vtd-long-entry-zero-tail": InvRow("vtd-nested", vtd_inv() + bytes(1), VTD_INV, 25,
-                                       expected=errno.EINVAL),
-    "vtd-long-entry-nonzero-tail": InvRow("vtd-nested", vtd_inv() + b"\x01", VTD_INV, 25,
-                                          expected=errno.EINVAL),
-    "vtd-unreadable-entry-2": InvRow("vtd-nested", vtd_inv() * 2, VTD_INV, 24, 3,
-                                     expected=errno.EFAULT, done=2),
-    "vtd-bad-uptr": InvRow("vtd-nested", b"", VTD_INV, 24, 1, uptr=0xDEAD000,
-                           expected=errno.EFAULT),
-    "vtd-unknown-flag-at-1": InvRow("vtd-nested", vtd_inv() + vtd_inv(flags=2), VTD_INV, 24,
-                                    expected=errno.EOPNOTSUPP, done=1),
-    "vtd-reserved-at-0": InvRow("vtd-nested", vtd_inv(reserved=1), VTD_INV, 24,
-                                expected=errno.EOPNOTSUPP),
-    "vtd-unaligned-at-2": InvRow("vtd-nested", vtd_inv() * 2 + vtd_inv(addr=0x1800), VTD_INV,
-                                 24, expected=errno.EINVAL, done=2),
-    "vtd-all-with-addr": InvRow("vtd-nested", vtd_inv(0x1000, U64_MAX), VTD_INV, 24,
-                                expected=errno.EINVAL),
+    "vtd-short-entry": InvRow("vtd-nested", vtd_inv()[:23] * 2, VTD_INV, 23, expected=errno.EINVAL),
+    "vtd-long-entry-zero-tail": InvRow(
+        "vtd-nested", vtd_inv() + bytes(1), VTD_INV, 25, expected=errno.EINVAL
+    ),
+    "vtd-long-entry-nonzero-tail": InvRow(
+        "vtd-nested", vtd_inv() + b"\x01", VTD_INV, 25, expected=errno.EINVAL
+    ),
+    "vtd-unreadable-entry-2": InvRow(
+        "vtd-nested", vtd_inv() * 2, VTD_INV, 24, 3, expected=errno.EFAULT, done=2
+    ),
+    "vtd-bad-uptr": InvRow(
+        "vtd-nested", b"", VTD_INV, 24, 1, uptr=0xDEAD000, expected=errno.EFAULT
+    ),
+    "vtd-unknown-flag-at-1": InvRow(
+        "vtd-nested", vtd_inv() + vtd_inv(flags=2), VTD_INV, 24, expected=errno.EOPNOTSUPP, done=1
+    ),
+    "vtd-reserved-at-0": InvRow(
+        "vtd-nested", vtd_inv(reserved=1), VTD_INV, 24, expected=errno.EOPNOTSUPP
+    ),
+    "vtd-unaligned-at-2": InvRow(
+        "vtd-nested",
+        vtd_inv() * 2 + vtd_inv(addr=0x1800),
+        VTD_INV,
+        24,
+        expected=errno.EINVAL,
+        done=2,
+    ),
+    "vtd-all-with-addr": InvRow(
+        "vtd-nested", vtd_inv(0x1000, U64_MAX), VTD_INV, 24, expected=errno.EINVAL
+    ),
     "vtd-all": InvRow("vtd-nested", vtd_inv(0, U64_MAX), VTD_INV, 24, done=1),
     "vtd-npages-0": InvRow("vtd-nested", vtd_inv(0x2000, 0), VTD_INV, 24, done=1),
     "vtd-leaf": InvRow("vtd-nested", vtd_inv(0x2000, 1, 1) * 3, VTD_INV, 24, done=3),
@@ -1121,14 +1188,15 @@ def test_hwpt_invalidate_rows(rig: Rig, row: InvRow) -> None:
     assert (rc, done) == (row.expected, row.done)
     assert rig.objects() == table
     assert rig.be.issued("smmu0") == list(row.issued)
-    flushes = rig.be.vtd_flushes()[len(before):]
+    flushes = rig.be.vtd_flushes()[len(before) :]
     assert len(flushes) == (row.done if row.target == "vtd-nested" else 0)
 
 
 def test_invalidate_writes_back_whole_struct_on_every_path(rig: Rig) -> None:
     ids = _inv_scene(rig)
-    obj = uapi.HwptInvalidate(hwpt_id=ids["missing"], data_uptr=0x1234, data_type=ARM_INV,
-                              entry_len=16, entry_num=0)
+    obj = uapi.HwptInvalidate(
+        hwpt_id=ids["missing"], data_uptr=0x1234, data_type=ARM_INV, entry_len=16, entry_num=0
+    )
     arg = with_size(obj, 33, b"\0") + b"\xee" * 3
     assert rig.raw(uapi.IOMMU_HWPT_INVALIDATE, arg) == errno.ENOENT
     assert uapi.decode(uapi.HwptInvalidate, arg) == replace(obj, size=33, entry_num=0)
@@ -1162,17 +1230,25 @@ def test_vtd_flushes_record_range_leaf_and_units(rig: Rig) -> None:
 
 VSID, PSID = 0x8, 0x100  # a0 behind smmu0 as vSID 8
 CONVERT_ROWS: dict[str, tuple[bytes, bytes | None]] = {
-    "nsnh-all": (cmd(0x30 | 0xABCD << 32 | 0x1234_0000_0000_FF00, U64_MAX),
-                 cmd(0x10 | 2 << 32)),
+    "nsnh-all": (cmd(0x30 | 0xABCD << 32 | 0x1234_0000_0000_FF00, U64_MAX), cmd(0x10 | 2 << 32)),
     "nh-all": (cmd(0x10 | 0xFFFF << 32), cmd(0x10 | 2 << 32)),
-    "nh-asid": (cmd(0x11 | 0x77 << 32 | 0xBEEF << 48, 0x5), cmd(0x11 | 2 << 32 | 0xBEEF << 48, 0x5)),
-    "nh-va": (cmd(0x12 | 0x3 << 12 | 0x1 << 20 | 9 << 32 | 0xAA << 48, 0xFFFF_F000 | 0x301),
-              cmd(0x12 | 0x3 << 12 | 0x1 << 20 | 2 << 32 | 0xAA << 48, 0xFFFF_F000 | 0x301)),
+    "nh-asid": (
+        cmd(0x11 | 0x77 << 32 | 0xBEEF << 48, 0x5),
+        cmd(0x11 | 2 << 32 | 0xBEEF << 48, 0x5),
+    ),
+    "nh-va": (
+        cmd(0x12 | 0x3 << 12 | 0x1 << 20 | 9 << 32 | 0xAA << 48, 0xFFFF_F000 | 0x301),
+        cmd(0x12 | 0x3 << 12 | 0x1 << 20 | 2 << 32 | 0xAA << 48, 0xFFFF_F000 | 0x301),
+    ),
     "nh-vaa": (cmd(0x13 | 0x1234 << 32, 0x4000_0000), cmd(0x13 | 2 << 32, 0x4000_0000)),
-    "nh-va-reserved-bits-forwarded": (cmd(0x12 | 1 << 8 | 1 << 31, 1 << 4),
-                                      cmd(0x12 | 1 << 8 | 1 << 31 | 2 << 32, 1 << 4)),
-    "atc-inv": (cmd(0x40 | 1 << 9 | 1 << 11 | 0x5 << 12 | VSID << 32, 0x8000_0000 | 12),
-                cmd(0x40 | 1 << 9 | 1 << 11 | 0x5 << 12 | PSID << 32, 0x8000_0000 | 12)),
+    "nh-va-reserved-bits-forwarded": (
+        cmd(0x12 | 1 << 8 | 1 << 31, 1 << 4),
+        cmd(0x12 | 1 << 8 | 1 << 31 | 2 << 32, 1 << 4),
+    ),
+    "atc-inv": (
+        cmd(0x40 | 1 << 9 | 1 << 11 | 0x5 << 12 | VSID << 32, 0x8000_0000 | 12),
+        cmd(0x40 | 1 << 9 | 1 << 11 | 0x5 << 12 | PSID << 32, 0x8000_0000 | 12),
+    ),
     "cfgi-cd": (cmd(0x05 | 0x3 << 12 | VSID << 32, 1), cmd(0x05 | 0x3 << 12 | PSID << 32, 1)),
     "cfgi-cd-all": (cmd(0x06 | VSID << 32), cmd(0x06 | PSID << 32)),
     "atc-inv-unknown-vsid": (cmd(0x40 | 0x9 << 32), None),
@@ -1180,8 +1256,25 @@ CONVERT_ROWS: dict[str, tuple[bytes, bytes | None]] = {
     "cfgi-cd-all-unknown-vsid": (cmd(0x06), None),
     **{
         f"rejected-{op:#04x}": (cmd(op | VSID << 32), None)
-        for op in (0x00, 0x01, 0x02, 0x03, 0x04, 0x0C, 0x14, 0x20, 0x21, 0x22, 0x28, 0x2A,
-                   0x41, 0x44, 0x45, 0x46, 0xFF)
+        for op in (
+            0x00,
+            0x01,
+            0x02,
+            0x03,
+            0x04,
+            0x0C,
+            0x14,
+            0x20,
+            0x21,
+            0x22,
+            0x28,
+            0x2A,
+            0x41,
+            0x44,
+            0x45,
+            0x46,
+            0xFF,
+        )
     },
 }
 
@@ -1231,39 +1324,47 @@ def _tlbi_out(i: int) -> bytes:
     return cmd(0x12 | VMID1 | (i & 0xFFFF) << 48, (i + 1) << 12)
 
 
-@pytest.mark.parametrize(
-    ("count", "bad", "expected", "done", "groups"),
-    [
-        (1, None, 0, 1, [(0, 1)]),
-        (63, None, 0, 63, [(0, 63)]),
-        (64, None, 0, 64, [(0, 63), (63, 64)]),
-        (70, None, 0, 70, [(0, 63), (63, 70)]),
-        (126, None, 0, 126, [(0, 63), (63, 126)]),
-        (127, None, 0, 127, [(0, 63), (63, 126), (126, 127)]),
-        (71, 70, errno.EIO, 70, [(0, 63)]),  # 63..69 converted, counted, never issued
-        (100, 70, errno.EIO, 70, [(0, 63)]),
-        (70, 63, errno.EIO, 63, [(0, 63)]),
-        (70, 62, errno.EIO, 62, []),  # 0..61 never issued
-        (70, 0, errno.EIO, 0, []),
-        (200, 130, errno.EIO, 130, [(0, 63), (63, 126)]),
-    ],
-    ids=lambda v: str(v),
-)
-def test_groups_of_63(rig: Rig, count: int, bad: int | None, expected: int, done: int,
-                      groups: list[tuple[int, int]]) -> None:
+@dataclass(frozen=True)
+class GroupCase:
+    count: int  # commands in the array
+    bad: int | None  # index of an illegal command (CMD_SYNC), if any
+    expected: int
+    done: int  # reported entry_num
+    groups: tuple[tuple[int, int], ...]  # [start, end) of each group that reached the queue
+
+
+GROUP_CASES = [
+    GroupCase(1, None, 0, 1, ((0, 1),)),
+    GroupCase(63, None, 0, 63, ((0, 63),)),
+    GroupCase(64, None, 0, 64, ((0, 63), (63, 64))),
+    GroupCase(70, None, 0, 70, ((0, 63), (63, 70))),
+    GroupCase(126, None, 0, 126, ((0, 63), (63, 126))),
+    GroupCase(127, None, 0, 127, ((0, 63), (63, 126), (126, 127))),
+    GroupCase(71, 70, errno.EIO, 70, ((0, 63),)),  # 63..69 converted, counted, never issued
+    GroupCase(100, 70, errno.EIO, 70, ((0, 63),)),
+    GroupCase(70, 63, errno.EIO, 63, ((0, 63),)),
+    GroupCase(70, 62, errno.EIO, 62, ()),  # 0..61 never issued
+    GroupCase(70, 0, errno.EIO, 0, ()),
+    GroupCase(200, 130, errno.EIO, 130, ((0, 63), (63, 126))),
+]
+
+
+@pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: f"n{c.count}-bad{c.bad}")
+def test_groups_of_63(rig: Rig, case: GroupCase) -> None:
     topo = rig.arm_topology()
-    blob = b"".join(cmd(0x46) if i == bad else _tlbi(i) for i in range(count))
-    assert rig.invalidate(topo.viommu, blob, ARM_INV, 16) == (expected, done)
+    blob = b"".join(cmd(0x46) if i == case.bad else _tlbi(i) for i in range(case.count))
+    assert rig.invalidate(topo.viommu, blob, ARM_INV, 16) == (case.expected, case.done)
     want: list[bytes] = []
-    for start, end in groups:
+    for start, end in case.groups:
         want.extend(_tlbi_out(i) for i in range(start, end))
         want.append(SYNC)
     assert rig.be.issued("smmu0") == want
 
 
 @pytest.mark.parametrize(("count", "done", "groups"), [(100, 62, 1), (30, 29, 1), (63, 62, 1)])
-def test_hardware_issue_failure_reports_e_minus_1(rig: Rig, count: int, done: int,
-                                                  groups: int) -> None:
+def test_hardware_issue_failure_reports_e_minus_1(
+    rig: Rig, count: int, done: int, groups: int
+) -> None:
     topo = rig.arm_topology()
     rig.be.inject_cmdq_error("smmu0", errno.ETIMEDOUT)
     blob = b"".join(_tlbi(i) for i in range(count))
@@ -1313,8 +1414,7 @@ BIND_ROWS: dict[str, tuple[dict[str, int], int, int]] = {
 }
 
 
-@pytest.mark.parametrize(("fields", "expected", "devid"), BIND_ROWS.values(),
-                         ids=BIND_ROWS.keys())
+@pytest.mark.parametrize(("fields", "expected", "devid"), BIND_ROWS.values(), ids=BIND_ROWS.keys())
 def test_bind_rows(rig: Rig, fields: dict[str, int], expected: int, devid: int) -> None:
     fd = rig.open("a0")
     values = {"iommufd": rig.be.iommufd, **fields}
@@ -1352,15 +1452,24 @@ def test_requests_on_unbound_and_bound_device(rig: Rig) -> None:
 
 def _attach_scene(r: Rig) -> dict[str, int]:
     topo = r.arm_topology("a0", vsid=0x8)
-    ids = {"a0": topo.dev, "a1": r.bind("a1"), "b0": r.bind("b0"), "v0": r.bind("v0"),
-           "w0": r.bind("w0")}
+    ids = {
+        "a0": topo.dev,
+        "a1": r.bind("a1"),
+        "b0": r.bind("b0"),
+        "v0": r.bind("v0"),
+        "w0": r.bind("w0"),
+    }
     ids.update(ioas=topo.ioas, parent=topo.parent, viommu=topo.viommu, vdev=topo.vdev)
     ids["paging"] = r.ok_hwpt(topo.dev, topo.ioas)
     ids["vtd-parent"] = r.nest_parent(ids["v0"], topo.ioas)
     ids["vtd-paging"] = r.ok_hwpt(ids["v0"], topo.ioas)
     ids["vtd-nested"] = r.vtd_nested(ids["v0"], ids["vtd-parent"])[1]
-    for name, ste0 in (("s1", STE_S1), ("abort", STE_ABORT), ("bypass", STE_BYPASS),
-                       ("invalid", 0)):
+    for name, ste0 in (
+        ("s1", STE_S1),
+        ("abort", STE_ABORT),
+        ("bypass", STE_BYPASS),
+        ("invalid", 0),
+    ):
         ids[name] = r.arm_nested(topo.dev, topo.viommu, ste0)[1]
     ids["missing"] = 0x999
     ids["zero"] = 0
@@ -1395,8 +1504,9 @@ ATTACH_ROWS: dict[str, tuple[str, str, int]] = {
 }
 
 
-@pytest.mark.parametrize(("device", "target", "expected"), ATTACH_ROWS.values(),
-                         ids=ATTACH_ROWS.keys())
+@pytest.mark.parametrize(
+    ("device", "target", "expected"), ATTACH_ROWS.values(), ids=ATTACH_ROWS.keys()
+)
 def test_attach_rows(rig: Rig, device: str, target: str, expected: int) -> None:
     ids = _attach_scene(rig)
     table = rig.objects()
@@ -1424,8 +1534,7 @@ def test_attach_rows(rig: Rig, device: str, target: str, expected: int) -> None:
         ({"flags": 1}, 16, errno.EOPNOTSUPP),
     ],
 )
-def test_attach_struct_rules(rig: Rig, fields: dict[str, int], arg_len: int,
-                             expected: int) -> None:
+def test_attach_struct_rules(rig: Rig, fields: dict[str, int], arg_len: int, expected: int) -> None:
     dev = rig.bind("a0")
     hwpt = rig.ok_hwpt(dev, rig.ioas())
     arg = uapi.encode(uapi.VfioDeviceAttachIommufdPt(pt_id=hwpt, **fields))[:arg_len]
@@ -1447,8 +1556,7 @@ def test_attach_struct_rules(rig: Rig, fields: dict[str, int], arg_len: int,
         ({"reserved": 0xFFFF}, 16, 0),
     ],
 )
-def test_detach_struct_rules(rig: Rig, fields: dict[str, int], arg_len: int,
-                             expected: int) -> None:
+def test_detach_struct_rules(rig: Rig, fields: dict[str, int], arg_len: int, expected: int) -> None:
     dev = rig.bind("a0")
     hwpt = rig.ok_hwpt(dev, rig.ioas())
     assert rig.attach("a0", hwpt) == (0, hwpt)
@@ -1530,8 +1638,14 @@ def test_auto_domains(rig: Rig) -> None:
     rig.be.close_device(rig.fds["v0"])
     rig.be.close_device(rig.fds["w0"])
     assert auto_v not in dict(rig.objects())
-    assert rig.objects() == [(a0, "DEVICE"), (a1, "DEVICE"), (b0, "DEVICE"), (ioas, "IOAS"),
-                             (ioas2, "IOAS"), (auto_a, "HWPT_PAGING")]
+    assert rig.objects() == [
+        (a0, "DEVICE"),
+        (a1, "DEVICE"),
+        (b0, "DEVICE"),
+        (ioas, "IOAS"),
+        (ioas2, "IOAS"),
+        (auto_a, "HWPT_PAGING"),
+    ]
     assert w0 == v0 + 1
 
 
@@ -1540,8 +1654,7 @@ def test_unbind_with_attachment_and_vdevice(rig: Rig) -> None:
     s1 = rig.arm_nested(topo.dev, topo.viommu, STE_S1)[1]
     assert rig.attach("a0", s1) == (0, s1)
     rig.be.close_device(rig.fds["a0"])
-    assert rig.objects() == [(2, "IOAS"), (3, "HWPT_PAGING"), (4, "VIOMMU"),
-                             (6, "HWPT_NESTED")]
+    assert rig.objects() == [(2, "IOAS"), (3, "HWPT_PAGING"), (4, "VIOMMU"), (6, "HWPT_NESTED")]
     assert rig.be.tombstones() == [5]
     assert rig.destroy(s1) == 0
     assert rig.destroy(topo.viommu) == 0
@@ -1568,8 +1681,16 @@ def _full_topology(r: Rig) -> dict[str, int]:
     assert r.attach("v0", vtd_nested) == (0, vtd_nested)
     assert r.invalidate(topo.viommu, GOOD_ARM * 3, ARM_INV, 16) == (0, 3)
     assert r.invalidate(vtd_nested, vtd_inv(), VTD_INV, 24) == (0, 1)
-    return {"s1": s1, "abort": abort, "vtd-parent": vtd_parent, "vtd-nested": vtd_nested,
-            "ioas": topo.ioas, "parent": topo.parent, "viommu": topo.viommu, "b0": b0}
+    return {
+        "s1": s1,
+        "abort": abort,
+        "vtd-parent": vtd_parent,
+        "vtd-nested": vtd_nested,
+        "ioas": topo.ioas,
+        "parent": topo.parent,
+        "viommu": topo.viommu,
+        "b0": b0,
+    }
 
 
 def test_teardown_in_reference_order_leaves_nothing(rig: Rig) -> None:
@@ -1655,5 +1776,74 @@ def test_ioctl_never_raises(steps: list[tuple[int, bytes, int, bool]], payload: 
         assert isinstance(rc, int)
         assert rc >= 0
         assert len(arg) == len(raw)
+    rig.be.close()
+    assert rig.objects() == []
+
+
+_SMALL = st.integers(0, 14)
+_FIELD_VALUES: dict[str, st.SearchStrategy[int]] = {
+    "size": st.sampled_from([0, 7, 8, 12, 16, 24, 32, 40, 48, 49, 64]),
+    "argsz": st.sampled_from([0, 8, 12, 16, 32]),
+    "flags": st.sampled_from([0, 1, 2, 4, 8, 5, 0x80000000]),
+    "data_len": st.sampled_from([0, 1, 8, 15, 16, 17, 23, 24, 25]),
+    "entry_len": st.sampled_from([0, 1, 8, 16, 17, 24, 25]),
+    "entry_num": st.sampled_from([0, 1, 2, 3, 64, 70]),
+    "data_type": st.sampled_from([0, 1, 2, 3, 0xDEAD]),
+    "type": st.sampled_from([0, 1, 2, 0xDEADBEEF]),
+    "virt_id": st.sampled_from([0, 3, 8, U64_MAX]),
+    "reserved": st.sampled_from([0, 0, 0, 1]),
+    "reserved2": st.sampled_from([0, 1]),
+    "iommufd": st.sampled_from([-1, 3, 4, 99]),
+}
+_STRUCT_FOR = {
+    uapi.IOMMU_DESTROY: uapi.Destroy,
+    uapi.IOMMU_IOAS_ALLOC: uapi.IoasAlloc,
+    uapi.IOMMU_HWPT_ALLOC: uapi.HwptAlloc,
+    uapi.IOMMU_VIOMMU_ALLOC: uapi.ViommuAlloc,
+    uapi.IOMMU_VDEVICE_ALLOC: uapi.VdeviceAlloc,
+    uapi.IOMMU_HWPT_INVALIDATE: uapi.HwptInvalidate,
+    uapi.VFIO_DEVICE_BIND_IOMMUFD: uapi.VfioDeviceBindIommufd,
+    uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT: uapi.VfioDeviceAttachIommufdPt,
+    uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT: uapi.VfioDeviceDetachIommufdPt,
+}
+
+
+@st.composite
+def _plausible_call(draw: st.DrawFn, addr: int) -> tuple[int, uapi.UapiStruct, bool]:
+    request = draw(st.sampled_from(sorted(_STRUCT_FOR)))
+    cls = _STRUCT_FOR[request]
+    values: dict[str, Any] = {}
+    for name in uapi.field_names(cls):
+        if name in _FIELD_VALUES:
+            values[name] = draw(_FIELD_VALUES[name])
+        elif name.endswith("uptr"):
+            values[name] = draw(st.sampled_from([0, addr, addr + 8, 0xDEAD0000]))
+        else:
+            values[name] = draw(_SMALL)
+    return request, cls(**values), request >> 4 == 0x3B7
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), payload=st.binary(min_size=0, max_size=64))
+def test_plausible_call_sequences_keep_the_graph_consistent(
+    data: st.DataObject, payload: bytes
+) -> None:
+    """Random but well-formed calls: no exception, and close() always empties the table."""
+    rig = Rig()
+    for name in ("a0", "b0", "v0"):
+        rig.bind(name)
+    rig.open("a1")
+    addr = rig.buf(payload) if payload else 0x10
+    for _ in range(data.draw(st.integers(1, 25))):
+        request, obj, on_device = data.draw(_plausible_call(addr))
+        device = data.draw(st.sampled_from(["a0", "a1", "b0", "v0"]))
+        fd = rig.fds[device] if on_device else rig.be.iommufd
+        arg = uapi.encode(obj)
+        rc = rig.be.ioctl(fd, request, arg)
+        assert rc >= 0
+        for obj_id, _kind in rig.objects():
+            live = rig.be.lookup(obj_id)
+            assert live is not None
+            assert all(held in dict(rig.objects()) for held in live.holds())
     rig.be.close()
     assert rig.objects() == []

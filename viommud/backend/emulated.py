@@ -91,6 +91,16 @@ Choices the reference leaves open, made here:
 * inject_cmdq_error(): the failing group reached the queue (it is in issued()) and the
   call reports e-1 (§3.4).
 * VT-d invalidations are recorded as VtdFlush entries (vtd_flushes()), one per entry.
+* Attaching to an IOAS is emulated (not refused): a compatible auto domain on that IOAS is
+  reused, else a new HWPT_PAGING (auto_domain) is created and its id written back to pt_id;
+  it is destroyed when its last device leaves, as iommufd_hw_pagetable_put does.
+* A mixed host (ARM and VT-d units): a domain of one driver attached by a device of the
+  other is EINVAL (domain owner mismatch); an ARM vIOMMU on a VT-d parent is EINVAL.
+* Tombstoned vDEVICE ids are not objects: live_objects() omits them (tombstones() lists
+  them); close() forgets them.
+* Device fds: before BIND every other request is EINVAL; once bound, requests other than
+  ATTACH/DETACH are ENOTTY (vfio-pci does not know them). close_device() of an unknown fd
+  raises OSError(EBADF).
 """
 
 ENOERR = 0
@@ -786,8 +796,9 @@ class EmulatedIommufd:
     def unit(self, iommu_id: str) -> PhysicalIommuState:
         return self._units[iommu_id]
 
-    def driver(self, pdev: PhysicalDevice) -> IommuDriver:
-        return DRIVERS[self._units[pdev.iommu].unit.model]
+    def driver(self, iommu_id: str) -> IommuDriver:
+        """The driver of physical IOMMU ``iommu_id`` (by its model)."""
+        return DRIVERS[self._units[iommu_id].unit.model]
 
     def viommu_device_ids(self, viommu: ViommuObject) -> set[int]:
         out: set[int] = set()
@@ -941,7 +952,7 @@ class EmulatedIommufd:
             raise IoctlError(errno.EOPNOTSUPP)  # no emulated device can track dirty pages
         if flags & uapi.IOMMU_HWPT_FAULT_ID_VALID and flags & uapi.IOMMU_HWPT_ALLOC_NEST_PARENT:
             raise IoctlError(errno.EOPNOTSUPP)
-        driver = self.driver(dev.pdev)
+        driver = self.driver(dev.pdev.iommu)
         driver.paging_alloc(self, dev, flags, data)
         nest_parent = bool(flags & uapi.IOMMU_HWPT_ALLOC_NEST_PARENT)
         unit = self._units[dev.pdev.iommu]
@@ -958,7 +969,7 @@ class EmulatedIommufd:
     def _hwpt_nested_alloc(
         self, dev: DeviceObject, parent: HwptPagingObject, flags: int, data: UserData
     ) -> Callable[[int], IommufdObject]:
-        driver = self.driver(dev.pdev)
+        driver = self.driver(dev.pdev.iommu)
         if flags & ~NESTED_FLAGS or not data.len or not driver.has_domain_alloc_nested:
             raise IoctlError(errno.EOPNOTSUPP)
         if parent.auto_domain or not parent.nest_parent or parent.model != driver.model:
@@ -977,7 +988,7 @@ class EmulatedIommufd:
     ) -> Callable[[int], IommufdObject]:
         if flags & ~NESTED_FLAGS or not data.len:
             raise IoctlError(errno.EOPNOTSUPP)
-        driver = DRIVERS[self._units[viommu.iommu].unit.model]
+        driver = self.driver(viommu.iommu)
         nested = driver.viommu_alloc_domain_nested(
             self, viommu, flags & ~uapi.IOMMU_HWPT_FAULT_ID_VALID, data
         )
@@ -995,7 +1006,7 @@ class EmulatedIommufd:
         if cmd.flags or cmd.type == uapi.IOMMU_VIOMMU_TYPE_DEFAULT:
             return errno.EOPNOTSUPP
         dev: DeviceObject = self._get(cmd.dev_id, DeviceObject)
-        driver = self.driver(dev.pdev)
+        driver = self.driver(dev.pdev.iommu)
         if not driver.viommu_supported(cmd.type):
             return errno.EOPNOTSUPP
         parent: HwptPagingObject = self._get(cmd.hwpt_id, HwptPagingObject)
@@ -1044,8 +1055,7 @@ class EmulatedIommufd:
         if isinstance(obj, HwptNestedObject):
             result = DRIVERS[obj.model].hwpt_cache_invalidate(self, obj, array)
         elif isinstance(obj, ViommuObject):
-            model = self._units[obj.iommu].unit.model
-            result = DRIVERS[model].viommu_cache_invalidate(self, obj, array)
+            result = self.driver(obj.iommu).viommu_cache_invalidate(self, obj, array)
         else:
             return errno.EINVAL, 0
         if result is None:
@@ -1122,7 +1132,7 @@ class EmulatedIommufd:
         """Attach or replace (vfio picks replace when attached); 0 or the driver's errno."""
         if dev.hwpt_id == hwpt.id:
             return ENOERR  # replacing with the same HWPT is a no-op
-        driver = self.driver(dev.pdev)
+        driver = self.driver(dev.pdev.iommu)
         if hwpt.model != driver.model:
             return errno.EINVAL  # domain owned by another driver
         if isinstance(hwpt, HwptPagingObject):
@@ -1148,8 +1158,10 @@ class EmulatedIommufd:
             rc = self._attach(dev, hwpt)
             if rc == errno.EINVAL:
                 continue  # incompatible: try the next one
-            return rc, hwpt.id if not rc else 0
-        model = self.driver(dev.pdev).model
+            if rc:
+                return rc, 0
+            return ENOERR, hwpt.id
+        model = self.driver(dev.pdev.iommu).model
         hwpt_new = self._insert(
             lambda obj_id: HwptPagingObject(
                 obj_id, ioas.id, dev.pdev.iommu, model, auto_domain=True
