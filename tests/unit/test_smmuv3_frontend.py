@@ -119,7 +119,7 @@ def raw(w0: int, w1: int = 0) -> bytes:
         (raw(0x5F), "unknown opcode 0x5f"),
         (raw(0x00), "unknown opcode 0x00"),
         (raw(Opcode.CFGI_VMS_PIDM), "MPAM"),
-        (raw(Opcode.TLBI_EL3_VA), "Secure command queue"),
+        (raw(Opcode.TLBI_EL3_VA), "Secure command on the Non-secure queue"),
         (raw(Opcode.TLBI_EL2_ASID), "IDR0.HYP"),
         (raw(Opcode.TLBI_S2_IPA), "stage-1-only"),
         (raw(Opcode.PRI_RESP), "PRI"),

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
+from protocols.smmuv3 import Opcode
 from viommud.events import (
     Barrier,
     Cache,
@@ -41,47 +42,49 @@ CMD_SIZE = 16
 STE_SIZE = 64
 ATC_INV_SIZE_ALL = 52
 
-# Opcodes (SMMUv3 §4, table in reference smmuv3.md §1.1)
-PREFETCH_CONFIG = 0x01
-PREFETCH_ADDR = 0x02
-CFGI_STE = 0x03
-CFGI_STE_RANGE = 0x04
-CFGI_CD = 0x05
-CFGI_CD_ALL = 0x06
-TLBI_NH_ALL = 0x10
-TLBI_NH_ASID = 0x11
-TLBI_NH_VA = 0x12
-TLBI_NH_VAA = 0x13
-TLBI_NSNH_ALL = 0x30
-ATC_INV = 0x40
-CMD_SYNC = 0x46
 
 # Opcodes whose W0[10] is SSec (must be 0 on the Non-secure queue).
-_HAS_SSEC = frozenset({0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x44, 0x45})
+_HAS_SSEC = frozenset(
+    {
+        Opcode.PREFETCH_CONFIG,
+        Opcode.PREFETCH_ADDR,
+        Opcode.CFGI_STE,
+        Opcode.CFGI_STE_RANGE,
+        Opcode.CFGI_CD,
+        Opcode.CFGI_CD_ALL,
+        Opcode.CFGI_VMS_PIDM,
+        Opcode.RESUME,
+        Opcode.STALL_TERM,
+    }
+)
 
 # Commands this vSMMU recognises but does not implement, with the reason given to the guest.
+_NO_HYP = "EL2 TLB invalidation needs IDR0.HYP, which this vSMMU does not advertise"
+_SECURE_ONLY = "Secure command on the Non-secure queue"
+_NO_S2 = "stage-2 invalidation on a stage-1-only vSMMU (IDR0.S2P=0)"
+_NO_DPT = "DPT invalidation needs DPT support, which this vSMMU does not advertise"
 _UNSUPPORTED: Final[dict[int, str]] = {
-    0x07: "CFGI_VMS_PIDM needs MPAM, which this vSMMU does not advertise",
-    0x18: "EL3 TLB invalidation is only valid on the Secure command queue",
-    0x1A: "EL3 TLB invalidation is only valid on the Secure command queue",
-    0x20: "EL2 TLB invalidation needs IDR0.HYP, which this vSMMU does not advertise",
-    0x21: "EL2 TLB invalidation needs IDR0.HYP, which this vSMMU does not advertise",
-    0x22: "EL2 TLB invalidation needs IDR0.HYP, which this vSMMU does not advertise",
-    0x23: "EL2 TLB invalidation needs IDR0.HYP, which this vSMMU does not advertise",
-    0x28: "stage-2 invalidation on a stage-1-only vSMMU (IDR0.S2P=0)",
-    0x2A: "stage-2 invalidation on a stage-1-only vSMMU (IDR0.S2P=0)",
-    0x41: "PRI_RESP needs IDR0.PRI, which this vSMMU does not advertise",
-    0x44: "RESUME needs stall support (IDR0.STALL_MODEL=0b01: none)",
-    0x45: "STALL_TERM needs stall support (IDR0.STALL_MODEL=0b01: none)",
-    0x50: "Secure command on the Non-secure queue",
-    0x51: "Secure command on the Non-secure queue",
-    0x52: "Secure command on the Non-secure queue",
-    0x53: "Secure command on the Non-secure queue",
-    0x58: "Secure command on the Non-secure queue",
-    0x5A: "Secure command on the Non-secure queue",
-    0x60: "Secure command on the Non-secure queue",
-    0x70: "DPT invalidation needs DPT support, which this vSMMU does not advertise",
-    0x73: "DPT invalidation needs DPT support, which this vSMMU does not advertise",
+    Opcode.CFGI_VMS_PIDM: "CFGI_VMS_PIDM needs MPAM, which this vSMMU does not advertise",
+    Opcode.TLBI_EL3_ALL: _SECURE_ONLY,
+    Opcode.TLBI_EL3_VA: _SECURE_ONLY,
+    Opcode.TLBI_EL2_ALL: _NO_HYP,
+    Opcode.TLBI_EL2_ASID: _NO_HYP,
+    Opcode.TLBI_EL2_VA: _NO_HYP,
+    Opcode.TLBI_EL2_VAA: _NO_HYP,
+    Opcode.TLBI_S12_VMALL: _NO_S2,
+    Opcode.TLBI_S2_IPA: _NO_S2,
+    Opcode.PRI_RESP: "PRI_RESP needs IDR0.PRI, which this vSMMU does not advertise",
+    Opcode.RESUME: "RESUME needs stall support (IDR0.STALL_MODEL=0b01: none)",
+    Opcode.STALL_TERM: "STALL_TERM needs stall support (IDR0.STALL_MODEL=0b01: none)",
+    Opcode.TLBI_S_EL2_ALL: _SECURE_ONLY,
+    Opcode.TLBI_S_EL2_ASID: _SECURE_ONLY,
+    Opcode.TLBI_S_EL2_VA: _SECURE_ONLY,
+    Opcode.TLBI_S_EL2_VAA: _SECURE_ONLY,
+    Opcode.TLBI_S_S12_VMALL: _SECURE_ONLY,
+    Opcode.TLBI_S_S2_IPA: _SECURE_ONLY,
+    Opcode.TLBI_SNH_ALL: _SECURE_ONLY,
+    Opcode.DPTI_ALL: _NO_DPT,
+    Opcode.DPTI_PA: _NO_DPT,
 }
 
 
@@ -313,7 +316,7 @@ class SmmuV3Frontend:
             index,
             Cache.TLB,
             Scope.RANGE,
-            asid=(w0 >> 48) if w0 & 0xFF == TLBI_NH_VA else None,
+            asid=(w0 >> 48) if w0 & 0xFF == Opcode.TLBI_NH_VA else None,
             addr=addr,
             size=size,
             granule=granule,
@@ -362,18 +365,18 @@ class SmmuV3Frontend:
 _Handler = Any  # Callable[[SmmuV3Frontend, int, int, int], Event | None]
 
 _HANDLERS: Final[dict[int, _Handler]] = {
-    PREFETCH_CONFIG: SmmuV3Frontend._on_prefetch,
-    PREFETCH_ADDR: SmmuV3Frontend._on_prefetch,
-    CFGI_STE: SmmuV3Frontend._on_cfgi_ste,
-    CFGI_STE_RANGE: SmmuV3Frontend._on_cfgi_ste_range,
-    CFGI_CD: SmmuV3Frontend._on_cfgi_cd,
-    CFGI_CD_ALL: SmmuV3Frontend._on_cfgi_cd_all,
-    TLBI_NH_ALL: SmmuV3Frontend._on_tlbi_all,
-    TLBI_NH_ASID: SmmuV3Frontend._on_tlbi_asid,
-    TLBI_NH_VA: SmmuV3Frontend._on_tlbi_va,
-    TLBI_NH_VAA: SmmuV3Frontend._on_tlbi_va,
-    TLBI_NSNH_ALL: SmmuV3Frontend._on_tlbi_all,
-    ATC_INV: SmmuV3Frontend._on_atc_inv,
-    CMD_SYNC: SmmuV3Frontend._on_sync,
+    Opcode.PREFETCH_CONFIG: SmmuV3Frontend._on_prefetch,
+    Opcode.PREFETCH_ADDR: SmmuV3Frontend._on_prefetch,
+    Opcode.CFGI_STE: SmmuV3Frontend._on_cfgi_ste,
+    Opcode.CFGI_STE_RANGE: SmmuV3Frontend._on_cfgi_ste_range,
+    Opcode.CFGI_CD: SmmuV3Frontend._on_cfgi_cd,
+    Opcode.CFGI_CD_ALL: SmmuV3Frontend._on_cfgi_cd_all,
+    Opcode.TLBI_NH_ALL: SmmuV3Frontend._on_tlbi_all,
+    Opcode.TLBI_NH_ASID: SmmuV3Frontend._on_tlbi_asid,
+    Opcode.TLBI_NH_VA: SmmuV3Frontend._on_tlbi_va,
+    Opcode.TLBI_NH_VAA: SmmuV3Frontend._on_tlbi_va,
+    Opcode.TLBI_NSNH_ALL: SmmuV3Frontend._on_tlbi_all,
+    Opcode.ATC_INV: SmmuV3Frontend._on_atc_inv,
+    Opcode.CMD_SYNC: SmmuV3Frontend._on_sync,
     **dict.fromkeys(_UNSUPPORTED, SmmuV3Frontend._on_unsupported),
 }
