@@ -1,8 +1,9 @@
-"""One client's replay session: its vIOMMUs, their frontends, topologies and dispatchers.
+"""One client's replay session: its vIOMMUs, whatever their models.
 
 A session is what one VMM connection owns: one iommufd context on the backend (closing the
-session frees everything, as closing /dev/iommu does) and any number of vIOMMU instances.
-It is synchronous: the server feeds it records and sends back what it returns.
+session frees everything, as closing /dev/iommu does) and any number of vIOMMU instances
+(viommud.models). It is synchronous: the server feeds it records and sends back what it
+returns.
 
 ``handle`` returns the guest-visible response of a record (spec/trace-format.md §3, without
 the ``record`` key, which the client adds). ``RecordRefused`` means the record cannot be part
@@ -12,16 +13,13 @@ not a whole number of commands); the replay stops there.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from typing import Any
 
 from viommud.backend.base import Backend
 from viommud.backend.calls import BackendCallError, CallLog, Iommufd
-from viommud.dispatcher import DispatchStats, SmmuDispatcher
-from viommud.frontends.smmuv3.decode import COMMAND, kind_name
-from viommud.frontends.smmuv3.frontend import FrameError, SmmuFeatures, SmmuV3Frontend
-from viommud.topology import SmmuTopology, TopologyError
+from viommud.dispatcher import DispatchStats
+from viommud.models import ModelContext, ModelError, RecordRefused, Viommu, factories
+from viommud.topology import TopologyError
 from viommud.trace import (
     Cmds,
     ContextEntry,
@@ -35,26 +33,7 @@ from viommud.trace import (
     ViommuDestroy,
 )
 
-
-class RecordRefused(Exception):  # noqa: N818 - it is a refusal, not an internal error
-    """The record cannot be replayed at all; the message says why."""
-
-
-@dataclass(slots=True)
-class ViommuInstance:
-    name: str
-    model: str
-    frontend: SmmuV3Frontend
-    topology: SmmuTopology
-    dispatcher: SmmuDispatcher
-
-
-def _ok() -> dict[str, Any]:
-    return {"ok": True}
-
-
-def _failed(error: str) -> dict[str, Any]:
-    return {"ok": False, "error": error}
+__all__ = ["RecordRefused", "Session"]
 
 
 class Session:
@@ -65,12 +44,12 @@ class Session:
         self.calls = CallLog(keep=keep_calls)
         self.iommufd = Iommufd(backend, self.calls)
         self.stats = DispatchStats()
-        self.viommus: dict[str, ViommuInstance] = {}
+        self.viommus: dict[str, Viommu] = {}
         self.config_errors = 0
         self._retired_kinds: dict[str, int] = {}
         self._retired_errors: dict[str, int] = {}
         self.log = log
-        self._debug = bool(log is not None and _enabled(log, logging.DEBUG))
+        self._context = ModelContext(backend.host, self.iommufd, self.stats, log)
         self.closed = False
 
     # -- records --------------------------------------------------------------------------
@@ -78,14 +57,12 @@ class Session:
         if isinstance(record, Cmds):
             return self.doorbell(record.viommu, record.data)
         if isinstance(record, Request):
-            raise RecordRefused(
-                f"vIOMMU {record.viommu!r}: virtio-iommu requests are not supported"
-            )
+            return self._instance(record.viommu).request(record.data)
         self.calls.barrier = self.stats.barriers + 1
         try:
             response = self._config(record)
         except (TopologyError, BackendCallError, ValueError) as exc:
-            response = _failed(str(exc))
+            response = {"ok": False, "error": str(exc)}
         if not response["ok"]:
             self.config_errors += 1
             if self.log is not None:
@@ -94,117 +71,59 @@ class Session:
                 )
         return response
 
+    def doorbell(self, viommu: str, data: bytes) -> dict[str, Any]:
+        """One guest doorbell (a ``cmds`` record)."""
+        return self._instance(viommu).doorbell(data)
+
+    def _instance(self, name: str) -> Viommu:
+        instance = self.viommus.get(name)
+        if instance is None:
+            raise RecordRefused(f"no vIOMMU named {name!r}")
+        return instance
+
     def _config(self, record: Record) -> dict[str, Any]:
         if isinstance(record, ViommuCreate):
             return self._viommu_create(record)
-        if isinstance(record, ContextEntry | PasidEntry):
-            return _failed("VT-d context and PASID entries are not supported by this daemon yet")
         instance = self.viommus.get(record.viommu)
         if instance is None:
-            return _failed(f"no vIOMMU named {record.viommu!r}")
-        if isinstance(record, DeviceAttach):
-            instance.topology.attach(record.vid, record.device)
+            return {"ok": False, "error": f"no vIOMMU named {record.viommu!r}"}
+        if isinstance(record, ViommuDestroy):
+            self._retire(instance)
+            instance.destroy()
             if self.log is not None:
-                self.log.info(
-                    "device_attached", viommu=record.viommu, vid=record.vid, device=record.device
-                )
-            return _ok()
-        if isinstance(record, DeviceDetach):
-            instance.topology.detach(record.vid)
-            if self.log is not None:
-                self.log.info("device_detached", viommu=record.viommu, vid=record.vid)
-            return _ok()
-        if isinstance(record, Ste):
-            instance.frontend.write_ste(record.vsid, record.data)
-            return _ok()
-        assert isinstance(record, ViommuDestroy)
-        self._retire(instance)
-        instance.topology.destroy()
-        if self.log is not None:
-            self.log.info("viommu_destroyed", viommu=record.viommu)
-        return _ok()
+                self.log.info("viommu_destroyed", viommu=record.viommu)
+            return {"ok": True}
+        response = instance.config(record)
+        if self.log is not None and response["ok"]:
+            self.log.info(
+                _CONFIG_EVENTS[type(record)], viommu=record.viommu, **_config_keys(record)
+            )
+        return response
 
     def _viommu_create(self, record: ViommuCreate) -> dict[str, Any]:
         if record.viommu in self.viommus:
-            return _failed(f"vIOMMU {record.viommu!r} already exists")
-        if record.model != "smmuv3":
-            return _failed(f"model {record.model!r} is not supported by this daemon yet")
-        if not record.iommus:
-            return _failed("an smmuv3 vIOMMU needs at least one host iommu")
-        for iommu in record.iommus:
-            try:
-                model = self.backend.host.iommu(iommu).model
-            except KeyError:
-                return _failed(f"host iommu {iommu!r} does not exist")
-            if model != "arm-smmuv3":
-                return _failed(f"host iommu {iommu!r} is {model}, not arm-smmuv3")
-        frontend = SmmuV3Frontend(SmmuFeatures.from_options(record.options))
-        topology = SmmuTopology(record.viommu, record.iommus, self.backend.host, self.iommufd)
-        dispatcher = SmmuDispatcher(frontend, topology, self.iommufd, self.stats)
-        self.viommus[record.viommu] = ViommuInstance(
-            record.viommu, record.model, frontend, topology, dispatcher
-        )
+            return {"ok": False, "error": f"vIOMMU {record.viommu!r} already exists"}
+        factory = factories().get(record.model)
+        if factory is None:
+            return {
+                "ok": False,
+                "error": f"model {record.model!r} is not supported by this daemon yet",
+            }
+        try:
+            instance = factory(record, self._context)
+        except ModelError as exc:
+            return {"ok": False, "error": str(exc)}
+        self.viommus[record.viommu] = instance
         if self.log is not None:
             self.log.info(
                 "viommu_created", viommu=record.viommu, model=record.model, iommus=record.iommus
             )
-        return _ok()
+        return {"ok": True}
 
-    def _retire(self, instance: ViommuInstance) -> None:
+    def _retire(self, instance: Viommu) -> None:
         del self.viommus[instance.name]
-        _merge(self._retired_kinds, instance.frontend.kind_counts())
-        _merge(self._retired_errors, instance.frontend.error_counts)
-
-    # -- doorbells ------------------------------------------------------------------------
-    def doorbell(self, viommu: str, data: bytes) -> dict[str, Any]:
-        """One guest doorbell: decode, dispatch, answer as the vIOMMU would."""
-        instance = self.viommus.get(viommu)
-        if instance is None:
-            raise RecordRefused(f"no vIOMMU named {viommu!r}")
-        frontend = instance.frontend
-        calls_before = self.calls.seq
-        try:
-            frontend.receive_data(data)
-        except FrameError as exc:
-            raise RecordRefused(f"vIOMMU {viommu!r}: {exc}") from None
-        errors = instance.dispatcher.run(frontend.events())
-        summary = frontend.last
-        if self.log is not None:
-            if self._debug:
-                self._log_commands(viommu, data)
-            self.log.info(
-                "batch_forwarded",
-                viommu=viommu,
-                commands=summary.consumed,
-                syncs=summary.syncs,
-                errors=len(errors),
-                backend_calls=self.calls.seq - calls_before,
-            )
-            for error in errors:
-                self.log.warning(
-                    "guest_error",
-                    viommu=viommu,
-                    index=error.index,
-                    code=error.code,
-                    reason=error.reason,
-                    raw_hex=error.raw.hex(),
-                )
-        return {
-            "consumed": summary.consumed,
-            "errors": [{"index": e.index, "code": e.code, "reason": e.reason} for e in errors],
-            "syncs": summary.syncs,
-        }
-
-    def _log_commands(self, viommu: str, data: bytes) -> None:
-        assert self.log is not None
-        for index, (w0, w1) in enumerate(COMMAND.iter_unpack(data)):
-            self.log.debug(
-                "command_decoded",
-                viommu=viommu,
-                index=index,
-                kind=kind_name(w0 & 0xFF),
-                raw_hex=COMMAND.pack(w0, w1).hex(),
-            )
+        _merge(self._retired_kinds, instance.kind_counts())
+        _merge(self._retired_errors, instance.error_counts())
 
     # -- reporting and teardown -----------------------------------------------------------
     def drain_calls(self) -> list[dict[str, Any]]:
@@ -215,8 +134,8 @@ class Session:
         kinds = dict(self._retired_kinds)
         errors = dict(self._retired_errors)
         for instance in self.viommus.values():
-            _merge(kinds, instance.frontend.kind_counts())
-            _merge(errors, instance.frontend.error_counts)
+            _merge(kinds, instance.kind_counts())
+            _merge(errors, instance.error_counts())
         return {
             "commands": {"total": sum(kinds.values()), "by_kind": dict(sorted(kinds.items()))},
             "errors": {"total": sum(errors.values()), "by_code": dict(sorted(errors.items()))},
@@ -237,7 +156,7 @@ class Session:
         self.closed = True
         for instance in list(self.viommus.values()):
             try:
-                instance.topology.destroy()
+                instance.destroy()
             except (TopologyError, BackendCallError) as exc:
                 if self.log is not None:
                     self.log.error("teardown_failed", viommu=instance.name, error=str(exc))
@@ -245,11 +164,30 @@ class Session:
         self.backend.close()
 
 
+_CONFIG_EVENTS: dict[type, str] = {
+    DeviceAttach: "device_attached",
+    DeviceDetach: "device_detached",
+    Ste: "ste_written",
+    ContextEntry: "context_entry_written",
+    PasidEntry: "pasid_entry_written",
+}
+
+
+def _config_keys(record: Record) -> dict[str, Any]:
+    """The log keys of a config record (its identifying fields, not its data)."""
+    if isinstance(record, DeviceAttach):
+        return {"vid": record.vid, "device": record.device}
+    if isinstance(record, DeviceDetach):
+        return {"vid": record.vid}
+    if isinstance(record, Ste):
+        return {"vid": record.vsid}
+    if isinstance(record, ContextEntry):
+        return {"sid": record.sid}
+    if isinstance(record, PasidEntry):
+        return {"sid": record.sid, "pasid": record.pasid}
+    return {}
+
+
 def _merge(into: dict[str, int], other: dict[str, int]) -> None:
     for key, value in other.items():
         into[key] = into.get(key, 0) + value
-
-
-def _enabled(log: Any, level: int) -> bool:
-    check = getattr(log, "is_enabled_for", None)
-    return bool(check(level)) if check is not None else True

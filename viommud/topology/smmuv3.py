@@ -24,6 +24,7 @@ from protocols import iommufd as uapi
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
 from viommud.frontends.smmuv3.decode import decode_ste
 from viommud.host import HostConfig
+from viommud.topology import TopologyError
 
 # QEMU's masks on the vSTE before IOMMU_HWPT_ALLOC (smmuv3.md §3.2): D0 keeps V, Config,
 # S1Fmt, bits [55:6] and S1CDMax; D1 keeps S1DSS, S1CIR, S1COR, S1CSH, S1STALLD and EATS.
@@ -39,14 +40,6 @@ class StreamConfig(enum.Enum):
     ABORT = "abort"
     BYPASS = "bypass"
     TRANSLATE = "translate"  # stage-1 translation through guest CD tables
-
-
-class TopologyError(Exception):
-    """A topology change the daemon refuses; ``guest_code`` is what the guest sees, if any."""
-
-    def __init__(self, message: str, guest_code: str | None = None) -> None:
-        super().__init__(message)
-        self.guest_code = guest_code
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from protocols import iommufd as uapi
 from viommud.backend.calls import Iommufd
+from viommud.dispatcher import DispatchStats
 from viommud.events import (
     Barrier,
     Event,
@@ -34,20 +35,11 @@ from viommud.events import (
     StreamTableInvalidated,
 )
 from viommud.frontends.smmuv3.frontend import CERROR_ILL, SmmuV3Frontend
-from viommud.topology import PiommuSlot, SmmuTopology, TopologyError
+from viommud.topology import TopologyError
+from viommud.topology.smmuv3 import PiommuSlot, SmmuTopology
 
 ARM_ISSUE_GROUP = 63  # CMDQ_BATCH_ENTRIES - 1 commands per host CMD_SYNC (iommufd.md §3.4)
 ARM_ENTRY_LEN = 16
-
-
-@dataclass(slots=True)
-class DispatchStats:
-    """Running totals of one dispatcher, for the replay report."""
-
-    barriers: int = 0
-    forwarded: int = 0  # guest commands that needed host work
-    dropped: int = 0  # device-scoped commands whose vSID has no device
-    baseline_invalidate_calls: int = 0  # what a one-command-per-call VMM would issue
 
 
 @dataclass(slots=True)

@@ -1,0 +1,80 @@
+"""vIOMMU models: each wires a frontend, a topology and a dispatcher behind one interface.
+
+A session holds ``Viommu`` instances by name and does not know which model each one is:
+``viommu_create`` picks the factory from ``factories()``; every later record for that
+vIOMMU goes to the instance. Adding a model = one module here plus one line in
+``factories()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from viommud.backend.calls import Iommufd
+from viommud.dispatcher import DispatchStats
+from viommud.host import HostConfig
+from viommud.trace import Record, ViommuCreate
+
+
+class RecordRefused(Exception):  # noqa: N818 - it is a refusal, not an internal error
+    """The record cannot be replayed at all (not a guest error); the message says why."""
+
+
+class ModelError(ValueError):
+    """A vIOMMU cannot be created as asked (bad options, host IOMMUs of the wrong kind)."""
+
+
+@dataclass(slots=True)
+class ModelContext:
+    """What a vIOMMU instance gets from its session."""
+
+    host: HostConfig
+    iommufd: Iommufd
+    stats: DispatchStats
+    log: Any  # a structlog bound logger, or None
+
+
+class Viommu(Protocol):
+    """One guest-visible virtual IOMMU."""
+
+    name: str
+    model: str
+
+    def config(self, record: Record) -> dict[str, Any]:
+        """device_attach / device_detach / ste / context_entry / pasid_entry.
+
+        Returns the response (spec §3); raises TopologyError, BackendCallError or
+        ValueError for a refused change (the session answers ``ok: false``)."""
+        ...
+
+    def doorbell(self, data: bytes) -> dict[str, Any]:
+        """A ``cmds`` record: the guest's commands of one doorbell; raises RecordRefused."""
+        ...
+
+    def request(self, data: bytes) -> dict[str, Any]:
+        """A ``request`` record (virtio-iommu); raises RecordRefused on other models."""
+        ...
+
+    def kind_counts(self) -> dict[str, int]:
+        """Commands seen, keyed ``model:NAME`` (spec §2 ``by_kind``)."""
+        ...
+
+    def error_counts(self) -> dict[str, int]:
+        """Guest-visible errors by code (spec §2 ``by_code``)."""
+        ...
+
+    def destroy(self) -> None:
+        """Free everything this vIOMMU holds on the backend."""
+        ...
+
+
+Factory = Callable[[ViommuCreate, ModelContext], Viommu]
+
+
+def factories() -> dict[str, Factory]:
+    """The models this daemon implements, by trace ``model`` name."""
+    from viommud.models import smmuv3  # noqa: PLC0415 - models import the session's types
+
+    return {"smmuv3": smmuv3.SmmuV3Viommu.create}
