@@ -19,6 +19,7 @@ from viommud.backend.base import Backend
 from viommud.backend.calls import BackendCallError, CallLog, Iommufd
 from viommud.dispatcher import DispatchStats
 from viommud.models import ModelContext, ModelError, RecordRefused, Viommu, factories
+from viommud.oracle.verifier import Verifier
 from viommud.topology import TopologyError
 from viommud.trace import (
     Cmds,
@@ -39,9 +40,19 @@ __all__ = ["RecordRefused", "Session"]
 class Session:
     """All state of one client connection."""
 
-    def __init__(self, backend: Backend, *, keep_calls: bool = False, log: Any = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        keep_calls: bool = False,
+        verify: bool = False,
+        log: Any = None,
+    ) -> None:
         self.backend = backend
         self.calls = CallLog(keep=keep_calls)
+        self.verifier = Verifier(backend.host) if verify else None
+        if self.verifier is not None:
+            self.calls.listener = self.verifier.call
         self.iommufd = Iommufd(backend, self.calls)
         self.stats = DispatchStats()
         self.viommus: dict[str, Viommu] = {}
@@ -59,10 +70,15 @@ class Session:
         if isinstance(record, Request):
             return self._instance(record.viommu).request(record.data)
         self.calls.barrier = self.stats.barriers + 1
+        verifier = self.verifier
+        if verifier is not None:
+            verifier.before(record)
         try:
             response = self._config(record)
         except (TopologyError, BackendCallError, ValueError) as exc:
             response = {"ok": False, "error": str(exc)}
+        if verifier is not None:
+            verifier.after(record, response)
         if not response["ok"]:
             self.config_errors += 1
             if self.log is not None:
@@ -73,7 +89,18 @@ class Session:
 
     def doorbell(self, viommu: str, data: bytes) -> dict[str, Any]:
         """One guest doorbell (a ``cmds`` record)."""
-        return self._instance(viommu).doorbell(data)
+        instance = self._instance(viommu)
+        verifier = self.verifier
+        if verifier is None:
+            return instance.doorbell(data)
+        verifier.doorbell_begin(viommu, data)
+        response = instance.doorbell(data)
+        verifier.doorbell_end(viommu, response)
+        if self.log is not None and verifier.ledger.missed:
+            for missed in verifier.missed_needs():
+                self.log.error("verify_missed", viommu=viommu, need=missed)
+            verifier.ledger.missed_needs.clear()
+        return response
 
     def _instance(self, name: str) -> Viommu:
         instance = self.viommus.get(name)
@@ -146,6 +173,11 @@ class Session:
                 "errnos": dict(sorted(self.calls.errnos.items())),
             },
             "baseline": {"invalidate_calls": self.stats.baseline_invalidate_calls},
+            "verify": (
+                self.verifier.report()
+                if self.verifier is not None
+                else {"enabled": False, "missed": 0, "over": 0}
+            ),
             "config_errors": self.config_errors,
         }
 

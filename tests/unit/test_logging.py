@@ -14,7 +14,7 @@ from viommud import logs
 from viommud.backend.emulated import EmulatedIommufd
 from viommud.host import HostConfig
 from viommud.session import Session
-from viommud.trace import DeviceAttach, ViommuCreate
+from viommud.trace import DeviceAttach, Ste, ViommuCreate
 
 HOST = HostConfig.from_json(
     {
@@ -29,14 +29,16 @@ def test_batch_and_guest_error_events() -> None:
         session = Session(EmulatedIommufd(HOST), log=structlog.get_logger().bind(client=7))
         session.handle(ViommuCreate(2, "v", "smmuv3", ("smmu0",)))
         session.handle(DeviceAttach(3, "v", 8, "0000:01:00.0"))
+        session.handle(Ste(4, "v", 8, struct.pack("<8Q", 0xB | 0x40000000, 0xD6, 0, 0, 0, 0, 0, 0)))
+        session.doorbell("v", build_command(Opcode.CFGI_STE, sid=8, leaf=1))
         bad = struct.pack("<QQ", 0x5F, 0)
         session.doorbell(
             "v", build_command(Opcode.TLBI_NH_ASID, asid=1) + bad + build_command(Opcode.CMD_SYNC)
         )
         session.close()
     names = [e["event"] for e in events]
-    assert names.count("command_decoded") == 3
-    batch = next(e for e in events if e["event"] == "batch_forwarded")
+    assert names.count("command_decoded") == 4
+    batch = [e for e in events if e["event"] == "batch_forwarded"][1]
     assert batch == {
         "event": "batch_forwarded",
         "log_level": "info",

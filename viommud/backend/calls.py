@@ -10,6 +10,7 @@ of its result.
 from __future__ import annotations
 
 import errno as errno_mod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,13 @@ class CallLog:
     invalidation_entries: int = 0
     errnos: dict[str, int] = field(default_factory=dict)
     entries: list[dict[str, Any]] = field(default_factory=list)
+    # Called with every call's payload (the verification oracle listens here).
+    listener: Callable[[str, int, dict[str, Any], str | None], None] | None = None
+
+    @property
+    def detailed(self) -> bool:
+        """Whether callers must build the full payload (someone keeps or reads it)."""
+        return self.keep or self.listener is not None
 
     def add(self, ioctl: str, err: int, payload: dict[str, Any], iommu: str | None) -> None:
         self.seq += 1
@@ -65,6 +73,8 @@ class CallLog:
             entry.update(payload)
             entry["errno"] = err
             self.entries.append(entry)
+        if self.listener is not None:
+            self.listener(ioctl, err, payload, iommu)
 
     def drain(self) -> list[dict[str, Any]]:
         out = self.entries
@@ -109,11 +119,21 @@ class Iommufd:
         return err, uapi.decode(type(obj), arg)
 
     def _simple(
-        self, iommu: str | None, fd: int, request: int, obj: Any, args: dict[str, Any]
+        self,
+        iommu: str | None,
+        fd: int,
+        request: int,
+        obj: Any,
+        args: dict[str, Any],
+        *,
+        out_field: str | None = None,
     ) -> Any:
         err, out = self._call(fd, request, obj)
         name = uapi.IOCTL_NAMES[request]
-        self.log.add(name, err, {"args": args}, iommu)
+        payload: dict[str, Any] = {"args": args}
+        if out_field is not None and not err:
+            payload["out"] = {out_field: getattr(out, out_field)}
+        self.log.add(name, err, payload, iommu)
         if err:
             raise BackendCallError(name, err, args)
         return out
@@ -134,6 +154,7 @@ class Iommufd:
                 uapi.VFIO_DEVICE_BIND_IOMMUFD,
                 uapi.VfioDeviceBindIommufd(iommufd=self.backend.iommufd),
                 args,
+                out_field="out_devid",
             )
         except BackendCallError:
             self.backend.close_device(fd)
@@ -163,8 +184,61 @@ class Iommufd:
 
     # -- iommufd objects ------------------------------------------------------------------
     def ioas_alloc(self, iommu: str | None = None) -> int:
-        out = self._simple(iommu, self.backend.iommufd, uapi.IOMMU_IOAS_ALLOC, uapi.IoasAlloc(), {})
+        out = self._simple(
+            iommu,
+            self.backend.iommufd,
+            uapi.IOMMU_IOAS_ALLOC,
+            uapi.IoasAlloc(),
+            {},
+            out_field="out_ioas_id",
+        )
         return int(out.out_ioas_id)
+
+    def ioas_map(
+        self,
+        iommu: str | None,
+        ioas_id: int,
+        iova: int,
+        length: int,
+        *,
+        user_va: int,
+        readable: bool = True,
+        writeable: bool = True,
+        fixed_iova: bool = True,
+    ) -> int:
+        """``IOMMU_IOAS_MAP``; returns the IOVA (the kernel's choice without fixed_iova)."""
+        flags = (
+            (uapi.IOMMU_IOAS_MAP_FIXED_IOVA if fixed_iova else 0)
+            | (uapi.IOMMU_IOAS_MAP_WRITEABLE if writeable else 0)
+            | (uapi.IOMMU_IOAS_MAP_READABLE if readable else 0)
+        )
+        out = self._simple(
+            iommu,
+            self.backend.iommufd,
+            uapi.IOMMU_IOAS_MAP,
+            uapi.IoasMap(flags=flags, ioas_id=ioas_id, user_va=user_va, length=length, iova=iova),
+            {
+                "ioas_id": ioas_id,
+                "iova": iova,
+                "length": length,
+                "user_va": user_va,
+                "flags": flags,
+            },
+            out_field="iova",
+        )
+        return int(out.iova)
+
+    def ioas_unmap(self, iommu: str | None, ioas_id: int, iova: int, length: int) -> int:
+        """``IOMMU_IOAS_UNMAP``; returns the bytes unmapped (iova 0, length 2^64-1: all)."""
+        out = self._simple(
+            iommu,
+            self.backend.iommufd,
+            uapi.IOMMU_IOAS_UNMAP,
+            uapi.IoasUnmap(ioas_id=ioas_id, iova=iova, length=length),
+            {"ioas_id": ioas_id, "iova": iova, "length": length},
+            out_field="length",
+        )
+        return int(out.length)
 
     def hwpt_alloc(
         self,
@@ -197,6 +271,7 @@ class Iommufd:
                 data_uptr=self._buffer(data) if data else 0,
             ),
             args,
+            out_field="out_hwpt_id",
         )
         return int(out.out_hwpt_id)
 
@@ -207,6 +282,7 @@ class Iommufd:
             uapi.IOMMU_VIOMMU_ALLOC,
             uapi.ViommuAlloc(type=viommu_type, dev_id=dev_id, hwpt_id=hwpt_id),
             {"type": viommu_type, "dev_id": dev_id, "hwpt_id": hwpt_id},
+            out_field="out_viommu_id",
         )
         return int(out.out_viommu_id)
 
@@ -217,6 +293,7 @@ class Iommufd:
             uapi.IOMMU_VDEVICE_ALLOC,
             uapi.VdeviceAlloc(viommu_id=viommu_id, dev_id=dev_id, virt_id=virt_id),
             {"viommu_id": viommu_id, "dev_id": dev_id, "virt_id": virt_id},
+            out_field="out_vdevice_id",
         )
         return int(out.out_vdevice_id)
 
@@ -249,7 +326,7 @@ class Iommufd:
             ),
         )
         self.log.invalidation_entries += len(entries)
-        if self.log.keep:
+        if self.log.detailed:
             payload: dict[str, Any] = {
                 "object": {"kind": object_kind, "id": object_id},
                 "data_type": uapi.INVALIDATE_DATA_NAMES.get(data_type, str(data_type)),

@@ -1,18 +1,25 @@
-"""The dispatcher: turns one doorbell's events into the fewest backend calls that keep the
-guest's guarantees (DESIGN.md point 4), and maps host failures back to guest commands.
+"""The SMMUv3 dispatcher: turns one doorbell's events into the fewest backend calls that
+keep the guest's guarantees (DESIGN.md point 4), and maps host failures back to guest
+commands.
 
-SMMUv3 plan (``SmmuDispatcher.run``):
+Plan for one doorbell (``SmmuDispatcher.run``):
 
 * forwarded invalidations (TLBI_NH_*, TLBI_NSNH_ALL, CFGI_CD, CFGI_CD_ALL, ATC_INV — the
-  commands the kernel accepts, iommufd.md §3.3) are collected per iommufd vIOMMU object and
-  sent as one ``IOMMU_HWPT_INVALIDATE`` array call each when the doorbell ends. Commands
-  that name a stream go to the physical SMMU of that stream's vDEVICE only (and are dropped,
-  as QEMU drops them, when the vSID has no device); the others go to every physical SMMU
-  the vIOMMU holds objects on;
+  commands the kernel accepts, iommufd.md §3.3) are collected per iommufd vIOMMU object.
+  Commands that name a stream go to the vIOMMU object on the physical SMMU of that stream's
+  vDEVICE only (and are dropped, as QEMU drops them, when the vSID has no device); TLB
+  invalidations go to every physical SMMU of the vSMMU where a device has had a stage-1
+  vSTE (only there can stage-1 entries of this VM be cached; never by reading CDs);
+* at the end of the doorbell each object's work is coalesced (smmuv3_coalesce) and sent as
+  one ``IOMMU_HWPT_INVALIDATE`` array call. Several CMD_SYNCs may share a call: each
+  completes once all work before it is done, which is when the doorbell's calls return;
+* the kernel issues one call's entries without a sync between them, so where the guest put
+  a CMD_SYNC between a step and a later step that depends on it (config before TLB before
+  device TLB, e.g. TLBI + SYNC + ATC_INV), the pending work is sent before the later step
+  is collected;
 * CFGI_STE / CFGI_STE_RANGE / CFGI_ALL are handled by the VMM (topology.install_ste); the
-  work collected before them is flushed first, so host order follows guest order;
-* CMD_SYNC is never forwarded: every call is synchronous, so when the doorbell's calls have
-  returned, every sync in it is complete;
+  work collected before them is sent first, so host order follows guest order;
+* CMD_SYNC is never forwarded;
 * a failed entry k becomes CERROR_ILL on the guest command that produced it. The ARM driver
   issues entries in groups of 63 and, on a bad entry, may not have issued the group's earlier
   entries although it counts them (iommufd.md §3.4), so everything from the start of that
@@ -26,6 +33,7 @@ from dataclasses import dataclass, field
 from protocols import iommufd as uapi
 from viommud.backend.calls import Iommufd
 from viommud.dispatcher import DispatchStats
+from viommud.dispatcher.smmuv3_coalesce import DEFAULT_FLOOD_PAGES, Entry, class_rank, coalesce
 from viommud.events import (
     Barrier,
     Event,
@@ -42,13 +50,21 @@ ARM_ISSUE_GROUP = 63  # CMDQ_BATCH_ENTRIES - 1 commands per host CMD_SYNC (iommu
 ARM_ENTRY_LEN = 16
 
 
+@dataclass(frozen=True, slots=True)
+class DispatchPolicy:
+    """How hard the dispatcher works to save calls (the benchmark compares them)."""
+
+    coalesce: bool = True  # apply the smmuv3_coalesce rules within each call
+    broadcast_all: bool = False  # TLBIs to every physical SMMU, not only stage-1 ones
+    flood_pages: int = DEFAULT_FLOOD_PAGES
+
+
 @dataclass(slots=True)
 class _Pending:
-    """Entries collected for one vIOMMU object, with the guest command each came from."""
+    """Entries collected for one vIOMMU object."""
 
     slot: PiommuSlot
-    entries: list[bytes] = field(default_factory=list)
-    origins: list[int] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -56,9 +72,12 @@ class SmmuDispatcher:
     frontend: SmmuV3Frontend
     topology: SmmuTopology
     iommufd: Iommufd
-    stats: DispatchStats = field(default_factory=DispatchStats)
+    stats: DispatchStats
+    policy: DispatchPolicy = field(default_factory=DispatchPolicy)
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _first_barrier: int = 0  # barrier number the pending work belongs to
+    _sealed: set[int] = field(default_factory=set)  # class ranks pending before a SYNC
+    _open: set[int] = field(default_factory=set)  # class ranks pending since the last SYNC
 
     def run(self, events: list[Event]) -> list[GuestError]:
         """Execute one doorbell's events; returns the guest errors, in command order."""
@@ -68,9 +87,11 @@ class SmmuDispatcher:
             kind = type(event)
             if kind is Invalidation:
                 assert isinstance(event, Invalidation)
-                self._collect(event)
+                self._collect(event, errors)
             elif kind is Barrier:
                 stats.barriers += 1
+                self._sealed |= self._open
+                self._open = set()
             elif kind is StreamTableInvalidated:
                 assert isinstance(event, StreamTableInvalidated)
                 self._flush(errors)
@@ -84,50 +105,70 @@ class SmmuDispatcher:
         return errors
 
     # -- routing ------------------------------------------------------------------------
-    def _collect(self, inv: Invalidation) -> None:
+    def targets(self, inv: Invalidation) -> list[PiommuSlot]:
+        """The vIOMMU objects (one per physical SMMU) that must see this invalidation."""
         topology = self.topology
         if inv.scope is Scope.DEVICE:
             assert inv.device is not None
             vdev = topology.vdevice(inv.device)
-            if vdev is None:
-                self.stats.dropped += 1
+            return [] if vdev is None else [topology.slots[vdev.iommu]]
+        if self.policy.broadcast_all:
+            return list(topology.slots.values())
+        return [slot for slot in topology.slots.values() if slot.s1_seen]
+
+    def _collect(self, inv: Invalidation, errors: list[GuestError]) -> None:
+        targets = self.targets(inv)
+        stats = self.stats
+        if inv.scope is Scope.DEVICE:
+            stats.baseline_invalidate_calls += len(targets)
+            if not targets:
+                stats.dropped += 1
                 return
-            targets = [topology.slots[vdev.iommu]]
         else:
-            targets = list(topology.slots.values())
-        if not targets:
-            return
+            stats.baseline_invalidate_calls += len(self.topology.slots)
+            if not targets:
+                return
+        rank = class_rank(inv.raw[0])
+        if any(sealed < rank for sealed in self._sealed):
+            self._flush(errors)  # a later step that depends on work sealed by a SYNC
         if not self._pending:
-            self._first_barrier = self.stats.barriers + 1
-        self.stats.forwarded += 1
-        self.stats.baseline_invalidate_calls += len(targets)
+            self._first_barrier = stats.barriers + 1
+        self._open.add(rank)
+        stats.forwarded += 1
         pending = self._pending
+        entry = Entry(inv.raw, inv.index)
         for slot in targets:
             bucket = pending.get(slot.iommu)
             if bucket is None:
                 bucket = pending[slot.iommu] = _Pending(slot)
-            bucket.entries.append(inv.raw)
-            bucket.origins.append(inv.index)
+            bucket.entries.append(entry)
 
     # -- execution ----------------------------------------------------------------------
     def _flush(self, errors: list[GuestError]) -> None:
+        self._sealed.clear()
+        self._open.clear()
         if not self._pending:
             return
         self.iommufd.log.barrier = self._first_barrier
+        policy = self.policy
         for bucket in self._pending.values():
-            self._send(bucket, errors)
+            entries = (
+                coalesce(bucket.entries, flood_pages=policy.flood_pages)
+                if policy.coalesce
+                else bucket.entries
+            )
+            self._send(bucket.slot, entries, errors)
         self._pending.clear()
 
-    def _send(self, bucket: _Pending, errors: list[GuestError]) -> None:
-        entries, origins = bucket.entries, bucket.origins
+    def _send(self, slot: PiommuSlot, entries: list[Entry], errors: list[GuestError]) -> None:
         while entries:
             result = self.iommufd.invalidate(
-                bucket.slot.iommu,
+                slot.iommu,
                 object_kind="viommu",
-                object_id=bucket.slot.viommu_id,
+                object_id=slot.viommu_id,
                 data_type=uapi.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
                 entry_len=ARM_ENTRY_LEN,
-                entries=entries,
+                entries=[e.raw for e in entries],
             )
             if result.errno == 0:
                 return
@@ -135,16 +176,15 @@ class SmmuDispatcher:
             self.frontend.record_error(CERROR_ILL)
             errors.append(
                 GuestError(
-                    origins[bad],
+                    entries[bad].origin,
                     CERROR_ILL,
                     f"host IOMMU_HWPT_INVALIDATE failed on this command (errno {result.errno})",
-                    entries[bad],
+                    entries[bad].raw,
                 )
             )
             # Entries of the group holding the bad one may not have reached the hardware.
             certain = bad - bad % ARM_ISSUE_GROUP
             entries = entries[certain:bad] + entries[bad + 1 :]
-            origins = origins[certain:bad] + origins[bad + 1 :]
 
     def _install(self, event: StreamTableInvalidated, errors: list[GuestError]) -> None:
         frontend = self.frontend

@@ -91,6 +91,9 @@ class PiommuSlot:
     viommu_id: int
     devices: set[int] = field(default_factory=set)  # vSIDs
     hwpts: dict[VsteKey, SharedHwpt] = field(default_factory=dict)
+    # Whether any device here has had a stage-1 (translate) vSTE since the vIOMMU object was
+    # made: only then can this physical SMMU hold stage-1 TLB entries of the guest.
+    s1_seen: bool = False
 
 
 @dataclass(slots=True)
@@ -242,6 +245,8 @@ class SmmuTopology:
                 f"attaching vSID {vid} to its nested HWPT failed: {exc.errno_name}", "CERROR_ILL"
             ) from None
         shared.users += 1
+        if key.config is StreamConfig.TRANSLATE:
+            slot.s1_seen = True
         old, vdev.vste = vdev.vste, key
         if old is not None:
             self._release(slot, old)

@@ -1,0 +1,253 @@
+"""Coalescing rules for the SMMUv3 commands bound for one iommufd vIOMMU object.
+
+Everything handed to ``coalesce`` goes into one ``IOMMU_HWPT_INVALIDATE`` call: the kernel
+issues the array on the host queue without a CMD_SYNC between entries (except every 63), so
+the entries of one call are unordered with respect to each other. The dispatcher guarantees
+that by splitting calls wherever a later command depends on an earlier one across a guest
+CMD_SYNC (config -> TLB -> device TLB). Within a call, set semantics hold and each rule below
+may drop or rewrite entries as long as the union of what they invalidate does not shrink.
+
+Each rule is a small function from entries to entries (DESIGN.md point 4):
+
+* ``drop_duplicates``: byte-identical commands.
+* ``drop_covered_by_vm_wide``: TLBI_NH_ALL / TLBI_NSNH_ALL (both become NH_ALL with the
+  vIOMMU's VMID in the kernel) make every other TLBI of the call redundant.
+* ``drop_covered_by_asid``: TLBI_NH_ASID(a) makes TLBI_NH_VA(a, ...) redundant.
+* ``drop_covered_by_device_wide``: CFGI_CD_ALL(sid) covers CFGI_CD(sid, *); an ATC_INV of a
+  whole ATC without PASID (SSV=0, Size=52) covers every ATC_INV of that stream.
+* ``merge_ranges``: range TLBIs (TG != 0) of the same ASID, leaf, granule and TTL whose page
+  ranges overlap or touch become one range, re-encoded as RIL commands.
+* ``promote_floods``: when the TLBI_NH_VA work of one ASID spans more than ``threshold``
+  pages, one TLBI_NH_ASID replaces it (docs/coalescing.md discusses the threshold).
+* ``order_by_class``: config, then TLB, then device-TLB work; device work sorted by stream
+  and substream so it collapses per device.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from protocols.smmuv3 import Opcode
+
+_CMD = struct.Struct("<QQ")
+# TLBI_NH_VA ops of one ASID beyond which a single TLBI_NH_ASID is cheaper: Linux's own
+# cut-over for SVA without RIL (CMDQ_MAX_TLBI_OPS = 1 << (PAGE_SHIFT - 3) = 512 for 4 KiB).
+DEFAULT_FLOOD_PAGES = 512
+
+_CONFIG_OPS = frozenset({Opcode.CFGI_CD, Opcode.CFGI_CD_ALL})
+_TLB_OPS = frozenset(
+    {
+        Opcode.TLBI_NH_ALL,
+        Opcode.TLBI_NH_ASID,
+        Opcode.TLBI_NH_VA,
+        Opcode.TLBI_NH_VAA,
+        Opcode.TLBI_NSNH_ALL,
+    }
+)
+_VM_WIDE = frozenset({Opcode.TLBI_NH_ALL, Opcode.TLBI_NSNH_ALL})
+_RANGE_OPS = frozenset({Opcode.TLBI_NH_VA, Opcode.TLBI_NH_VAA})
+_ADDR_MASK = 0xFFFFFFFFFFFFF000
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One host entry: the 16-byte command and the guest command it stands for."""
+
+    raw: bytes
+    origin: int  # index of the (first) guest command in its doorbell
+
+    @property
+    def words(self) -> tuple[int, int]:
+        w0, w1 = _CMD.unpack(self.raw)
+        return w0, w1
+
+    @property
+    def opcode(self) -> int:
+        return self.raw[0]
+
+
+def class_rank(opcode: int) -> int:
+    """0 config, 1 TLB, 2 device TLB: the order a guest's dependent steps must keep."""
+    if opcode in _CONFIG_OPS:
+        return 0
+    if opcode in _TLB_OPS:
+        return 1
+    return 2
+
+
+def drop_duplicates(entries: Iterable[Entry]) -> list[Entry]:
+    seen: set[bytes] = set()
+    out = []
+    for entry in entries:
+        if entry.raw not in seen:
+            seen.add(entry.raw)
+            out.append(entry)
+    return out
+
+
+def drop_covered_by_vm_wide(entries: list[Entry]) -> list[Entry]:
+    wide = next((e for e in entries if e.opcode in _VM_WIDE), None)
+    if wide is None:
+        return entries
+    return [e for e in entries if e.opcode not in _TLB_OPS or e is wide]
+
+
+def drop_covered_by_asid(entries: list[Entry]) -> list[Entry]:
+    asids = {e.words[0] >> 48 for e in entries if e.opcode == Opcode.TLBI_NH_ASID}
+    if not asids:
+        return entries
+    return [e for e in entries if not (e.opcode == Opcode.TLBI_NH_VA and e.words[0] >> 48 in asids)]
+
+
+def drop_covered_by_device_wide(entries: list[Entry]) -> list[Entry]:
+    cd_all = {e.words[0] >> 32 for e in entries if e.opcode == Opcode.CFGI_CD_ALL}
+    atc_all = set()
+    for e in entries:
+        if e.opcode == Opcode.ATC_INV:
+            w0, w1 = e.words
+            if not w0 & (1 << 11) and w1 & 0x3F == 52:
+                atc_all.add(w0 >> 32)
+    if not cd_all and not atc_all:
+        return entries
+    out = []
+    kept_atc: set[int] = set()
+    for e in entries:
+        w0, w1 = e.words
+        sid = w0 >> 32
+        if e.opcode == Opcode.CFGI_CD and sid in cd_all:
+            continue
+        if e.opcode == Opcode.ATC_INV and sid in atc_all:
+            if sid in kept_atc or w0 & (1 << 11) or w1 & 0x3F != 52:
+                continue
+            kept_atc.add(sid)
+        out.append(e)
+    return out
+
+
+def encode_range(
+    w0_base: int, w1_base: int, first_page: int, pages: int, tg: int
+) -> list[tuple[int, int]]:
+    """RIL encoding of ``pages`` granules from ``first_page`` (SMMUv3 §4.4.1.1): each
+    command covers (NUM+1) << SCALE granules, taken from the lowest set bit of what remains,
+    as Linux's encoder does. Returns the (W0, W1) words of each command."""
+    granule_log2 = tg * 2 + 10
+    ttl = (w1_base >> 8) & 3
+    words: list[tuple[int, int]] = []
+    page = first_page
+    remaining = pages
+    while remaining:
+        scale = (remaining & -remaining).bit_length() - 1
+        num = (remaining >> scale) & 31
+        step = num << scale
+        if ttl == 0 and num == 1 and scale == 0:
+            num, step = 2, 2  # TTL=NUM=SCALE=0 is reserved: cover one more granule
+        w0 = w0_base | (num - 1) << 12 | scale << 20
+        w1 = w1_base | ((page << granule_log2) & _ADDR_MASK)
+        words.append((w0, w1))
+        page += step
+        remaining = max(0, remaining - step)
+    return words
+
+
+def _range_key(e: Entry) -> tuple[int, int, int] | None:
+    """(W0 without NUM/SCALE, W1 without the address) for a range TLBI with TG != 0."""
+    if e.opcode not in _RANGE_OPS:
+        return None
+    w0, w1 = e.words
+    if not (w1 >> 10) & 3:
+        return None
+    return w0 & ~(0x1F << 12 | 0x1F << 20), w1 & 0xFFF, (w1 >> 10) & 3
+
+
+def _pages(e: Entry) -> tuple[int, int]:
+    """(first page, page count) of a range TLBI, in granules."""
+    w0, w1 = e.words
+    tg = (w1 >> 10) & 3
+    granule_log2 = tg * 2 + 10
+    count = (((w0 >> 12) & 0x1F) + 1) << ((w0 >> 20) & 0x1F)
+    return (w1 & _ADDR_MASK) >> granule_log2, count
+
+
+def merge_ranges(entries: list[Entry]) -> list[Entry]:
+    groups: dict[tuple[int, int, int], list[Entry]] = {}
+    for e in entries:
+        key = _range_key(e)
+        if key is not None:
+            groups.setdefault(key, []).append(e)
+    if all(len(g) < 2 for g in groups.values()):
+        return entries
+    replaced: dict[int, list[Entry]] = {}  # id of the group's first entry -> new entries
+    dropped: set[int] = set()
+    for (w0_base, w1_low, tg), group in groups.items():
+        if len(group) < 2:
+            continue
+        spans = sorted((*_pages(e), e.origin) for e in group)
+        merged: list[list[int]] = []  # [first, end, origin]
+        for first, count, origin in spans:
+            if merged and first <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], first + count)
+                merged[-1][2] = min(merged[-1][2], origin)
+            else:
+                merged.append([first, first + count, origin])
+        new: list[Entry] = []
+        for first, end, origin in merged:
+            words = encode_range(w0_base, w1_low, first, end - first, tg)
+            new += [Entry(_CMD.pack(a, b), origin) for a, b in words]
+        if len(new) >= len(group):
+            continue  # the union encodes no shorter: keep the guest's own commands
+        replaced[id(group[0])] = new
+        dropped.update(id(e) for e in group)
+    out: list[Entry] = []
+    for e in entries:
+        if id(e) in replaced:
+            out += replaced[id(e)]
+        elif id(e) not in dropped:
+            out.append(e)
+    return out
+
+
+def promote_floods(entries: list[Entry], threshold: int = DEFAULT_FLOOD_PAGES) -> list[Entry]:
+    pages: dict[int, int] = {}
+    for e in entries:
+        if e.opcode == Opcode.TLBI_NH_VA:
+            asid = e.words[0] >> 48
+            pages[asid] = pages.get(asid, 0) + (_pages(e)[1] if _range_key(e) else 1)
+    flooded = {asid for asid, n in pages.items() if n > threshold}
+    if not flooded:
+        return entries
+    out: list[Entry] = []
+    done: set[int] = set()
+    for e in entries:
+        if e.opcode == Opcode.TLBI_NH_VA and (asid := e.words[0] >> 48) in flooded:
+            if asid not in done:
+                done.add(asid)
+                vmid = e.words[0] & (0xFFFF << 32)
+                out.append(Entry(_CMD.pack(Opcode.TLBI_NH_ASID | vmid | asid << 48, 0), e.origin))
+            continue
+        out.append(e)
+    return out
+
+
+def order_by_class(entries: list[Entry]) -> list[Entry]:
+    def key(e: Entry) -> tuple[int, int, int]:
+        rank = class_rank(e.opcode)
+        if rank == 1:
+            return rank, 0, 0
+        w0 = e.words[0]
+        return rank, w0 >> 32, (w0 >> 12) & 0xFFFFF
+
+    return sorted(entries, key=key)
+
+
+def coalesce(entries: list[Entry], *, flood_pages: int = DEFAULT_FLOOD_PAGES) -> list[Entry]:
+    """Every rule, in an order where each one sees the previous one's result."""
+    out = drop_duplicates(entries)
+    out = drop_covered_by_vm_wide(out)
+    out = drop_covered_by_asid(out)
+    out = drop_covered_by_device_wide(out)
+    out = merge_ranges(out)
+    out = promote_floods(out, flood_pages)
+    out = drop_covered_by_asid(out)
+    return order_by_class(out)

@@ -1,0 +1,74 @@
+"""Session glue of the oracle: feeds it records, doorbells, responses and backend calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from viommud.host import HostConfig
+from viommud.oracle import Ledger
+from viommud.oracle.smmuv3 import SmmuGuest, SmmuHost
+from viommud.trace import DeviceAttach, DeviceDetach, Record, Ste, ViommuCreate, ViommuDestroy
+
+
+@dataclass(slots=True)
+class Verifier:
+    """Watches one session; ``report()`` gives the spec's ``verify`` object."""
+
+    host: HostConfig
+    ledger: Ledger = field(default_factory=Ledger)
+    guests: dict[str, SmmuGuest] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)  # device -> vIOMMU name
+    smmu_host: SmmuHost = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.smmu_host = SmmuHost(self.ledger, self.owner)
+
+    # -- inputs -------------------------------------------------------------------------
+    def before(self, record: Record) -> None:
+        """Called before the daemon handles ``record``."""
+        if isinstance(record, DeviceAttach):
+            self.owner[record.device] = record.viommu  # calls made while attaching need it
+
+    def after(self, record: Record, response: dict[str, Any]) -> None:
+        """Called with the daemon's response to a config record."""
+        if not response.get("ok"):
+            return
+        if isinstance(record, ViommuCreate):
+            if record.model == "smmuv3":
+                self.guests[record.viommu] = SmmuGuest(record.viommu, self.host, self.ledger)
+            return
+        guest = self.guests.get(record.viommu)
+        if guest is None:
+            return
+        if isinstance(record, DeviceAttach):
+            guest.attach(record.vid, record.device)
+        elif isinstance(record, DeviceDetach):
+            guest.detach(record.vid)
+        elif isinstance(record, Ste):
+            guest.write_ste(record.vsid, record.data)
+        elif isinstance(record, ViommuDestroy):
+            del self.guests[record.viommu]
+
+    def doorbell_begin(self, viommu: str, data: bytes) -> None:
+        guest = self.guests.get(viommu)
+        if guest is not None:
+            guest.begin(data)
+
+    def doorbell_end(self, viommu: str, response: dict[str, Any]) -> None:
+        guest = self.guests.get(viommu)
+        if guest is not None:
+            guest.end({e["index"] for e in response.get("errors", ())})
+
+    def call(self, ioctl: str, err: int, call: dict[str, Any], iommu: str | None) -> None:
+        self.smmu_host.call(ioctl, err, call, iommu)
+
+    # -- verdict ------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        return {"enabled": True, "missed": self.ledger.missed, "over": self.ledger.over}
+
+    def missed_needs(self) -> list[str]:
+        return [
+            f"{n.origin}: {n.cache} {n.place} tag={n.tag} [{n.lo:#x}, {n.hi:#x})"
+            for n in self.ledger.missed_needs
+        ]
