@@ -47,6 +47,7 @@ class Session:
         keep_calls: bool = False,
         verify: bool = False,
         log: Any = None,
+        policies: dict[str, Any] | None = None,
     ) -> None:
         self.backend = backend
         self.calls = CallLog(keep=keep_calls)
@@ -60,7 +61,7 @@ class Session:
         self._retired_kinds: dict[str, int] = {}
         self._retired_errors: dict[str, int] = {}
         self.log = log
-        self._context = ModelContext(backend.host, self.iommufd, self.stats, log)
+        self._context = ModelContext(backend.host, self.iommufd, self.stats, log, policies or {})
         self.closed = False
 
     # -- records --------------------------------------------------------------------------

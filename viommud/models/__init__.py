@@ -9,7 +9,7 @@ vIOMMU goes to the instance. Adding a model = one module here plus one line in
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from viommud.backend.calls import Iommufd
@@ -34,6 +34,9 @@ class ModelContext:
     iommufd: Iommufd
     stats: DispatchStats
     log: Any  # a structlog bound logger, or None
+    # Per-model dispatch policies by model name (benchmarks compare them); models use
+    # their defaults for a name that is not here.
+    policies: dict[str, Any] = field(default_factory=dict)
 
 
 class Viommu(Protocol):

@@ -42,6 +42,8 @@ class SmmuV3Viommu:
         frontend = SmmuV3Frontend(features)
         topology = SmmuTopology(record.viommu, record.iommus, ctx.host, ctx.iommufd)
         dispatcher = SmmuDispatcher(frontend, topology, ctx.iommufd, ctx.stats)
+        if "smmuv3" in ctx.policies:
+            dispatcher.policy = ctx.policies["smmuv3"]
         log = ctx.log.bind(viommu=record.viommu) if ctx.log is not None else None
         debug = log is not None and _enabled(log, logging.DEBUG)
         return cls(record.viommu, frontend, topology, dispatcher, log, debug)
