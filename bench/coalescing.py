@@ -36,8 +36,12 @@ POLICIES = {
 }
 
 
-def run(header: dict[str, Any] | None, records: Iterable[Any], policy: DispatchPolicy,
-        host: HostConfig | None = None) -> dict[str, Any]:
+def run(
+    header: dict[str, Any] | None,
+    records: Iterable[Any],
+    policy: DispatchPolicy,
+    host: HostConfig | None = None,
+) -> dict[str, Any]:
     if host is None:
         assert header is not None
         host = parse_header(header).host
@@ -108,27 +112,40 @@ def main(argv: list[str] | None = None) -> int:
     sweep = []
     header, records = synthetic(workloads.strict_noril(n // 10, gather=8))
     for threshold in (64, 256, 512, 2048, 1 << 30):
-        sweep.append({"flood_pages": threshold,
-                      **run(header, records, DispatchPolicy(flood_pages=threshold))})
+        sweep.append(
+            {
+                "flood_pages": threshold,
+                **run(header, records, DispatchPolicy(flood_pages=threshold)),
+            }
+        )
     if args.json:
         print(json.dumps({"traces": rows, "topologies": topo, "threshold": sweep}, indent=1))
         return 0
-    print(f"{'trace':<38} {'baseline':>9} {'batching calls/entries':>23} "
-          f"{'coalesced calls/entries':>24} {'missed':>7} {'over':>5}")
+    print(
+        f"{'trace':<38} {'baseline':>9} {'batching calls/entries':>23} "
+        f"{'coalesced calls/entries':>24} {'missed':>7} {'over':>5}"
+    )
     for row in rows:
         b, c = row["batching"], row["coalesced"]
-        print(f"{row['trace']:<38} {row['baseline']:>9} {b['calls']:>12}/{b['entries']:<10} "
-              f"{c['calls']:>12}/{c['entries']:<11} {b['missed'] + c['missed']:>7} "
-              f"{c['over']:>5}")
+        print(
+            f"{row['trace']:<38} {row['baseline']:>9} {b['calls']:>12}/{b['entries']:<10} "
+            f"{c['calls']:>12}/{c['entries']:<11} {b['missed'] + c['missed']:>7} "
+            f"{c['over']:>5}"
+        )
     print()
-    print(f"{'topology (same strict-ril workload)':<38} {'baseline':>9} {'calls':>7} "
-          f"{'entries':>8} {'missed':>7} {'over':>5}")
+    print(
+        f"{'topology (same strict-ril workload)':<38} {'baseline':>9} {'calls':>7} "
+        f"{'entries':>8} {'missed':>7} {'over':>5}"
+    )
     for t in topo:
-        print(f"{t['topology']:<38} {t['baseline']:>9} {t['calls']:>7} {t['entries']:>8} "
-              f"{t['missed']:>7} {t['over']:>5}")
+        print(
+            f"{t['topology']:<38} {t['baseline']:>9} {t['calls']:>7} {t['entries']:>8} "
+            f"{t['missed']:>7} {t['over']:>5}"
+        )
     print()
-    print(f"{'flood threshold (strict-noril, racing)':<38} {'calls':>7} {'entries':>8} "
-          f"{'missed':>7}")
+    print(
+        f"{'flood threshold (strict-noril, racing)':<38} {'calls':>7} {'entries':>8} {'missed':>7}"
+    )
     for s in sweep:
         label = "off" if s["flood_pages"] >= 1 << 30 else str(s["flood_pages"])
         print(f"{label:<38} {s['calls']:>7} {s['entries']:>8} {s['missed']:>7}")

@@ -27,8 +27,12 @@ def host(iommus: int, devices_per_iommu: int, *, ats: bool) -> dict[str, Any]:
     return {
         "iommus": [{"id": f"smmu{i}", "model": "arm-smmuv3"} for i in range(iommus)],
         "devices": [
-            {"id": f"0000:{i:02x}:{d:02x}.0", "iommu": f"smmu{i}", "sid": 256 * i + 8 * d,
-             "ats": ats}
+            {
+                "id": f"0000:{i:02x}:{d:02x}.0",
+                "iommu": f"smmu{i}",
+                "sid": 256 * i + 8 * d,
+                "ats": ats,
+            }
             for i in range(iommus)
             for d in range(devices_per_iommu)
         ],
@@ -46,8 +50,15 @@ def setup(
     devices: dict[str, list[tuple[int, int]]] = {}
     asid = 0
     for viommu, iommus in layout.items():
-        records.append({"op": "viommu_create", "viommu": viommu, "model": "smmuv3",
-                        "iommus": iommus, "options": options})
+        records.append(
+            {
+                "op": "viommu_create",
+                "viommu": viommu,
+                "model": "smmuv3",
+                "iommus": iommus,
+                "options": options,
+            }
+        )
         devices[viommu] = []
         for dev in hostcfg["devices"]:
             if dev["iommu"] not in iommus:
@@ -75,8 +86,18 @@ def tlbi_range(asid: int, page: int, pages: int) -> list[bytes]:
     while pages:
         scale = (pages & -pages).bit_length() - 1
         num = (pages >> scale) & 31
-        out.append(build_command(Opcode.TLBI_NH_VA, asid=asid, num=num - 1, scale=scale,
-                                 leaf=1, ttl=3, tg=1, addr=page))
+        out.append(
+            build_command(
+                Opcode.TLBI_NH_VA,
+                asid=asid,
+                num=num - 1,
+                scale=scale,
+                leaf=1,
+                ttl=3,
+                tg=1,
+                addr=page,
+            )
+        )
         pages -= num << scale
         page += num << scale
     return out
@@ -94,8 +115,13 @@ def _unmaps(rng: random.Random, devices: list[tuple[int, int]]) -> Iterator[tupl
 
 
 def strict_ril(
-    unmaps: int, *, layout: dict[str, list[str]] | None = None, iommus: int = 1,
-    devices: int = 3, per_doorbell: int = 1, seed: int = 1,
+    unmaps: int,
+    *,
+    layout: dict[str, list[str]] | None = None,
+    iommus: int = 1,
+    devices: int = 3,
+    per_doorbell: int = 1,
+    seed: int = 1,
 ) -> list[dict[str, Any]]:
     layout = layout or {"v": [f"smmu{i}" for i in range(iommus)]}
     records, devs = setup("strict-ril", host(iommus, devices, ats=False), layout, {})
@@ -116,8 +142,9 @@ def strict_noril(
 ) -> list[dict[str, Any]]:
     """``gather`` batches of 64 per doorbell model CPUs racing: the queue owner publishes
     everything gathered meanwhile with one CMDQ_PROD write (smmuv3.md §6.1)."""
-    records, devs = setup("strict-noril", host(1, devices, ats=False), {"v": ["smmu0"]},
-                          {"ril": False})
+    records, devs = setup(
+        "strict-noril", host(1, devices, ats=False), {"v": ["smmu0"]}, {"ril": False}
+    )
     rng = random.Random(seed)
     stream = _unmaps(rng, devs["v"])
     pending: list[bytes] = []
@@ -125,8 +152,9 @@ def strict_noril(
     for _ in range(unmaps):
         asid, page, pages = next(stream)
         pages *= 16  # bigger unmaps: the case where per-page commands flood the queue
-        commands = [build_command(Opcode.TLBI_NH_VA, asid=asid, leaf=1, addr=page + i)
-                    for i in range(pages)]
+        commands = [
+            build_command(Opcode.TLBI_NH_VA, asid=asid, leaf=1, addr=page + i) for i in range(pages)
+        ]
         for start in range(0, len(commands), BATCH):
             pending += commands[start : start + BATCH]
             if start + BATCH >= len(commands):
@@ -144,6 +172,13 @@ def lazy(flushes: int, *, devices: int = 3) -> list[dict[str, Any]]:
     records, devs = setup("lazy-ats", host(1, devices, ats=True), {"v": ["smmu0"]}, {})
     for i in range(flushes):
         vid, asid = devs["v"][i % len(devs["v"])]
-        records.append(cmds("v", build_command(Opcode.TLBI_NH_ASID, asid=asid), SYNC,
-                            build_command(Opcode.ATC_INV, sid=vid, size=52), SYNC))
+        records.append(
+            cmds(
+                "v",
+                build_command(Opcode.TLBI_NH_ASID, asid=asid),
+                SYNC,
+                build_command(Opcode.ATC_INV, sid=vid, size=52),
+                SYNC,
+            )
+        )
     return records

@@ -25,9 +25,11 @@ class FrameType(enum.IntEnum):
     CMDS = 0x03  # binary: GuestData — one doorbell of SMMUv3 CMDQ entries / VT-d descriptors
     REQUEST = 0x04  # binary: GuestData — one virtio-iommu request
     STATS = 0x05  # empty: ask for the session totals
+    STATUS = 0x06  # JSON: {} or {"token": str}; the daemon's state, no session needed
     HELLO_OK = 0x81  # JSON: {"protocol": 1, "server": str, "backend": str, "host": {...}}
     RESPONSE = 0x82  # JSON: the record's response (spec §3) plus "calls" when asked for
     STATS_OK = 0x85  # JSON: session totals in the replay report's shape
+    STATUS_OK = 0x86  # JSON: listeners, clients, live vIOMMUs/vdevices/HWPTs, totals
     ERROR = 0xFF  # JSON: {"error": str, "fatal": bool} — the request was refused
 
 

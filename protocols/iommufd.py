@@ -34,20 +34,44 @@ __all__ = [
     "IOCTL_NAMES",
     "STRUCTS",
     "Destroy",
+    "FaultQueueAlloc",
     "GetHwInfo",
+    "HwInfoArmSmmuv3",
+    "HwInfoSelftest",
+    "HwInfoVtd",
+    "HwQueueAlloc",
     "HwptAlloc",
     "HwptArmSmmuv3",
     "HwptInvalidate",
+    "HwptInvalidateSelftest",
+    "HwptPageResponse",
+    "HwptPgfault",
+    "HwptSelftest",
     "HwptVtdS1",
     "HwptVtdS1Invalidate",
     "IoasAlloc",
+    "IoasMap",
+    "IoasUnmap",
+    "TestCheckDevCache",
+    "TestCheckIotlb",
+    "TestCmd",
+    "TestMockDomain",
+    "TestMockDomainReplace",
+    "TestTriggerIopf",
+    "TestTriggerVevent",
     "UapiStruct",
     "VdeviceAlloc",
+    "VeventArmSmmuv3",
+    "VeventHeader",
+    "VeventSelftest",
+    "VeventqAlloc",
     "VfioDeviceAttachIommufdPt",
     "VfioDeviceBindIommufd",
     "VfioDeviceDetachIommufdPt",
     "ViommuAlloc",
     "ViommuArmSmmuv3Invalidate",
+    "ViommuInvalidateSelftest",
+    "ViommuSelftest",
     "decode",
     "encode",
 ]
@@ -161,6 +185,79 @@ IOMMU_HW_INFO_TYPE_ARM_SMMUV3 = 2
 IOMMU_HW_INFO_TYPE_TEGRA241_CMDQV = 3
 IOMMU_HW_INFO_FLAG_INPUT_TYPE = 1 << 0
 
+IOMMU_HW_INFO_TYPE_AMD = 4
+IOMMU_HW_INFO_TYPE_SELFTEST = 0xFEEDBEEF  # iommufd_test.h
+IOMMU_HW_INFO_SELFTEST_REGVAL = 0xDEADBEEF
+# out_capabilities (iommufd.md §1.3)
+IOMMU_HW_CAP_DIRTY_TRACKING = 1 << 0
+IOMMU_HW_CAP_PCI_PASID_EXEC = 1 << 1
+IOMMU_HW_CAP_PCI_PASID_PRIV = 1 << 2
+
+# IOMMU_IOAS_MAP flags (include/uapi/linux/iommufd.h)
+IOMMU_IOAS_MAP_FIXED_IOVA = 1 << 0
+IOMMU_IOAS_MAP_WRITEABLE = 1 << 1
+IOMMU_IOAS_MAP_READABLE = 1 << 2
+
+# vEVENTQ (iommufd.md §1.8)
+IOMMU_VEVENTQ_TYPE_DEFAULT = 0
+IOMMU_VEVENTQ_TYPE_ARM_SMMUV3 = 1
+IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV = 2
+IOMMU_VEVENTQ_TYPE_SELFTEST = 0xBEEFBEEF
+IOMMU_VEVENTQ_FLAG_LOST_EVENTS = 1 << 0
+
+# HW queues (iommufd.md §1.9)
+IOMMU_HW_QUEUE_TYPE_DEFAULT = 0
+IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV = 1
+IOMMU_HW_QUEUE_TYPE_SELFTEST = 0xDEADBEEF
+IOMMU_TEST_HW_QUEUE_MAX = 2
+
+# FAULT queue records (iommufd.md §1.10)
+IOMMU_PGFAULT_FLAGS_PASID_VALID = 1 << 0
+IOMMU_PGFAULT_FLAGS_LAST_PAGE = 1 << 1
+IOMMU_PGFAULT_PERM_READ = 1 << 0
+IOMMU_PGFAULT_PERM_WRITE = 1 << 1
+IOMMU_PGFAULT_PERM_EXEC = 1 << 2
+IOMMU_PGFAULT_PERM_PRIV = 1 << 3
+IOMMUFD_PAGE_RESP_SUCCESS = 0
+IOMMUFD_PAGE_RESP_INVALID = 1
+
+# The selftest mock driver (drivers/iommu/iommufd/iommufd_test.h, iommufd.md §5.1)
+IOMMU_TEST_OP_ADD_RESERVED = 1
+IOMMU_TEST_OP_MOCK_DOMAIN = 2
+IOMMU_TEST_OP_MD_CHECK_MAP = 3
+IOMMU_TEST_OP_MD_CHECK_REFS = 4
+IOMMU_TEST_OP_CREATE_ACCESS = 5
+IOMMU_TEST_OP_DESTROY_ACCESS_PAGES = 6
+IOMMU_TEST_OP_ACCESS_PAGES = 7
+IOMMU_TEST_OP_ACCESS_RW = 8
+IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT = 9
+IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE = 10
+IOMMU_TEST_OP_ACCESS_REPLACE_IOAS = 11
+IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS = 12
+IOMMU_TEST_OP_DIRTY = 13
+IOMMU_TEST_OP_MD_CHECK_IOTLB = 14
+IOMMU_TEST_OP_TRIGGER_IOPF = 15
+IOMMU_TEST_OP_DEV_CHECK_CACHE = 16
+IOMMU_TEST_OP_TRIGGER_VEVENT = 17
+IOMMU_TEST_OP_PASID_ATTACH = 18
+IOMMU_TEST_OP_PASID_REPLACE = 19
+IOMMU_TEST_OP_PASID_DETACH = 20
+IOMMU_TEST_OP_PASID_CHECK_HWPT = 21
+MOCK_FLAGS_DEVICE_NO_DIRTY = 1 << 0
+MOCK_FLAGS_DEVICE_HUGE_IOVA = 1 << 1
+MOCK_FLAGS_DEVICE_PASID = 1 << 2
+MOCK_NESTED_DOMAIN_IOTLB_ID_MAX = 3
+MOCK_NESTED_DOMAIN_IOTLB_NUM = 4
+MOCK_DEV_CACHE_ID_MAX = 3
+MOCK_DEV_CACHE_NUM = 4
+MOCK_APERTURE_START = 1 << 24
+MOCK_APERTURE_LAST = (1 << 31) - 1
+IOMMU_TEST_IOTLB_DEFAULT = 0xBADBEEF
+IOMMU_TEST_DEV_CACHE_DEFAULT = 0xBADDAD
+IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST = 0xDEADBEEF
+IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST_INVALID = 0xDADBEEF
+IOMMU_TEST_INVALIDATE_FLAG_ALL = 1 << 0
+
 # VFIO cdev flags
 VFIO_DEVICE_ATTACH_PASID = 1 << 0
 VFIO_DEVICE_DETACH_PASID = 1 << 0
@@ -184,6 +281,80 @@ IOMMU_IOAS_ALLOC_LAYOUT = (
         "out_ioas_id" / Int32ul,
     )
     * "struct iommu_ioas_alloc, 12 bytes, min_size 12 (iommufd.md §1.2)"
+)
+
+IOMMU_IOAS_MAP_LAYOUT = (
+    Struct(
+        "size" / Int32ul,
+        "flags" / Int32ul * "FIXED_IOVA | WRITEABLE | READABLE; others EOPNOTSUPP",
+        "ioas_id" / Int32ul,
+        "reserved" / Int32ul * "__reserved: non-zero gives EOPNOTSUPP",
+        "user_va" / Int64ul * "process virtual address of the memory to map",
+        "length" / Int64ul,
+        "iova" / Int64ul * "in with FIXED_IOVA; out: the IOVA chosen",
+    )
+    * "struct iommu_ioas_map, 40 bytes, min_size 40 (include/uapi/linux/iommufd.h)"
+)
+
+IOMMU_IOAS_UNMAP_LAYOUT = (
+    Struct(
+        "size" / Int32ul,
+        "ioas_id" / Int32ul,
+        "iova" / Int64ul * "iova 0 with length U64_MAX unmaps everything",
+        "length" / Int64ul * "in: bytes to unmap; out: bytes unmapped",
+    )
+    * "struct iommu_ioas_unmap, 24 bytes, min_size 24 (include/uapi/linux/iommufd.h)"
+)
+
+IOMMU_VEVENTQ_ALLOC_LAYOUT = (
+    Struct(
+        "size" / Int32ul,
+        "flags" / Int32ul * "must be 0",
+        "viommu_id" / Int32ul,
+        "type" / Int32ul * "enum iommu_veventq_type",
+        "veventq_depth" / Int32ul,
+        "out_veventq_id" / Int32ul,
+        "out_veventq_fd" / Int32ul,
+        "reserved" / Int32ul * "__reserved: non-zero gives EOPNOTSUPP",
+    )
+    * "struct iommu_veventq_alloc, 32 bytes, min_size 28 (iommufd.md §1.8)"
+)
+
+IOMMU_HW_QUEUE_ALLOC_LAYOUT = (
+    Struct(
+        "size" / Int32ul,
+        "flags" / Int32ul * "must be 0",
+        "viommu_id" / Int32ul,
+        "type" / Int32ul * "enum iommu_hw_queue_type",
+        "index" / Int32ul,
+        "out_hw_queue_id" / Int32ul,
+        "nesting_parent_iova" / Int64ul * "guest PA of the queue, mapped in the IOAS",
+        "length" / Int64ul,
+    )
+    * "struct iommu_hw_queue_alloc, 40 bytes, min_size 40 (iommufd.md §1.9)"
+)
+
+IOMMU_FAULT_QUEUE_ALLOC_LAYOUT = (
+    Struct(
+        "size" / Int32ul,
+        "flags" / Int32ul * "must be 0, else EOPNOTSUPP",
+        "out_fault_id" / Int32ul,
+        "out_fault_fd" / Int32ul,
+    )
+    * "struct iommu_fault_alloc, 16 bytes, min_size 16 (iommufd.md §1.10)"
+)
+
+IOMMU_TEST_CMD_LAYOUT = (
+    Struct(
+        "size" / Int32ul,
+        "op" / Int32ul * "IOMMU_TEST_OP_*",
+        "id" / Int32ul,
+        "reserved" / Int32ul * "__reserved",
+        "payload" / Bytes(48) * "the per-op union (largest member: dirty, 48 bytes)",
+        "last" / Int32ul,
+        Padding(4) * "alignment of the union's u64 members",
+    )
+    * "struct iommu_test_cmd, 72 bytes, min_size 68 (iommufd_test.h, iommufd.md §5.1)"
 )
 
 IOMMU_HW_INFO_LAYOUT = (
@@ -291,6 +462,152 @@ IOMMU_HWPT_VTD_S1_INVALIDATE_LAYOUT = (
         "reserved" / Int32ul * "__reserved: non-zero gives EOPNOTSUPP",
     )
     * "struct iommu_hwpt_vtd_s1_invalidate, 24 bytes (iommufd.md §4.2)"
+)
+
+IOMMU_HW_INFO_VTD_LAYOUT = (
+    Struct(
+        "flags" / Int32ul * "bit0 IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17",
+        "reserved" / Int32ul * "__reserved",
+        "cap_reg" / Int64ul,
+        "ecap_reg" / Int64ul,
+    )
+    * "struct iommu_hw_info_vtd, 24 bytes (iommufd.md §1.3)"
+)
+
+IOMMU_HW_INFO_ARM_SMMUV3_LAYOUT = (
+    Struct(
+        "flags" / Int32ul,
+        "reserved" / Int32ul * "__reserved",
+        "idr0" / Int32ul,
+        "idr1" / Int32ul,
+        "idr2" / Int32ul,
+        "idr3" / Int32ul,
+        "idr4" / Int32ul,
+        "idr5" / Int32ul,
+        "iidr" / Int32ul,
+        "aidr" / Int32ul,
+    )
+    * "struct iommu_hw_info_arm_smmuv3, 40 bytes (iommufd.md §1.3)"
+)
+
+IOMMU_TEST_HW_INFO_LAYOUT = (
+    Struct(
+        "flags" / Int32ul,
+        "test_reg" / Int32ul * "IOMMU_HW_INFO_SELFTEST_REGVAL",
+    )
+    * "struct iommu_test_hw_info, 8 bytes (iommufd_test.h)"
+)
+
+IOMMU_HWPT_SELFTEST_LAYOUT = (
+    Struct("iotlb" / Int32ul * "initial value of the 4 mock IOTLB entries")
+    * "struct iommu_hwpt_selftest, 4 bytes, min_len 4 (iommufd.md §1.5)"
+)
+
+IOMMU_HWPT_INVALIDATE_SELFTEST_LAYOUT = (
+    Struct(
+        "flags" / Int32ul * "bit0 IOMMU_TEST_INVALIDATE_FLAG_ALL",
+        "iotlb_id" / Int32ul,
+    )
+    * "struct iommu_hwpt_invalidate_selftest, 8 bytes, min_len 8 (iommufd.md §5.1)"
+)
+
+IOMMU_VIOMMU_INVALIDATE_SELFTEST_LAYOUT = (
+    Struct(
+        "flags" / Int32ul * "bit0 IOMMU_TEST_INVALIDATE_FLAG_ALL",
+        "vdev_id" / Int32ul * "a vDEVICE virt_id of the vIOMMU",
+        "cache_id" / Int32ul,
+    )
+    * "struct iommu_viommu_invalidate_selftest, 12 bytes (iommufd.md §5.1)"
+)
+
+IOMMU_VIOMMU_SELFTEST_LAYOUT = (
+    Struct(
+        "in_data" / Int32ul,
+        "out_data" / Int32ul * "written back equal to in_data",
+    )
+    * "struct iommu_viommu_selftest, 8 bytes (iommufd.md §1.6)"
+)
+
+IOMMU_VEVENT_HEADER_LAYOUT = (
+    Struct(
+        "flags" / Int32ul * "bit0 IOMMU_VEVENTQ_FLAG_LOST_EVENTS",
+        "sequence" / Int32ul * "0..INT_MAX, then 0",
+    )
+    * "struct iommufd_vevent_header, 8 bytes (iommufd.md §1.8)"
+)
+
+IOMMU_VEVENT_SELFTEST_LAYOUT = (
+    Struct("virt_id" / Int32ul) * "struct iommu_viommu_event_selftest, 4 bytes (iommufd_test.h)"
+)
+
+IOMMU_VEVENT_ARM_SMMUV3_LAYOUT = (
+    Struct(
+        "evt0" / Int64ul * "evt[0]; StreamID [63:32] replaced by the vSID",
+        "evt1" / Int64ul,
+        "evt2" / Int64ul,
+        "evt3" / Int64ul,
+    )
+    * "struct iommu_vevent_arm_smmuv3, 32 bytes (iommufd.md §1.8)"
+)
+
+IOMMU_HWPT_PGFAULT_LAYOUT = (
+    Struct(
+        "flags" / Int32ul * "bit0 PASID_VALID, bit1 LAST_PAGE",
+        "dev_id" / Int32ul,
+        "pasid" / Int32ul,
+        "grpid" / Int32ul,
+        "perm" / Int32ul * "READ 1, WRITE 2, EXEC 4, PRIV 8",
+        "reserved" / Int32ul * "__reserved",
+        "addr" / Int64ul,
+        "length" / Int32ul,
+        "cookie" / Int32ul,
+    )
+    * "struct iommu_hwpt_pgfault, 40 bytes (iommufd.md §1.10)"
+)
+
+IOMMU_HWPT_PAGE_RESPONSE_LAYOUT = (
+    Struct(
+        "cookie" / Int32ul,
+        "code" / Int32ul * "0 SUCCESS, 1 INVALID",
+    )
+    * "struct iommu_hwpt_page_response, 8 bytes (iommufd.md §1.10)"
+)
+
+IOMMU_TEST_MOCK_DOMAIN_LAYOUT = (
+    Struct(
+        "out_stdev_id" / Int32ul,
+        "out_hwpt_id" / Int32ul,
+        "out_idev_id" / Int32ul,
+        "dev_flags" / Int32ul * "only read by IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS",
+    )
+    * "iommu_test_cmd.mock_domain_flags (iommufd_test.h)"
+)
+
+IOMMU_TEST_MOCK_DOMAIN_REPLACE_LAYOUT = (
+    Struct("pt_id" / Int32ul) * "iommu_test_cmd.mock_domain_replace (iommufd_test.h)"
+)
+
+IOMMU_TEST_CHECK_IOTLB_LAYOUT = (
+    Struct("id" / Int32ul, "iotlb" / Int32ul) * "iommu_test_cmd.check_iotlb (iommufd_test.h)"
+)
+
+IOMMU_TEST_CHECK_DEV_CACHE_LAYOUT = (
+    Struct("id" / Int32ul, "cache" / Int32ul) * "iommu_test_cmd.check_dev_cache (iommufd_test.h)"
+)
+
+IOMMU_TEST_TRIGGER_VEVENT_LAYOUT = (
+    Struct("dev_id" / Int32ul) * "iommu_test_cmd.trigger_vevent (iommufd_test.h)"
+)
+
+IOMMU_TEST_TRIGGER_IOPF_LAYOUT = (
+    Struct(
+        "dev_id" / Int32ul,
+        "pasid" / Int32ul,
+        "grpid" / Int32ul,
+        "perm" / Int32ul,
+        "addr" / Int64ul,
+    )
+    * "iommu_test_cmd.trigger_iopf (iommufd_test.h)"
 )
 
 VFIO_DEVICE_BIND_IOMMUFD_LAYOUT = (
@@ -569,6 +886,378 @@ class VfioDeviceDetachIommufdPt(UapiStruct):
     reserved: int = 0
 
 
+_IOAS_MAP = struct.Struct("<IIIIQQQ")
+_IOAS_UNMAP = struct.Struct("<IIQQ")
+_VEVENTQ_ALLOC = struct.Struct("<IIIIIIII")
+_HW_QUEUE_ALLOC = struct.Struct("<IIIIIIQQ")
+_FOUR_U32 = struct.Struct("<IIII")
+_TEST_CMD = struct.Struct("<IIII48sII")
+_ONE_U32 = struct.Struct("<I")
+_TWO_U32 = struct.Struct("<II")
+_THREE_U32 = struct.Struct("<III")
+_HW_INFO_VTD = struct.Struct("<IIQQ")
+_TEN_U32 = struct.Struct("<IIIIIIIIII")
+_FOUR_U64 = struct.Struct("<QQQQ")
+_PGFAULT = struct.Struct("<IIIIIIQII")
+_TRIGGER_IOPF = struct.Struct("<IIIIQ")
+
+
+@dataclass(frozen=True, slots=True)
+class IoasMap(UapiStruct):
+    """``struct iommu_ioas_map``: map ``length`` bytes of ``user_va`` at ``iova``."""
+
+    FORMAT: ClassVar[struct.Struct] = _IOAS_MAP
+    MIN_SIZE: ClassVar[int] = 40
+    LAYOUT: ClassVar[Any] = IOMMU_IOAS_MAP_LAYOUT
+
+    size: int = _IOAS_MAP.size
+    flags: int = 0
+    ioas_id: int = 0
+    reserved: int = 0
+    user_va: int = 0
+    length: int = 0
+    iova: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IoasUnmap(UapiStruct):
+    """``struct iommu_ioas_unmap``: unmap whole areas inside ``[iova, iova + length)``."""
+
+    FORMAT: ClassVar[struct.Struct] = _IOAS_UNMAP
+    MIN_SIZE: ClassVar[int] = 24
+    LAYOUT: ClassVar[Any] = IOMMU_IOAS_UNMAP_LAYOUT
+
+    size: int = _IOAS_UNMAP.size
+    ioas_id: int = 0
+    iova: int = 0
+    length: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VeventqAlloc(UapiStruct):
+    """``struct iommu_veventq_alloc`` (iommufd.md §1.8)."""
+
+    FORMAT: ClassVar[struct.Struct] = _VEVENTQ_ALLOC
+    MIN_SIZE: ClassVar[int] = 28
+    LAYOUT: ClassVar[Any] = IOMMU_VEVENTQ_ALLOC_LAYOUT
+
+    size: int = _VEVENTQ_ALLOC.size
+    flags: int = 0
+    viommu_id: int = 0
+    type: int = 0
+    veventq_depth: int = 0
+    out_veventq_id: int = 0
+    out_veventq_fd: int = 0
+    reserved: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HwQueueAlloc(UapiStruct):
+    """``struct iommu_hw_queue_alloc`` (iommufd.md §1.9)."""
+
+    FORMAT: ClassVar[struct.Struct] = _HW_QUEUE_ALLOC
+    MIN_SIZE: ClassVar[int] = 40
+    LAYOUT: ClassVar[Any] = IOMMU_HW_QUEUE_ALLOC_LAYOUT
+
+    size: int = _HW_QUEUE_ALLOC.size
+    flags: int = 0
+    viommu_id: int = 0
+    type: int = 0
+    index: int = 0
+    out_hw_queue_id: int = 0
+    nesting_parent_iova: int = 0
+    length: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FaultQueueAlloc(UapiStruct):
+    """``struct iommu_fault_alloc`` (iommufd.md §1.10)."""
+
+    FORMAT: ClassVar[struct.Struct] = _FOUR_U32
+    MIN_SIZE: ClassVar[int] = 16
+    LAYOUT: ClassVar[Any] = IOMMU_FAULT_QUEUE_ALLOC_LAYOUT
+
+    size: int = _FOUR_U32.size
+    flags: int = 0
+    out_fault_id: int = 0
+    out_fault_fd: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TestCmd(UapiStruct):
+    """``struct iommu_test_cmd`` (iommufd.md §5.1); ``payload`` is the per-op union."""
+
+    __test__ = False  # not a pytest class
+
+    FORMAT: ClassVar[struct.Struct] = _TEST_CMD
+    MIN_SIZE: ClassVar[int] = 68
+    LAYOUT: ClassVar[Any] = IOMMU_TEST_CMD_LAYOUT
+    PADDING: ClassVar[frozenset[str]] = frozenset({"pad"})
+
+    size: int = _TEST_CMD.size
+    op: int = 0
+    id: int = 0
+    reserved: int = 0
+    payload: bytes = bytes(48)
+    last: int = 0
+    pad: int = 0
+
+    @classmethod
+    def with_payload(cls, op: int, obj_id: int, payload: UapiStruct) -> TestCmd:
+        """A test command whose union holds ``payload`` (zero-padded to 48 bytes)."""
+        raw = bytes(encode(payload))
+        return cls(op=op, id=obj_id, payload=raw + bytes(48 - len(raw)))
+
+
+@dataclass(frozen=True, slots=True)
+class HwInfoVtd(UapiStruct):
+    """``struct iommu_hw_info_vtd`` (iommufd.md §1.3)."""
+
+    FORMAT: ClassVar[struct.Struct] = _HW_INFO_VTD
+    MIN_SIZE: ClassVar[int] = 24
+    LAYOUT: ClassVar[Any] = IOMMU_HW_INFO_VTD_LAYOUT
+
+    flags: int = 0
+    reserved: int = 0
+    cap_reg: int = 0
+    ecap_reg: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HwInfoArmSmmuv3(UapiStruct):
+    """``struct iommu_hw_info_arm_smmuv3`` (iommufd.md §1.3)."""
+
+    FORMAT: ClassVar[struct.Struct] = _TEN_U32
+    MIN_SIZE: ClassVar[int] = 40
+    LAYOUT: ClassVar[Any] = IOMMU_HW_INFO_ARM_SMMUV3_LAYOUT
+
+    flags: int = 0
+    reserved: int = 0
+    idr0: int = 0
+    idr1: int = 0
+    idr2: int = 0
+    idr3: int = 0
+    idr4: int = 0
+    idr5: int = 0
+    iidr: int = 0
+    aidr: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HwInfoSelftest(UapiStruct):
+    """``struct iommu_test_hw_info`` (iommufd_test.h)."""
+
+    FORMAT: ClassVar[struct.Struct] = _TWO_U32
+    MIN_SIZE: ClassVar[int] = 8
+    LAYOUT: ClassVar[Any] = IOMMU_TEST_HW_INFO_LAYOUT
+
+    flags: int = 0
+    test_reg: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HwptSelftest(UapiStruct):
+    """``struct iommu_hwpt_selftest`` (iommufd.md §1.5)."""
+
+    FORMAT: ClassVar[struct.Struct] = _ONE_U32
+    MIN_SIZE: ClassVar[int] = 4
+    LAYOUT: ClassVar[Any] = IOMMU_HWPT_SELFTEST_LAYOUT
+
+    iotlb: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HwptInvalidateSelftest(UapiStruct):
+    """``struct iommu_hwpt_invalidate_selftest`` (iommufd.md §5.1)."""
+
+    FORMAT: ClassVar[struct.Struct] = _TWO_U32
+    MIN_SIZE: ClassVar[int] = 8
+    LAYOUT: ClassVar[Any] = IOMMU_HWPT_INVALIDATE_SELFTEST_LAYOUT
+
+    flags: int = 0
+    iotlb_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ViommuInvalidateSelftest(UapiStruct):
+    """``struct iommu_viommu_invalidate_selftest`` (iommufd.md §5.1)."""
+
+    FORMAT: ClassVar[struct.Struct] = _THREE_U32
+    MIN_SIZE: ClassVar[int] = 12
+    LAYOUT: ClassVar[Any] = IOMMU_VIOMMU_INVALIDATE_SELFTEST_LAYOUT
+
+    flags: int = 0
+    vdev_id: int = 0
+    cache_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ViommuSelftest(UapiStruct):
+    """``struct iommu_viommu_selftest`` (iommufd.md §1.6)."""
+
+    FORMAT: ClassVar[struct.Struct] = _TWO_U32
+    MIN_SIZE: ClassVar[int] = 8
+    LAYOUT: ClassVar[Any] = IOMMU_VIOMMU_SELFTEST_LAYOUT
+
+    in_data: int = 0
+    out_data: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VeventHeader(UapiStruct):
+    """``struct iommufd_vevent_header``: precedes every record read from a vEVENTQ."""
+
+    FORMAT: ClassVar[struct.Struct] = _TWO_U32
+    MIN_SIZE: ClassVar[int] = 8
+    LAYOUT: ClassVar[Any] = IOMMU_VEVENT_HEADER_LAYOUT
+
+    flags: int = 0
+    sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VeventSelftest(UapiStruct):
+    """``struct iommu_viommu_event_selftest``: the mock's vEVENT payload."""
+
+    FORMAT: ClassVar[struct.Struct] = _ONE_U32
+    MIN_SIZE: ClassVar[int] = 4
+    LAYOUT: ClassVar[Any] = IOMMU_VEVENT_SELFTEST_LAYOUT
+
+    virt_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VeventArmSmmuv3(UapiStruct):
+    """``struct iommu_vevent_arm_smmuv3``: a raw SMMUv3 event record with the vSID."""
+
+    FORMAT: ClassVar[struct.Struct] = _FOUR_U64
+    MIN_SIZE: ClassVar[int] = 32
+    LAYOUT: ClassVar[Any] = IOMMU_VEVENT_ARM_SMMUV3_LAYOUT
+
+    evt0: int = 0
+    evt1: int = 0
+    evt2: int = 0
+    evt3: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HwptPgfault(UapiStruct):
+    """``struct iommu_hwpt_pgfault``: one record read from a FAULT fd (iommufd.md §1.10)."""
+
+    FORMAT: ClassVar[struct.Struct] = _PGFAULT
+    MIN_SIZE: ClassVar[int] = 40
+    LAYOUT: ClassVar[Any] = IOMMU_HWPT_PGFAULT_LAYOUT
+
+    flags: int = 0
+    dev_id: int = 0
+    pasid: int = 0
+    grpid: int = 0
+    perm: int = 0
+    reserved: int = 0
+    addr: int = 0
+    length: int = 0
+    cookie: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HwptPageResponse(UapiStruct):
+    """``struct iommu_hwpt_page_response``: one record written to a FAULT fd."""
+
+    FORMAT: ClassVar[struct.Struct] = _TWO_U32
+    MIN_SIZE: ClassVar[int] = 8
+    LAYOUT: ClassVar[Any] = IOMMU_HWPT_PAGE_RESPONSE_LAYOUT
+
+    cookie: int = 0
+    code: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TestMockDomain(UapiStruct):
+    """``iommu_test_cmd.mock_domain_flags`` (``mock_domain`` is its first 12 bytes)."""
+
+    __test__ = False
+
+    FORMAT: ClassVar[struct.Struct] = _FOUR_U32
+    MIN_SIZE: ClassVar[int] = 16
+    LAYOUT: ClassVar[Any] = IOMMU_TEST_MOCK_DOMAIN_LAYOUT
+
+    out_stdev_id: int = 0
+    out_hwpt_id: int = 0
+    out_idev_id: int = 0
+    dev_flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TestMockDomainReplace(UapiStruct):
+    """``iommu_test_cmd.mock_domain_replace``."""
+
+    __test__ = False
+
+    FORMAT: ClassVar[struct.Struct] = _ONE_U32
+    MIN_SIZE: ClassVar[int] = 4
+    LAYOUT: ClassVar[Any] = IOMMU_TEST_MOCK_DOMAIN_REPLACE_LAYOUT
+
+    pt_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TestCheckIotlb(UapiStruct):
+    """``iommu_test_cmd.check_iotlb``."""
+
+    __test__ = False
+
+    FORMAT: ClassVar[struct.Struct] = _TWO_U32
+    MIN_SIZE: ClassVar[int] = 8
+    LAYOUT: ClassVar[Any] = IOMMU_TEST_CHECK_IOTLB_LAYOUT
+
+    id: int = 0
+    iotlb: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TestCheckDevCache(UapiStruct):
+    """``iommu_test_cmd.check_dev_cache``."""
+
+    __test__ = False
+
+    FORMAT: ClassVar[struct.Struct] = _TWO_U32
+    MIN_SIZE: ClassVar[int] = 8
+    LAYOUT: ClassVar[Any] = IOMMU_TEST_CHECK_DEV_CACHE_LAYOUT
+
+    id: int = 0
+    cache: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TestTriggerVevent(UapiStruct):
+    """``iommu_test_cmd.trigger_vevent``."""
+
+    __test__ = False
+
+    FORMAT: ClassVar[struct.Struct] = _ONE_U32
+    MIN_SIZE: ClassVar[int] = 4
+    LAYOUT: ClassVar[Any] = IOMMU_TEST_TRIGGER_VEVENT_LAYOUT
+
+    dev_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TestTriggerIopf(UapiStruct):
+    """``iommu_test_cmd.trigger_iopf``."""
+
+    __test__ = False
+
+    FORMAT: ClassVar[struct.Struct] = _TRIGGER_IOPF
+    MIN_SIZE: ClassVar[int] = 24
+    LAYOUT: ClassVar[Any] = IOMMU_TEST_TRIGGER_IOPF_LAYOUT
+
+    dev_id: int = 0
+    pasid: int = 0
+    grpid: int = 0
+    perm: int = 0
+    addr: int = 0
+
+
 STRUCTS: tuple[type[UapiStruct], ...] = (
     Destroy,
     IoasAlloc,
@@ -584,6 +1273,30 @@ STRUCTS: tuple[type[UapiStruct], ...] = (
     VfioDeviceBindIommufd,
     VfioDeviceAttachIommufdPt,
     VfioDeviceDetachIommufdPt,
+    IoasMap,
+    IoasUnmap,
+    VeventqAlloc,
+    HwQueueAlloc,
+    FaultQueueAlloc,
+    TestCmd,
+    HwInfoVtd,
+    HwInfoArmSmmuv3,
+    HwInfoSelftest,
+    HwptSelftest,
+    HwptInvalidateSelftest,
+    ViommuInvalidateSelftest,
+    ViommuSelftest,
+    VeventHeader,
+    VeventSelftest,
+    VeventArmSmmuv3,
+    HwptPgfault,
+    HwptPageResponse,
+    TestMockDomain,
+    TestMockDomainReplace,
+    TestCheckIotlb,
+    TestCheckDevCache,
+    TestTriggerVevent,
+    TestTriggerIopf,
 )
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Command line: ``viommud serve``, ``viommud replay``, ``viommud health``.
+"""Command line: ``viommud serve``, ``viommud replay``, ``viommud health``, ``viommud status``.
 
 ``main(argv)`` returns the exit status, so tests call it directly.
 """
@@ -13,13 +13,23 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from viommud import __version__, logs
+from viommud import __version__, logs, systemd
+from viommud.backend.select import BACKENDS, BackendUnavailable, backend_factory
 from viommud.client import ClientError, health
+from viommud.client import status as fetch_status
+from viommud.endpoints import (
+    EndpointError,
+    parse_host_port,
+    parse_tcp,
+    read_token,
+    token_file_is_private,
+)
 from viommud.host import HostConfig, HostConfigError
 from viommud.replay import EXIT_REFUSED, render_table, replay, replay_embedded
 from viommud.server import Server
+from viommud.status import render_table as render_status
 from viommud.trace import TraceError, TraceReader
 
 DEFAULT_SOCKET = os.environ.get("VIOMMUD_SOCKET", "/run/viommud/viommud.sock")
@@ -54,6 +64,35 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--grace", type=float, default=5.0, help="seconds running clients get at shutdown"
     )
+    serve.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="emulated, iommufd (/dev/iommu) or auto: iommufd when /dev/iommu exists "
+        "(default auto)",
+    )
+    serve.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="tcp://ADDR:PORT",
+        help="also serve on TCP (off unless given; repeatable); needs --token-file",
+    )
+    serve.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the token TCP clients must present in HELLO",
+    )
+    serve.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="create the --listen sockets inside this named network namespace (ip netns)",
+    )
+    serve.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9708)",
+    )
 
     rep = sub.add_parser("replay", help="replay a trace and print the replay report")
     rep.add_argument("trace", type=Path)
@@ -61,10 +100,63 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", action="store_true", help="print the report as JSON")
     rep.add_argument("--responses", type=Path, help="write guest-visible responses here")
     rep.add_argument("--calls", type=Path, help="write the backend call log here")
+    rep.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="emulated, iommufd (/dev/iommu) or auto: iommufd when /dev/iommu exists "
+        "(default auto)",
+    )
+    rep.add_argument(
+        "--verify",
+        action="store_true",
+        help="run the oracle: exit 1 if a barrier missed an invalidation (docs/oracle.md)",
+    )
+    rep.add_argument("--token-file", type=Path, help="token for a tcp:// --socket")
+    rep.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
 
     hc = sub.add_parser("health", help="exit 0 if the daemon answers HELLO")
-    hc.add_argument("--socket", default=DEFAULT_SOCKET)
+    hc.add_argument("--socket", default=DEFAULT_SOCKET, help="a path or tcp://ADDR:PORT")
     hc.add_argument("--timeout", type=float, default=2.0)
+    hc.add_argument("--token-file", type=Path, help="token for a tcp:// --socket")
+
+    imp = sub.add_parser("import", help="turn a QEMU trace log into a v1 trace file")
+    imp.add_argument("format", choices=["qemu-log"], help="what LOG is")
+    imp.add_argument("log", type=Path)
+    imp.add_argument("-o", "--output", type=Path, required=True, help="TRACE.jsonl[.gz|.xz]")
+    imp.add_argument(
+        "--host",
+        type=Path,
+        help="host file: a JSON host object (iommus, devices, optional attach list of "
+        "{vid, device}) or a trace whose header to use; default: made up from --attach",
+    )
+    imp.add_argument(
+        "--attach",
+        action="append",
+        default=[],
+        metavar="VID=DEVICE",
+        help="guest ID (number or BB:DD.F) of a host device (repeatable)",
+    )
+    imp.add_argument("--ats", action="store_true", help="devices made up from --attach have ATS")
+    imp.add_argument("--model", choices=["vtd", "smmuv3"], help="default: from the log")
+    imp.add_argument("--dw", type=int, choices=[128, 256], help="VT-d queue width")
+    imp.add_argument("--name", help="trace name (default: the output file's name)")
+    imp.add_argument("--viommu", help="vIOMMU name (default: vvtd0 / vsmmu0)")
+    imp.add_argument(
+        "--synthesize",
+        action="store_true",
+        help="add the context entries / STEs the log cannot show (docs/vtd.md)",
+    )
+
+    st = sub.add_parser("status", help="show a running daemon's clients, vIOMMUs and counters")
+    st.add_argument("--socket", default=DEFAULT_SOCKET, help="a path or tcp://ADDR:PORT")
+    st.add_argument("--json", action="store_true", help="print the STATUS reply as JSON")
+    st.add_argument("--timeout", type=float, default=5.0)
+    st.add_argument("--token-file", type=Path, help="token for a tcp:// --socket")
     return parser
 
 
@@ -83,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "replay":
         return _replay(args)
+    if args.command == "status":
+        return _status(args)
+    if args.command == "import":
+        from viommud.importers import cli as import_cli  # noqa: PLC0415 - only for import
+
+        return import_cli(args)
     return _health(args)
 
 
@@ -107,13 +205,64 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"viommud: bad --socket-mode {args.socket_mode!r}", file=sys.stderr)
         return 2
-    server = Server(args.socket, fixed_host=fixed_host, mode=mode, grace=args.grace)
+    try:
+        network = _network_options(args)
+    except (EndpointError, systemd.SystemdError) as exc:
+        print(f"viommud: {exc}", file=sys.stderr)
+        return 2
+    try:
+        factory = backend_factory(args.backend)
+    except BackendUnavailable as exc:
+        print(f"viommud: {exc}", file=sys.stderr)
+        return 2
+    server = Server(
+        args.socket,
+        factory=factory,
+        fixed_host=fixed_host,
+        mode=mode,
+        grace=args.grace,
+        notify=systemd.notify,
+        **network,
+    )
     try:
         asyncio.run(server.run())
     except OSError as exc:
-        print(f"viommud: cannot serve on {args.socket}: {exc}", file=sys.stderr)
+        print(f"viommud: cannot serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _network_options(args: argparse.Namespace) -> dict[str, Any]:
+    """TCP listeners, token, namespace, metrics and systemd sockets for ``Server``."""
+    tcp = [parse_tcp(url) for url in args.listen]
+    metrics = parse_host_port(args.metrics) if args.metrics else None
+    token = read_token(args.token_file) if args.token_file else None
+    if token is not None and not token_file_is_private(args.token_file):
+        logs.get_logger().warning("token_file_readable", path=str(args.token_file))
+    if args.netns is not None:
+        if not tcp:
+            raise EndpointError("--netns places --listen tcp:// sockets: give at least one")
+        from viommud import netlink  # noqa: PLC0415 - pyroute2 only when asked for
+
+        if not netlink.namespace_exists(args.netns):
+            raise EndpointError(f"network namespace {args.netns!r} does not exist")
+    activated = systemd.listen_sockets()
+    if token is None and (tcp or any(not listen.is_unix for listen in activated)):
+        raise EndpointError("TCP listeners need a token: give --token-file")
+    return {
+        "tcp": tcp,
+        "netns": args.netns,
+        "token": token,
+        "activated": activated,
+        "metrics": metrics,
+    }
+
+
+def _client_token(args: argparse.Namespace) -> str | None:
+    """The token for a tcp:// target (raises EndpointError when it cannot be read)."""
+    if args.token_file is None:
+        return None
+    return read_token(args.token_file)
 
 
 @contextlib.contextmanager
@@ -126,14 +275,42 @@ def _maybe_open(path: Path | None) -> Iterator[IO[str] | None]:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    try:  # the backend of the embedded daemon (a --socket daemon has its own)
+        factory = backend_factory("emulated" if args.socket else args.backend)
+    except BackendUnavailable as exc:
+        print(f"viommud: {exc}", file=sys.stderr)
+        return 2
+    try:
+        token = _client_token(args)
+    except EndpointError as exc:
+        print(f"viommud: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     try:
         with _maybe_open(args.responses) as responses, _maybe_open(args.calls) as calls:
             if args.socket:
                 result = asyncio.run(
-                    replay(args.trace, args.socket, responses=responses, calls=calls)
+                    replay(
+                        args.trace,
+                        args.socket,
+                        responses=responses,
+                        calls=calls,
+                        verify=args.verify,
+                        token=token,
+                        progress=progress,
+                    )
                 )
             else:
-                result = asyncio.run(replay_embedded(args.trace, responses=responses, calls=calls))
+                result = asyncio.run(
+                    replay_embedded(
+                        args.trace,
+                        factory=factory,
+                        responses=responses,
+                        calls=calls,
+                        verify=args.verify,
+                        progress=progress,
+                    )
+                )
     except OSError as exc:
         print(f"viommud: {exc}", file=sys.stderr)
         return EXIT_REFUSED
@@ -149,9 +326,22 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _health(args: argparse.Namespace) -> int:
     try:
-        server = asyncio.run(health(args.socket, args.timeout))
-    except ClientError as exc:
+        server = asyncio.run(health(args.socket, args.timeout, token=_client_token(args)))
+    except (ClientError, EndpointError) as exc:
         print(f"viommud: unhealthy: {exc}", file=sys.stderr)
         return 1
     print(f"healthy: {server}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        reply = asyncio.run(fetch_status(args.socket, args.timeout, token=_client_token(args)))
+    except (ClientError, EndpointError) as exc:
+        print(f"viommud: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=None))
+    else:
+        print(render_status(reply))
     return 0

@@ -1,4 +1,8 @@
-"""An asyncio client of the frame protocol: hello, pipelined requests, replies in order."""
+"""An asyncio client of the frame protocol: hello, pipelined requests, replies in order.
+
+A target is a Unix socket path or ``tcp://ADDR:PORT`` (viommud.endpoints); TCP listeners
+need the daemon's token, which the client presents in HELLO and STATUS.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 
 from protocols.frames import PROTOCOL_VERSION, FrameType
 from viommud import __version__, wire
+from viommud.endpoints import EndpointError, is_tcp, parse_tcp
 
 
 class ClientError(Exception):
@@ -16,19 +21,29 @@ class ClientError(Exception):
 
 
 class Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str | None = None
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._decoder = wire.FrameDecoder()
         self._seq = 0
+        self.token = token
 
     @classmethod
-    async def connect(cls, socket_path: str | Path) -> Client:
+    async def connect(cls, socket_path: str | Path, *, token: str | None = None) -> Client:
+        """Connect to a Unix socket path or a ``tcp://ADDR:PORT`` target."""
         try:
-            reader, writer = await asyncio.open_unix_connection(str(socket_path))
+            if is_tcp(socket_path):
+                address = parse_tcp(str(socket_path))
+                reader, writer = await asyncio.open_connection(address.host, address.port)
+            else:
+                reader, writer = await asyncio.open_unix_connection(str(socket_path))
+        except EndpointError as exc:
+            raise ClientError(str(exc)) from None
         except OSError as exc:
             raise ClientError(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
-        return cls(reader, writer)
+        return cls(reader, writer, token)
 
     def next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -67,6 +82,8 @@ class Client:
         return await self.receive()
 
     async def hello(self, **fields: Any) -> dict[str, Any]:
+        if self.token is not None:
+            fields.setdefault("token", self.token)
         reply = await self.request(
             FrameType.HELLO,
             {"protocol": PROTOCOL_VERSION, "client": f"viommud-client/{__version__}", **fields},
@@ -85,17 +102,29 @@ class Client:
             raise ClientError(f"unexpected reply to STATS: {body}")
         return body
 
+    async def status(self) -> dict[str, Any]:
+        """The daemon's STATUS reply (no session needed)."""
+        reply = await self.request(
+            FrameType.STATUS, {"token": self.token} if self.token is not None else {}
+        )
+        body = reply.json()
+        if reply.type == FrameType.ERROR and isinstance(body, dict):
+            raise ClientError(f"the daemon refused STATUS: {body.get('error')}")
+        if reply.type != FrameType.STATUS_OK or not isinstance(body, dict):
+            raise ClientError(f"unexpected reply 0x{reply.type:02x} to STATUS")
+        return body
+
     async def close(self) -> None:
         self._writer.close()
         with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
 
 
-async def health(socket_path: str | Path, wait: float = 2.0) -> str:
+async def health(socket_path: str | Path, wait: float = 2.0, *, token: str | None = None) -> str:
     """Connect and exchange HELLO (probe); returns the server's name or raises ClientError."""
     try:
         async with asyncio.timeout(wait):
-            client = await Client.connect(socket_path)
+            client = await Client.connect(socket_path, token=token)
             try:
                 reply = await client.hello(probe=True, client="viommud-health")
             finally:
@@ -103,3 +132,18 @@ async def health(socket_path: str | Path, wait: float = 2.0) -> str:
     except TimeoutError:
         raise ClientError(f"no answer from {socket_path} within {wait} s") from None
     return str(reply.get("server", "?"))
+
+
+async def status(
+    socket_path: str | Path, wait: float = 5.0, *, token: str | None = None
+) -> dict[str, Any]:
+    """The STATUS of the daemon at ``socket_path``; raises ClientError."""
+    try:
+        async with asyncio.timeout(wait):
+            client = await Client.connect(socket_path, token=token)
+            try:
+                return await client.status()
+            finally:
+                await client.close()
+    except TimeoutError:
+        raise ClientError(f"no answer from {socket_path} within {wait} s") from None

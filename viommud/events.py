@@ -81,4 +81,76 @@ class GuestError:
     raw: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceFault:
+    """A DMA fault the host reported for one physical device (backend -> frontend).
+
+    ``device`` is the host device id. ``address`` is the faulting input address, None when
+    the host gave none; ``read``/``write`` the access; ``pasid`` the access's PASID, if any.
+    ``translation`` is True for a translation or permission fault on an address and False for
+    anything else (bad configuration, internal error). The frontend of the device's vIOMMU
+    turns it into the guest's own fault record (virtio-iommu: ``virtio_iommu_fault``)."""
+
+    device: str
+    address: int | None = None
+    read: bool = False
+    write: bool = False
+    pasid: int | None = None
+    translation: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DomainInvalidation:
+    """An IOTLB-class invalidation scoped by the guest's domain ID (VT-d IOTLB / P_IOTLB).
+
+    ``domain`` is the guest DID (None: every domain); ``pasid`` the PASID whose first-stage
+    entries it covers (None: every PASID of the domain, and requests without PASID).
+    ``addr``/``size`` are bytes, ``size == 0`` meaning the whole address space; ``leaf`` is
+    the guest's hint that only leaf entries changed (VT-d IH)."""
+
+    index: int
+    domain: int | None
+    pasid: int | None = None
+    addr: int = 0
+    size: int = 0
+    leaf: bool = False
+    raw: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ContextCacheInvalidated:
+    """VT-d context-cache invalidation: the VMM re-reads the context entries of the source
+    IDs ``s`` with ``s & mask == sid & mask`` (``mask == 0``: every source ID), and the
+    PASID entries they lead to, as the hardware would at this point. ``domain`` is the DID of
+    a domain-selective request (informational: it is handled as global, as QEMU does)."""
+
+    index: int
+    sid: int = 0
+    mask: int = 0
+    domain: int | None = None
+    raw: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class PasidCacheInvalidated:
+    """VT-d PASID-cache invalidation: re-read the PASID entries it covers. ``domain`` None
+    means global; with ``pasid`` None, every PASID of ``domain`` (domain-selective)."""
+
+    index: int
+    domain: int | None = None
+    pasid: int | None = None
+    raw: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusWrite:
+    """A completion the guest observes in its memory (VT-d wait descriptor with SW=1): the
+    32-bit ``data`` written at guest-physical ``addr`` once everything before ``index`` is
+    done."""
+
+    index: int
+    addr: int
+    data: int
+
+
 Event = Invalidation | StreamTableInvalidated | Barrier | GuestError

@@ -1,8 +1,9 @@
 """Structured logging, configured once by the CLI (never at import).
 
 Events are snake_case facts (``client_connected``, ``batch_forwarded``, ``guest_error`` …)
-with bound context (``client``, ``viommu``); JSON lines on stderr by default, console
-rendering when stderr is a terminal or ``--log-format console``.
+with bound context (``client``, ``vm``, ``viommu``); JSON lines on stderr by default, console
+rendering when stderr is a terminal or ``--log-format console``. The vocabulary (every event
+and key) is in docs/operations.md §5, and a test keeps it complete.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Records are sent pipelined (at most ``window`` unanswered frames); replies come 
 order and are written to the responses file and the call log as they arrive. A malformed
 trace line or a record the daemon refuses stops the replay: what was sent before is still
 answered, and the result carries exit status 2.
+
+``progress=True`` draws a progress bar (tqdm: records answered, records/s) on stderr; the
+CLI asks for it only when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from protocols.frames import FrameType
 from viommud import wire
@@ -26,6 +30,29 @@ from viommud.trace import Cmds, Request, TraceError, TraceReader, record_to_json
 EXIT_OK = 0
 EXIT_MISSED = 1
 EXIT_REFUSED = 2
+
+
+class Progress(Protocol):
+    """What the replay needs of a progress bar (tqdm's interface)."""
+
+    def update(self, n: float | None = 1) -> bool | None: ...
+
+    def close(self) -> None: ...
+
+
+def progress_bar(name: str) -> Progress:
+    """A tqdm bar on stderr counting answered records (``N records [elapsed, R records/s]``)."""
+    from tqdm import tqdm  # noqa: PLC0415 - only on a terminal
+
+    return tqdm(
+        desc=name,
+        unit=" records",
+        unit_scale=True,
+        file=sys.stderr,
+        mininterval=0.25,
+        dynamic_ncols=True,
+        leave=False,
+    )
 
 
 @dataclass(slots=True)
@@ -42,23 +69,34 @@ async def replay(
     responses: IO[str] | None = None,
     calls: IO[str] | None = None,
     window: int = 128,
+    verify: bool = False,
+    token: str | None = None,
+    progress: bool = False,
 ) -> ReplayResult:
-    """Replay ``trace`` on the daemon listening at ``socket_path``."""
+    """Replay ``trace`` on the daemon listening at ``socket_path``.
+
+    With ``verify`` the daemon runs the oracle; a missed invalidation gives exit status 1.
+    ``socket_path`` may be ``tcp://ADDR:PORT``; ``token`` is then presented in HELLO."""
     try:
         reader = TraceReader(trace)
     except TraceError as exc:
         return ReplayResult(EXIT_REFUSED, None, f"{trace}: {exc}")
     header = reader.header
     try:
-        client = await Client.connect(socket_path)
+        client = await Client.connect(socket_path, token=token)
     except ClientError as exc:
         reader.close()
         return ReplayResult(EXIT_REFUSED, None, str(exc))
+    bar = progress_bar(header.name) if progress else None
     try:
-        return await _run(client, reader, responses, calls, window)
+        return await _run(
+            client, reader, responses, calls, window=window, verify=verify, progress=bar
+        )
     except ClientError as exc:
         return ReplayResult(EXIT_REFUSED, None, f"{header.name}: {exc}")
     finally:
+        if bar is not None:
+            bar.close()
         reader.close()
         await client.close()
 
@@ -68,10 +106,15 @@ async def _run(
     reader: TraceReader,
     responses: IO[str] | None,
     calls: IO[str] | None,
+    *,
     window: int,
+    verify: bool,
+    progress: Progress | None = None,
 ) -> ReplayResult:
     header = reader.header
-    await client.hello(host=header.host.to_json(), calls=calls is not None, trace=header.name)
+    await client.hello(
+        host=header.host.to_json(), calls=calls is not None, trace=header.name, verify=verify
+    )
     started = time.perf_counter()
     lines: dict[int, int] = {}  # seq -> trace line
     records = 0
@@ -80,6 +123,7 @@ async def _run(
     async def settle(limit: int) -> str | None:
         """Read replies until at most ``limit`` are outstanding; returns a refusal, if any."""
         refusal = None
+        waiting = len(lines)
         while len(lines) > limit:
             frame = await client.receive()
             line = lines.pop(frame.seq, None)
@@ -96,6 +140,8 @@ async def _run(
                 calls.writelines(json.dumps(c, separators=(",", ":")) + "\n" for c in call_log)
             if responses is not None:
                 responses.write(json.dumps({"record": line, **body}, separators=(",", ":")) + "\n")
+        if progress is not None:
+            progress.update(waiting - len(lines))
         return refusal
 
     try:
@@ -125,7 +171,7 @@ async def _run(
         return ReplayResult(EXIT_REFUSED, None, error)
     totals = await client.stats()
     report = build_report(header.name, records, totals, elapsed)
-    return ReplayResult(EXIT_OK, report)
+    return ReplayResult(EXIT_MISSED if report["verify"]["missed"] else EXIT_OK, report)
 
 
 def build_report(name: str, records: int, totals: dict[str, Any], elapsed: float) -> dict[str, Any]:
@@ -138,7 +184,7 @@ def build_report(name: str, records: int, totals: dict[str, Any], elapsed: float
         "barriers": totals["barriers"],
         "backend": totals["backend"],
         "baseline": totals["baseline"],
-        "verify": {"enabled": False, "missed": 0, "over": 0},
+        "verify": totals.get("verify", {"enabled": False, "missed": 0, "over": 0}),
         "config_errors": totals.get("config_errors", 0),
         "elapsed_s": round(elapsed, 6),
         "commands_per_s": round(commands / elapsed, 1) if elapsed > 0 else 0.0,
@@ -151,6 +197,8 @@ async def replay_embedded(
     factory: BackendFactory = emulated_backend,
     responses: IO[str] | None = None,
     calls: IO[str] | None = None,
+    verify: bool = False,
+    progress: bool = False,
 ) -> ReplayResult:
     """Start a daemon on a temporary Unix socket in this process and replay through it."""
     with tempfile.TemporaryDirectory(prefix="viommud-") as tmp:
@@ -160,7 +208,14 @@ async def replay_embedded(
         stop = asyncio.Event()
         serving = asyncio.create_task(server.run(stop.wait))
         try:
-            return await replay(trace, socket_path, responses=responses, calls=calls)
+            return await replay(
+                trace,
+                socket_path,
+                responses=responses,
+                calls=calls,
+                verify=verify,
+                progress=progress,
+            )
         finally:
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):

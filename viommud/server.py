@@ -6,27 +6,41 @@ drain after every batch read. A client that sends garbage gets an ERROR frame an
 disconnected; its session is closed, which frees everything it held on the backend; other
 clients are not affected. SIGTERM/SIGINT (or an injected trigger) stop the server
 gracefully: no new connections, running ones get ``grace`` seconds, then are cancelled.
+
+Listeners: the Unix socket (always, unless systemd hands sockets over: viommud.systemd), TCP
+addresses when asked for (each needs the shared token in HELLO; created inside a named
+network namespace through viommud.netlink when asked). A STATUS frame is answered without
+a session (viommud.status); ``--metrics`` serves Prometheus metrics (viommud.metrics).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import signal
-from collections.abc import Awaitable, Callable
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from protocols.frames import PROTOCOL_VERSION, FrameType
 from viommud import __version__, wire
 from viommud.backend.base import Backend
+from viommud.endpoints import TcpAddress, bind_tcp, token_matches
 from viommud.host import HostConfig, HostConfigError
 from viommud.session import RecordRefused, Session
+from viommud.status import Snapshot, Totals, backend_objects, count_kinds, describe_viommu
+from viommud.systemd import ListenSocket
 from viommud.trace import Request, TraceError, parse_record
+
+if TYPE_CHECKING:
+    from viommud.metrics import Metrics  # imported when --metrics asks for it
 
 READ_CHUNK = 256 * 1024
 BackendFactory = Callable[[HostConfig], Backend]
@@ -46,7 +60,17 @@ class Connection:
     """Protocol state of one client: hello, then records, each answered in order."""
 
     def __init__(
-        self, client_id: int, factory: BackendFactory, fixed_host: HostConfig | None, log: Any
+        self,
+        client_id: int,
+        factory: BackendFactory,
+        fixed_host: HostConfig | None,
+        log: Any,
+        *,
+        transport: str = "unix",
+        peer: str = "",
+        token: str | None = None,
+        status: Callable[[int], dict[str, Any]] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.client_id = client_id
         self.factory = factory
@@ -55,6 +79,15 @@ class Connection:
         self.session: Session | None = None
         self.decoder = wire.FrameDecoder()
         self.closing = False
+        self.transport = transport  # "unix" or "tcp"
+        self.peer = peer
+        self.token = token  # required in HELLO / STATUS when set (TCP listeners)
+        self.authenticated = token is None
+        self.status = status
+        self.metrics = metrics
+        self.connected_at = time.monotonic()
+        self.trace = ""
+        self.vm = ""
 
     def receive(self, data: bytes) -> bytes:
         """Feed bytes from the peer; returns the reply bytes to send."""
@@ -87,16 +120,23 @@ class Connection:
         kind = frame.type
         if kind == FrameType.HELLO:
             return self._hello(frame)
+        if kind == FrameType.STATUS:
+            return self._status(frame)
         session = self.session
         if session is None:
             raise _Fatal("the first frame must be HELLO")
         if kind == FrameType.CMDS:
+            metrics = self.metrics
+            started = time.perf_counter() if metrics is not None else 0.0
             viommu, data = frame.guest_data()
             try:
                 response = session.doorbell(viommu, data)
             except RecordRefused as exc:
                 return _error(frame.seq, str(exc), fatal=False)
-            return self._respond(frame.seq, response)
+            reply = self._respond(frame.seq, response)
+            if metrics is not None:
+                metrics.observe_cmds(time.perf_counter() - started)
+            return reply
         if kind == FrameType.RECORD:
             try:
                 record = parse_record(0, frame.json())
@@ -107,12 +147,17 @@ class Connection:
                 return _error(frame.seq, str(exc), fatal=False)
             return self._respond(frame.seq, response)
         if kind == FrameType.REQUEST:
+            metrics = self.metrics
+            started = time.perf_counter() if metrics is not None else 0.0
             viommu, data = frame.guest_data()
             try:
                 response = session.handle(Request(0, viommu, data))
             except RecordRefused as exc:
                 return _error(frame.seq, str(exc), fatal=False)
-            return self._respond(frame.seq, response)
+            reply = self._respond(frame.seq, response)
+            if metrics is not None:
+                metrics.observe_request(time.perf_counter() - started)
+            return reply
         if kind == FrameType.STATS:
             return wire.encode_json(FrameType.STATS_OK, frame.seq, session.report())
         raise _Fatal(f"frame type 0x{kind:02x} is not a request")
@@ -137,6 +182,7 @@ class Connection:
             raise _Fatal(
                 f"client speaks protocol {hello.get('protocol')!r}, this daemon {PROTOCOL_VERSION}"
             )
+        self._authenticate(hello.get("token"))
         reply: dict[str, Any] = {
             "protocol": PROTOCOL_VERSION,
             "server": f"viommud/{__version__}",
@@ -149,11 +195,21 @@ class Connection:
         backend = self.factory(host)
         reply["backend"] = backend.name
         reply["host"] = host.to_json()
-        self.session = Session(backend, keep_calls=bool(hello.get("calls")), log=self.log)
+        self.trace = str(hello.get("trace", ""))
+        # Every later line of this session names its VM (HELLO "vm", else the trace name).
+        self.vm = str(hello.get("vm") or self.trace)
+        self.log = self.log.bind(vm=self.vm)
+        self.session = Session(
+            backend,
+            keep_calls=bool(hello.get("calls")),
+            verify=bool(hello.get("verify")),
+            log=self.log,
+        )
+        self.session.calls.on_error = self._backend_error
         self.log.info(
             "session_started",
             client_name=str(hello.get("client", "")),
-            trace=str(hello.get("trace", "")),
+            trace=self.trace,
         )
         return wire.encode_json(FrameType.HELLO_OK, frame.seq, reply)
 
@@ -176,10 +232,60 @@ class Connection:
                 )
         return self.fixed_host
 
-    def close(self) -> None:
-        if self.session is not None:
-            self.session.close()
-            self.session = None
+    def _backend_error(self, ioctl: str, errno_name: str, piommu: str | None) -> None:
+        self.log.warning("backend_error", ioctl=ioctl, errno=errno_name, piommu=piommu)
+
+    def _authenticate(self, presented: Any) -> None:
+        if self.authenticated:
+            return
+        if self.token is None or not token_matches(self.token, presented):
+            self.log.warning("auth_failed", transport=self.transport, peer=self.peer)
+            raise _Fatal("this listener needs the daemon's token (docs/protocol.md §5)")
+        self.authenticated = True
+
+    def _status(self, frame: wire.Frame) -> bytes:
+        if not self.authenticated:
+            try:
+                body = frame.json() if frame.payload else {}
+            except wire.WireError as exc:
+                raise _Fatal(f"bad STATUS: {exc}") from None
+            self._authenticate(body.get("token") if isinstance(body, dict) else None)
+        if self.status is None:
+            return _error(frame.seq, "this daemon does not report its status", fatal=False)
+        return wire.encode_json(FrameType.STATUS_OK, frame.seq, self.status(self.client_id))
+
+    def describe(self) -> dict[str, Any]:
+        """This client for STATUS: transport, peer, and its session's vIOMMUs and objects."""
+        out: dict[str, Any] = {
+            "client": self.client_id,
+            "transport": self.transport,
+            "peer": self.peer,
+            "connected_s": round(time.monotonic() - self.connected_at, 3),
+            "session": None,
+        }
+        session = self.session
+        if session is not None:
+            held = backend_objects(session.backend)
+            out["session"] = {
+                "vm": self.vm,
+                "trace": self.trace,
+                "backend": session.backend.name,
+                "viommus": [describe_viommu(v) for _, v in sorted(session.viommus.items())],
+                "objects": count_kinds(held) if held is not None else None,
+                "counters": session.report(),
+            }
+        return out
+
+    def close(self) -> dict[str, Any] | None:
+        """End the session (freeing its backend objects); returns its final totals."""
+        session = self.session
+        if session is None:
+            return None
+        self.session = None
+        report = session.report()  # commands and errors, while its vIOMMUs are still there
+        session.close()
+        report["backend"] = session.report()["backend"]  # with the teardown calls
+        return report
 
 
 def _error(seq: int, message: str, *, fatal: bool) -> bytes:
@@ -197,35 +303,140 @@ class Server:
         fixed_host: HostConfig | None = None,
         mode: int = 0o600,
         grace: float = 5.0,
+        tcp: Sequence[TcpAddress] = (),
+        netns: str | None = None,
+        token: str | None = None,
+        activated: Sequence[ListenSocket] = (),
+        metrics: TcpAddress | None = None,
+        notify: Callable[[str], object] | None = None,
     ) -> None:
+        """``tcp``: extra TCP listeners (inside network namespace ``netns`` when given), each
+        needing ``token`` in HELLO. ``activated``: sockets from the service manager, served
+        instead of binding ``socket_path``. ``metrics``: where to serve Prometheus metrics.
+        ``notify``: called with sd_notify states (``READY=1`` once listening)."""
+        if not token and (tcp or any(not listen.is_unix for listen in activated)):
+            raise ValueError("TCP listeners need a token (--token-file)")
         self.socket_path = Path(socket_path)
         self.factory = factory
         self.fixed_host = fixed_host
         self.mode = mode
         self.grace = grace
+        self.tcp = tuple(tcp)
+        self.netns = netns
+        self.token = token
+        self.activated = tuple(activated)
+        self.metrics_address = metrics
+        self.notify = notify
         self.log = structlog.get_logger("viommud")
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
+        self._started = False
+        self._bound_unix = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self.clients = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.listeners: list[dict[str, Any]] = []
+        self.retired = Totals()  # counters of the sessions that have ended
+        self.metrics: Metrics | None = None
+        self.started_at = time.monotonic()
 
     async def start(self) -> None:
+        """Bind every listener (and the metrics endpoint), then report READY=1.
+
+        If one cannot be bound, those already bound are closed again before the error
+        propagates."""
+        try:
+            if self.activated:
+                for listen in self.activated:
+                    await self._serve_activated(listen)
+            else:
+                await self._start_unix()
+            for address in self.tcp:
+                await self._start_tcp(address)
+            if self.metrics_address is not None:
+                from viommud.metrics import Metrics  # noqa: PLC0415 - only when asked for
+
+                metrics = Metrics(self.snapshot)
+                bound = await asyncio.to_thread(metrics.serve, self.metrics_address)
+                metrics.bind_loop()
+                self.metrics = metrics
+                self.log.info("metrics_started", address=str(bound))
+        except BaseException:
+            await self._unbind()
+            raise
+        self._started = True
+        self._notify(
+            "READY=1\nSTATUS=serving on "
+            + ", ".join(f"{listener['kind']} {listener['address']}" for listener in self.listeners)
+        )
+
+    async def _start_unix(self) -> None:
         path = self.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_socket():
             path.unlink()  # a stale socket from a previous run
         old_umask = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._accept, path=str(path))
+            server = await asyncio.start_unix_server(self._accept, path=str(path))
         finally:
             os.umask(old_umask)
+        self._servers.append(server)
+        self._bound_unix = True
         path.chmod(self.mode)
+        self.listeners.append({"kind": "unix", "address": str(path)})
         self.log.info("server_started", socket=str(path), mode=oct(self.mode))
 
+    async def _start_tcp(self, address: TcpAddress) -> None:
+        if self.netns is None:
+            sock = bind_tcp(address)
+        else:
+            from viommud import netlink  # noqa: PLC0415 - pyroute2 only when asked for
+
+            sock = await asyncio.to_thread(netlink.tcp_listener, address, self.netns)
+        try:
+            server = await asyncio.start_server(
+                functools.partial(self._accept, transport="tcp"), sock=sock
+            )
+        except OSError:
+            sock.close()
+            raise
+        self._servers.append(server)
+        bound = _sockname(sock)
+        self.listeners.append({"kind": "tcp", "address": bound, "netns": self.netns})
+        self.log.info("listener_started", kind="tcp", address=bound, netns=self.netns)
+
+    async def _serve_activated(self, listen: ListenSocket) -> None:
+        sock = listen.sock
+        if listen.is_unix:
+            server = await asyncio.start_unix_server(self._accept, sock=sock)
+            kind = "unix"
+        else:
+            server = await asyncio.start_server(
+                functools.partial(self._accept, transport="tcp"), sock=sock
+            )
+            kind = "tcp"
+        self._servers.append(server)
+        bound = _sockname(sock)
+        self.listeners.append({"kind": kind, "address": bound, "activated": True})
+        self.log.info("listener_started", kind=kind, address=bound, activated=True)
+
+    def _notify(self, state: str) -> None:
+        if self.notify is None:
+            return
+        try:
+            self.notify(state)
+        except OSError as exc:
+            self.log.warning("notify_failed", state=state.partition("\n")[0], error=str(exc))
+
+    @property
+    def tcp_addresses(self) -> list[str]:
+        """``ADDR:PORT`` of each TCP listener, as bound (port 0 becomes the real port)."""
+        return [listener["address"] for listener in self.listeners if listener["kind"] == "tcp"]
+
     async def run(self, shutdown_trigger: Callable[[], Awaitable[Any]] | None = None) -> None:
-        if self._server is None:
+        if not self._started:
             await self.start()
         if shutdown_trigger is None:
             shutdown_trigger = _signal_trigger()
@@ -236,35 +447,103 @@ class Server:
 
     async def close(self) -> None:
         self.log.info("shutdown_started", clients=len(self._tasks))
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        self._notify("STOPPING=1")
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+        for server in servers:
+            await server.wait_closed()
         if self._tasks:
             _done, pending = await asyncio.wait(self._tasks, timeout=self.grace)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        await self._unbind()
+        self._started = False
         self.log.info("shutdown_complete")
+
+    async def _unbind(self) -> None:
+        """Close the listeners and the metrics endpoint; remove the socket the daemon made."""
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
+            self.metrics = None
+        if self._bound_unix:  # a socket-activated one belongs to the service manager
+            self._bound_unix = False
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+
+    # -- what the daemon holds (STATUS frames, metrics) ---------------------------------
+    def snapshot(self) -> Snapshot:
+        """Counters of every session, ended and live, plus what is live now."""
+        live = Totals()
+        objects: dict[str, int] = {}
+        sessions = 0
+        for connection in self._connections.values():
+            session = connection.session
+            if session is None:
+                continue
+            sessions += 1
+            live.add(session.report())
+            held = backend_objects(session.backend)
+            for kind, count in count_kinds(held or []).items():
+                objects[kind] = objects.get(kind, 0) + count
+        return Snapshot(self.retired.merged(live), self.clients, sessions, objects)
+
+    def status(self, asker: int = 0) -> dict[str, Any]:
+        """The STATUS reply: listeners, clients (but the asker) with their vIOMMUs, totals."""
+        snap = self.snapshot()
+        metrics = self.metrics
+        return {
+            "server": f"viommud/{__version__}",
+            "protocol": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "listeners": self.listeners,
+            "metrics": str(metrics.address) if metrics and metrics.address else None,
+            "connected_clients": sum(1 for cid in self._connections if cid != asker),
+            "sessions": {"active": snap.sessions, "closed": self.retired.sessions},
+            "clients": [
+                connection.describe()
+                for cid, connection in sorted(self._connections.items())
+                if cid != asker
+            ],
+            "objects": snap.objects,
+            "totals": snap.totals.to_json(),
+        }
 
     async def wait_idle(self) -> None:
         """Return once no client is connected (their sessions are closed by then)."""
         await self._idle.wait()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, transport: str = "unix"
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         client_id = next(self._ids)
         log = self.log.bind(client=client_id)
-        connection = Connection(client_id, self.factory, self.fixed_host, log)
+        peer = _peername(writer) if transport == "tcp" else ""
+        connection = Connection(
+            client_id,
+            self.factory,
+            self.fixed_host,
+            log,
+            transport=transport,
+            peer=peer,
+            token=self.token if transport == "tcp" else None,
+            status=self.status,
+            metrics=self.metrics,
+        )
+        self._connections[client_id] = connection
         self.clients += 1
         self._idle.clear()
-        log.info("client_connected")
+        log.info("client_connected", transport=transport, peer=peer)
         try:
             while not connection.closing:
                 data = await reader.read(READ_CHUNK)
@@ -282,7 +561,12 @@ class Server:
         except Exception:
             log.exception("client_failed")
         finally:
-            connection.close()
+            try:
+                report = connection.close()
+            finally:
+                del self._connections[client_id]
+            if report is not None:
+                self.retired.add(report)
             self.clients -= 1
             if not self.clients:
                 self._idle.set()
@@ -290,6 +574,20 @@ class Server:
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()
             log.info("client_disconnected")
+
+
+def _sockname(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if isinstance(name, tuple):
+        return str(TcpAddress(str(name[0]), int(name[1])))
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+
+
+def _peername(writer: asyncio.StreamWriter) -> str:
+    name = writer.get_extra_info("peername")
+    if isinstance(name, tuple) and len(name) >= 2:
+        return str(TcpAddress(str(name[0]), int(name[1])))
+    return ""
 
 
 def _signal_trigger() -> Callable[[], Awaitable[Any]]:

@@ -60,6 +60,7 @@ ARM_INV = uapi.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3
 VTD_INV = uapi.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1
 U64_MAX = (1 << 64) - 1
 SYNC = struct.pack("<QQ", 0x46, 0)
+MAP_RW = uapi.IOMMU_IOAS_MAP_READABLE | uapi.IOMMU_IOAS_MAP_WRITEABLE
 
 # vSTE words (SMMUv3 §5.2): V=1 with Config in bits 3:1
 STE_ABORT = 0x1
@@ -94,8 +95,8 @@ class Topo:
 class Rig:
     """The backend plus short-hands for every call the tests make."""
 
-    def __init__(self, host: HostConfig = HOST) -> None:
-        self.be = EmulatedIommufd(host)
+    def __init__(self, host: HostConfig = HOST, **options: Any) -> None:
+        self.be = EmulatedIommufd(host, **options)
         self.fds: dict[str, int] = {}
         self.ids: dict[str, int] = {}
 
@@ -207,6 +208,32 @@ class Rig:
         rc, _ = self.call(uapi.IOMMU_DESTROY, uapi.Destroy(id=obj_id))
         return rc
 
+    def map(
+        self,
+        ioas: int,
+        iova: int,
+        length: int,
+        user_va: int | None = None,
+        flags: int = MAP_RW | uapi.IOMMU_IOAS_MAP_FIXED_IOVA,
+        **kw: int,
+    ) -> tuple[int, int]:
+        """IOAS_MAP; ``user_va`` None maps a fresh buffer of ``length`` bytes."""
+        if user_va is None:
+            user_va = self.be.memory.alloc(length)
+        rc, out = self.call(
+            uapi.IOMMU_IOAS_MAP,
+            uapi.IoasMap(
+                flags=flags, ioas_id=ioas, user_va=user_va, length=length, iova=iova, **kw
+            ),
+        )
+        return rc, out.iova
+
+    def unmap(self, ioas: int, iova: int, length: int) -> tuple[int, int]:
+        rc, out = self.call(
+            uapi.IOMMU_IOAS_UNMAP, uapi.IoasUnmap(ioas_id=ioas, iova=iova, length=length)
+        )
+        return rc, out.length
+
     def invalidate(
         self,
         hwpt_id: int,
@@ -296,7 +323,7 @@ def test_destroy_size_convention(rig: Rig, arg: bytearray, expected: int) -> Non
         0x3BFF,
         0xC0083B80,
         0x3C80,
-        uapi.IOMMU_IOAS_MAP,
+        uapi.IOMMU_IOAS_COPY,
         uapi.IOMMU_TEST_CMD,
         uapi.VFIO_DEVICE_BIND_IOMMUFD,
         uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT,

@@ -15,7 +15,7 @@ from protocols.smmuv3 import Opcode, build_command
 from tests.oracle.workload import SYNC, Rig, build, host, tlbi_range
 from viommud.dispatcher.smmuv3 import DispatchPolicy, SmmuDispatcher
 from viommud.dispatcher.smmuv3_coalesce import Entry
-from viommud.events import GuestError, Invalidation
+from viommud.events import Event, GuestError, Invalidation
 from viommud.models.smmuv3 import SmmuV3Viommu
 from viommud.topology.smmuv3 import PiommuSlot
 
@@ -160,7 +160,9 @@ def test_failed_call_without_resend_is_missed(monkeypatch: pytest.MonkeyPatch) -
         disp = instance.dispatcher
         from viommud.events import Cache, Scope
 
-        events = [Invalidation(i, Cache.TLB, Scope.ALL, raw=raw) for i, raw in enumerate(pages)]
+        events: list[Event] = [
+            Invalidation(i, Cache.TLB, Scope.ALL, raw=raw) for i, raw in enumerate(pages)
+        ]
         verifier = rig.session.verifier
         assert verifier is not None
         verifier.doorbell_begin(

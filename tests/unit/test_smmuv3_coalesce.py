@@ -94,7 +94,7 @@ def test_merge_keeps_leaf_and_ttl_apart() -> None:
 def test_encode_range_covers_exactly_and_avoids_the_reserved_encoding() -> None:
     for pages in (1, 2, 3, 31, 32, 33, 100, 511, 4096):
         words = encode_range(Opcode.TLBI_NH_VA | 1 << 48, 1 | 3 << 8 | 1 << 10, 7, pages, 1)
-        covered = []
+        covered: list[int] = []
         for w0, w1 in words:
             n = (((w0 >> 12) & 31) + 1) << ((w0 >> 20) & 31)
             first = w1 >> 12

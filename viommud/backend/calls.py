@@ -51,6 +51,9 @@ class CallLog:
     entries: list[dict[str, Any]] = field(default_factory=list)
     # Called with every call's payload (the verification oracle listens here).
     listener: Callable[[str, int, dict[str, Any], str | None], None] | None = None
+    # Called as (ioctl, errno name, physical IOMMU) for failed calls only (the server logs
+    # them as ``backend_error``); free on the hot path.
+    on_error: Callable[[str, str, str | None], None] | None = None
 
     @property
     def detailed(self) -> bool:
@@ -63,6 +66,8 @@ class CallLog:
         if err:
             name = errno_mod.errorcode.get(err, str(err))
             self.errnos[name] = self.errnos.get(name, 0) + 1
+            if self.on_error is not None:
+                self.on_error(ioctl, name, iommu)
         if self.keep:
             entry: dict[str, Any] = {
                 "seq": self.seq,

@@ -6,6 +6,10 @@ unmapped guard page separates two allocations, so an overrun, an underrun or a u
 ``free`` faults instead of silently touching a neighbour. Mapping is exact to the byte: a
 read or write touching any byte past the requested size raises ``UserFault`` (stricter than
 real page-granular memory, and deterministic). Address 0 is never mapped.
+
+Allocations of ``SPARSE_THRESHOLD`` bytes or more (e.g. a VMM's guest RAM backing an
+``IOMMU_IOAS_MAP``) are sparse: their pages exist only once written, so mapping gigabytes
+costs nothing until they are touched.
 """
 
 from __future__ import annotations
@@ -18,10 +22,49 @@ PAGE_SIZE = 4096
 FIRST_ADDRESS = 0x10000
 GUARD = PAGE_SIZE
 ADDRESS_LIMIT = 1 << 64
+SPARSE_THRESHOLD = 1 << 20
 
 
 def _page_up(value: int) -> int:
     return (value + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+class SparseBlock:
+    """A zero-initialised byte range whose pages are materialised on first write."""
+
+    __slots__ = ("_pages", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._pages: dict[int, bytearray] = {}
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: slice) -> bytes:
+        start, stop, _ = index.indices(self._size)
+        out = bytearray()
+        pos = start
+        while pos < stop:
+            page, off = divmod(pos, PAGE_SIZE)
+            n = min(stop - pos, PAGE_SIZE - off)
+            data = self._pages.get(page)
+            out += data[off : off + n] if data is not None else bytes(n)
+            pos += n
+        return bytes(out)
+
+    def __setitem__(self, index: slice, data: bytes | bytearray | memoryview) -> None:
+        start, stop, _ = index.indices(self._size)
+        view = memoryview(bytes(data))
+        pos = start
+        while pos < stop:
+            page, off = divmod(pos, PAGE_SIZE)
+            n = min(stop - pos, PAGE_SIZE - off)
+            buf = self._pages.get(page)
+            if buf is None:
+                buf = self._pages[page] = bytearray(PAGE_SIZE)
+            buf[off : off + n] = view[pos - start : pos - start + n]
+            pos += n
 
 
 class EmulatedMemory:
@@ -31,7 +74,7 @@ class EmulatedMemory:
 
     def __init__(self) -> None:
         self._bases: list[int] = []
-        self._blocks: dict[int, bytearray] = {}
+        self._blocks: dict[int, bytearray | SparseBlock] = {}
         self._next = FIRST_ADDRESS
 
     # -- UserMemory ---------------------------------------------------------------------
@@ -44,7 +87,7 @@ class EmulatedMemory:
         if end > ADDRESS_LIMIT:
             raise MemoryError("emulated address space exhausted")
         self._next = _page_up(max(end, base + 1)) + GUARD
-        self._blocks[base] = bytearray(size)
+        self._blocks[base] = SparseBlock(size) if size >= SPARSE_THRESHOLD else bytearray(size)
         insort(self._bases, base)
         return base
 
@@ -82,7 +125,7 @@ class EmulatedMemory:
         """``(base, size)`` of every live allocation, in address order."""
         return [(base, len(self._blocks[base])) for base in self._bases]
 
-    def _locate(self, addr: int, size: int) -> tuple[bytearray, int]:
+    def _locate(self, addr: int, size: int) -> tuple[bytearray | SparseBlock, int]:
         if addr <= 0 or addr + size > ADDRESS_LIMIT:
             raise UserFault(f"access to {addr:#x}+{size:#x} outside the address space")
         index = bisect_right(self._bases, addr) - 1

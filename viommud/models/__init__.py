@@ -79,5 +79,11 @@ Factory = Callable[[ViommuCreate, ModelContext], Viommu]
 def factories() -> dict[str, Factory]:
     """The models this daemon implements, by trace ``model`` name."""
     from viommud.models import smmuv3  # noqa: PLC0415 - models import the session's types
+    from viommud.models import virtio as virtio_iommu  # noqa: PLC0415
+    from viommud.models.vtd import VtdViommu  # noqa: PLC0415
 
-    return {"smmuv3": smmuv3.SmmuV3Viommu.create}
+    return {
+        "vtd": VtdViommu.create,
+        "smmuv3": smmuv3.SmmuV3Viommu.create,
+        "virtio-iommu": virtio_iommu.VirtioViommu.create,
+    }

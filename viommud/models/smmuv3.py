@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,7 @@ class SmmuV3Viommu:
         frontend = self.frontend
         calls = self.dispatcher.iommufd.log
         calls_before = calls.seq
+        started = time.perf_counter()
         try:
             frontend.receive_data(data)
         except FrameError as exc:
@@ -85,6 +87,7 @@ class SmmuV3Viommu:
                 syncs=summary.syncs,
                 errors=len(errors),
                 backend_calls=calls.seq - calls_before,
+                duration_ms=round((time.perf_counter() - started) * 1e3, 3),
             )
             for error in errors:
                 log.warning(

@@ -90,26 +90,45 @@ class _Open:
     since: int  # removals with a sequence number above this one count
 
 
+KEEP_PER_PLACE = 1024  # removals remembered per cache place (needs look back this far)
+
+
 @dataclass(slots=True)
 class Ledger:
-    """Needs waiting for their barrier, removals since, and the running verdict."""
+    """Needs waiting for their barrier, removals since, and the running verdict.
+
+    Removals are kept per (cache, place), the last ``KEEP_PER_PLACE`` of each: a need may
+    look back to before its own doorbell (a VT-d device-TLB need counts removals since the
+    IOTLB invalidation that made it necessary)."""
 
     missed: int = 0
     over: int = 0
     missed_needs: list[Need] = field(default_factory=list)
     _open: list[_Open] = field(default_factory=list)  # needs whose barrier has not come
     _due: list[_Open] = field(default_factory=list)  # needs whose barrier is this doorbell
-    _removals: list[tuple[int, Removal]] = field(default_factory=list)
-    _fresh: int = 0  # index into _removals of the first removal of this doorbell
+    _by_place: dict[tuple[str, tuple[Any, ...]], list[tuple[int, Removal]]] = field(
+        default_factory=dict
+    )
+    _fresh: list[tuple[Removal, int]] = field(default_factory=list)  # this doorbell's
     _seq: int = 0
 
-    def remove(self, removal: Removal) -> None:
+    def remove(self, removal: Removal, entry: int | None = None) -> None:
+        """Record what a backend entry removed; one entry may remove several things (pass
+        the same ``entry`` from ``new_entry()``): it is ``over`` only if none served."""
         self._seq += 1
-        self._removals.append((self._seq, removal))
+        key = (removal.cache, removal.place)
+        history = self._by_place.setdefault(key, [])
+        history.append((self._seq, removal))
+        if len(history) > 2 * KEEP_PER_PLACE:
+            del history[:KEEP_PER_PLACE]
+        self._fresh.append((removal, self._seq if entry is None else entry))
+
+    def new_entry(self) -> int:
+        self._seq += 1
+        return self._seq
 
     def begin(self) -> int:
         """A doorbell starts: needs raised from now on see only removals issued after."""
-        self._fresh = len(self._removals)
         return self._seq
 
     def need(self, need: Need, since: int, *, due: bool) -> None:
@@ -123,20 +142,21 @@ class Ledger:
     def settle(self) -> None:
         """The doorbell's barriers are reported complete: judge what was due."""
         for item in self._due:
-            window = [r for seq, r in self._removals if seq > item.since]
-            if not covered(item.need, window):
+            need = item.need
+            history = self._by_place.get((need.cache, need.place), [])
+            window = [r for seq, r in history if seq > item.since]
+            if not covered(need, window):
                 self.missed += 1
                 if len(self.missed_needs) < 100:
-                    self.missed_needs.append(item.need)
+                    self.missed_needs.append(need)
         live = [item.need for item in self._due] + [item.need for item in self._open]
-        for _seq, removal in self._removals[self._fresh :]:
-            if not any(overlaps(removal, need) for need in live):
-                self.over += 1
+        useless: dict[int, bool] = {}
+        for removal, entry in self._fresh:
+            served = any(overlaps(removal, need) for need in live)
+            useless[entry] = useless.get(entry, True) and not served
+        self.over += sum(useless.values())
         self._due = []
-        # Removals older than every open need can no longer matter.
-        oldest = min((item.since for item in self._open), default=self._seq)
-        self._removals = [(s, r) for s, r in self._removals if s > oldest]
-        self._fresh = len(self._removals)
+        self._fresh = []
 
 
 class CallObserver(Protocol):

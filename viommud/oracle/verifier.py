@@ -8,7 +8,17 @@ from typing import Any
 from viommud.host import HostConfig
 from viommud.oracle import Ledger
 from viommud.oracle.smmuv3 import SmmuGuest, SmmuHost
-from viommud.trace import DeviceAttach, DeviceDetach, Record, Ste, ViommuCreate, ViommuDestroy
+from viommud.oracle.vtd import VtdGuest, VtdHost
+from viommud.trace import (
+    ContextEntry,
+    DeviceAttach,
+    DeviceDetach,
+    PasidEntry,
+    Record,
+    Ste,
+    ViommuCreate,
+    ViommuDestroy,
+)
 
 
 @dataclass(slots=True)
@@ -17,12 +27,14 @@ class Verifier:
 
     host: HostConfig
     ledger: Ledger = field(default_factory=Ledger)
-    guests: dict[str, SmmuGuest] = field(default_factory=dict)
+    guests: dict[str, SmmuGuest | VtdGuest] = field(default_factory=dict)
     owner: dict[str, str] = field(default_factory=dict)  # device -> vIOMMU name
     smmu_host: SmmuHost = field(init=False)
+    vtd_host: VtdHost = field(init=False)
 
     def __post_init__(self) -> None:
         self.smmu_host = SmmuHost(self.ledger, self.owner)
+        self.vtd_host = VtdHost(self.ledger, self.host)
 
     # -- inputs -------------------------------------------------------------------------
     def before(self, record: Record) -> None:
@@ -37,6 +49,10 @@ class Verifier:
         if isinstance(record, ViommuCreate):
             if record.model == "smmuv3":
                 self.guests[record.viommu] = SmmuGuest(record.viommu, self.host, self.ledger)
+            elif record.model == "vtd":
+                self.guests[record.viommu] = VtdGuest(
+                    record.viommu, self.host, self.ledger, record.options
+                )
             return
         guest = self.guests.get(record.viommu)
         if guest is None:
@@ -45,8 +61,12 @@ class Verifier:
             guest.attach(record.vid, record.device)
         elif isinstance(record, DeviceDetach):
             guest.detach(record.vid)
-        elif isinstance(record, Ste):
+        elif isinstance(record, Ste) and isinstance(guest, SmmuGuest):
             guest.write_ste(record.vsid, record.data)
+        elif isinstance(record, ContextEntry) and isinstance(guest, VtdGuest):
+            guest.context_entry(record.sid, record.data)
+        elif isinstance(record, PasidEntry) and isinstance(guest, VtdGuest):
+            guest.pasid_entry(record.sid, record.pasid, record.data)
         elif isinstance(record, ViommuDestroy):
             del self.guests[record.viommu]
 
@@ -62,6 +82,7 @@ class Verifier:
 
     def call(self, ioctl: str, err: int, call: dict[str, Any], iommu: str | None) -> None:
         self.smmu_host.call(ioctl, err, call, iommu)
+        self.vtd_host.call(ioctl, err, call, iommu)
 
     # -- verdict ------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Intel VT-d frontend: queued-invalidation decoding, context and PASID entries."""
