@@ -46,15 +46,11 @@ def run(
         assert header is not None
         host = parse_header(header).host
     session = Session(EmulatedIommufd(host), verify=True, policies={"smmuv3": policy})
-    doorbells_with_work = 0
     for record in records:
-        before = session.calls.calls.get("IOMMU_HWPT_INVALIDATE", 0)
         if isinstance(record, Cmds):
             session.doorbell(record.viommu, record.data)
         else:
             session.handle(record)
-        if session.calls.calls.get("IOMMU_HWPT_INVALIDATE", 0) > before:
-            doorbells_with_work += 1
     report = session.report()
     session.close()
     return {
@@ -72,7 +68,10 @@ def synthetic(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[Any]]
 
 
 def bundled() -> Iterable[tuple[str, dict[str, Any] | None, list[Any], HostConfig]]:
-    for path in sorted((ROOT / "fixtures").glob("smmuv3-*.json*")):
+    paths = sorted((ROOT / "fixtures").glob("smmuv3-*.json*"))
+    paths += sorted((ROOT / "fixtures").glob("vtd-*.json*"))
+    paths += sorted((ROOT / "fixtures").glob("virtio-*.json*"))
+    for path in paths:
         with TraceReader(path) as reader:
             yield reader.header.name, None, list(reader), reader.header.host
 

@@ -86,3 +86,21 @@ def test_round_trip(sizes: list[int], data: st.DataObject) -> None:
         assert memory.read(addr, size) == payload
         assert memory.mapped(addr, size) == (size > 0)
         assert not memory.mapped(addr + size)
+
+
+def test_large_allocations_are_sparse_and_behave_like_small_ones() -> None:
+    from viommud.backend.usermem import SPARSE_THRESHOLD, EmulatedMemory, SparseBlock
+
+    mem = EmulatedMemory()
+    base = mem.alloc(1 << 34)  # 16 GiB of guest RAM: nothing is materialised
+    block = mem._blocks[base]
+    assert isinstance(block, SparseBlock)
+    assert mem.read(base + (1 << 33), 8) == bytes(8)
+    mem.write(base + 4090, b"0123456789")  # across a page boundary
+    assert mem.read(base + 4088, 14) == b"\0\x000123456789\0\0"
+    assert len(block._pages) == 2
+    assert mem.mapped(base, 1 << 34)
+    assert not mem.mapped(base, (1 << 34) + 1)
+    assert mem.allocations()[-1] == (base, 1 << 34)
+    small = mem.alloc(SPARSE_THRESHOLD - 1)
+    assert not isinstance(mem._blocks[small], SparseBlock)

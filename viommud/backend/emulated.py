@@ -103,6 +103,8 @@ KERNELS = (KERNEL_MAINLINE, KERNEL_PENDING)
 
 NOTES = """\
 Choices the reference leaves open, made here:
+* Mainline by default; EmulatedIommufd(kernel="pending") switches the ARM vIOMMU
+  invalidation to the queued for-next series (§2.7, §3.6), see docs/backend.md.
 * Known iommufd ioctls that are not emulated (IOAS_ALLOW_IOVAS, IOAS_COPY, IOAS_IOVA_RANGES,
   OPTION, VFIO_IOAS, dirty tracking, IOAS_MAP_FILE, IOAS_CHANGE_PROCESS) answer ENOTTY, as
   does IOMMU_TEST_CMD unless the emulator is built with selftest=True (CONFIG_IOMMUFD_TEST).
