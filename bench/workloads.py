@@ -122,7 +122,10 @@ def strict_ril(
     devices: int = 3,
     per_doorbell: int = 1,
     seed: int = 1,
+    sync_each: bool = True,
 ) -> list[dict[str, Any]]:
+    """``per_doorbell`` unmaps per CMDQ_PROD write, each followed by a CMD_SYNC, or with
+    ``sync_each=False`` one CMD_SYNC after all of them (a batched flush)."""
     layout = layout or {"v": [f"smmu{i}" for i in range(iommus)]}
     records, devs = setup("strict-ril", host(iommus, devices, ats=False), layout, {})
     rng = random.Random(seed)
@@ -132,7 +135,11 @@ def strict_ril(
             body: list[bytes] = []
             for _ in range(per_doorbell):
                 asid, page, pages = next(stream)
-                body += [*tlbi_range(asid, page, pages), SYNC]
+                body += tlbi_range(asid, page, pages)
+                if sync_each:
+                    body.append(SYNC)
+            if not sync_each:
+                body.append(SYNC)
             records.append(cmds(viommu, *body))
     return records
 
