@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protocols.smmuv3 import Opcode
 
@@ -57,11 +57,10 @@ class Entry:
 
     raw: bytes
     origin: int  # index of the (first) guest command in its doorbell
+    words: tuple[int, int] = field(init=False, compare=False, repr=False)
 
-    @property
-    def words(self) -> tuple[int, int]:
-        w0, w1 = _CMD.unpack(self.raw)
-        return w0, w1
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "words", _CMD.unpack(self.raw))
 
     @property
     def opcode(self) -> int:
@@ -243,6 +242,8 @@ def order_by_class(entries: list[Entry]) -> list[Entry]:
 
 def coalesce(entries: list[Entry], *, flood_pages: int = DEFAULT_FLOOD_PAGES) -> list[Entry]:
     """Every rule, in an order where each one sees the previous one's result."""
+    if len(entries) < 2:
+        return entries  # nothing to fold with, and one entry needs no order
     out = drop_duplicates(entries)
     out = drop_covered_by_vm_wide(out)
     out = drop_covered_by_asid(out)
