@@ -468,6 +468,7 @@ class Server:
         servers, self._servers = self._servers, []
         for server in servers:
             server.close()
+        self.listeners = []
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
             self.metrics = None
