@@ -10,12 +10,16 @@ of its result.
 from __future__ import annotations
 
 import errno as errno_mod
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from protocols import iommufd as uapi
 from viommud.backend.base import Backend
+
+_ENTRY_NUM = struct.Struct("<I")
+_ENTRY_NUM_OFFSET = 24  # iommu_hwpt_invalidate.entry_num (iommufd.md §2.1)
 
 
 class BackendCallError(Exception):
@@ -319,26 +323,32 @@ class Iommufd:
     ) -> InvalidateResult:
         """One ``IOMMU_HWPT_INVALIDATE`` array call; never raises for an errno."""
         blob = b"".join(entries)
-        err, out = self._call(
-            self.backend.iommufd,
-            uapi.IOMMU_HWPT_INVALIDATE,
-            uapi.HwptInvalidate(
-                hwpt_id=object_id,
-                data_uptr=self._buffer(blob) if blob else 0,
-                data_type=data_type,
-                entry_len=entry_len,
-                entry_num=len(entries),
-            ),
+        # The hot path packs struct iommu_hwpt_invalidate directly (same FORMAT as
+        # uapi.HwptInvalidate) and reads back entry_num, the one field the kernel writes.
+        fmt = uapi.HwptInvalidate.FORMAT
+        arg = bytearray(fmt.size)
+        fmt.pack_into(
+            arg,
+            0,
+            fmt.size,
+            object_id,
+            self._buffer(blob) if blob else 0,
+            data_type,
+            entry_len,
+            len(entries),
+            0,
         )
+        err = self.backend.ioctl(self.backend.iommufd, uapi.IOMMU_HWPT_INVALIDATE, arg)
+        done: int = _ENTRY_NUM.unpack_from(arg, _ENTRY_NUM_OFFSET)[0]
         self.log.invalidation_entries += len(entries)
         if self.log.detailed:
             payload: dict[str, Any] = {
                 "object": {"kind": object_kind, "id": object_id},
                 "data_type": uapi.INVALIDATE_DATA_NAMES.get(data_type, str(data_type)),
                 "entries": [e.hex() for e in entries],
-                "entry_num": out.entry_num,
+                "entry_num": done,
             }
         else:
             payload = {}
         self.log.add("IOMMU_HWPT_INVALIDATE", err, payload, iommu)
-        return InvalidateResult(err, int(out.entry_num))
+        return InvalidateResult(err, done)

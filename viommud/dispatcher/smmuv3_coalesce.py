@@ -51,16 +51,21 @@ _RANGE_OPS = frozenset({Opcode.TLBI_NH_VA, Opcode.TLBI_NH_VAA})
 _ADDR_MASK = 0xFFFFFFFFFFFFF000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entry:
     """One host entry: the 16-byte command and the guest command it stands for."""
 
     raw: bytes
     origin: int  # index of the (first) guest command in its doorbell
-    words: tuple[int, int] = field(init=False, compare=False, repr=False)
+    _words: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "words", _CMD.unpack(self.raw))
+    @property
+    def words(self) -> tuple[int, int]:
+        """(W0, W1), decoded on first use (most calls carry one entry and never ask)."""
+        words = self._words
+        if words is None:
+            words = self._words = _CMD.unpack(self.raw)
+        return words
 
     @property
     def opcode(self) -> int:
