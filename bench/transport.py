@@ -36,6 +36,9 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         decoder.receive_data(data)
         out = []
         while (frame := decoder.next_frame()) is not None:
+            if frame.type == FrameType.CMDS:  # what the daemon answers a clean doorbell with
+                out.append(wire.encode_cmds_ok(frame.seq, 2, 1))
+                continue
             kind = FrameType.HELLO_OK if frame.type == FrameType.HELLO else FrameType.RESPONSE
             out.append(wire.encode(kind, frame.seq, ECHO_REPLY))
         writer.write(b"".join(out))
@@ -105,7 +108,8 @@ class Pipe:
     async def open(cls, path: str, host: dict[str, Any]) -> Pipe:
         reader, writer = await asyncio.open_unix_connection(path)
         pipe = cls(reader, writer)
-        writer.write(wire.encode_json(FrameType.HELLO, 0, {"protocol": 1, "host": host}))
+        hello = {"protocol": 1, "host": host, "compact": True}
+        writer.write(wire.encode_json(FrameType.HELLO, 0, hello))
         await pipe.replies(1)
         return pipe
 

@@ -28,6 +28,7 @@ class FrameType(enum.IntEnum):
     STATUS = 0x06  # JSON: {} or {"token": str}; the daemon's state, no session needed
     HELLO_OK = 0x81  # JSON: {"protocol": 1, "server": str, "backend": str, "host": {...}}
     RESPONSE = 0x82  # JSON: the record's response (spec §3) plus "calls" when asked for
+    CMDS_OK = 0x83  # binary: CmdsOk — a doorbell answered with nothing but counts (compact)
     STATS_OK = 0x85  # JSON: session totals in the replay report's shape
     STATUS_OK = 0x86  # JSON: listeners, clients, live vIOMMUs/vdevices/HWPTs, totals
     ERROR = 0xFF  # JSON: {"error": str, "fatal": bool} — the request was refused
@@ -47,6 +48,15 @@ GuestData = Struct(
     "data" / GreedyBytes,  # the guest's bytes, to the end of the payload
 )
 GuestData.__doc__ = "docs/protocol.md §3: payload of CMDS and REQUEST frames."
+
+CmdsOk = Struct(
+    "consumed" / Int32ul,  # commands consumed
+    "syncs" / Int32ul,  # barriers completed
+)
+CmdsOk.__doc__ = (
+    "docs/protocol.md §2: the compact answer to CMDS when the response has no errors, no "
+    "status writes and nothing else (only to clients that asked for it in HELLO)."
+)
 
 Frame = Struct(
     "header" / FrameHeader,
@@ -82,3 +92,9 @@ def parse_guest_data(payload: bytes) -> tuple[str, bytes]:
     """Decode a CMDS/REQUEST payload with the construct declaration."""
     parsed: Any = GuestData.parse(payload)
     return str(parsed.viommu), bytes(parsed.data)
+
+
+def parse_cmds_ok(payload: bytes) -> dict[str, int]:
+    """Decode a CMDS_OK payload with the construct declaration."""
+    parsed: Any = CmdsOk.parse(payload)
+    return {"consumed": int(parsed.consumed), "syncs": int(parsed.syncs)}

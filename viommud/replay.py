@@ -113,7 +113,11 @@ async def _run(
 ) -> ReplayResult:
     header = reader.header
     await client.hello(
-        host=header.host.to_json(), calls=calls is not None, trace=header.name, verify=verify
+        host=header.host.to_json(),
+        calls=calls is not None,
+        trace=header.name,
+        verify=verify,
+        compact=True,
     )
     started = time.perf_counter()
     lines: dict[int, int] = {}  # seq -> trace line
@@ -129,7 +133,7 @@ async def _run(
             line = lines.pop(frame.seq, None)
             if line is None:
                 raise ClientError(f"reply for unknown request {frame.seq}")
-            body = frame.json()
+            body = frame.response()
             if frame.type == FrameType.ERROR:
                 refusal = refusal or f"line {line}: the daemon refused the record: {body['error']}"
                 if body.get("fatal"):

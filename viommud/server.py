@@ -76,6 +76,7 @@ class Connection:
         self.factory = factory
         self.fixed_host = fixed_host
         self.log = log
+        self.compact = False
         self.session: Session | None = None
         self.decoder = wire.FrameDecoder()
         self.closing = False
@@ -133,7 +134,10 @@ class Connection:
                 response = session.doorbell(viommu, data)
             except RecordRefused as exc:
                 return _error(frame.seq, str(exc), fatal=False)
-            reply = self._respond(frame.seq, response)
+            if self.compact and not response["errors"] and len(response) == 3:
+                reply = wire.encode_cmds_ok(frame.seq, response["consumed"], response["syncs"])
+            else:
+                reply = self._respond(frame.seq, response)
             if metrics is not None:
                 metrics.observe_cmds(time.perf_counter() - started)
             return reply
@@ -199,6 +203,8 @@ class Connection:
         # Every later line of this session names its VM (HELLO "vm", else the trace name).
         self.vm = str(hello.get("vm") or self.trace)
         self.log = self.log.bind(vm=self.vm)
+        # Compact replies (CMDS_OK) only for clients that asked and need no call log.
+        self.compact = bool(hello.get("compact")) and not hello.get("calls")
         self.session = Session(
             backend,
             keep_calls=bool(hello.get("calls")),

@@ -17,6 +17,7 @@ from protocols.frames import HEADER_SIZE, MAX_PAYLOAD, PROTOCOL_VERSION, FrameTy
 
 NEED_DATA: Final = None
 _HEADER = struct.Struct("<BBHII")
+_CMDS_OK = struct.Struct("<II")  # protocols.frames.CmdsOk
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
 
 
@@ -40,6 +41,15 @@ class Frame:
             return json.loads(self.payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise WireError(f"frame payload is not valid JSON: {exc}", self.payload[:64]) from None
+
+    def response(self) -> Any:
+        """A reply's body as JSON: CMDS_OK expands to the response it stands for."""
+        if self.type == FrameType.CMDS_OK:
+            if len(self.payload) != _CMDS_OK.size:
+                raise WireError("CMDS_OK payload must be 8 bytes", self.payload[:64])
+            consumed, syncs = _CMDS_OK.unpack(self.payload)
+            return {"consumed": consumed, "errors": [], "syncs": syncs}
+        return self.json()
 
     def guest_data(self) -> tuple[str, bytes]:
         """Split a CMDS/REQUEST payload into (vIOMMU name, guest bytes)."""
@@ -118,3 +128,7 @@ def encode_guest_data(frame_type: int, seq: int, viommu: str, data: bytes) -> by
     if len(name) > 255:
         raise ValueError("a vIOMMU name is at most 255 bytes of UTF-8")
     return encode(frame_type, seq, bytes((len(name),)) + name + data)
+
+
+def encode_cmds_ok(seq: int, consumed: int, syncs: int) -> bytes:
+    return encode(FrameType.CMDS_OK, seq, _CMDS_OK.pack(consumed, syncs))

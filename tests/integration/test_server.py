@@ -177,3 +177,27 @@ async def test_fixed_host_is_checked(tmp_path: Path) -> None:
     finally:
         stop.set()
         await task
+
+
+async def test_compact_replies_only_for_clean_doorbells(daemon: Daemon) -> None:
+    client = await Client.connect(daemon.socket)
+    await client.hello(host=HOST, compact=True)
+    sync = bytes.fromhex("4620c00f000000000000000000000000")
+    for frame in (
+        wire.encode_json(
+            FrameType.RECORD,
+            client.next_seq(),
+            {"op": "viommu_create", "viommu": "v", "model": "smmuv3", "iommus": ["smmu0"]},
+        ),
+        wire.encode_guest_data(FrameType.CMDS, client.next_seq(), "v", sync + sync),
+        wire.encode_guest_data(FrameType.CMDS, client.next_seq(), "v", bytes([0x5F]) + bytes(15)),
+    ):
+        client.send(frame)
+    await client.drain()
+    created, clean, bad = [await client.receive() for _ in range(3)]
+    assert created.type == FrameType.RESPONSE
+    assert clean.type == FrameType.CMDS_OK
+    assert clean.response() == {"consumed": 2, "errors": [], "syncs": 2}
+    assert bad.type == FrameType.RESPONSE  # errors carry their reasons: JSON
+    assert bad.response()["errors"][0]["code"] == "CERROR_ILL"
+    await client.close()

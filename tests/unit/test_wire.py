@@ -87,3 +87,20 @@ def test_eof_inside_a_frame_is_an_error() -> None:
 def test_guest_data_shorter_than_its_name() -> None:
     with pytest.raises(wire.WireError, match="shorter than its vIOMMU name"):
         wire.Frame(frames.FrameType.CMDS, 1, bytes([9]) + b"abc").guest_data()
+
+
+@given(consumed=st.integers(0, 2**32 - 1), syncs=st.integers(0, 2**32 - 1))
+def test_cmds_ok_matches_construct(consumed: int, syncs: int) -> None:
+    frame = wire.encode_cmds_ok(7, consumed, syncs)
+    payload = frame[frames.HEADER_SIZE :]
+    assert frames.parse_cmds_ok(payload) == {"consumed": consumed, "syncs": syncs}
+    assert wire.Frame(frames.FrameType.CMDS_OK, 7, payload).response() == {
+        "consumed": consumed,
+        "errors": [],
+        "syncs": syncs,
+    }
+
+
+def test_cmds_ok_of_the_wrong_size_is_refused() -> None:
+    with pytest.raises(wire.WireError, match="8 bytes"):
+        wire.Frame(frames.FrameType.CMDS_OK, 1, b"abc").response()
