@@ -8,6 +8,7 @@ vIOMMU goes to the instance. Adding a model = one module here plus one line in
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -74,6 +75,30 @@ class Viommu(Protocol):
 
 
 Factory = Callable[[ViommuCreate, ModelContext], Viommu]
+
+
+def check_host_iommus(
+    record: ViommuCreate, ctx: ModelContext, model: str | None, *, at_least_one: bool = True
+) -> None:
+    """The vIOMMU's host IOMMUs exist and (``model`` given) are all of that kind."""
+    if at_least_one and not record.iommus:
+        raise ModelError(f"a {record.model} vIOMMU needs at least one host iommu")
+    for iommu in record.iommus:
+        try:
+            found = ctx.host.iommu(iommu).model
+        except KeyError:
+            raise ModelError(f"host iommu {iommu!r} does not exist") from None
+        if model is not None and found != model:
+            raise ModelError(f"host iommu {iommu!r} is {found}, not {model}")
+
+
+def viommu_log(ctx: ModelContext, viommu: str) -> tuple[Any, bool]:
+    """The session's logger bound to ``viommu``, and whether DEBUG lines are wanted."""
+    if ctx.log is None:
+        return None, False
+    log = ctx.log.bind(viommu=viommu)
+    check = getattr(log, "is_enabled_for", None)
+    return log, bool(check(logging.DEBUG)) if check is not None else True
 
 
 def factories() -> dict[str, Factory]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +9,13 @@ from typing import Any
 from viommud.dispatcher.smmuv3 import SmmuDispatcher
 from viommud.frontends.smmuv3.decode import COMMAND, kind_name
 from viommud.frontends.smmuv3.frontend import FrameError, SmmuFeatures, SmmuV3Frontend
-from viommud.models import ModelContext, ModelError, RecordRefused
+from viommud.models import (
+    ModelContext,
+    ModelError,
+    RecordRefused,
+    check_host_iommus,
+    viommu_log,
+)
 from viommud.topology.smmuv3 import SmmuTopology
 from viommud.trace import DeviceAttach, DeviceDetach, Record, Ste, ViommuCreate
 
@@ -27,15 +32,7 @@ class SmmuV3Viommu:
 
     @classmethod
     def create(cls, record: ViommuCreate, ctx: ModelContext) -> SmmuV3Viommu:
-        if not record.iommus:
-            raise ModelError("an smmuv3 vIOMMU needs at least one host iommu")
-        for iommu in record.iommus:
-            try:
-                model = ctx.host.iommu(iommu).model
-            except KeyError:
-                raise ModelError(f"host iommu {iommu!r} does not exist") from None
-            if model != "arm-smmuv3":
-                raise ModelError(f"host iommu {iommu!r} is {model}, not arm-smmuv3")
+        check_host_iommus(record, ctx, "arm-smmuv3")
         try:
             features = SmmuFeatures.from_options(record.options)
         except ValueError as exc:
@@ -45,8 +42,7 @@ class SmmuV3Viommu:
         dispatcher = SmmuDispatcher(frontend, topology, ctx.iommufd, ctx.stats)
         if "smmuv3" in ctx.policies:
             dispatcher.policy = ctx.policies["smmuv3"]
-        log = ctx.log.bind(viommu=record.viommu) if ctx.log is not None else None
-        debug = log is not None and _enabled(log, logging.DEBUG)
+        log, debug = viommu_log(ctx, record.viommu)
         return cls(record.viommu, frontend, topology, dispatcher, log, debug)
 
     def config(self, record: Record) -> dict[str, Any]:
@@ -114,8 +110,3 @@ class SmmuV3Viommu:
 
     def destroy(self) -> None:
         self.topology.destroy()
-
-
-def _enabled(log: Any, level: int) -> bool:
-    check = getattr(log, "is_enabled_for", None)
-    return bool(check(level)) if check is not None else True

@@ -40,7 +40,6 @@ device writes nothing for has ``status`` "IOERR" (what a driver concludes from u
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,7 +59,13 @@ from viommud.frontends.virtio.frontend import (
     VirtioFeatures,
     VirtioIommuFrontend,
 )
-from viommud.models import ModelContext, ModelError, RecordRefused
+from viommud.models import (
+    ModelContext,
+    ModelError,
+    RecordRefused,
+    check_host_iommus,
+    viommu_log,
+)
 from viommud.topology import TopologyError
 from viommud.topology.virtio import (
     ARM_SMMUV3,
@@ -327,18 +332,13 @@ class VirtioViommu:
 
     @classmethod
     def create(cls, record: ViommuCreate, ctx: ModelContext) -> VirtioViommu:
-        for iommu in record.iommus:
-            try:
-                ctx.host.iommu(iommu)
-            except KeyError:
-                raise ModelError(f"host iommu {iommu!r} does not exist") from None
+        check_host_iommus(record, ctx, None, at_least_one=False)
         options = VirtioOptions.from_options(record.options)
         frontend = options.frontend()
         topology = VirtioTopology(record.viommu, ctx.host, ctx.iommufd)
         topology.place_guest_memory(options.guest_memory)
         dispatcher = VirtioDispatcher(frontend, topology, ctx.iommufd, ctx.stats)
-        log = ctx.log.bind(viommu=record.viommu) if ctx.log is not None else None
-        debug = log is not None and _enabled(log, logging.DEBUG)
+        log, debug = viommu_log(ctx, record.viommu)
         source = getattr(ctx.iommufd.backend, "drain_device_faults", None)
         instance = cls(
             record.viommu,
@@ -530,8 +530,3 @@ class VirtioViommu:
 
     def destroy(self) -> None:
         self.topology.destroy()
-
-
-def _enabled(log: Any, level: int) -> bool:
-    check = getattr(log, "is_enabled_for", None)
-    return bool(check(level)) if check is not None else True

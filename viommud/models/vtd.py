@@ -3,7 +3,6 @@ per-wait dispatcher."""
 
 from __future__ import annotations
 
-import logging
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +10,13 @@ from typing import Any
 from viommud.dispatcher.vtd import VtdDispatcher
 from viommud.frontends.vtd.decode import kind_name
 from viommud.frontends.vtd.frontend import FrameError, VtdFeatures, VtdFrontend
-from viommud.models import ModelContext, ModelError, RecordRefused
+from viommud.models import (
+    ModelContext,
+    ModelError,
+    RecordRefused,
+    check_host_iommus,
+    viommu_log,
+)
 from viommud.topology.vtd import VtdTopology
 from viommud.trace import ContextEntry, DeviceAttach, DeviceDetach, PasidEntry, Record, ViommuCreate
 
@@ -28,15 +33,7 @@ class VtdViommu:
 
     @classmethod
     def create(cls, record: ViommuCreate, ctx: ModelContext) -> VtdViommu:
-        if not record.iommus:
-            raise ModelError("a vtd vIOMMU needs at least one host iommu")
-        for iommu in record.iommus:
-            try:
-                model = ctx.host.iommu(iommu).model
-            except KeyError:
-                raise ModelError(f"host iommu {iommu!r} does not exist") from None
-            if model != "intel-vtd":
-                raise ModelError(f"host iommu {iommu!r} is {model}, not intel-vtd")
+        check_host_iommus(record, ctx, "intel-vtd")
         try:
             features = VtdFeatures.from_options(record.options)
         except ValueError as exc:
@@ -44,8 +41,7 @@ class VtdViommu:
         frontend = VtdFrontend(features)
         topology = VtdTopology(record.viommu, record.iommus, ctx.host, ctx.iommufd)
         dispatcher = VtdDispatcher(frontend, topology, ctx.iommufd, ctx.stats)
-        log = ctx.log.bind(viommu=record.viommu) if ctx.log is not None else None
-        debug = log is not None and _enabled(log, logging.DEBUG)
+        log, debug = viommu_log(ctx, record.viommu)
         return cls(record.viommu, frontend, topology, dispatcher, log, debug)
 
     def config(self, record: Record) -> dict[str, Any]:
@@ -125,8 +121,3 @@ class VtdViommu:
 
     def destroy(self) -> None:
         self.topology.destroy()
-
-
-def _enabled(log: Any, level: int) -> bool:
-    check = getattr(log, "is_enabled_for", None)
-    return bool(check(level)) if check is not None else True
