@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -341,3 +341,31 @@ def record_to_json(record: Record) -> dict[str, Any]:
             "data": record.data.hex(),
         }
     return {"op": "viommu_destroy", "viommu": record.viommu}
+
+
+def render_trace(header: dict[str, Any], records: Iterable[dict[str, Any]]) -> str:
+    """A trace file's text (spec §1): the header line, then one compact JSON record a line."""
+    lines = [json.dumps(header, separators=(",", ":"))]
+    lines += [json.dumps(r, separators=(",", ":")) for r in records]
+    return "\n".join(lines) + "\n"
+
+
+def store_trace(path: Path, text: str, *, check: bool = False) -> bool:
+    """Write ``text`` to ``path`` (compressed by extension, as the reader expects), or with
+    ``check`` only compare. Returns whether the file holds ``text`` afterwards."""
+    if check:
+        if not path.exists():
+            return False
+        raw = path.read_bytes()
+        if path.suffix == ".xz":
+            raw = lzma.decompress(raw)
+        elif path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+        return raw.decode("utf-8") == text
+    data = text.encode("utf-8")
+    if path.suffix == ".xz":
+        data = lzma.compress(data, preset=9)
+    elif path.suffix == ".gz":
+        data = gzip.compress(data, mtime=0)
+    path.write_bytes(data)
+    return True

@@ -14,6 +14,7 @@ from typing import Any
 
 from tests.conftest import FIXTURES, Daemon
 from viommud.replay import replay
+from viommud.trace import render_trace
 
 GENERATOR = FIXTURES / "generate_virtio.py"
 
@@ -49,7 +50,7 @@ class Replayed:
 
 
 def write_trace(path: Path, name: str, records: list[dict[str, Any]]) -> Path:
-    path.write_text(GEN.render(name, records))
+    path.write_text(render_trace(GEN.header(name), records))
     return path
 
 

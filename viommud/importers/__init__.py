@@ -9,16 +9,14 @@ under which ID — comes from options or a small host file (``load_host_spec``).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import lzma
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from viommud.host import HostConfig, HostConfigError
-from viommud.trace import TraceError, TraceReader
+from viommud.trace import TraceError, TraceReader, render_trace, store_trace
 
 __all__ = [
     "HostSpec",
@@ -111,19 +109,9 @@ def load_host_spec(path: Path) -> HostSpec:
     return HostSpec(host, tuple(attach))
 
 
-def _open_out(path: Path) -> IO[str]:
-    if path.suffix == ".gz":
-        return gzip.open(path, "wt", encoding="utf-8")
-    if path.suffix == ".xz":
-        return lzma.open(path, "wt", encoding="utf-8")
-    return path.open("w", encoding="utf-8")
-
-
 def write_trace(path: Path, header: dict[str, Any], records: list[dict[str, Any]]) -> None:
     """Write a v1 trace: the header line, then one record per line."""
-    with _open_out(path) as out:
-        out.write(json.dumps(header, separators=(",", ":")) + "\n")
-        out.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    store_trace(path, render_trace(header, records))
 
 
 def cli(args: argparse.Namespace) -> int:
