@@ -80,9 +80,13 @@ def cmds(viommu: str, *commands: bytes) -> dict[str, Any]:
     return {"op": "cmds", "viommu": viommu, "data": b"".join(commands).hex()}
 
 
-def tlbi_range(asid: int, page: int, pages: int) -> list[bytes]:
-    """Linux's RIL encoding of a leaf unmap of ``pages`` 4 KiB pages."""
+def tlbi_range(asid: int, page: int, pages: int, *, leaf: bool = True) -> list[bytes]:
+    """Linux's RIL encoding of an unmap of ``pages`` 4 KiB pages from ``page`` (smmuv3.md
+    §1.4): leaf with TTL=3, or a walk-cache flush (TTL=0, one page more when the count would
+    end in the reserved NUM=SCALE=0 encoding, as Linux does since 2023)."""
     out = []
+    if not leaf and pages & 31 == 1:
+        pages += 1
     while pages:
         scale = (pages & -pages).bit_length() - 1
         num = (pages >> scale) & 31
@@ -92,8 +96,8 @@ def tlbi_range(asid: int, page: int, pages: int) -> list[bytes]:
                 asid=asid,
                 num=num - 1,
                 scale=scale,
-                leaf=1,
-                ttl=3,
+                leaf=int(leaf),
+                ttl=3 if leaf else 0,
                 tg=1,
                 addr=page,
             )

@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import pytest
 
+from bench.workloads import tlbi_range
 from protocols.smmuv3 import Opcode, build_command
-from tests.oracle.workload import SYNC, Rig, build, host, tlbi_range
+from tests.oracle.workload import SYNC, Rig, build, host
 from viommud.dispatcher.smmuv3 import DispatchPolicy, SmmuDispatcher
 from viommud.dispatcher.smmuv3_coalesce import Entry
 from viommud.events import Event, GuestError, Invalidation

@@ -8,8 +8,9 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.workloads import tlbi_range
 from protocols.smmuv3 import Opcode, build_command
-from tests.oracle.workload import SYNC, build, host, tlbi_range, vste
+from tests.oracle.workload import SYNC, build, host, vste
 from viommud.trace import Ste
 
 BAD = struct.pack("<QQ", 0x5F, 0)

@@ -1,4 +1,5 @@
-"""Builds sessions over generated SMMUv3 topologies and Linux-shaped command streams."""
+"""Builds sessions over generated SMMUv3 topologies and Linux-shaped command streams
+(the guest's RIL encoder is bench/workloads.tlbi_range)."""
 
 from __future__ import annotations
 
@@ -36,31 +37,6 @@ def host(n_iommus: int, devices_per_iommu: int, ats: bool) -> HostConfig:
 def vste(cd_table: int, *, ats: bool) -> bytes:
     d1 = 0xD6 | (1 << 28 if ats else 0)
     return struct.pack("<8Q", 0xB | cd_table << 6, d1, 0, 0, 0, 0, 0, 0)
-
-
-def tlbi_range(asid: int, page: int, pages: int, *, leaf: bool = True) -> list[bytes]:
-    """Linux's RIL encoder for ``pages`` 4 KiB pages from ``page`` (smmuv3.md §1.4)."""
-    out = []
-    if not leaf and pages & 31 == 1:
-        pages += 1
-    while pages:
-        scale = (pages & -pages).bit_length() - 1
-        num = (pages >> scale) & 31
-        out.append(
-            build_command(
-                Opcode.TLBI_NH_VA,
-                asid=asid,
-                num=num - 1,
-                scale=scale,
-                leaf=int(leaf),
-                ttl=3 if leaf else 0,
-                tg=1,
-                addr=page,
-            )
-        )
-        pages -= num << scale
-        page += num << scale
-    return out
 
 
 @dataclass
