@@ -153,3 +153,22 @@ def test_serve_replay_health_and_sigterm(tmp_path: Path) -> None:
     batch = next(e for e in events if e["event"] == "batch_forwarded")
     assert {"client", "viommu", "commands", "syncs", "level", "timestamp"} <= set(batch)
     assert not socket.exists()
+
+
+def test_verify_exit_status_1_when_an_invalidation_is_missed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = str(FIXTURES / "smmuv3-every-opcode.jsonl")
+    assert main(["replay", trace, "--verify", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verify"]["missed"] == 0
+    # a dispatcher that forgets every TLB invalidation: the oracle must say so
+    monkeypatch.setattr(
+        "viommud.dispatcher.smmuv3.SmmuDispatcher.targets",
+        lambda self, inv: (
+            []
+            if inv.scope.value != "device"
+            else [self.topology.slots[self.topology.vdevices[inv.device].iommu]]
+        ),
+    )
+    assert main(["replay", trace, "--verify", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["verify"]["missed"] > 0
