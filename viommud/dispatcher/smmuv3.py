@@ -76,6 +76,7 @@ class SmmuDispatcher:
     policy: DispatchPolicy = field(default_factory=DispatchPolicy)
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _first_barrier: int = 0  # barrier number the pending work belongs to
+    _broadcast: list[PiommuSlot] | None = None  # TLBI targets, valid until the STEs change
     _sealed: set[int] = field(default_factory=set)  # class ranks pending before a SYNC
     _open: set[int] = field(default_factory=set)  # class ranks pending since the last SYNC
 
@@ -83,6 +84,7 @@ class SmmuDispatcher:
         """Execute one doorbell's events; returns the guest errors, in command order."""
         errors: list[GuestError] = []
         stats = self.stats
+        self._broadcast = None  # config records may have changed the topology since
         for event in events:
             kind = type(event)
             if kind is Invalidation:
@@ -96,6 +98,7 @@ class SmmuDispatcher:
                 assert isinstance(event, StreamTableInvalidated)
                 self._flush(errors)
                 self._install(event, errors)
+                self._broadcast = None
             else:
                 assert isinstance(event, GuestError)
                 errors.append(event)
@@ -112,9 +115,13 @@ class SmmuDispatcher:
             assert inv.device is not None
             vdev = topology.vdevice(inv.device)
             return [] if vdev is None else [topology.slots[vdev.iommu]]
-        if self.policy.broadcast_all:
-            return list(topology.slots.values())
-        return [slot for slot in topology.slots.values() if slot.s1_seen]
+        broadcast = self._broadcast
+        if broadcast is None:
+            slots = topology.slots.values()
+            broadcast = self._broadcast = (
+                list(slots) if self.policy.broadcast_all else [s for s in slots if s.s1_seen]
+            )
+        return broadcast
 
     def _collect(self, inv: Invalidation, errors: list[GuestError]) -> None:
         targets = self.targets(inv)
