@@ -48,3 +48,65 @@ def test_throughput_benchmark_runs() -> None:
     latency = result["latency"]
     assert isinstance(latency, dict)
     assert latency["daemon"]["p50_us"] > 0
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_runs() -> None:
+    result = run("scaling.py")
+    shapes = result["workloads"]
+    assert isinstance(shapes, list)
+    assert len(shapes) == 2
+    for shape in shapes:
+        for series, key, points in (
+            ("trace_size", "scale", [1, 3, 10]),
+            ("clients", "clients", [1, 4, 8]),
+        ):
+            rows = shape[series]
+            assert [row[key] for row in rows] == points, shape["workload"]
+            assert rows[0]["ratio"] == rows[0]["ratio_best"] == 1.0
+            for row in rows:
+                assert row["commands"] > 0
+                assert row["samples"] >= 5
+                assert row["seconds"] > 0
+                assert row["us_per_command"] > 0
+                assert row["us_per_command_best"] > 0
+                assert row["ratio"] > 0
+                assert row["ratio_best"] > 0
+        assert isinstance(shape["trace_size_within_target"], bool)
+
+
+@pytest.mark.slow
+def test_memory_benchmark_runs() -> None:
+    result = run("memory.py")
+    vdevices = result["vdevices"]
+    assert isinstance(vdevices, dict)
+    assert vdevices["vdevices"] == vdevices["vms"] * vdevices["vdevices_per_vm"] == 32
+    assert all(kib > 0 for kib in vdevices["rss_kib"].values())
+    assert vdevices["bytes_per_vdevice"] >= 0  # a few KiB at quick sizes: may be page noise
+    assert vdevices["target_bytes_per_vdevice"] == 2048
+    for key, endpoint, count in (
+        ("mappings", "emulated", 20_000),
+        ("mappings_forwarded", "host device", 2_000),
+    ):
+        maps = result[key]
+        assert isinstance(maps, dict)
+        assert maps["endpoint"] == endpoint
+        assert maps["mappings"] == count
+        assert maps["ioas_map_calls"] == (count if endpoint == "host device" else 0)
+        assert all(kib > 0 for kib in maps["rss_kib"].values())
+        assert maps["bytes_per_mapping"] > 0
+        assert maps["map_requests_per_s"] > 0
+        assert maps["target_bytes_per_mapping"] == 100
+
+
+@pytest.mark.slow
+def test_decode_benchmark_runs() -> None:
+    result = run("decode.py")
+    models = result["models"]
+    assert isinstance(models, list)
+    assert [row["model"].split()[0] for row in models] == ["SMMUv3", "VT-d", "VT-d", "virtio-iommu"]
+    for row in models:
+        assert row["records"] > 0
+        assert row["construct_per_s"] > 0
+        assert row["fast_per_s"] > 0
+        assert row["speedup"] > 1, row["model"]

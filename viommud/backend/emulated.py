@@ -35,6 +35,7 @@ Deliberate choices where the reference leaves room are listed in ``NOTES`` below
 
 from __future__ import annotations
 
+import bisect
 import errno
 import struct
 from collections.abc import Callable, Iterator
@@ -378,10 +379,28 @@ class IoasObject(IommufdObject):
     KIND: ClassVar[str] = "IOAS"
     id: int
     areas: list[Area] = field(default_factory=list)  # sorted by iova, never overlapping
+    _starts: list[int] = field(default_factory=list)  # areas[i].iova, for bisection
 
     def areas_in(self, first: int, last: int) -> list[Area]:
-        """The areas meeting ``[first, last]``, lowest first."""
-        return [a for a in self.areas if a.iova <= last and first <= a.last]
+        """The areas meeting ``[first, last]``, lowest first (O(log n + found)): areas do
+        not overlap, so sorted by start they are sorted by end as well."""
+        areas = self.areas
+        hi = bisect.bisect_right(self._starts, last)
+        lo = hi
+        while lo and areas[lo - 1].last >= first:
+            lo -= 1
+        return areas[lo:hi]
+
+    def insert(self, area: Area) -> None:
+        index = bisect.bisect_right(self._starts, area.iova)
+        self._starts.insert(index, area.iova)
+        self.areas.insert(index, area)
+
+    def remove(self, area: Area) -> None:
+        index = bisect.bisect_left(self._starts, area.iova)
+        assert self.areas[index] is area
+        del self._starts[index]
+        del self.areas[index]
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -1935,8 +1954,7 @@ class EmulatedIommufd:
         if self._domains(ioas) and not self._pinnable(cmd.user_va, cmd.length):
             return errno.EFAULT
         area = Area(iova, cmd.length, cmd.user_va, cmd.flags & MAP_PROT)
-        ioas.areas.append(area)
-        ioas.areas.sort(key=lambda a: a.iova)
+        ioas.insert(area)
         if call.respond(replace(cmd, iova=iova)):
             return errno.EFAULT  # pragma: no cover - respond cannot fault here
         return ENOERR
@@ -1975,7 +1993,7 @@ class EmulatedIommufd:
                 return errno.EBUSY, unmapped
             if area.iova < start or area.last > last:
                 return errno.ENOENT, unmapped
-            ioas.areas.remove(area)
+            ioas.remove(area)
             for hwpt in self._domains(ioas):
                 self._drivers[hwpt.model].unmap_flush(self, hwpt, area.iova, area.last)
             unmapped += area.length
