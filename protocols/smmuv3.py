@@ -44,11 +44,12 @@ from construct import (
     ByteSwapped,
     Const,
     ConstructError,
-    Container,
     Int64ul,
     Padding,
     Struct,
 )
+
+from protocols.boundary import flatten_words
 
 __all__ = [
     "COMMANDS",
@@ -771,30 +772,15 @@ _STE_BITFIELD_WORDS = ("d0", "d1", "d2", "d3")
 # Boundary: plain dicts in and out, no construct.Container escapes.
 
 
-def _flatten(parsed: Container) -> dict[str, int]:
-    """Merge the per-word containers of a parsed command or STE into one field dict."""
-    out: dict[str, int] = {}
-    for key, value in parsed.items():
-        if key.startswith("_"):  # construct's hidden "_io" and friends
-            continue
-        if isinstance(value, dict):
-            for name, raw in value.items():
-                if not name.startswith("_"):
-                    out[name] = int(raw)
-        else:
-            out[key] = int(value)
-    return out
-
-
 def _command_field_names(opcode: Opcode) -> tuple[str, ...]:
     zero = int(opcode).to_bytes(COMMAND_SIZE, "little")
-    return tuple(_flatten(COMMANDS[opcode].parse(zero)))
+    return tuple(flatten_words(COMMANDS[opcode].parse(zero)))
 
 
 _COMMAND_FIELDS: dict[int, frozenset[str]] = {
     int(op): frozenset(_command_field_names(op)) for op in COMMANDS
 }
-_STE_FIELDS: tuple[str, ...] = tuple(_flatten(STE.parse(bytes(STE_SIZE))))
+_STE_FIELDS: tuple[str, ...] = tuple(flatten_words(STE.parse(bytes(STE_SIZE))))
 
 
 def parse_command(raw: bytes) -> dict[str, int]:
@@ -807,7 +793,7 @@ def parse_command(raw: bytes) -> dict[str, int]:
     opcode = raw[0]
     if opcode not in _COMMAND_FIELDS:
         return {"opcode": opcode}
-    fields = _flatten(COMMANDS[Opcode(opcode)].parse(bytes(raw)))
+    fields = flatten_words(COMMANDS[Opcode(opcode)].parse(bytes(raw)))
     return {"opcode": opcode} | fields
 
 
@@ -839,7 +825,7 @@ def parse_ste(raw: bytes) -> dict[str, int]:
     """Decode a 64-byte STE into ``{field: raw value}`` (D0-D3 fields and raw ``d4``-``d7``)."""
     if len(raw) != STE_SIZE:
         raise ValueError(f"an SMMUv3 STE is {STE_SIZE} bytes, got {len(raw)}")
-    return _flatten(STE.parse(bytes(raw)))
+    return flatten_words(STE.parse(bytes(raw)))
 
 
 def build_ste(**fields: int) -> bytes:

@@ -40,11 +40,12 @@ from construct import (
     ByteSwapped,
     Const,
     ConstructError,
-    Container,
     Int64ul,
     Padding,
     Struct,
 )
+
+from protocols.boundary import flatten_words
 
 __all__ = [
     "CONTEXT_ENTRY_SIZES",
@@ -421,21 +422,6 @@ _RAW_PASID_WORDS = ("qw3", "qw4", "qw5", "qw6", "qw7")
 # Boundary: plain dicts in and out, no construct.Container escapes.
 
 
-def _flatten(parsed: Container) -> dict[str, int]:
-    """Merge the per-word containers of a parsed declaration into one field dict."""
-    out: dict[str, int] = {}
-    for key, value in parsed.items():
-        if key.startswith("_"):  # construct's hidden "_io" and friends
-            continue
-        if isinstance(value, dict):
-            for name, raw in value.items():
-                if not name.startswith("_"):
-                    out[name] = int(raw)
-        else:
-            out[key] = int(value)
-    return out
-
-
 def _descriptor_type(qw0: int) -> int:
     return (qw0 & 0xF) | (((qw0 >> 9) & 0x7) << 4)
 
@@ -447,7 +433,7 @@ def _with_type(fields: dict[str, int]) -> dict[str, int]:
 
 def _descriptor_field_names(kind: DescType) -> frozenset[str]:
     raw = (int(kind) & 0xF | (int(kind) >> 4) << 9).to_bytes(16, "little")
-    return frozenset(_with_type(_flatten(DESCRIPTORS[kind].parse(raw))))
+    return frozenset(_with_type(flatten_words(DESCRIPTORS[kind].parse(raw))))
 
 
 _DESCRIPTOR_FIELDS: dict[int, frozenset[str]] = {
@@ -466,7 +452,7 @@ def parse_descriptor(raw: bytes) -> dict[str, int]:
     if kind not in _DESCRIPTOR_FIELDS:
         return {"type": kind}
     table = DESCRIPTORS if len(raw) == 16 else DESCRIPTORS_256
-    return _with_type(_flatten(table[DescType(kind)].parse(bytes(raw))))
+    return _with_type(flatten_words(table[DescType(kind)].parse(bytes(raw))))
 
 
 def build_descriptor(kind: int, *, width: int = 16, **fields: int) -> bytes:
@@ -500,7 +486,7 @@ def build_descriptor(kind: int, *, width: int = 16, **fields: int) -> bytes:
 
 
 def _entry_fields(declaration: Any, size: int) -> tuple[str, ...]:
-    return tuple(_flatten(declaration.parse(bytes(size))))
+    return tuple(flatten_words(declaration.parse(bytes(size))))
 
 
 _CONTEXT_DECLS: dict[int, Any] = {16: LEGACY_CONTEXT_ENTRY, 32: SCALABLE_CONTEXT_ENTRY}
@@ -515,7 +501,7 @@ def parse_context_entry(raw: bytes) -> dict[str, int]:
     decl = _CONTEXT_DECLS.get(len(raw))
     if decl is None:
         raise ValueError(f"a VT-d context entry is 16 or 32 bytes, got {len(raw)}")
-    return _flatten(decl.parse(bytes(raw)))
+    return flatten_words(decl.parse(bytes(raw)))
 
 
 def _build_context(size: int, fields: dict[str, int]) -> bytes:
@@ -550,7 +536,7 @@ def parse_pasid_entry(raw: bytes) -> dict[str, int]:
     """Decode a 64-byte scalable-mode PASID-table entry (qw0-qw2 fields, raw qw3-qw7)."""
     if len(raw) != PASID_ENTRY_SIZE:
         raise ValueError(f"a VT-d PASID entry is {PASID_ENTRY_SIZE} bytes, got {len(raw)}")
-    return _flatten(PASID_ENTRY.parse(bytes(raw)))
+    return flatten_words(PASID_ENTRY.parse(bytes(raw)))
 
 
 def build_pasid_entry(**fields: int) -> bytes:
