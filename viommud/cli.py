@@ -112,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the oracle: exit 1 if a barrier missed an invalidation (docs/oracle.md)",
     )
+    rep.add_argument(
+        "--group-commit",
+        action="store_true",
+        help="let doorbells that arrive together share host calls (docs/coalescing.md); "
+        "fewer calls, counts that depend on timing",
+    )
     rep.add_argument("--token-file", type=Path, help="token for a tcp:// --socket")
     rep.add_argument(
         "--progress",
@@ -298,6 +304,7 @@ def _replay(args: argparse.Namespace) -> int:
                         verify=args.verify,
                         token=token,
                         progress=progress,
+                        group_commit=args.group_commit,
                     )
                 )
             else:
@@ -309,6 +316,7 @@ def _replay(args: argparse.Namespace) -> int:
                         calls=calls,
                         verify=args.verify,
                         progress=progress,
+                        group_commit=args.group_commit,
                     )
                 )
     except OSError as exc:

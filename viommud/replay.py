@@ -72,10 +72,13 @@ async def replay(
     verify: bool = False,
     token: str | None = None,
     progress: bool = False,
+    group_commit: bool = False,
 ) -> ReplayResult:
     """Replay ``trace`` on the daemon listening at ``socket_path``.
 
     With ``verify`` the daemon runs the oracle; a missed invalidation gives exit status 1.
+    ``group_commit`` lets the daemon share host calls among doorbells that arrive together
+    (call counts then depend on timing; responses do not).
     ``socket_path`` may be ``tcp://ADDR:PORT``; ``token`` is then presented in HELLO."""
     try:
         reader = TraceReader(trace)
@@ -90,7 +93,14 @@ async def replay(
     bar = progress_bar(header.name) if progress else None
     try:
         return await _run(
-            client, reader, responses, calls, window=window, verify=verify, progress=bar
+            client,
+            reader,
+            responses,
+            calls,
+            window=window,
+            verify=verify,
+            progress=bar,
+            group_commit=group_commit,
         )
     except ClientError as exc:
         return ReplayResult(EXIT_REFUSED, None, f"{header.name}: {exc}")
@@ -110,6 +120,7 @@ async def _run(
     window: int,
     verify: bool,
     progress: Progress | None = None,
+    group_commit: bool = False,
 ) -> ReplayResult:
     header = reader.header
     await client.hello(
@@ -118,6 +129,7 @@ async def _run(
         trace=header.name,
         verify=verify,
         compact=True,
+        group_commit=group_commit,
     )
     started = time.perf_counter()
     lines: dict[int, int] = {}  # seq -> trace line
@@ -203,6 +215,7 @@ async def replay_embedded(
     calls: IO[str] | None = None,
     verify: bool = False,
     progress: bool = False,
+    group_commit: bool = False,
 ) -> ReplayResult:
     """Start a daemon on a temporary Unix socket in this process and replay through it."""
     with tempfile.TemporaryDirectory(prefix="viommud-") as tmp:
@@ -219,6 +232,7 @@ async def replay_embedded(
                 calls=calls,
                 verify=verify,
                 progress=progress,
+                group_commit=group_commit,
             )
         finally:
             stop.set()

@@ -77,6 +77,7 @@ class Connection:
         self.fixed_host = fixed_host
         self.log = log
         self.compact = False
+        self.group_commit = False
         self.session: Session | None = None
         self.decoder = wire.FrameDecoder()
         self.closing = False
@@ -94,16 +95,26 @@ class Connection:
         """Feed bytes from the peer; returns the reply bytes to send."""
         self.decoder.receive_data(data)
         out: list[bytes] = []
+        group: list[wire.Frame] = []  # consecutive CMDS frames, with group commit
         while not self.closing:
             try:
                 frame = self.decoder.next_frame()
             except wire.WireError as exc:
+                if group:
+                    out.append(self._group(group))
+                    group = []
                 self.log.warning("protocol_error", error=str(exc), raw_hex=exc.raw.hex())
                 out.append(_error(0, str(exc), fatal=True))
                 self.closing = True
                 break
             if frame is None:
                 break
+            if self.group_commit and frame.type == FrameType.CMDS:
+                group.append(frame)
+                continue
+            if group:
+                out.append(self._group(group))
+                group = []
             try:
                 out.append(self._dispatch(frame))
             except _Fatal as exc:
@@ -115,7 +126,50 @@ class Connection:
             except Exception as exc:  # a bug must not take the daemon or other clients down
                 self.log.exception("internal_error", seq=frame.seq, frame_type=frame.type)
                 out.append(_error(frame.seq, f"internal error: {exc!r}", fatal=False))
+        if group:
+            out.append(self._group(group))
         return b"".join(out)
+
+    def _group(self, frames: list[wire.Frame]) -> bytes:
+        """Group commit: the CMDS frames that were waiting together, answered in order after
+        their work is done (Session.doorbells; docs/protocol.md, HELLO ``group_commit``)."""
+        session = self.session
+        assert session is not None  # group_commit is only set by HELLO
+        started = time.perf_counter()
+        replies: list[bytes | None] = [None] * len(frames)
+        by_viommu: dict[str, tuple[list[int], list[bytes]]] = {}
+        for i, frame in enumerate(frames):
+            try:
+                viommu, data = frame.guest_data()
+            except wire.WireError as exc:
+                replies[i] = _error(frame.seq, str(exc), fatal=False)
+                continue
+            slots, datas = by_viommu.setdefault(viommu, ([], []))
+            slots.append(i)
+            datas.append(data)
+        try:
+            for viommu, (slots, datas) in by_viommu.items():
+                answers = session.doorbells(viommu, datas)
+                for i, answer in zip(slots, answers, strict=True):
+                    replies[i] = self._cmds_reply(frames[i].seq, answer)
+        except Exception as exc:  # a bug must not take the daemon or other clients down
+            self.log.exception("internal_error", seq=frames[0].seq, frame_type=FrameType.CMDS)
+            for i, frame in enumerate(frames):
+                if replies[i] is None:
+                    replies[i] = _error(frame.seq, f"internal error: {exc!r}", fatal=False)
+        metrics = self.metrics
+        if metrics is not None:
+            elapsed = time.perf_counter() - started
+            for _ in frames:
+                metrics.observe_cmds(elapsed)
+        return b"".join(r for r in replies if r is not None)
+
+    def _cmds_reply(self, seq: int, answer: dict[str, Any] | Exception) -> bytes:
+        if isinstance(answer, Exception):
+            return _error(seq, str(answer), fatal=False)
+        if self.compact and not answer["errors"] and len(answer) == 3:
+            return wire.encode_cmds_ok(seq, answer["consumed"], answer["syncs"])
+        return self._respond(seq, answer)
 
     def _dispatch(self, frame: wire.Frame) -> bytes:
         kind = frame.type
@@ -131,13 +185,9 @@ class Connection:
             started = time.perf_counter() if metrics is not None else 0.0
             viommu, data = frame.guest_data()
             try:
-                response = session.doorbell(viommu, data)
+                reply = self._cmds_reply(frame.seq, session.doorbell(viommu, data))
             except RecordRefused as exc:
                 return _error(frame.seq, str(exc), fatal=False)
-            if self.compact and not response["errors"] and len(response) == 3:
-                reply = wire.encode_cmds_ok(frame.seq, response["consumed"], response["syncs"])
-            else:
-                reply = self._respond(frame.seq, response)
             if metrics is not None:
                 metrics.observe_cmds(time.perf_counter() - started)
             return reply
@@ -205,6 +255,9 @@ class Connection:
         self.log = self.log.bind(vm=self.vm)
         # Compact replies (CMDS_OK) only for clients that asked and need no call log.
         self.compact = bool(hello.get("compact")) and not hello.get("calls")
+        # Group commit: consecutive waiting doorbells may share host calls (opt-in: the
+        # call counts then depend on how the client's frames arrive).
+        self.group_commit = bool(hello.get("group_commit"))
         self.session = Session(
             backend,
             keep_calls=bool(hello.get("calls")),

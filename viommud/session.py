@@ -18,7 +18,15 @@ from typing import Any
 from viommud.backend.base import Backend
 from viommud.backend.calls import BackendCallError, CallLog, Iommufd
 from viommud.dispatcher import DispatchStats
-from viommud.models import ModelContext, ModelError, RecordRefused, Viommu, factories
+from viommud.models import (
+    GroupCommit,
+    ModelContext,
+    ModelError,
+    RecordRefused,
+    Screened,
+    Viommu,
+    factories,
+)
 from viommud.oracle.verifier import Verifier
 from viommud.topology import TopologyError
 from viommud.trace import (
@@ -97,11 +105,75 @@ class Session:
         verifier.doorbell_begin(viommu, data)
         response = instance.doorbell(data)
         verifier.doorbell_end(viommu, response)
-        if self.log is not None and verifier.ledger.missed:
-            for missed in verifier.missed_needs():
-                self.log.error("verify_missed", viommu=viommu, need=missed)
-            verifier.ledger.missed_needs.clear()
+        self._log_missed(viommu)
         return response
+
+    def doorbells(self, viommu: str, doorbells: list[bytes]) -> list[dict[str, Any] | Exception]:
+        """Group commit (docs/coalescing.md): consecutive doorbells of one vIOMMU that were
+        already waiting in the input. Each answer is the response ``doorbell`` would give, or
+        the RecordRefused it would raise. Runs of plain doorbells share host calls; each
+        run's calls return before any of its responses exists, so no sync completes early."""
+        instance: object = self.viommus.get(viommu)
+        if not isinstance(instance, GroupCommit):
+            return [self._one(viommu, data) for data in doorbells]
+        screen = instance.screen(doorbells)
+        plain = screen.plain
+        out: list[dict[str, Any] | Exception] = []
+        first, count = 0, len(doorbells)
+        while first < count:
+            if not plain[first]:
+                out.append(self._one(viommu, doorbells[first]))
+                first += 1
+                continue
+            stop = first + 1
+            while stop < count and plain[stop]:
+                stop += 1
+            out += self._commit(
+                instance, viommu, doorbells=doorbells, screen=screen, first=first, stop=stop
+            )
+            first = stop
+        return out
+
+    def _one(self, viommu: str, data: bytes) -> dict[str, Any] | Exception:
+        try:
+            return self.doorbell(viommu, data)
+        except RecordRefused as exc:
+            return exc
+
+    def _commit(
+        self,
+        instance: GroupCommit,
+        viommu: str,
+        *,
+        doorbells: list[bytes],
+        screen: Screened,
+        first: int,
+        stop: int,
+    ) -> list[dict[str, Any]]:
+        run = doorbells[first:stop]
+        verifier = self.verifier
+        if verifier is not None:  # the oracle sees the run as one doorbell: its barriers
+            verifier.doorbell_begin(viommu, b"".join(run))  # complete when the calls return
+        responses = instance.commit(screen, first, stop)
+        if responses is None:  # a host call failed: one by one, for the guest's error index
+            single = self.viommus[viommu]
+            responses = [single.doorbell(data) for data in run]
+        if verifier is not None:
+            errors, offset = [], 0
+            for response in responses:
+                errors += [{"index": e["index"] + offset} for e in response["errors"]]
+                offset += response["consumed"]
+            verifier.doorbell_end(viommu, {"errors": errors})
+            self._log_missed(viommu)
+        return responses
+
+    def _log_missed(self, viommu: str) -> None:
+        verifier = self.verifier
+        if verifier is None or self.log is None or not verifier.ledger.missed:
+            return
+        for missed in verifier.missed_needs():
+            self.log.error("verify_missed", viommu=viommu, need=missed)
+        verifier.ledger.missed_needs.clear()
 
     def _instance(self, name: str) -> Viommu:
         instance = self.viommus.get(name)

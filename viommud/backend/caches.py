@@ -211,6 +211,14 @@ class CacheModel:
             {dev: tuple(self.atc.get(dev, ())) for dev in devices},
         )
 
+    def holds_stage1(self, unit: str, tag: int) -> bool:
+        """Whether ``unit``'s IOTLB has a stage-1 / nested entry (``asid`` set) of ``tag``.
+
+        Those are the only entries ``TLBI_NH_ALL`` / ``_ASID`` / ``_VA`` / ``_VAA`` of VMID
+        ``tag`` can remove (see ``smmu_command``); when this is False they remove nothing.
+        """
+        return any(e.tag == tag and e.asid is not None for e in self.iotlb.get(unit, ()))
+
     def clear(self) -> None:
         self.iotlb.clear()
         self.config.clear()

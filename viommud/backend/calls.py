@@ -322,7 +322,31 @@ class Iommufd:
         entries: list[bytes],
     ) -> InvalidateResult:
         """One ``IOMMU_HWPT_INVALIDATE`` array call; never raises for an errno."""
-        blob = b"".join(entries)
+        return self.invalidate_array(
+            iommu,
+            object_kind=object_kind,
+            object_id=object_id,
+            data_type=data_type,
+            entry_len=entry_len,
+            array=b"".join(entries),
+            count=len(entries),
+        )
+
+    def invalidate_array(
+        self,
+        iommu: str,
+        *,
+        object_kind: str,
+        object_id: int,
+        data_type: int,
+        entry_len: int,
+        array: bytes,
+        count: int | None = None,
+    ) -> InvalidateResult:
+        """``invalidate`` with the entries already laid out back to back in ``array``
+        (``count`` of them; by default as many as fit)."""
+        if count is None:
+            count = len(array) // entry_len
         # The hot path packs struct iommu_hwpt_invalidate directly (same FORMAT as
         # uapi.HwptInvalidate) and reads back entry_num, the one field the kernel writes.
         fmt = uapi.HwptInvalidate.FORMAT
@@ -332,20 +356,22 @@ class Iommufd:
             0,
             fmt.size,
             object_id,
-            self._buffer(blob) if blob else 0,
+            self._buffer(array) if array else 0,
             data_type,
             entry_len,
-            len(entries),
+            count,
             0,
         )
         err = self.backend.ioctl(self.backend.iommufd, uapi.IOMMU_HWPT_INVALIDATE, arg)
         done: int = _ENTRY_NUM.unpack_from(arg, _ENTRY_NUM_OFFSET)[0]
-        self.log.invalidation_entries += len(entries)
+        self.log.invalidation_entries += count
         if self.log.detailed:
             payload: dict[str, Any] = {
                 "object": {"kind": object_kind, "id": object_id},
                 "data_type": uapi.INVALIDATE_DATA_NAMES.get(data_type, str(data_type)),
-                "entries": [e.hex() for e in entries],
+                "entries": [
+                    array[at : at + entry_len].hex() for at in range(0, len(array), entry_len)
+                ],
                 "entry_num": done,
             }
         else:

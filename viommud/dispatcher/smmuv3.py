@@ -30,9 +30,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 from protocols import iommufd as uapi
+from protocols.smmuv3 import Opcode
 from viommud.backend.calls import Iommufd
 from viommud.dispatcher import DispatchStats
+from viommud.dispatcher.smmuv3_bulk import coalesce_tlb
 from viommud.dispatcher.smmuv3_coalesce import DEFAULT_FLOOD_PAGES, Entry, class_rank, coalesce
 from viommud.events import (
     Barrier,
@@ -48,6 +53,7 @@ from viommud.topology.smmuv3 import PiommuSlot, SmmuTopology
 
 ARM_ISSUE_GROUP = 63  # CMDQ_BATCH_ENTRIES - 1 commands per host CMD_SYNC (iommufd.md §3.4)
 ARM_ENTRY_LEN = 16
+U64 = npt.NDArray[np.uint64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +121,14 @@ class SmmuDispatcher:
             assert inv.device is not None
             vdev = topology.vdevice(inv.device)
             return [] if vdev is None else [topology.slots[vdev.iommu]]
+        return self.broadcast_targets()
+
+    def broadcast_targets(self) -> list[PiommuSlot]:
+        """Where TLB invalidations go: every physical SMMU of the vSMMU where a device has
+        had a stage-1 vSTE (all of them under ``broadcast_all``)."""
         broadcast = self._broadcast
         if broadcast is None:
-            slots = topology.slots.values()
+            slots = self.topology.slots.values()
             broadcast = self._broadcast = (
                 list(slots) if self.policy.broadcast_all else [s for s in slots if s.s1_seen]
             )
@@ -149,6 +160,40 @@ class SmmuDispatcher:
             if bucket is None:
                 bucket = pending[slot.iommu] = _Pending(slot)
             bucket.entries.append(entry)
+
+    # -- group commit -------------------------------------------------------------------
+    def run_plain(self, words: U64, syncs: int) -> bool:
+        """Execute consecutive plain doorbells at once (viommud.frontends.smmuv3.bulk: TLB
+        invalidations and syncs only, all valid): their TLB work goes out as one call per
+        vIOMMU object, and every sync among them completes when those calls return.
+
+        Returns False when a host call fails, having counted nothing: the caller then runs
+        the doorbells one by one (``run``), which maps the failure to its guest command and
+        re-sends what the failed call may have left undone (invalidations are idempotent)."""
+        stats = self.stats
+        work = words[(words[:, 0] & np.uint64(0xFF)) != Opcode.CMD_SYNC]
+        self._broadcast = None  # config records may have changed the topology since
+        targets = self.broadcast_targets()
+        if len(work) and targets:
+            self.iommufd.log.barrier = stats.barriers + 1
+            policy = self.policy
+            send = coalesce_tlb(work, flood_pages=policy.flood_pages) if policy.coalesce else work
+            array = np.ascontiguousarray(send, dtype="<u8").tobytes()
+            for slot in targets:
+                result = self.iommufd.invalidate_array(
+                    slot.iommu,
+                    object_kind="viommu",
+                    object_id=slot.viommu_id,
+                    data_type=uapi.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
+                    entry_len=ARM_ENTRY_LEN,
+                    array=array,
+                )
+                if result.errno:
+                    return False
+            stats.forwarded += len(work)
+        stats.baseline_invalidate_calls += len(work) * len(self.topology.slots)
+        stats.barriers += syncs
+        return True
 
     # -- execution ----------------------------------------------------------------------
     def _flush(self, errors: list[GuestError]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from viommud.backend.calls import Iommufd
 from viommud.dispatcher import DispatchStats
@@ -71,6 +71,28 @@ class Viommu(Protocol):
 
     def destroy(self) -> None:
         """Free everything this vIOMMU holds on the backend."""
+        ...
+
+
+class Screened(Protocol):
+    """The result of ``GroupCommit.screen``: which doorbells are plain."""
+
+    @property
+    def plain(self) -> list[bool]: ...
+
+
+@runtime_checkable
+class GroupCommit(Protocol):
+    """A model that can run consecutive *plain* doorbells (invalidations and barriers only,
+    none of them in error) with shared host calls (docs/coalescing.md, "Group commit")."""
+
+    def screen(self, doorbells: list[bytes]) -> Screened:
+        """Which doorbells are plain; pass it back to ``commit``."""
+        ...
+
+    def commit(self, screen: Any, first: int, stop: int) -> list[dict[str, Any]] | None:
+        """Doorbells ``first`` to ``stop - 1`` (all plain) at once: their responses, or None,
+        with nothing counted, when a host call failed."""
         ...
 
 
