@@ -94,11 +94,14 @@ def test_health_without_daemon_exits_1(tmp_path: Path) -> None:
     assert main(["health", "--socket", str(tmp_path / "x.sock"), "--timeout", "0.5"]) == 1
 
 
-def test_serve_replay_health_and_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("loop", "group"), [("asyncio", False), ("uvloop", True)], ids=["asyncio", "uvloop-group"]
+)
+def test_serve_replay_health_and_sigterm(tmp_path: Path, loop: str, group: bool) -> None:
     socket = tmp_path / "d.sock"
     env = {**os.environ, "VIOMMUD_LOG_FORMAT": "json"}
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "viommud", "serve", "--socket", str(socket)],
+        [sys.executable, "-m", "viommud", "serve", "--socket", str(socket), "--loop", loop],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
@@ -122,10 +125,11 @@ def test_serve_replay_health_and_sigterm(tmp_path: Path) -> None:
             [
                 *cli,
                 "replay",
-                str(FIXTURES / "smmuv3-ste-configs.jsonl"),
+                str(REAL_SMMUV3 if group else FIXTURES / "smmuv3-ste-configs.jsonl"),
                 "--socket",
                 str(socket),
                 "--json",
+                *(["--group-commit"] if group else []),
             ],
             capture_output=True,
             text=True,
@@ -133,7 +137,8 @@ def test_serve_replay_health_and_sigterm(tmp_path: Path) -> None:
             check=False,
         )
         assert rep.returncode == 0, rep.stderr
-        assert json.loads(rep.stdout)["trace"] == "smmuv3-ste-configs"
+        report = json.loads(rep.stdout)
+        assert report["trace"] == ("smmuv3-linux61-strict" if group else "smmuv3-ste-configs")
     finally:
         daemon.send_signal(signal.SIGTERM)
         _, err = daemon.communicate(timeout=30)
@@ -144,13 +149,13 @@ def test_serve_replay_health_and_sigterm(tmp_path: Path) -> None:
         "server_started",
         "client_connected",
         "session_started",
-        "batch_forwarded",
+        "group_forwarded" if group else "batch_forwarded",
         "client_disconnected",
         "shutdown_started",
         "shutdown_complete",
     ):
         assert name in names, name
-    batch = next(e for e in events if e["event"] == "batch_forwarded")
+    batch = next(e for e in events if e["event"].endswith("_forwarded"))
     assert {"client", "viommu", "commands", "syncs", "level", "timestamp"} <= set(batch)
     assert not socket.exists()
 

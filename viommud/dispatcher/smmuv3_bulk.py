@@ -45,10 +45,16 @@ def coalesce_tlb(words: U64, *, flood_pages: int = DEFAULT_FLOOD_PAGES) -> U64:
 
 
 def _unique(words: U64) -> U64:
-    _, first = np.unique(words, axis=0, return_index=True)
-    if len(first) == len(words):
+    """First occurrences of distinct (W0, W1) rows (a stable sort keeps the first first)."""
+    w0, w1 = words[:, 0], words[:, 1]
+    order = np.lexsort((w1, w0))
+    s0, s1 = w0[order], w1[order]
+    repeat = np.zeros(len(words), dtype=np.bool_)
+    repeat[1:] = (s0[1:] == s0[:-1]) & (s1[1:] == s1[:-1])
+    if not repeat.any():
         return words
-    return words[np.sort(first)]
+    kept: U64 = words[np.sort(order[~repeat])]
+    return kept
 
 
 def _drop_covered_by_asid(words: U64) -> U64:
@@ -163,5 +169,3 @@ def _span_starts(new_key: npt.NDArray[np.bool_], first: U64, end: U64) -> npt.ND
         else:
             reach_py = max(reach_py, hi_py)
     return np.array(out, dtype=np.intp)
-
-
