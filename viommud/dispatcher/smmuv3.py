@@ -31,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import numpy.typing as npt
 
 from protocols import iommufd as uapi
 from protocols.smmuv3 import Opcode
@@ -53,7 +52,7 @@ from viommud.topology.smmuv3 import PiommuSlot, SmmuTopology
 
 ARM_ISSUE_GROUP = 63  # CMDQ_BATCH_ENTRIES - 1 commands per host CMD_SYNC (iommufd.md §3.4)
 ARM_ENTRY_LEN = 16
-U64 = npt.NDArray[np.uint64]
+_SYNC = np.uint64(Opcode.CMD_SYNC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +62,10 @@ class DispatchPolicy:
     coalesce: bool = True  # apply the smmuv3_coalesce rules within each call
     broadcast_all: bool = False  # TLBIs to every physical SMMU, not only stage-1 ones
     flood_pages: int = DEFAULT_FLOOD_PAGES
+    # Group commit: fewer TLB commands than this go out as the guest wrote them. Coalescing
+    # a handful costs tens of microseconds of daemon CPU per call (bench/coalescing.py),
+    # more than the host queue spends on the few commands it would save.
+    bulk_coalesce_min: int = 64
 
 
 @dataclass(slots=True)
@@ -162,23 +165,21 @@ class SmmuDispatcher:
             bucket.entries.append(entry)
 
     # -- group commit -------------------------------------------------------------------
-    def run_plain(self, words: U64, syncs: int) -> bool:
+    def run_plain(self, commands: bytes, syncs: int) -> bool:
         """Execute consecutive plain doorbells at once (viommud.frontends.smmuv3.bulk: TLB
-        invalidations and syncs only, all valid): their TLB work goes out as one call per
-        vIOMMU object, and every sync among them completes when those calls return.
+        invalidations and ``syncs`` CMD_SYNCs, all valid): their TLB work goes out as one
+        call per vIOMMU object, and every sync among them completes when those calls return.
 
         Returns False when a host call fails, having counted nothing: the caller then runs
         the doorbells one by one (``run``), which maps the failure to its guest command and
         re-sends what the failed call may have left undone (invalidations are idempotent)."""
         stats = self.stats
-        work = words[(words[:, 0] & np.uint64(0xFF)) != Opcode.CMD_SYNC]
+        work = len(commands) // ARM_ENTRY_LEN - syncs
         self._broadcast = None  # config records may have changed the topology since
         targets = self.broadcast_targets()
-        if len(work) and targets:
+        if work and targets:
             self.iommufd.log.barrier = stats.barriers + 1
-            policy = self.policy
-            send = coalesce_tlb(work, flood_pages=policy.flood_pages) if policy.coalesce else work
-            array = np.ascontiguousarray(send, dtype="<u8").tobytes()
+            array = self._plain_array(commands, work, syncs)
             for slot in targets:
                 result = self.iommufd.invalidate_array(
                     slot.iommu,
@@ -190,10 +191,28 @@ class SmmuDispatcher:
                 )
                 if result.errno:
                     return False
-            stats.forwarded += len(work)
-        stats.baseline_invalidate_calls += len(work) * len(self.topology.slots)
+            stats.forwarded += work
+        stats.baseline_invalidate_calls += work * len(self.topology.slots)
         stats.barriers += syncs
         return True
+
+    def _plain_array(self, commands: bytes, work: int, syncs: int) -> bytes:
+        """The entries of a run of plain doorbells: its TLB commands, coalesced when there
+        are enough of them to pay for it (``DispatchPolicy.bulk_coalesce_min``)."""
+        policy = self.policy
+        if policy.coalesce and work >= policy.bulk_coalesce_min:
+            words = np.frombuffer(commands, dtype="<u8").reshape(-1, 2)
+            words = words[(words[:, 0] & np.uint64(0xFF)) != _SYNC]
+            send = coalesce_tlb(words, flood_pages=policy.flood_pages)
+            return np.ascontiguousarray(send, dtype="<u8").tobytes()
+        if not syncs:
+            return commands
+        size = ARM_ENTRY_LEN
+        return b"".join(
+            commands[at : at + size]
+            for at in range(0, len(commands), size)
+            if commands[at] != Opcode.CMD_SYNC
+        )
 
     # -- execution ----------------------------------------------------------------------
     def _flush(self, errors: list[GuestError]) -> None:

@@ -28,15 +28,26 @@ from viommud.dispatcher.smmuv3_coalesce import DEFAULT_FLOOD_PAGES, encode_range
 U64 = npt.NDArray[np.uint64]
 _ADDR_MASK = np.uint64(0xFFFFFFFFFFFFF000)
 _NUM_SCALE = np.uint64(0x1F << 12 | 0x1F << 20)
-_ALL_ONES = 0xFFFFFFFFFFFFFFFF
+# Opcodes as numpy scalars: comparing an array with an IntEnum member is much slower.
+_NH_ALL, _NH_ASID, _NH_VA, _NH_VAA, _NSNH_ALL = (
+    np.uint64(op)
+    for op in (
+        Opcode.TLBI_NH_ALL,
+        Opcode.TLBI_NH_ASID,
+        Opcode.TLBI_NH_VA,
+        Opcode.TLBI_NH_VAA,
+        Opcode.TLBI_NSNH_ALL,
+    )
+)
+_OP_MASK = np.uint64(0xFF)
 
 
 def coalesce_tlb(words: U64, *, flood_pages: int = DEFAULT_FLOOD_PAGES) -> U64:
     """The commands to send for a set of valid TLB invalidations (shape (n, 2))."""
     if len(words) < 2:
         return words
-    ops = words[:, 0] & np.uint64(0xFF)
-    wide = np.flatnonzero((ops == Opcode.TLBI_NH_ALL) | (ops == Opcode.TLBI_NSNH_ALL))
+    ops = words[:, 0] & _OP_MASK
+    wide = np.flatnonzero((ops == _NH_ALL) | (ops == _NSNH_ALL))
     if len(wide):
         return words[wide[:1]]
     words = _unique(words)
@@ -59,13 +70,13 @@ def _unique(words: U64) -> U64:
 
 def _drop_covered_by_asid(words: U64) -> U64:
     w0 = words[:, 0]
-    ops = w0 & np.uint64(0xFF)
-    by_asid = ops == Opcode.TLBI_NH_ASID
+    ops = w0 & _OP_MASK
+    by_asid = ops == _NH_ASID
     if not by_asid.any():
         return words
     asids = w0[by_asid] >> np.uint64(48)
     covered: npt.NDArray[np.bool_] = np.isin(w0 >> np.uint64(48), asids)
-    kept: U64 = words[~(covered & (ops == Opcode.TLBI_NH_VA))]
+    kept: U64 = words[~(covered & (ops == _NH_VA))]
     return kept
 
 
@@ -85,9 +96,9 @@ def _merge_and_promote(words: U64, threshold: int) -> U64:
     """Range merge, then flood promotion, in one pass: the spans of a flooded ASID are
     replaced anyway, so only the others are re-encoded."""
     w0, w1 = words[:, 0], words[:, 1]
-    ops = w0 & np.uint64(0xFF)
-    va = ops == Opcode.TLBI_NH_VA
-    ranged = (va | (ops == Opcode.TLBI_NH_VAA)) & ((w1 >> np.uint64(10)) & np.uint64(3) != 0)
+    ops = w0 & _OP_MASK
+    va = ops == _NH_VA
+    ranged = (va | (ops == _NH_VAA)) & ((w1 >> np.uint64(10)) & np.uint64(3) != 0)
     if not ranged.any() and not va.any():
         return words
     rows = words[ranged]
@@ -105,7 +116,7 @@ def _merge_and_promote(words: U64, threshold: int) -> U64:
     span_key0 = key0[starts]
     # Flood promotion counts the TLBI_NH_VA pages of each ASID: merged spans, and one per
     # single-address TLBI (TG=0).
-    span_va = (span_key0 & np.uint64(0xFF)) == Opcode.TLBI_NH_VA
+    span_va = (span_key0 & _OP_MASK) == _NH_VA
     span_asid = (span_key0 >> np.uint64(48)).astype(np.intp)
     single_va = va & ~ranged
     single_asid = (w0[single_va] >> np.uint64(48)).astype(np.intp)

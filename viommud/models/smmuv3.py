@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import Any, ClassVar
 
 from viommud.dispatcher.smmuv3 import SmmuDispatcher
 from viommud.frontends.smmuv3.bulk import Screen
 from viommud.frontends.smmuv3.bulk import screen as screen_doorbells
 from viommud.frontends.smmuv3.decode import COMMAND, kind_name
 from viommud.frontends.smmuv3.frontend import (
+    CMD_SIZE,
     DoorbellSummary,
     FrameError,
     SmmuFeatures,
@@ -38,6 +37,7 @@ class SmmuV3Viommu:
     log: Any
     debug: bool
     model: str = "smmuv3"
+    group_commit: ClassVar[bool] = True  # screen/commit below (models.GroupCommit)
 
     @classmethod
     def create(cls, record: ViommuCreate, ctx: ModelContext) -> SmmuV3Viommu:
@@ -117,17 +117,17 @@ class SmmuV3Viommu:
         """Plain doorbells ``first`` to ``stop - 1`` of ``screen`` at once: their TLB work in
         one call per vIOMMU object, then each one's response. None, with nothing counted,
         when a host call failed (the caller runs them one by one with ``doorbell``)."""
-        lo, hi = screen.rows(first, stop)
+        commands = screen.commands(first, stop)
         syncs = screen.syncs[first:stop]
         calls = self.dispatcher.iommufd.log
         calls_before = calls.seq
         started = time.perf_counter()
-        if not self.dispatcher.run_plain(screen.words[lo:hi], sum(syncs)):
+        if not self.dispatcher.run_plain(commands, sum(syncs)):
             return None
         frontend = self.frontend
-        counts = np.bincount(screen.opcodes[lo:hi], minlength=256)
-        for op in np.flatnonzero(counts).tolist():
-            frontend.opcode_counts[op] += int(counts[op])
+        opcodes = commands[::CMD_SIZE]  # W0[7:0] is each command's first byte
+        for op in set(opcodes):
+            frontend.opcode_counts[op] += opcodes.count(op)
         frontend.barriers += sum(syncs)
         starts = screen.starts
         consumed = [starts[k + 1] - starts[k] for k in range(first, stop)]
@@ -136,17 +136,17 @@ class SmmuV3Viommu:
         if log is not None:
             if self.debug:
                 for k in range(first, stop):
-                    for index, (w0, w1) in enumerate(screen.words[starts[k] : starts[k + 1]]):
+                    for index, raw in enumerate(_split(screen.commands(k, k + 1))):
                         log.debug(
                             "command_decoded",
                             index=index,
-                            kind=kind_name(int(w0) & 0xFF),
-                            raw_hex=COMMAND.pack(int(w0), int(w1)).hex(),
+                            kind=kind_name(raw[0]),
+                            raw_hex=raw.hex(),
                         )
             log.info(
                 "group_forwarded",
                 doorbells=stop - first,
-                commands=hi - lo,
+                commands=len(opcodes),
                 syncs=sum(syncs),
                 backend_calls=calls.seq - calls_before,
                 duration_ms=round((time.perf_counter() - started) * 1e3, 3),
@@ -166,3 +166,7 @@ class SmmuV3Viommu:
 
     def destroy(self) -> None:
         self.topology.destroy()
+
+
+def _split(commands: bytes) -> list[bytes]:
+    return [commands[at : at + CMD_SIZE] for at in range(0, len(commands), CMD_SIZE)]

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols.smmuv3 import Opcode
-from viommud.frontends.smmuv3.decode import DEFINED
+from viommud.frontends.smmuv3.decode import COMMAND, DEFINED
 from viommud.frontends.smmuv3.frontend import CMD_SIZE, SmmuFeatures
 
 U64 = npt.NDArray[np.uint64]
@@ -36,7 +36,7 @@ PLAIN_TLB_OPS = (
     Opcode.TLBI_NH_VAA,
     Opcode.TLBI_NSNH_ALL,
 )
-_SYNC = int(Opcode.CMD_SYNC)
+_SYNC = int(Opcode.CMD_SYNC)  # ops are intp: compare with plain ints, not IntEnum members
 _VA, _VAA = int(Opcode.TLBI_NH_VA), int(Opcode.TLBI_NH_VAA)
 
 
@@ -53,33 +53,52 @@ def _tables() -> tuple[npt.NDArray[np.bool_], U64, U64]:
 
 
 _PLAIN, _RESERVED0, _RESERVED1 = _tables()
+_RESERVED = {int(op): (int(_RESERVED0[op]), int(_RESERVED1[op])) for op in np.flatnonzero(_PLAIN)}
 
 
 @dataclass(frozen=True, slots=True)
 class Screen:
     """The decoded commands of a list of doorbells and which of them are plain.
 
-    Doorbell ``k`` owns rows ``starts[k]:starts[k + 1]`` of ``words`` (W0, W1 per row);
-    a doorbell that is empty or not a whole number of commands owns no rows and is never
-    plain (the frontend refuses or answers it)."""
+    Doorbell ``k`` owns commands ``starts[k]:starts[k + 1]`` of ``blob``; a doorbell that
+    is empty or not a whole number of commands owns none and is never plain (the frontend
+    refuses or answers it)."""
 
-    words: U64  # shape (commands, 2)
-    opcodes: npt.NDArray[np.intp]
+    blob: bytes  # the commands of every whole doorbell, back to back
     starts: list[int]
     plain: list[bool]
     syncs: list[int]  # CMD_SYNCs per doorbell (meaningful for plain ones)
 
-    def rows(self, first: int, stop: int) -> tuple[int, int]:
-        """The row span of doorbells ``first`` to ``stop - 1``."""
-        return self.starts[first], self.starts[stop]
+    def commands(self, first: int, stop: int) -> bytes:
+        """The commands of doorbells ``first`` to ``stop - 1``."""
+        return self.blob[self.starts[first] * CMD_SIZE : self.starts[stop] * CMD_SIZE]
 
 
-def screen(doorbells: list[bytes], features: SmmuFeatures) -> Screen:
+# Below this many commands a plain loop is faster than numpy's per-call overhead (a few
+# dozen calls of ~1 µs each); both are held to the frontend by the same property test.
+SMALL = 64
+
+
+def screen(doorbells: list[bytes], features: SmmuFeatures, *, small: int = SMALL) -> Screen:
     whole = [bool(d) and len(d) % CMD_SIZE == 0 for d in doorbells]
     starts = [0]
     for data, ok in zip(doorbells, whole, strict=True):
         starts.append(starts[-1] + (len(data) // CMD_SIZE if ok else 0))
     blob = b"".join(d for d, ok in zip(doorbells, whole, strict=True) if ok)
+    if starts[-1] < small:
+        bad_before, syncs_before = _check_each(blob, features)
+    else:
+        bad_before, syncs_before = _check_all(blob, features)
+    plain, syncs = [], []
+    for k, ok in enumerate(whole):
+        lo, hi = starts[k], starts[k + 1]
+        plain.append(ok and bad_before[hi] == bad_before[lo])
+        syncs.append(syncs_before[hi] - syncs_before[lo])
+    return Screen(blob, starts, plain, syncs)
+
+
+def _check_all(blob: bytes, features: SmmuFeatures) -> tuple[list[int], list[int]]:
+    """Running counts (from 0, one per command) of refused commands and of CMD_SYNCs."""
     words = np.frombuffer(blob, dtype="<u8").reshape(-1, 2)
     w0, w1 = words[:, 0], words[:, 1]
     ops = (w0 & np.uint64(0xFF)).astype(np.intp)
@@ -88,29 +107,57 @@ def screen(doorbells: list[bytes], features: SmmuFeatures) -> Screen:
     is_sync = ops == _SYNC
     good &= ~(is_sync & (((w0 >> np.uint64(12)) & np.uint64(3)) == 3))
     good &= ~_bad_range(ops, w0, w1, features)
-    bad_before = np.concatenate(([0], np.cumsum(~good))).tolist()
-    syncs_before = np.concatenate(([0], np.cumsum(is_sync))).tolist()
-    plain, syncs = [], []
-    for k, ok in enumerate(whole):
-        lo, hi = starts[k], starts[k + 1]
-        plain.append(ok and bad_before[hi] == bad_before[lo])
-        syncs.append(syncs_before[hi] - syncs_before[lo])
-    return Screen(words, ops, starts, plain, syncs)
+    bad_before: list[int] = np.concatenate(([0], np.cumsum(~good))).tolist()
+    syncs_before: list[int] = np.concatenate(([0], np.cumsum(is_sync))).tolist()
+    return bad_before, syncs_before
+
+
+def _check_each(blob: bytes, features: SmmuFeatures) -> tuple[list[int], list[int]]:
+    """``_check_all`` one command at a time, for a few commands."""
+    reserved, refused = _RESERVED, _RANGE_REFUSED_LISTS[features.ril]
+    bad_before, syncs_before = [0], [0]
+    bad = syncs = 0
+    for w0, w1 in COMMAND.iter_unpack(blob):
+        op = w0 & 0xFF
+        rule = reserved.get(op)
+        if rule is None or w0 & rule[0] or w1 & rule[1]:
+            bad += 1
+        elif op == _SYNC:
+            syncs += 1
+            bad += (w0 >> 12) & 3 == 3
+        elif op in (_VA, _VAA):
+            bad += refused[((w1 >> 8) & 0xF) << 1 | ((w0 >> 12) & 0x1F1F != 0)]
+        bad_before.append(bad)
+        syncs_before.append(syncs)
+    return bad_before, syncs_before
+
+
+def _range_table(ril: bool) -> npt.NDArray[np.bool_]:
+    """Refused TLBI_NH_VA/VAA range encodings (§4.4.1.1, IDR3.RIL), indexed by
+    TG << 3 | TTL << 1 | (NUM or SCALE non-zero), as ``SmmuV3Frontend._check_range`` rules."""
+    table = np.zeros(32, dtype=np.bool_)
+    for tg in range(4):
+        for ttl in range(4):
+            for sized in (0, 1):
+                if tg == 0:
+                    bad = bool(sized or ttl)
+                else:
+                    bad = not ril or (ttl == 0 and not sized) or (tg == 2 and ttl == 1)
+                table[tg << 3 | ttl << 1 | sized] = bad
+    return table
+
+
+_RANGE_REFUSED = {True: _range_table(True), False: _range_table(False)}
+_RANGE_REFUSED_LISTS = {ril: table.tolist() for ril, table in _RANGE_REFUSED.items()}
 
 
 def _bad_range(
     ops: npt.NDArray[np.intp], w0: U64, w1: U64, features: SmmuFeatures
 ) -> npt.NDArray[np.bool_]:
-    """TLBI_NH_VA/VAA range encodings the frontend refuses (§4.4.1.1, IDR3.RIL)."""
-    num = (w0 >> np.uint64(12)) & np.uint64(0x1F)
-    scale = (w0 >> np.uint64(20)) & np.uint64(0x1F)
-    ttl = (w1 >> np.uint64(8)) & np.uint64(3)
-    tg = (w1 >> np.uint64(10)) & np.uint64(3)
-    ranged = tg != 0
-    bad = ~ranged & ((num | scale | ttl) != 0)
-    if not features.ril:
-        bad |= ranged
-    bad |= ranged & ((num | scale | ttl) == 0)
-    bad |= (tg == 2) & (ttl == 1)
-    refused: npt.NDArray[np.bool_] = ((ops == _VA) | (ops == _VAA)) & bad
+    """TLBI_NH_VA/VAA commands whose range encoding the frontend refuses."""
+    sized = ((w0 >> np.uint64(12)) & np.uint64(0x1F1F)) != 0  # NUM W0[16:12], SCALE W0[24:20]
+    key = (((w1 >> np.uint64(8)) & np.uint64(0xF)) << np.uint64(1)).astype(np.intp) | sized
+    refused: npt.NDArray[np.bool_] = _RANGE_REFUSED[features.ril][key] & (
+        (ops == _VA) | (ops == _VAA)
+    )
     return refused
