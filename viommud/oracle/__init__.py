@@ -16,6 +16,7 @@ A need left uncovered counts as ``missed``; a removal that served no need counts
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -144,19 +145,27 @@ class Ledger:
         for item in self._due:
             need = item.need
             history = self._by_place.get((need.cache, need.place), [])
-            window = [r for seq, r in history if seq > item.since]
+            # History is in sequence order: only its tail is newer than the need.
+            window = [r for _, r in history[bisect_right(history, item.since, key=_seq) :]]
             if not covered(need, window):
                 self.missed += 1
                 if len(self.missed_needs) < 100:
                     self.missed_needs.append(need)
-        live = [item.need for item in self._due] + [item.need for item in self._open]
+        live: dict[tuple[str, tuple[Any, ...]], list[Need]] = {}
+        for item in (*self._due, *self._open):  # a removal only serves needs of its place
+            live.setdefault((item.need.cache, item.need.place), []).append(item.need)
         useless: dict[int, bool] = {}
         for removal, entry in self._fresh:
-            served = any(overlaps(removal, need) for need in live)
+            here = live.get((removal.cache, removal.place), ())
+            served = any(overlaps(removal, need) for need in here)
             useless[entry] = useless.get(entry, True) and not served
         self.over += sum(useless.values())
         self._due = []
         self._fresh = []
+
+
+def _seq(item: tuple[int, Removal]) -> int:
+    return item[0]
 
 
 class CallObserver(Protocol):
