@@ -39,15 +39,40 @@ def test_coalescing_benchmark_verifies_clean() -> None:
 
 @pytest.mark.slow
 def test_throughput_benchmark_runs() -> None:
+    """Every workload in every daemon mode, each stream clean (the script exits 1 otherwise:
+    ``run`` checks), every command counted by the daemon."""
     result = run("throughput.py")
+    assert result["problems"] == []
     rows = result["throughput"]
     assert isinstance(rows, list)
+    assert [row["workload"] for row in rows] == [
+        "smmuv3-strict",
+        "smmuv3-batched",
+        "vtd-strict-ats",
+        "virtio-map-unmap",
+    ]
     for row in rows:
-        assert row["daemon"]["commands_per_s"] > 0
+        assert row["commands"] >= 20_000, row["workload"]
         assert row["echo"]["commands_per_s"] > 0
+        assert row["echo"]["errors"] == 0
+        modes = row["modes"]
+        assert list(modes) == ["per-doorbell", "group-commit", "verify"], row["workload"]
+        for mode, figures in modes.items():
+            where = f"{row['workload']} {mode}"
+            assert figures["errors"] == 0, where
+            assert figures["daemon_errors"] == {}, where
+            assert figures["commands"] > 0, where
+            assert figures["commands_per_s"] > 0, where
+            assert figures["ratio"] > 0, where
+            assert figures["verify"]["missed"] == 0, where
+            assert figures["slice"] == (figures["commands"] < row["commands"]), where
+        assert modes["verify"]["verify"]["enabled"], row["workload"]
+        assert not modes["per-doorbell"]["verify"]["enabled"], row["workload"]
+        assert row["daemon"] == modes["per-doorbell"]
     latency = result["latency"]
     assert isinstance(latency, dict)
     assert latency["daemon"]["p50_us"] > 0
+    assert latency["group_commit"]["p50_us"] > 0
 
 
 @pytest.mark.slow
