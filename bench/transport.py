@@ -44,12 +44,14 @@ ECHO_REQUEST = json.dumps(
 ).encode()
 
 
-def _vtd_reply(seq: int, data: bytes, width: int) -> bytes:
+def _vtd_reply(seq: int, data: bytes, width: int, compact: bool) -> bytes:
     """The daemon's answer to a clean VT-d doorbell ending in a wait with a status write."""
     n = len(data) // width
     last = data[(n - 1) * width :]
     qw0 = int.from_bytes(last[:8], "little")
     addr = int.from_bytes(last[8:16], "little") & ~3
+    if compact:
+        return wire.encode_cmds_ok_writes(seq, n, 1, [(n - 1, addr, qw0 >> 32)])
     write = {"index": n - 1, "addr": f"0x{addr:x}", "data": f"0x{qw0 >> 32:x}"}
     body = {"consumed": n, "errors": [], "syncs": 1, "status_writes": [write]}
     return wire.encode_json(FrameType.RESPONSE, seq, body)
@@ -58,6 +60,7 @@ def _vtd_reply(seq: int, data: bytes, width: int) -> bytes:
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     decoder = wire.FrameDecoder()
     vtd: dict[str, int] = {}  # VT-d vIOMMU name -> descriptor width
+    compact_writes = False
     while data := await reader.read(256 * 1024):
         decoder.receive_data(data)
         out = []
@@ -69,7 +72,7 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 if width is None:  # SMMUv3: what the daemon answers a clean doorbell with
                     out.append(wire.encode_cmds_ok(frame.seq, len(guest) // 16, 1))
                 else:
-                    out.append(_vtd_reply(frame.seq, guest, width))
+                    out.append(_vtd_reply(frame.seq, guest, width, compact_writes))
             elif kind == FrameType.REQUEST:
                 out.append(wire.encode(FrameType.RESPONSE, frame.seq, ECHO_REQUEST))
             elif kind == FrameType.RECORD:
@@ -78,6 +81,8 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                     vtd[record["viommu"]] = record.get("options", {}).get("dw", 128) // 8
                 out.append(wire.encode(FrameType.RESPONSE, frame.seq, ECHO_RECORD))
             elif kind == FrameType.HELLO:
+                hello = frame.json()
+                compact_writes = bool(hello.get("compact")) and bool(hello.get("compact_writes"))
                 out.append(wire.encode(FrameType.HELLO_OK, frame.seq, ECHO_RECORD))
             else:
                 out.append(wire.encode(FrameType.RESPONSE, frame.seq, ECHO_RECORD))
@@ -223,7 +228,12 @@ class Pipe:
         (a daemon ignores HELLO keys it does not know)."""
         reader, writer = await asyncio.open_unix_connection(path)
         pipe = cls(reader, writer)
-        hello: dict[str, Any] = {"protocol": 1, "host": host, "compact": True}
+        hello: dict[str, Any] = {
+            "protocol": 1,
+            "host": host,
+            "compact": True,
+            "compact_writes": True,
+        }
         if group_commit:
             hello["group_commit"] = True
         if verify:

@@ -10,7 +10,18 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from construct import Bytes, GreedyBytes, Int8ul, Int16ul, Int32ul, PascalString, Struct, this
+from construct import (
+    Bytes,
+    GreedyBytes,
+    GreedyRange,
+    Int8ul,
+    Int16ul,
+    Int32ul,
+    Int64ul,
+    PascalString,
+    Struct,
+    this,
+)
 
 PROTOCOL_VERSION = 1
 HEADER_SIZE = 12
@@ -30,6 +41,7 @@ class FrameType(enum.IntEnum):
     RESPONSE = 0x82  # JSON: the record's response (spec §3) plus "calls" when asked for
     CMDS_OK = 0x83  # binary: CmdsOk — a doorbell answered with nothing but counts (compact)
     STATS_OK = 0x85  # JSON: session totals in the replay report's shape
+    CMDS_OK_WRITES = 0x87  # binary: CmdsOkWrites — CMDS_OK plus VT-d status writes (compact)
     STATUS_OK = 0x86  # JSON: listeners, clients, live vIOMMUs/vdevices/HWPTs, totals
     ERROR = 0xFF  # JSON: {"error": str, "fatal": bool} — the request was refused
 
@@ -56,6 +68,21 @@ CmdsOk = Struct(
 CmdsOk.__doc__ = (
     "docs/protocol.md §2: the compact answer to CMDS when the response has no errors, no "
     "status writes and nothing else (only to clients that asked for it in HELLO)."
+)
+
+StatusWrite = Struct(
+    "index" / Int32ul,  # the wait descriptor's position in the doorbell
+    "addr" / Int64ul,  # Status Address (VT-d §6.5.2.8)
+    "data" / Int32ul,  # Status Data, the 32 bits written there
+)
+CmdsOkWrites = Struct(
+    "consumed" / Int32ul,
+    "syncs" / Int32ul,
+    "writes" / GreedyRange(StatusWrite),  # as many as the payload holds, in order
+)
+CmdsOkWrites.__doc__ = (
+    "docs/protocol.md §2: the compact answer to a VT-d CMDS whose response has no errors and "
+    "only status writes besides the counts (to clients whose HELLO asked for compact_writes)."
 )
 
 Frame = Struct(

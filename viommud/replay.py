@@ -129,6 +129,7 @@ async def _run(
         trace=header.name,
         verify=verify,
         compact=True,
+        compact_writes=True,
         group_commit=group_commit,
     )
     started = time.perf_counter()

@@ -77,6 +77,7 @@ class Connection:
         self.fixed_host = fixed_host
         self.log = log
         self.compact = False
+        self.compact_writes = False  # CMDS_OK_WRITES for clean VT-d doorbells
         self.group_commit = False
         self.session: Session | None = None
         self.decoder = wire.FrameDecoder()
@@ -167,8 +168,15 @@ class Connection:
     def _cmds_reply(self, seq: int, answer: dict[str, Any] | Exception) -> bytes:
         if isinstance(answer, Exception):
             return _error(seq, str(answer), fatal=False)
-        if self.compact and not answer["errors"] and len(answer) == 3:
-            return wire.encode_cmds_ok(seq, answer["consumed"], answer["syncs"])
+        if self.compact and not answer["errors"]:
+            if len(answer) == 3:
+                return wire.encode_cmds_ok(seq, answer["consumed"], answer["syncs"])
+            if self.compact_writes and len(answer) == 4 and "status_writes" in answer:
+                writes = [
+                    (w["index"], int(w["addr"], 16), int(w["data"], 16))
+                    for w in answer["status_writes"]
+                ]
+                return wire.encode_cmds_ok_writes(seq, answer["consumed"], answer["syncs"], writes)
         return self._respond(seq, answer)
 
     def _dispatch(self, frame: wire.Frame) -> bytes:
@@ -255,6 +263,7 @@ class Connection:
         self.log = self.log.bind(vm=self.vm)
         # Compact replies (CMDS_OK) only for clients that asked and need no call log.
         self.compact = bool(hello.get("compact")) and not hello.get("calls")
+        self.compact_writes = self.compact and bool(hello.get("compact_writes"))
         # Group commit: consecutive waiting doorbells may share host calls (opt-in: the
         # call counts then depend on how the client's frames arrive).
         self.group_commit = bool(hello.get("group_commit"))

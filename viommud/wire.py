@@ -18,6 +18,7 @@ from protocols.frames import HEADER_SIZE, MAX_PAYLOAD, PROTOCOL_VERSION, FrameTy
 NEED_DATA: Final = None
 _HEADER = struct.Struct("<BBHII")
 _CMDS_OK = struct.Struct("<II")  # protocols.frames.CmdsOk
+_STATUS_WRITE = struct.Struct("<IQI")  # protocols.frames.StatusWrite
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
 
 
@@ -43,12 +44,23 @@ class Frame:
             raise WireError(f"frame payload is not valid JSON: {exc}", self.payload[:64]) from None
 
     def response(self) -> Any:
-        """A reply's body as JSON: CMDS_OK expands to the response it stands for."""
+        """A reply's body as JSON: CMDS_OK / CMDS_OK_WRITES expand to the response they
+        stand for."""
         if self.type == FrameType.CMDS_OK:
             if len(self.payload) != _CMDS_OK.size:
                 raise WireError("CMDS_OK payload must be 8 bytes", self.payload[:64])
             consumed, syncs = _CMDS_OK.unpack(self.payload)
             return {"consumed": consumed, "errors": [], "syncs": syncs}
+        if self.type == FrameType.CMDS_OK_WRITES:
+            payload = self.payload
+            if len(payload) < _CMDS_OK.size or (len(payload) - _CMDS_OK.size) % _STATUS_WRITE.size:
+                raise WireError("CMDS_OK_WRITES payload is 8 + 16 * N bytes", payload[:64])
+            consumed, syncs = _CMDS_OK.unpack_from(payload)
+            writes = [
+                {"index": index, "addr": f"0x{addr:x}", "data": f"0x{data:x}"}
+                for index, addr, data in _STATUS_WRITE.iter_unpack(payload[_CMDS_OK.size :])
+            ]
+            return {"consumed": consumed, "errors": [], "syncs": syncs, "status_writes": writes}
         return self.json()
 
     def guest_data(self) -> tuple[str, bytes]:
@@ -132,3 +144,12 @@ def encode_guest_data(frame_type: int, seq: int, viommu: str, data: bytes) -> by
 
 def encode_cmds_ok(seq: int, consumed: int, syncs: int) -> bytes:
     return encode(FrameType.CMDS_OK, seq, _CMDS_OK.pack(consumed, syncs))
+
+
+def encode_cmds_ok_writes(
+    seq: int, consumed: int, syncs: int, writes: list[tuple[int, int, int]]
+) -> bytes:
+    """CMDS_OK_WRITES: counts and (index, address, data) of each status write, in order."""
+    body = [_CMDS_OK.pack(consumed, syncs)]
+    body += [_STATUS_WRITE.pack(*write) for write in writes]
+    return encode(FrameType.CMDS_OK_WRITES, seq, b"".join(body))

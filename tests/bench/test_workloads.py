@@ -158,8 +158,12 @@ def test_echo_answers_as_the_daemon_does() -> None:
         response = session.handle(record)
         if line - 1 >= first:
             assert isinstance(record, Cmds)
-            echo = vtd_reply(7, record.data, 32)
+            echo = vtd_reply(7, record.data, 32, False)
             assert echo == wire.encode_json(FrameType.RESPONSE, 7, response)
+            compact = wire.Frame(
+                FrameType.CMDS_OK_WRITES, 7, vtd_reply(7, record.data, 32, True)[12:]
+            )
+            assert compact.response() == response
     session.close()
     records, first = workloads_virtio.map_unmap(50)
     session = Session(EmulatedIommufd(HostConfig.from_json(records[0]["host"])))

@@ -14,6 +14,7 @@ from tests.conftest import FIXTURES, Daemon
 from viommud import wire
 from viommud.client import Client
 from viommud.replay import replay
+from viommud.trace import Cmds, TraceReader, record_to_json
 
 TRACES = sorted(p.name for p in FIXTURES.glob("*.jsonl*"))
 
@@ -86,3 +87,30 @@ async def test_pipelined_group_keeps_order_around_records_and_refusals(daemon: D
     assert replies[4].response()["errors"][0]["code"] == "CERROR_ILL"
     assert replies[6].response() == {"consumed": 2, "errors": [], "syncs": 2}
     await client.close()
+
+
+async def _vtd_replies(daemon: Daemon, **hello: Any) -> list[tuple[int, Any]]:
+    client = await Client.connect(daemon.socket)
+    with TraceReader(FIXTURES / "vtd-linux61-strict-ats-excerpt.jsonl.xz") as reader:
+        await client.hello(host=reader.header.host.to_json(), **hello)
+        sent = 0
+        for record in reader:
+            seq = client.next_seq()
+            if isinstance(record, Cmds):
+                client.send(wire.encode_guest_data(FrameType.CMDS, seq, record.viommu, record.data))
+            else:
+                client.send(wire.encode_json(FrameType.RECORD, seq, record_to_json(record)))
+            sent += 1
+    await client.drain()
+    replies = [await client.receive() for _ in range(sent)]
+    await client.close()
+    return [(r.type, r.response()) for r in replies]
+
+
+async def test_compact_status_writes_stand_for_the_json_response(daemon: Daemon) -> None:
+    plain = await _vtd_replies(daemon)
+    compact = await _vtd_replies(daemon, compact=True, compact_writes=True, group_commit=True)
+    assert [body for _, body in compact] == [body for _, body in plain]
+    kinds = {kind for kind, _ in compact}
+    assert FrameType.CMDS_OK_WRITES in kinds
+    assert all(kind == FrameType.RESPONSE for kind, _ in plain)

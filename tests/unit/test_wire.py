@@ -104,3 +104,34 @@ def test_cmds_ok_matches_construct(consumed: int, syncs: int) -> None:
 def test_cmds_ok_of_the_wrong_size_is_refused() -> None:
     with pytest.raises(wire.WireError, match="8 bytes"):
         wire.Frame(frames.FrameType.CMDS_OK, 1, b"abc").response()
+
+
+_writes = st.lists(
+    st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1)),
+    max_size=5,
+)
+
+
+@given(consumed=st.integers(0, 2**32 - 1), syncs=st.integers(0, 2**32 - 1), writes=_writes)
+def test_cmds_ok_writes_matches_construct(
+    consumed: int, syncs: int, writes: list[tuple[int, int, int]]
+) -> None:
+    frame = wire.encode_cmds_ok_writes(9, consumed, syncs, writes)
+    payload = frame[frames.HEADER_SIZE :]
+    parsed = frames.CmdsOkWrites.parse(payload)
+    assert (parsed.consumed, parsed.syncs) == (consumed, syncs)
+    assert [(w.index, w.addr, w.data) for w in parsed.writes] == writes
+    assert wire.Frame(frames.FrameType.CMDS_OK_WRITES, 9, payload).response() == {
+        "consumed": consumed,
+        "errors": [],
+        "syncs": syncs,
+        "status_writes": [
+            {"index": i, "addr": f"0x{a:x}", "data": f"0x{d:x}"} for i, a, d in writes
+        ],
+    }
+
+
+@pytest.mark.parametrize("size", [0, 7, 9, 8 + 15])
+def test_cmds_ok_writes_of_a_bad_size_is_refused(size: int) -> None:
+    with pytest.raises(wire.WireError, match=r"8 \+ 16 \* N"):
+        wire.Frame(frames.FrameType.CMDS_OK_WRITES, 1, bytes(size)).response()
