@@ -119,7 +119,10 @@ def test_memory_benchmark_runs() -> None:
         assert maps["mappings"] == count
         assert maps["ioas_map_calls"] == (count if endpoint == "host device" else 0)
         assert all(kib > 0 for kib in maps["rss_kib"].values())
-        assert maps["bytes_per_mapping"] > 0
+        # At quick sizes the emulated store's ~30 B a mapping may fit in memory the daemon
+        # already holds (0 then); the old object-per-mapping store showed 150+ here.
+        limit = 100 if endpoint == "emulated" else 400
+        assert 0 <= maps["bytes_per_mapping"] <= limit, maps
         assert maps["map_requests_per_s"] > 0
         assert maps["target_bytes_per_mapping"] == 100
 

@@ -1,8 +1,9 @@
 """The domain mapping store against a brute-force model, and crosvm's memory_mapper cases.
 
-``MappingStore`` is a sorted interval structure (sortedcontainers); the model below is a
-plain list scanned in full. Hypothesis drives both with the same random MAP / UNMAP /
-lookup sequences and checks every answer and the whole content after each step.
+``MappingStore`` is a sorted interval structure (columns in sorted blocks of arrays); the
+model below is a plain list scanned in full. Hypothesis drives both with the same random MAP
+/ UNMAP / lookup sequences and checks every answer and the whole content after each step,
+once with the real block size and once with tiny blocks, so that splits and merges happen.
 """
 
 from __future__ import annotations
@@ -93,6 +94,142 @@ class StoreMachine(RuleBasedStateMachine):
 
 StoreMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 TestStoreAgainstBruteForce = StoreMachine.TestCase
+
+
+class TinyBlocks(MappingStore):
+    """Blocks of at most 8 mappings; one left with a single mapping joins a neighbour."""
+
+    __slots__ = ()
+    _load = 4
+
+
+def check_blocks(store: MappingStore) -> None:
+    """The block structure: aligned columns, no empty or overfull block, first starts."""
+    starts, ends = store._starts, store._ends
+    assert len(store._firsts) == len(starts) == len(ends) == len(store._phys)
+    assert len(store._flags) == len(starts)
+    for b, block in enumerate(starts):
+        assert 0 < len(block) <= 2 * store._load
+        assert len(ends[b]) == len(store._phys[b]) == len(store._flags[b]) == len(block)
+        assert store._firsts[b] == block[0]
+    flat = [x for block in starts for x in block]
+    assert flat == sorted(set(flat))
+    assert len(flat) == len(store)
+
+
+# Wider space and short mappings: dozens of mappings, so several blocks of TinyBlocks.
+WIDE = st.integers(min_value=0, max_value=400)
+
+
+class TinyBlockMachine(StoreMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = TinyBlocks()
+
+    @rule(start=WIDE, length=st.integers(0, 6), phys=st.integers(0, 1 << 20))
+    def map_short(self, start: int, length: int, phys: int) -> None:
+        m = Mapping(start, start + length, phys, 3)
+        assert self.store.add(m) == self.model.add(m)
+
+    @rule(base=WIDE, count=st.integers(1, 30), step=st.integers(1, 4), downwards=st.booleans())
+    def fill(self, base: int, count: int, step: int, downwards: bool) -> None:
+        """Consecutive MAPs upwards or downwards: the one-mapping splits at either end."""
+        bases = [base + k * step for k in range(count)]
+        for start in reversed(bases) if downwards else bases:
+            m = Mapping(start, start + step - 1, start * 2, 1)
+            assert self.store.add(m) == self.model.add(m)
+
+    @rule(span=st.tuples(WIDE, WIDE).map(lambda p: (min(p), max(p))))
+    def unmap_wide(self, span: tuple[int, int]) -> None:
+        self.unmap(span)
+
+    @rule(addr=WIDE)
+    def lookup_wide(self, addr: int) -> None:
+        self.lookup(addr)
+
+    @rule(data=st.data())
+    def discard(self, data: st.DataObject) -> None:
+        if self.model.items:
+            m = data.draw(st.sampled_from(self.model.items))
+            self.store.discard(m)
+            self.model.items.remove(m)
+
+    @invariant()
+    def blocks(self) -> None:
+        check_blocks(self.store)
+
+
+TinyBlockMachine.TestCase.settings = settings(
+    max_examples=200, stateful_step_count=60, deadline=None
+)
+TestTinyBlocksAgainstBruteForce = TinyBlockMachine.TestCase
+
+
+@pytest.mark.parametrize("downwards", [False, True], ids=["upwards", "downwards"])
+def test_sequential_fill_leaves_full_blocks(downwards: bool) -> None:
+    """Pages mapped in address order, as a guest does: every block but one is full, and
+    one-page UNMAPs in the same order empty the store through merges."""
+    store = TinyBlocks()
+    pages = range(0, 100 * 0x1000, 0x1000)
+    for start in reversed(pages) if downwards else pages:
+        assert store.add(Mapping(start, start + 0xFFF, start, 3))
+    check_blocks(store)
+    sizes = [len(block) for block in store._starts]
+    assert sizes.count(2 * TinyBlocks._load) == len(sizes) - 1
+    for start in pages:
+        assert store.remove_range(start, start + 0xFFF) == [Mapping(start, start + 0xFFF, start, 3)]
+        check_blocks(store)
+    assert not store
+    assert list(store) == []
+
+
+def test_unmap_across_blocks() -> None:
+    store = TinyBlocks(Mapping(s, s + 9, s, 1) for s in range(0, 1000, 10))
+    assert len(store._starts) > 10
+    assert store.intersecting(95, 504) == [Mapping(s, s + 9, s, 1) for s in range(90, 510, 10)]
+    with pytest.raises(SplitError) as caught:
+        store.remove_range(100, 504)
+    assert caught.value.mapping == Mapping(500, 509, 500, 1)
+    removed = store.remove_range(100, 509)
+    assert removed == [Mapping(s, s + 9, s, 1) for s in range(100, 510, 10)]
+    check_blocks(store)
+    assert [m.start for m in store] == [*range(0, 100, 10), *range(510, 1000, 10)]
+    assert store.clear() == [
+        Mapping(s, s + 9, s, 1) for s in [*range(0, 100, 10), *range(510, 1000, 10)]
+    ]
+    assert not store
+    check_blocks(store)
+
+
+def test_discard_needs_the_exact_mapping() -> None:
+    store = MappingStore([Mapping(0, 9, 100, 1)])
+    for other in [Mapping(0, 9, 100, 3), Mapping(0, 9, 0, 1), Mapping(0, 8, 100, 1)]:
+        with pytest.raises(ValueError, match="not in the store"):
+            store.discard(other)
+    with pytest.raises(ValueError, match="not in the store"):
+        MappingStore().discard(Mapping(0, 9, 100, 1))
+    store.discard(Mapping(0, 9, 100, 1))
+    assert not store
+
+
+@pytest.mark.parametrize(
+    "mapping",
+    [
+        Mapping(-1, 9, 0, 1),
+        Mapping(0, U64_MAX + 1, 0, 1),
+        Mapping(0, 9, -1, 1),
+        Mapping(0, 9, U64_MAX + 1, 1),
+        Mapping(0, 9, 0, 1 << 32),
+    ],
+)
+def test_out_of_range_values_are_refused(mapping: Mapping) -> None:
+    """The columns hold what the MAP request can carry (§2.4): u64 addresses, u32 flags."""
+    store = MappingStore()
+    with pytest.raises(ValueError, match="u64"):
+        store.add(mapping)
+    assert not store
+    assert store.add(Mapping(0, U64_MAX, U64_MAX, (1 << 32) - 1))
+    assert list(store) == [Mapping(0, U64_MAX, U64_MAX, (1 << 32) - 1)]
 
 
 @given(st.lists(st.tuples(interval(), st.integers(0, 100)), max_size=30), interval())
@@ -212,3 +349,8 @@ def test_crosvm_remove_map() -> None:
         else:
             store.remove_range(*span)
             assert len(store) == left, span
+
+
+def test_constructor_refuses_overlaps() -> None:
+    with pytest.raises(ValueError, match="overlapping"):
+        MappingStore([Mapping(0, 9, 0, 1), Mapping(9, 12, 0, 1)])

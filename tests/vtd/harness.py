@@ -69,11 +69,12 @@ class Vm:
     dw: int = 128
     options: dict[str, Any] = field(default_factory=dict)
     backend: EmulatedIommufd = field(default_factory=lambda: EmulatedIommufd(HOST))
+    verify: bool = False  # run the oracle (docs/oracle.md) over the session
     session: Session = field(init=False)
     waits: int = 0
 
     def __post_init__(self) -> None:
-        self.session = Session(self.backend, keep_calls=True)
+        self.session = Session(self.backend, keep_calls=True, verify=self.verify)
         options = {"dw": self.dw, **self.options}
         assert self.session.handle(ViommuCreate(2, "v", "vtd", ("dmar0", "dmar1"), options)) == {
             "ok": True

@@ -173,7 +173,8 @@ class VirtioDispatcher:
             topology.attach(
                 event.endpoint,
                 event.domain,
-                lambda: list(domain.mappings) if domain is not None else [],
+                # the store itself: the replay builds one Mapping at a time, not a list
+                lambda: domain.mappings if domain is not None else (),
             )
         elif isinstance(event, EndpointDetached):
             self.touched_endpoints.add(event.endpoint)
@@ -212,7 +213,7 @@ class VirtioDispatcher:
                 dom = frontend.domains[target]
                 _quietly(
                     problems,
-                    lambda v=vid, t=target, d=dom: topology.attach(v, t, lambda: list(d.mappings)),
+                    lambda v=vid, t=target, d=dom: topology.attach(v, t, lambda: d.mappings),
                 )
         return problems
 

@@ -28,18 +28,28 @@ next context/PASID-cache invalidation or its end):
   invalidation elided on the strength of an entry of its own batch is re-checked once the
   calls have returned and sent after all if that entry failed; a failure also makes the
   HWPT forget its earlier flushes for the elision rule.
+
+Group commit (``VtdDispatcher.run_plain``, docs/coalescing.md): a run of consecutive plain
+doorbells (viommud.frontends.vtd.bulk) sends everything it asks of a nested HWPT as one call,
+coalesced across the run (vtd_bulk), and decides and counts as the per-doorbell plan would.
 """
 
 from __future__ import annotations
 
 import errno as errno_mod
+import itertools
 import struct
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
 
 from protocols import iommufd as uapi
 from viommud.backend.calls import Iommufd
 from viommud.dispatcher import DispatchStats
+from viommud.dispatcher.vtd_bulk import I64, Bools, coalesce, pack
 from viommud.events import (
     Barrier,
     ContextCacheInvalidated,
@@ -49,6 +59,7 @@ from viommud.events import (
     PasidCacheInvalidated,
     StatusWrite,
 )
+from viommud.frontends.vtd.bulk import FULL_PAGES, NO_ID, PlainWork
 from viommud.frontends.vtd.decode import (
     LegacyContext,
     PasidEntry,
@@ -56,11 +67,12 @@ from viommud.frontends.vtd.decode import (
     decode_context_entry,
     decode_pasid_entry,
 )
-from viommud.frontends.vtd.frontend import IQE, VtdEvent, VtdFrontend
+from viommud.frontends.vtd.frontend import IQE, PAGE_SHIFT, VtdEvent, VtdFrontend
 from viommud.topology import TopologyError
 from viommud.topology.vtd import (
     BLOCKED_NOT_PRESENT,
     FULL_END,
+    HISTORY,
     Binding,
     FlushHistory,
     SharedHwpt,
@@ -101,7 +113,7 @@ def device_tlb_is_redundant(
     """
     if flushes.full > joined:
         return True
-    for clock, lo, hi in flushes.recent:
+    for clock, lo, hi in reversed(flushes.recent):  # the cover is usually the latest flush
         if clock > joined and lo <= start and end <= hi:
             return True
     return any(lo <= start and end <= hi for lo, hi in pending)
@@ -164,6 +176,44 @@ class _DeviceTlb:
     hwpt: SharedHwpt
     start: int
     end: int
+
+
+@dataclass(slots=True)
+class _HwptRun:
+    """What a run of plain doorbells asks of one nested HWPT (group commit): rows of its
+    ``TlbWork`` and ``DeviceTlbWork``, the latter with the join time of their device."""
+
+    hwpt: SharedHwpt
+    tlb: list[npt.NDArray[np.intp]] = field(default_factory=list)
+    devices: list[tuple[npt.NDArray[np.intp], int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """A run of plain doorbells, planned (group commit): the calls to make and, once they
+    have all succeeded, the flush histories to keep and what to count."""
+
+    sends: list[tuple[SharedHwpt, bytes]] = field(default_factory=list)
+    histories: list[tuple[SharedHwpt, FlushHistory]] = field(default_factory=list)
+    baseline: int = 0
+    forwarded: int = 0
+    dropped: int = 0
+    elided: int = 0
+
+
+# One doorbell's work on one HWPT: IOTLB-class (start, end, IH) and device-TLB (start, end,
+# join time) spans in bytes, guest order.
+_DoorbellWork = tuple[list[tuple[int, int, bool]], list[tuple[int, int, int]]]
+
+
+def _work_of(
+    work: dict[int, tuple[SharedHwpt, dict[int, _DoorbellWork]]], hwpt: SharedHwpt, k: int
+) -> _DoorbellWork:
+    per_doorbell = work.setdefault(hwpt.hwpt_id, (hwpt, {}))[1]
+    found = per_doorbell.get(k)
+    if found is None:
+        found = per_doorbell[k] = ([], [])
+    return found
 
 
 @dataclass(slots=True)
@@ -317,6 +367,169 @@ class VtdDispatcher:
             retry = [_Entry(bad.start, bad.end, bad.leaf, rest)] if rest else []
             entries = retry + entries[done + 1 :]
 
+    # -- group commit -------------------------------------------------------------------
+    def run_plain(self, work: PlainWork | list[list[VtdEvent]], waits: int) -> bool:
+        """Execute a run of consecutive plain doorbells (viommud.frontends.vtd.bulk) at once:
+        one call per nested HWPT for all of them, every wait of the run completing when those
+        calls have returned. ``work`` is the run as arrays (a large screen; coalesced by
+        vtd_bulk) or as the frontend's events per doorbell (a small one; folded as ``_Batch``
+        folds).
+
+        Decisions and counts are those of ``run`` doorbell by doorbell. The topology cannot
+        change within the run (no context- or PASID-cache invalidation), so each descriptor
+        reaches the HWPTs and devices it would reach alone; and the elision rule is replayed
+        over each HWPT's flush history as the per-doorbell calls would have left it
+        (``_replay_elision``), so a device-TLB invalidation is elided exactly when ``run``
+        would elide it, and everything ``run`` would send is covered by what is sent.
+
+        Returns False when a host call fails, having counted and recorded nothing: the caller
+        then runs the doorbells one by one (``run``), which maps the failure to its guest
+        descriptor and sends the rest again (invalidations are idempotent)."""
+        plan = self._plan_bulk(work) if isinstance(work, PlainWork) else self._plan_events(work)
+        stats = self.stats
+        if plan.sends:
+            self.iommufd.log.barrier = stats.barriers + 1
+        for hwpt, array in plan.sends:
+            result = self.iommufd.invalidate_array(
+                hwpt.iommu,
+                object_kind="hwpt",
+                object_id=hwpt.hwpt_id,
+                data_type=uapi.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
+                entry_len=ENTRY_LEN,
+                array=array,
+            )
+            if result.errno:
+                return False
+        if plan.sends:
+            self.topology.tick()  # the clock the plan recorded its flushes at
+        for hwpt, history in plan.histories:
+            hwpt.flushes = history
+        stats.baseline_invalidate_calls += plan.baseline
+        stats.forwarded += plan.forwarded
+        stats.dropped += plan.dropped
+        stats.barriers += waits
+        self.elided += plan.elided
+        return True
+
+    def _plan_bulk(self, work: PlainWork) -> _Plan:
+        tlb, dev = work.tlb, work.device_tlb
+        runs, plan = self._plain_targets(work)
+        clock = self.topology.clock + 1  # the one tick of this run's calls
+        for run in runs.values():
+            t = np.sort(np.concatenate(run.tlb)) if run.tlb else np.zeros(0, dtype=np.intp)
+            d, joined = t[:0], np.zeros(0, dtype=np.int64)
+            if run.devices:
+                d = np.concatenate([rows for rows, _ in run.devices])
+                joined = np.repeat([at for _, at in run.devices], [len(r) for r, _ in run.devices])
+                order = np.argsort(d, kind="stable")
+                d, joined = d[order], joined[order]
+            spans = (tlb.start[t], tlb.end[t], tlb.leaf[t])
+            kept, history = _replay_elision(
+                run.hwpt,
+                clock,
+                (work.doorbell[tlb.row[t]], *spans),
+                (work.doorbell[dev.row[d]], dev.start[d], dev.end[d], joined),
+            )
+            sent = d[kept]
+            plan.elided += len(d) - len(sent)
+            plan.forwarded += len(sent)
+            plan.histories.append((run.hwpt, history))
+            if len(t) or len(sent):
+                spans = coalesce(
+                    np.concatenate((spans[0], dev.start[sent])),
+                    np.concatenate((spans[1], dev.end[sent])),
+                    np.concatenate((spans[2], np.ones(len(sent), dtype=np.bool_))),
+                )
+                plan.sends.append((run.hwpt, pack(*spans)))
+        return plan
+
+    def _plan_events(self, doorbells: list[list[VtdEvent]]) -> _Plan:
+        """``_plan_bulk`` for a few doorbells, from the frontend's events: routed as
+        ``_collect`` and ``_collect_device_tlb`` route them, replayed doorbell by doorbell
+        (``_replay_doorbell``), and each HWPT's entries folded into one ``_Batch``."""
+        topology, plan = self.topology, _Plan()
+        reach: dict[tuple[int | None, int | None], tuple[list[SharedHwpt], int]] = {}
+        work: dict[int, tuple[SharedHwpt, dict[int, _DoorbellWork]]] = {}
+        for k, events in enumerate(doorbells):
+            for event in events:
+                if type(event) is DomainInvalidation:
+                    key = (event.domain, event.pasid)
+                    found = reach.get(key)
+                    if found is None:
+                        found = reach[key] = topology.nested_in(*key)
+                    hwpts, devices = found
+                    plan.baseline += devices
+                    plan.forwarded += bool(hwpts)
+                    end = event.addr + event.size if event.size else FULL_END
+                    for hwpt in hwpts:
+                        _work_of(work, hwpt, k)[0].append((event.addr, end, event.leaf))
+                elif type(event) is Invalidation:
+                    assert event.device is not None
+                    vdev = topology.vdevice(event.device)
+                    if vdev is None:
+                        plan.dropped += 1
+                        continue
+                    binding, target = vdev.binding, vdev.hwpt
+                    if target is None or binding is None or not vdev.ats:
+                        continue
+                    if event.asid is not None and event.asid != binding.pasid:
+                        continue
+                    end = event.addr + event.size if event.size else FULL_END
+                    _work_of(work, target, k)[1].append((event.addr, end, vdev.joined))
+        clock = topology.clock + 1
+        for hwpt, per_doorbell in work.values():
+            history = FlushHistory(hwpt.flushes.full, deque(hwpt.flushes.recent, HISTORY))
+            batch = _Batch(hwpt)  # what the run sends to this HWPT
+            for tlb, device_tlbs in per_doorbell.values():
+                sent = _replay_doorbell(hwpt, history, clock, tlb, device_tlbs)
+                for start, end, leaf in tlb:
+                    batch.add(start, end, leaf, 0)
+                for (start, end, _), keep in zip(device_tlbs, sent, strict=True):
+                    if keep:
+                        batch.add(start, end, True, 0)
+                plan.forwarded += sum(sent)
+                plan.elided += len(sent) - sum(sent)
+            plan.histories.append((hwpt, history))
+            if batch.entries:
+                plan.sends.append((hwpt, b"".join(e.pack() for e in batch.entries)))
+        return plan
+
+    def _plain_targets(self, work: PlainWork) -> tuple[dict[int, _HwptRun], _Plan]:
+        """The nested HWPTs a run's invalidations reach, as ``_collect`` and
+        ``_collect_device_tlb`` route them (each distinct domain/PASID and device looked up
+        once), and a plan counting the baseline calls, the IOTLB-class descriptors forwarded
+        and the device-TLB descriptors dropped."""
+        topology = self.topology
+        tlb, dev = work.tlb, work.device_tlb
+        runs: dict[int, _HwptRun] = {}
+        plan = _Plan()
+        if len(tlb.row):
+            for key, rows in _groups((tlb.domain + 1) << 21 | (tlb.pasid + 1)):
+                did, pasid = (key >> 21) - 1, (key & 0x1FFFFF) - 1
+                hwpts, devices = topology.nested_in(
+                    None if did == NO_ID else did, None if pasid == NO_ID else pasid
+                )
+                plan.baseline += devices * len(rows)  # one call per descriptor and device
+                if hwpts:
+                    plan.forwarded += len(rows)
+                for hwpt in hwpts:
+                    runs.setdefault(hwpt.hwpt_id, _HwptRun(hwpt)).tlb.append(rows)
+        if len(dev.row):
+            for key, rows in _groups(dev.device << 21 | (dev.pasid + 1)):
+                sid, pasid = key >> 21, (key & 0x1FFFFF) - 1
+                vdev = topology.vdevice(sid)
+                if vdev is None:
+                    plan.dropped += len(rows)  # no such device: nothing can be cached for it
+                    continue
+                binding, target = vdev.binding, vdev.hwpt
+                if target is None or binding is None or not vdev.ats:
+                    continue  # pass-through, blocked or no ATC on the host
+                if pasid not in (NO_ID, binding.pasid):
+                    continue  # a PASID this VMM does not nest
+                run = runs.setdefault(target.hwpt_id, _HwptRun(target))
+                run.devices.append((rows, vdev.joined))
+        return runs, plan
+
     def _fail(self, index: int, reason: str) -> None:
         if index in self._errors:
             return
@@ -396,6 +609,117 @@ class VtdDispatcher:
         if failures:
             self._raw[index] = raw
             self._fail(index, "; ".join(failures))
+
+
+def _groups(keys: I64) -> list[tuple[int, npt.NDArray[np.intp]]]:
+    """The distinct keys, ascending, each with the positions holding it (ascending)."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    cuts = (np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist()
+    firsts = [0, *cuts]
+    return list(zip(ordered[firsts].tolist(), np.split(order, cuts), strict=True))
+
+
+def _replay_elision(
+    hwpt: SharedHwpt,
+    clock: int,
+    tlb: tuple[I64, I64, I64, Bools],
+    devices: tuple[I64, I64, I64, I64],
+) -> tuple[Bools, FlushHistory]:
+    """The per-doorbell plan of a run of plain doorbells on one nested HWPT, replayed without
+    its calls: which device-TLB invalidations it would send, and the flush history it would
+    leave on the HWPT (every call of the run recorded at ``clock``).
+
+    ``tlb`` is ``(doorbell, start page, end page, IH)`` of the run's IOTLB-class
+    invalidations on the HWPT and ``devices`` ``(doorbell, start page, end page, join time)``
+    of its device-TLB invalidations, both in guest order. Per doorbell, as ``_flush`` does:
+    the IOTLB-class entries are folded into a batch (``_Batch``); a device-TLB invalidation
+    is elided when its batch so far or ``device_tlb_is_redundant`` on the history before the
+    doorbell covers it, and otherwise joins the batch; then the batch is recorded. Every call
+    of the run succeeds or the run is not counted at all, so an invalidation elided on the
+    strength of its own batch stays elided (``_flush``'s re-check); and every flush of the run
+    is later than any device's join (the topology does not change within it).
+
+    The common doorbell (a strict unmap: one IOTLB-class entry on the HWPT that covers each
+    of its device-TLB invalidations) elides them all and records that one entry whatever the
+    history holds, so a long run of such doorbells leaves just its last flushes (found with
+    numpy); the others are replayed one by one.
+    """
+    history = FlushHistory(hwpt.flushes.full, deque(hwpt.flushes.recent, HISTORY))
+    t_doorbell, starts, ends, leaves = tlb
+    d_doorbell, dev_starts, dev_ends, joins = devices
+    doorbells = np.concatenate((t_doorbell, d_doorbell))
+    doorbells.sort()
+    doorbells = doorbells[np.concatenate(([True], doorbells[1:] != doorbells[:-1]))]
+    t_cut = np.searchsorted(t_doorbell, doorbells, side="right")
+    d_cut = np.searchsorted(d_doorbell, doorbells, side="right")
+    t_first = np.concatenate(([0], t_cut[:-1]))
+    single = t_cut - t_first == 1
+    simple = single  # no IOTLB-class entry at all: nothing is simple
+    if len(d_doorbell) and len(t_doorbell):
+        at = np.searchsorted(doorbells, d_doorbell)
+        one = np.minimum(t_first[at], len(starts) - 1)
+        covered = single[at] & (starts[one] <= dev_starts) & (dev_ends <= ends[one])
+        simple = single & (np.bincount(at[~covered], minlength=len(doorbells)) == 0)
+    kept = np.zeros(len(d_doorbell), dtype=np.bool_)
+    edges = np.flatnonzero(simple[1:] != simple[:-1]) + 1
+    bounds = [0, *edges.tolist(), len(doorbells)]
+    t_cuts, d_cuts, t_firsts = t_cut.tolist(), d_cut.tolist(), t_first.tolist()
+    spans = [a.tolist() for a in (starts, ends, leaves)]
+    dev_spans = [a.tolist() for a in (dev_starts, dev_ends, joins)]
+    for lo, hi in itertools.pairwise(bounds):
+        t_lo, t_hi = t_firsts[lo], t_cuts[hi - 1]
+        if simple[lo] and hi - lo > HISTORY:  # one entry each, recorded in order: the last
+            first, last = starts[t_lo:t_hi], ends[t_lo:t_hi]  # full flush and what follows
+            whole = np.flatnonzero((first == 0) & (last >= FULL_PAGES))
+            if len(whole):
+                history.record(clock, 0, FULL_END)
+                first, last = first[whole[-1] + 1 :], last[whole[-1] + 1 :]
+            for a, b in zip(first[-HISTORY:].tolist(), last[-HISTORY:].tolist(), strict=True):
+                history.recent.append((clock, a << PAGE_SHIFT, b << PAGE_SHIFT))
+        elif simple[lo]:
+            for a, b in zip(spans[0][t_lo:t_hi], spans[1][t_lo:t_hi], strict=True):
+                history.record(clock, a << PAGE_SHIFT, b << PAGE_SHIFT)
+        else:
+            d_lo = d_cuts[lo - 1] if lo else 0
+            for k in range(lo, hi):
+                t_hi, d_hi = t_cuts[k], d_cuts[k]
+                tlb_spans = [
+                    (a << PAGE_SHIFT, b << PAGE_SHIFT, leaf)
+                    for a, b, leaf in zip(*(f[t_lo:t_hi] for f in spans), strict=True)
+                ]
+                dev = [
+                    (a << PAGE_SHIFT, b << PAGE_SHIFT, joined)
+                    for a, b, joined in zip(*(f[d_lo:d_hi] for f in dev_spans), strict=True)
+                ]
+                kept[d_lo:d_hi] = _replay_doorbell(hwpt, history, clock, tlb_spans, dev)
+                t_lo, d_lo = t_hi, d_hi
+    return kept, history
+
+
+def _replay_doorbell(
+    hwpt: SharedHwpt,
+    history: FlushHistory,
+    clock: int,
+    tlb: list[tuple[int, int, bool]],
+    devices: list[tuple[int, int, int]],
+) -> list[bool]:
+    """One doorbell of ``_replay_elision``: ``tlb`` its IOTLB-class spans (bytes) on the
+    HWPT, ``devices`` its device-TLB invalidations ``(start, end, join time)``. Returns which
+    of those it would send, and records its batch in ``history``."""
+    batch = _Batch(hwpt)
+    for start, end, leaf in tlb:
+        batch.add(start, end, leaf, 0)
+    sent = []
+    for start, end, joined in devices:
+        ranges = [(e.start, e.end) for e in batch.entries]
+        redundant = device_tlb_is_redundant(history, joined, start, end, ranges)
+        sent.append(not redundant)
+        if not redundant:
+            batch.add(start, end, True, 0)
+    for entry in batch.entries:
+        history.record(clock, entry.start, entry.end)
+    return sent
 
 
 def _errno_name(err: int) -> str:

@@ -4,12 +4,20 @@ per-wait dispatcher."""
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from viommud.dispatcher.vtd import VtdDispatcher
+from viommud.frontends.vtd.bulk import Screen, nothing_plain, plain_work, status_writes
+from viommud.frontends.vtd.bulk import screen as screen_doorbells
 from viommud.frontends.vtd.decode import kind_name
-from viommud.frontends.vtd.frontend import FrameError, VtdFeatures, VtdFrontend
+from viommud.frontends.vtd.frontend import (
+    DoorbellSummary,
+    FrameError,
+    VtdFeatures,
+    VtdFrontend,
+)
 from viommud.models import (
     ModelContext,
     ModelError,
@@ -30,6 +38,7 @@ class VtdViommu:
     log: Any
     debug: bool
     model: str = "vtd"
+    group_commit: ClassVar[bool] = True  # screen/commit below (models.GroupCommit)
 
     @classmethod
     def create(cls, record: ViommuCreate, ctx: ModelContext) -> VtdViommu:
@@ -109,6 +118,69 @@ class VtdViommu:
                 for w in result.status_writes
             ],
         }
+
+    # -- group commit (docs/coalescing.md, "Group commit") --------------------------------
+    def screen(self, doorbells: list[bytes]) -> Screen:
+        """Which of these doorbells are plain (bulk.screen) — the ones ``commit`` takes. A
+        lone doorbell has nothing to share: it takes the per-doorbell path."""
+        features = self.frontend.features
+        if len(doorbells) < 2:
+            return nothing_plain(doorbells, features)
+        return screen_doorbells(doorbells, features)
+
+    def commit(self, screen: Screen, first: int, stop: int) -> list[dict[str, Any]] | None:
+        """Plain doorbells ``first`` to ``stop - 1`` of ``screen`` at once: their work in one
+        call per nested HWPT, then each one's response — what ``doorbell`` answers for it,
+        status writes included. None, with nothing counted, when a host call failed (the
+        caller runs them one by one with ``doorbell``)."""
+        if stop - first == 1:  # nothing to share: the per-doorbell path itself
+            return [self.doorbell(screen.doorbells[first])]
+        lo, hi = screen.rows(first, stop)
+        syncs = screen.syncs[first:stop]
+        dispatcher = self.dispatcher
+        calls = dispatcher.iommufd.log
+        calls_before = calls.seq
+        started = time.perf_counter()
+        if not dispatcher.run_plain(plain_work(screen, first, stop), sum(syncs)):
+            return None
+        frontend = self.frontend
+        for kind, count in screen.kind_counts(first, stop).items():
+            frontend.type_counts[kind] += count
+        frontend.barriers += sum(syncs)
+        starts = screen.starts
+        consumed = [starts[k + 1] - starts[k] for k in range(first, stop)]
+        frontend.last = DoorbellSummary(consumed[-1], syncs[-1])
+        log = self.log
+        if log is not None:
+            if self.debug:
+                size = screen.desc_size
+                for k in range(first, stop):
+                    data = screen.doorbells[k]
+                    for index, kind in enumerate(screen.kinds(k)):
+                        log.debug(
+                            "descriptor_decoded",
+                            index=index,
+                            kind=kind_name(kind),
+                            raw_hex=data[index * size : (index + 1) * size].hex(),
+                        )
+            log.info(
+                "group_forwarded",
+                doorbells=stop - first,
+                commands=hi - lo,
+                syncs=sum(syncs),
+                backend_calls=calls.seq - calls_before,
+                duration_ms=round((time.perf_counter() - started) * 1e3, 3),
+            )
+        writes = status_writes(screen, first, stop)
+        return [
+            {
+                "consumed": n,
+                "errors": [],
+                "syncs": s,
+                "status_writes": [{"index": i, "addr": hex(a), "data": hex(d)} for i, a, d in w],
+            }
+            for n, s, w in zip(consumed, syncs, writes, strict=True)
+        ]
 
     def request(self, data: bytes) -> dict[str, Any]:
         raise RecordRefused(f"vIOMMU {self.name!r} is a vtd: it takes no virtio requests")

@@ -64,7 +64,7 @@ VtdEvent = (
     Event | DomainInvalidation | ContextCacheInvalidated | PasidCacheInvalidated | StatusWrite
 )
 _PASID_TYPES = frozenset({DescType.P_IOTLB_INV, DescType.PC_INV, DescType.P_DEV_TLB_INV})
-_WAIT_PD = 1 << 7
+WAIT_PD = 1 << 7  # the wait descriptor's PD bit, qw0[7] (valid with ECAP.PDS only)
 
 #: QEMU's reserved-bit masks per type: (qw0, qw1) (vtd.md §1.3-§1.11). The wait descriptor's
 #: PD bit (qw0[7]) is added unless the vIOMMU advertises ECAP.PDS.
@@ -213,7 +213,7 @@ class VtdFrontend:
                 continue
             m0, m1 = RESERVED[kind]
             if kind == DescType.INV_WAIT and not self.features.pds:
-                m0 |= _WAIT_PD
+                m0 |= WAIT_PD
             if qw0 & m0 or qw1 & m1:
                 self._iqe(
                     index,
@@ -306,7 +306,7 @@ class VtdFrontend:
 
     def _on_wait(self, index: int, qw0: int, qw1: int, raw: bytes) -> bool:
         sw, if_, fn = qw0 & 0x20, qw0 & 0x10, qw0 & 0x40
-        pd = qw0 & _WAIT_PD  # reserved (checked above) unless the vIOMMU has ECAP.PDS
+        pd = qw0 & WAIT_PD  # reserved (checked above) unless the vIOMMU has ECAP.PDS
         if not (sw or if_ or fn or pd):
             return self._iqe(index, raw, "wait descriptor with none of SW, IF, FN")
         self.barriers += 1
