@@ -96,26 +96,21 @@ class Connection:
         """Feed bytes from the peer; returns the reply bytes to send."""
         self.decoder.receive_data(data)
         out: list[bytes] = []
-        group: list[wire.Frame] = []  # consecutive CMDS frames, with group commit
         while not self.closing:
+            if self.group_commit:  # a run of doorbells waiting together: answered together
+                run = self.decoder.take_guest_data(FrameType.CMDS)
+                if run:
+                    out.append(self._group(run))
+                    continue
             try:
                 frame = self.decoder.next_frame()
             except wire.WireError as exc:
-                if group:
-                    out.append(self._group(group))
-                    group = []
                 self.log.warning("protocol_error", error=str(exc), raw_hex=exc.raw.hex())
                 out.append(_error(0, str(exc), fatal=True))
                 self.closing = True
                 break
             if frame is None:
                 break
-            if self.group_commit and frame.type == FrameType.CMDS:
-                group.append(frame)
-                continue
-            if group:
-                out.append(self._group(group))
-                group = []
             try:
                 out.append(self._dispatch(frame))
             except _Fatal as exc:
@@ -127,24 +122,17 @@ class Connection:
             except Exception as exc:  # a bug must not take the daemon or other clients down
                 self.log.exception("internal_error", seq=frame.seq, frame_type=frame.type)
                 out.append(_error(frame.seq, f"internal error: {exc!r}", fatal=False))
-        if group:
-            out.append(self._group(group))
         return b"".join(out)
 
-    def _group(self, frames: list[wire.Frame]) -> bytes:
+    def _group(self, run: list[tuple[int, str, bytes]]) -> bytes:
         """Group commit: the CMDS frames that were waiting together, answered in order after
         their work is done (Session.doorbells; docs/protocol.md, HELLO ``group_commit``)."""
         session = self.session
         assert session is not None  # group_commit is only set by HELLO
         started = time.perf_counter()
-        replies: list[bytes | None] = [None] * len(frames)
+        replies: list[bytes | None] = [None] * len(run)
         by_viommu: dict[str, tuple[list[int], list[bytes]]] = {}
-        for i, frame in enumerate(frames):
-            try:
-                viommu, data = frame.guest_data()
-            except wire.WireError as exc:
-                replies[i] = _error(frame.seq, str(exc), fatal=False)
-                continue
+        for i, (_, viommu, data) in enumerate(run):
             slots, datas = by_viommu.setdefault(viommu, ([], []))
             slots.append(i)
             datas.append(data)
@@ -152,16 +140,16 @@ class Connection:
             for viommu, (slots, datas) in by_viommu.items():
                 answers = session.doorbells(viommu, datas)
                 for i, answer in zip(slots, answers, strict=True):
-                    replies[i] = self._cmds_reply(frames[i].seq, answer)
+                    replies[i] = self._cmds_reply(run[i][0], answer)
         except Exception as exc:  # a bug must not take the daemon or other clients down
-            self.log.exception("internal_error", seq=frames[0].seq, frame_type=FrameType.CMDS)
-            for i, frame in enumerate(frames):
+            self.log.exception("internal_error", seq=run[0][0], frame_type=FrameType.CMDS)
+            for i, (seq, _, _) in enumerate(run):
                 if replies[i] is None:
-                    replies[i] = _error(frame.seq, f"internal error: {exc!r}", fatal=False)
+                    replies[i] = _error(seq, f"internal error: {exc!r}", fatal=False)
         metrics = self.metrics
         if metrics is not None:
             elapsed = time.perf_counter() - started
-            for _ in frames:
+            for _ in run:
                 metrics.observe_cmds(elapsed)
         return b"".join(r for r in replies if r is not None)
 

@@ -122,6 +122,40 @@ class FrameDecoder:
         del buffer[:end]
         return Frame(frame_type, seq, payload)
 
+    def take_guest_data(self, frame_type: int) -> list[tuple[int, str, bytes]]:
+        """The whole, well-formed ``frame_type`` frames (CMDS / REQUEST) at the head of the
+        buffer, as (seq, vIOMMU name, guest bytes), taken in one pass without Frame objects.
+
+        Stops before anything else — another type, a header or name ``next_frame`` /
+        ``Frame.guest_data`` would refuse, a frame not yet complete — so those keep their
+        usual path and errors. Used for group commit, where runs of doorbells arrive."""
+        buffer = self._buffer
+        view = memoryview(buffer)
+        out: list[tuple[int, str, bytes]] = []
+        names: dict[bytes, str] = {}
+        at, size = 0, len(buffer)
+        unpack, limit = _HEADER.unpack_from, self._max_payload
+        while size - at >= HEADER_SIZE:
+            version, kind, flags, seq, length = unpack(buffer, at)
+            if version != PROTOCOL_VERSION or kind != frame_type or flags or length > limit:
+                break
+            start, end = at + HEADER_SIZE, at + HEADER_SIZE + length
+            if end > size or length < 1 or length < 1 + buffer[start]:
+                break
+            raw_name = bytes(view[start + 1 : start + 1 + buffer[start]])
+            name = names.get(raw_name)
+            if name is None:
+                try:
+                    name = names[raw_name] = raw_name.decode()
+                except UnicodeDecodeError:
+                    break
+            out.append((seq, name, bytes(view[start + 1 + len(raw_name) : end])))
+            at = end
+        view.release()
+        if at:
+            del buffer[:at]
+        return out
+
     @property
     def buffered(self) -> int:
         return len(self._buffer)

@@ -100,16 +100,18 @@ def test_health_without_daemon_exits_1(tmp_path: Path) -> None:
 def test_serve_replay_health_and_sigterm(tmp_path: Path, loop: str, group: bool) -> None:
     socket = tmp_path / "d.sock"
     env = {**os.environ, "VIOMMUD_LOG_FORMAT": "json"}
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "viommud", "serve", "--socket", str(socket), "--loop", loop],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    log = tmp_path / "daemon.log"  # a file, not a pipe: nobody reads a pipe while it fills
+    with log.open("w") as sink:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "viommud", "serve", "--socket", str(socket), "--loop", loop],
+            stderr=sink,
+            text=True,
+            env=env,
+        )
     try:
         deadline = time.monotonic() + 20
         while not socket.exists():
-            assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+            assert daemon.poll() is None, log.read_text()
             assert time.monotonic() < deadline
             time.sleep(0.05)
         cli = [sys.executable, "-m", "viommud"]
@@ -141,7 +143,8 @@ def test_serve_replay_health_and_sigterm(tmp_path: Path, loop: str, group: bool)
         assert report["trace"] == ("smmuv3-linux61-strict" if group else "smmuv3-ste-configs")
     finally:
         daemon.send_signal(signal.SIGTERM)
-        _, err = daemon.communicate(timeout=30)
+        daemon.wait(timeout=30)
+    err = log.read_text()
     assert daemon.returncode == 0
     events = [json.loads(line) for line in err.splitlines()]
     names = [e["event"] for e in events]

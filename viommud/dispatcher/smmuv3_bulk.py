@@ -136,21 +136,28 @@ def _merge_and_promote(words: U64, threshold: int) -> U64:
     else:
         live = np.ones(len(starts), dtype=np.bool_)
         kept.append(words[~ranged])
-    single = live & (members == 1)
-    kept.append(rows[starts[single]])
-    several = live & (members > 1)
-    for s, n, lo, stop in zip(
-        starts[several].tolist(),
-        members[several].tolist(),
+    # Spans of several commands are re-encoded when that is shorter; a span keeps the guest's
+    # own commands otherwise (and always when it has one command).
+    several = np.flatnonzero(live & (members > 1))
+    own = live & (members == 1)
+    encoded_all: list[tuple[int, int]] = []
+    for span, k0, k1, granule, lo, stop, n in zip(
+        several.tolist(),
+        span_key0[several].tolist(),
+        key1[starts[several]].tolist(),
+        tg[starts[several]].tolist(),
         span_first[several].tolist(),
         span_end[several].tolist(),
+        members[several].tolist(),
         strict=True,
     ):
-        encoded = encode_range(int(key0[s]), int(key1[s]), lo, stop - lo, int(tg[s]))
+        encoded = encode_range(k0, k1, lo, stop - lo, granule)
         if len(encoded) < n:
-            kept.append(np.array(encoded, dtype=np.uint64).reshape(-1, 2))
+            encoded_all += encoded
         else:
-            kept.append(rows[s : s + n])  # the union encodes no shorter: the guest's own
+            own[span] = True
+    kept.append(rows[np.repeat(own, members)])
+    kept.append(np.array(encoded_all, dtype=np.uint64).reshape(-1, 2))
     return np.concatenate(kept)
 
 
