@@ -135,3 +135,36 @@ def test_cmds_ok_writes_matches_construct(
 def test_cmds_ok_writes_of_a_bad_size_is_refused(size: int) -> None:
     with pytest.raises(wire.WireError, match=r"8 \+ 16 \* N"):
         wire.Frame(frames.FrameType.CMDS_OK_WRITES, 1, bytes(size)).response()
+
+
+def test_take_guest_data_takes_whole_runs_and_leaves_the_rest_to_next_frame() -> None:
+    good = [wire.encode_guest_data(frames.FrameType.CMDS, seq, "v", bytes(16)) for seq in (1, 2)]
+    bad_name = wire.encode(frames.FrameType.CMDS, 3, bytes([2]) + b"\xff\xfe" + bytes(16))
+    record = wire.encode_json(frames.FrameType.RECORD, 4, {"op": "x"})
+    last = wire.encode_guest_data(frames.FrameType.CMDS, 5, "w", bytes(32))
+    decoder = wire.FrameDecoder()
+    stream = b"".join([*good, bad_name, record, last])
+    decoder.receive_data(stream[:-3])  # the last frame is not complete yet
+    assert decoder.take_guest_data(frames.FrameType.CMDS) == [
+        (1, "v", bytes(16)),
+        (2, "v", bytes(16)),
+    ]
+    assert decoder.take_guest_data(frames.FrameType.CMDS) == []  # a bad name stops the run
+    frame = decoder.next_frame()
+    assert frame is not None
+    with pytest.raises(wire.WireError, match="UTF-8"):
+        frame.guest_data()
+    assert decoder.take_guest_data(frames.FrameType.CMDS) == []  # another type stops it
+    assert decoder.next_frame() == wire.Frame(frames.FrameType.RECORD, 4, record[12:])
+    assert decoder.take_guest_data(frames.FrameType.CMDS) == []  # incomplete: wait
+    decoder.receive_data(stream[-3:])
+    assert decoder.take_guest_data(frames.FrameType.CMDS) == [(5, "w", bytes(32))]
+    assert decoder.buffered == 0
+
+
+def test_take_guest_data_leaves_a_bad_header_to_next_frame() -> None:
+    decoder = wire.FrameDecoder()
+    decoder.receive_data(bytes([9, frames.FrameType.CMDS, 0, 0]) + bytes(8))
+    assert decoder.take_guest_data(frames.FrameType.CMDS) == []
+    with pytest.raises(wire.WireError, match="unsupported protocol version 9"):
+        decoder.next_frame()
