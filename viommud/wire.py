@@ -19,6 +19,7 @@ NEED_DATA: Final = None
 _HEADER = struct.Struct("<BBHII")
 _CMDS_OK = struct.Struct("<II")  # protocols.frames.CmdsOk
 _STATUS_WRITE = struct.Struct("<IQI")  # protocols.frames.StatusWrite
+_CMDS_OK_FRAME = struct.Struct("<BBHIIII")  # header + CmdsOk in one pack (the hot reply)
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
 
 
@@ -177,7 +178,9 @@ def encode_guest_data(frame_type: int, seq: int, viommu: str, data: bytes) -> by
 
 
 def encode_cmds_ok(seq: int, consumed: int, syncs: int) -> bytes:
-    return encode(FrameType.CMDS_OK, seq, _CMDS_OK.pack(consumed, syncs))
+    return _CMDS_OK_FRAME.pack(
+        PROTOCOL_VERSION, FrameType.CMDS_OK, 0, seq, _CMDS_OK.size, consumed, syncs
+    )
 
 
 def encode_cmds_ok_writes(
