@@ -3,15 +3,17 @@
 A group commit sends the TLB invalidations of many plain doorbells (viommud.frontends.smmuv3
 .bulk) as one ``IOMMU_HWPT_INVALIDATE`` array. Those are thousands of commands at a time, so
 the rules run as numpy operations over a (commands, 2) array of (W0, W1) words instead of
-per ``Entry``. Same rules, same set semantics (the entries of one call are unordered):
+per ``Entry``. Same rules, same set semantics (the entries of one call are unordered), in
+the order that lets the cheap ones spare the costly ones:
 
 * ``TLBI_NH_ALL`` / ``TLBI_NSNH_ALL`` covers every other TLBI: it alone is sent;
+* when the TLBI_NH_VA work of one ASID asks for more than ``flood_pages`` pages, one
+  ``TLBI_NH_ASID`` replaces it (pages counted as asked for: the one difference from the
+  per-doorbell rule, which counts them after merging);
 * byte-identical commands are sent once;
 * ``TLBI_NH_ASID(a)`` covers ``TLBI_NH_VA(a, ...)``;
 * range TLBIs (TG != 0) of one ASID/VMID word, leaf, TTL and granule whose page ranges
-  overlap or touch become one span, re-encoded as RIL commands when that is shorter;
-* when the TLBI_NH_VA work of one ASID spans more than ``flood_pages`` pages, one
-  ``TLBI_NH_ASID`` replaces it.
+  overlap or touch become one span, re-encoded as RIL commands when that is shorter.
 
 No origin is tracked: when a group call fails, the doorbells are replayed one by one through
 the per-doorbell dispatcher, which maps the failure to its guest command.
@@ -50,9 +52,37 @@ def coalesce_tlb(words: U64, *, flood_pages: int = DEFAULT_FLOOD_PAGES) -> U64:
     wide = np.flatnonzero((ops == _NH_ALL) | (ops == _NSNH_ALL))
     if len(wide):
         return words[wide[:1]]
+    words = _promote_floods(words, flood_pages)
     words = _unique(words)
     words = _drop_covered_by_asid(words)
-    return _merge_and_promote(words, flood_pages)
+    return _merge_ranges(words)
+
+
+def _promote_floods(words: U64, threshold: int) -> U64:
+    """TLBI_NH_VA work of an ASID asking for more than ``threshold`` pages becomes one
+    TLBI_NH_ASID. Pages count as the guest asked for them (a page asked twice counts twice,
+    as operations count in Linux's own cut-over), so floods are found before the costlier
+    rules run, and their commands never reach them."""
+    w0, w1 = words[:, 0], words[:, 1]
+    va = (w0 & _OP_MASK) == _NH_VA
+    if not va.any():
+        return words
+    asids = (w0[va] >> np.uint64(48)).astype(np.intp)
+    ranged = ((w1[va] >> np.uint64(10)) & np.uint64(3)) != 0
+    _tg, first, end = _range_fields(words[va])
+    pages = np.where(ranged, end - first, np.uint64(1)).astype(np.float64)
+    flooded = np.flatnonzero(np.bincount(asids, weights=pages) > threshold)
+    if not len(flooded):
+        return words
+    drop = va.copy()
+    drop[va] = np.isin(asids, flooded)
+    first_rows = np.flatnonzero(drop)
+    promoted = []
+    for asid in flooded.tolist():  # the VMID field of the ASID's first command, as the rule says
+        row = int(first_rows[(w0[first_rows] >> np.uint64(48)) == asid][0])
+        vmid = int(w0[row]) & (0xFFFF << 32)
+        promoted.append((Opcode.TLBI_NH_ASID | vmid | asid << 48, 0))
+    return np.concatenate((words[~drop], np.array(promoted, dtype=np.uint64)))
 
 
 def _unique(words: U64) -> U64:
@@ -92,14 +122,14 @@ def _range_fields(words: U64) -> tuple[U64, U64, U64]:
     return tg, first, first + count
 
 
-def _merge_and_promote(words: U64, threshold: int) -> U64:
-    """Range merge, then flood promotion, in one pass: the spans of a flooded ASID are
-    replaced anyway, so only the others are re-encoded."""
+def _merge_ranges(words: U64) -> U64:
+    """Range TLBIs (TG != 0) of one W0 key (opcode, ASID, VMID) and W1 key (leaf, TTL, TG)
+    whose pages overlap or touch become one span, re-encoded as RIL commands when that is
+    shorter; a span keeps the guest's own commands otherwise."""
     w0, w1 = words[:, 0], words[:, 1]
     ops = w0 & _OP_MASK
-    va = ops == _NH_VA
-    ranged = (va | (ops == _NH_VAA)) & ((w1 >> np.uint64(10)) & np.uint64(3) != 0)
-    if not ranged.any() and not va.any():
+    ranged = ((ops == _NH_VA) | (ops == _NH_VAA)) & ((w1 >> np.uint64(10)) & np.uint64(3) != 0)
+    if np.count_nonzero(ranged) < 2:
         return words
     rows = words[ranged]
     key0 = rows[:, 0] & ~_NUM_SCALE
@@ -109,44 +139,20 @@ def _merge_and_promote(words: U64, threshold: int) -> U64:
     key0, key1, tg, first, end, rows = (a[order] for a in (key0, key1, tg, first, end, rows))
     new_key = np.ones(len(rows), dtype=np.bool_)
     new_key[1:] = (key0[1:] != key0[:-1]) | (key1[1:] != key1[:-1])
-    starts = _span_starts(new_key, first, end) if len(rows) else np.zeros(0, dtype=np.intp)
+    starts = _span_starts(new_key, first, end)
+    if len(starts) == len(rows):
+        return words  # nothing overlaps or touches
     members = np.diff(np.append(starts, len(rows)))
-    span_end = np.maximum.reduceat(end, starts) if len(rows) else end
-    span_first = first[starts]
-    span_key0 = key0[starts]
-    # Flood promotion counts the TLBI_NH_VA pages of each ASID: merged spans, and one per
-    # single-address TLBI (TG=0).
-    span_va = (span_key0 & _OP_MASK) == _NH_VA
-    span_asid = (span_key0 >> np.uint64(48)).astype(np.intp)
-    single_va = va & ~ranged
-    single_asid = (w0[single_va] >> np.uint64(48)).astype(np.intp)
-    asids = np.concatenate((span_asid[span_va], single_asid))
-    spans = (span_end - span_first)[span_va].astype(np.float64)
-    weights = np.concatenate((spans, np.ones(len(single_asid))))
-    flooded = np.flatnonzero(np.bincount(asids, weights=weights) > threshold)
-    kept: list[U64] = []
-    if len(flooded):
-        drop_single = np.isin(w0 >> np.uint64(48), flooded.astype(np.uint64)) & single_va
-        live = ~(span_va & np.isin(span_asid, flooded))
-        kept.append(words[~ranged & ~drop_single])
-        for asid in flooded.tolist():
-            row = int(np.flatnonzero(va & ((w0 >> np.uint64(48)) == asid))[0])
-            vmid = int(w0[row]) & (0xFFFF << 32)
-            kept.append(np.array([[Opcode.TLBI_NH_ASID | vmid | asid << 48, 0]], dtype=np.uint64))
-    else:
-        live = np.ones(len(starts), dtype=np.bool_)
-        kept.append(words[~ranged])
-    # Spans of several commands are re-encoded when that is shorter; a span keeps the guest's
-    # own commands otherwise (and always when it has one command).
-    several = np.flatnonzero(live & (members > 1))
-    own = live & (members == 1)
+    span_end = np.maximum.reduceat(end, starts)
+    several = np.flatnonzero(members > 1)
+    own = members == 1
     encoded_all: list[tuple[int, int]] = []
     for span, k0, k1, granule, lo, stop, n in zip(
         several.tolist(),
-        span_key0[several].tolist(),
+        key0[starts[several]].tolist(),
         key1[starts[several]].tolist(),
         tg[starts[several]].tolist(),
-        span_first[several].tolist(),
+        first[starts[several]].tolist(),
         span_end[several].tolist(),
         members[several].tolist(),
         strict=True,
@@ -156,9 +162,13 @@ def _merge_and_promote(words: U64, threshold: int) -> U64:
             encoded_all += encoded
         else:
             own[span] = True
-    kept.append(rows[np.repeat(own, members)])
-    kept.append(np.array(encoded_all, dtype=np.uint64).reshape(-1, 2))
-    return np.concatenate(kept)
+    return np.concatenate(
+        (
+            words[~ranged],
+            rows[np.repeat(own, members)],
+            np.array(encoded_all, dtype=np.uint64).reshape(-1, 2),
+        )
+    )
 
 
 def _span_starts(new_key: npt.NDArray[np.bool_], first: U64, end: U64) -> npt.NDArray[np.intp]:
