@@ -75,7 +75,7 @@ def _promote_floods(words: U64, threshold: int) -> U64:
     if not len(flooded):
         return words
     drop = va.copy()
-    drop[va] = np.isin(asids, flooded)
+    drop[va] = np.isin(asids, flooded, kind="table")
     first_rows = np.flatnonzero(drop)
     promoted = []
     for asid in flooded.tolist():  # the VMID field of the ASID's first command, as the rule says
@@ -105,7 +105,7 @@ def _drop_covered_by_asid(words: U64) -> U64:
     if not by_asid.any():
         return words
     asids = w0[by_asid] >> np.uint64(48)
-    covered: npt.NDArray[np.bool_] = np.isin(w0 >> np.uint64(48), asids)
+    covered: npt.NDArray[np.bool_] = np.isin(w0 >> np.uint64(48), asids, kind="table")
     kept: U64 = words[~(covered & (ops == _NH_VA))]
     return kept
 
