@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any, ClassVar
 
 from viommud.dispatcher.smmuv3 import SmmuDispatcher
@@ -129,8 +130,8 @@ class SmmuV3Viommu:
         for op in set(opcodes):
             frontend.opcode_counts[op] += opcodes.count(op)
         frontend.barriers += sum(syncs)
-        starts = screen.starts
-        consumed = [starts[k + 1] - starts[k] for k in range(first, stop)]
+        starts = screen.starts[first : stop + 1]
+        consumed = [b - a for a, b in pairwise(starts)]
         frontend.last = DoorbellSummary(consumed[-1], syncs[-1])
         log = self.log
         if log is not None:

@@ -19,6 +19,7 @@ decides, it never words an error. A test holds it to the frontend on random door
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate, pairwise
 
 import numpy as np
 import numpy.typing as npt
@@ -80,20 +81,17 @@ SMALL = 64
 
 
 def screen(doorbells: list[bytes], features: SmmuFeatures, *, small: int = SMALL) -> Screen:
-    whole = [bool(d) and len(d) % CMD_SIZE == 0 for d in doorbells]
-    starts = [0]
-    for data, ok in zip(doorbells, whole, strict=True):
-        starts.append(starts[-1] + (len(data) // CMD_SIZE if ok else 0))
-    blob = b"".join(d for d, ok in zip(doorbells, whole, strict=True) if ok)
+    counts = [len(d) // CMD_SIZE if d and not len(d) % CMD_SIZE else 0 for d in doorbells]
+    starts = [0, *accumulate(counts)]
+    blob = b"".join(d for d, n in zip(doorbells, counts, strict=True) if n)
     if starts[-1] < small:
         bad_before, syncs_before = _check_each(blob, features)
     else:
         bad_before, syncs_before = _check_all(blob, features)
-    plain, syncs = [], []
-    for k, ok in enumerate(whole):
-        lo, hi = starts[k], starts[k + 1]
-        plain.append(ok and bad_before[hi] == bad_before[lo])
-        syncs.append(syncs_before[hi] - syncs_before[lo])
+    bad = [bad_before[i] for i in starts]
+    ahead = [syncs_before[i] for i in starts]
+    plain = [n > 0 and a == b for n, (a, b) in zip(counts, pairwise(bad), strict=True)]
+    syncs = [b - a for a, b in pairwise(ahead)]
     return Screen(blob, starts, plain, syncs)
 
 
