@@ -34,7 +34,7 @@ import numpy as np
 
 from protocols import iommufd as uapi
 from protocols.smmuv3 import Opcode
-from viommud.backend.calls import Iommufd
+from viommud.backend.calls import InvalidateResult, Iommufd
 from viommud.dispatcher import DispatchStats
 from viommud.dispatcher.smmuv3_bulk import coalesce_tlb
 from viommud.dispatcher.smmuv3_coalesce import DEFAULT_FLOOD_PAGES, Entry, class_rank, coalesce
@@ -182,15 +182,7 @@ class SmmuDispatcher:
             self.iommufd.log.barrier = stats.barriers + 1
             array = self._plain_array(commands, work, syncs)
             for slot in targets:
-                result = self.iommufd.invalidate_array(
-                    slot.iommu,
-                    object_kind="viommu",
-                    object_id=slot.viommu_id,
-                    data_type=uapi.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
-                    entry_len=ARM_ENTRY_LEN,
-                    array=array,
-                )
-                if result.errno:
+                if self._invalidate(slot, array).errno:
                     return False
             stats.forwarded += work
         stats.baseline_invalidate_calls += work * len(self.topology.slots)
@@ -232,16 +224,20 @@ class SmmuDispatcher:
             self._send(bucket.slot, entries, errors)
         self._pending.clear()
 
+    def _invalidate(self, slot: PiommuSlot, array: bytes) -> InvalidateResult:
+        """One ``IOMMU_HWPT_INVALIDATE`` of ARM commands on ``slot``'s vIOMMU object."""
+        return self.iommufd.invalidate_array(
+            slot.iommu,
+            object_kind="viommu",
+            object_id=slot.viommu_id,
+            data_type=uapi.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
+            entry_len=ARM_ENTRY_LEN,
+            array=array,
+        )
+
     def _send(self, slot: PiommuSlot, entries: list[Entry], errors: list[GuestError]) -> None:
         while entries:
-            result = self.iommufd.invalidate(
-                slot.iommu,
-                object_kind="viommu",
-                object_id=slot.viommu_id,
-                data_type=uapi.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
-                entry_len=ARM_ENTRY_LEN,
-                entries=[e.raw for e in entries],
-            )
+            result = self._invalidate(slot, b"".join(e.raw for e in entries))
             if result.errno == 0:
                 return
             bad = min(result.done, len(entries) - 1)
