@@ -193,7 +193,7 @@ def figures(run: Run, commands: int, frames_: int) -> dict[str, Any]:
 
 
 def run_workload(
-    workload: Workload, modes: list[str], verify_commands: int
+    workload: Workload, modes: list[str], verify_commands: int, loop: str = "asyncio"
 ) -> tuple[dict[str, Any], list[str]]:
     """One table row and the problems found (empty: every stream was clean)."""
     problems: list[str] = []
@@ -220,7 +220,7 @@ def run_workload(
         if mode == "verify" and verify_commands < commands:
             timed = workload.head(verify_commands)
         sent = commands_in(timed, workload.size)
-        with spawned("daemon") as path:
+        with spawned("daemon", loop) as path:
             run = asyncio.run(measure(path, workload, timed, daemon=True, **MODES[mode]))
         result = figures(run, sent, len(timed))
         result["ratio"] = round(result["commands_per_s"] / row["echo"]["commands_per_s"], 3)
@@ -271,13 +271,13 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
 
 
-def measure_latency(quick: bool) -> dict[str, Any]:
+def measure_latency(quick: bool, loop: str = "asyncio") -> dict[str, Any]:
     records = workloads.strict_ril(32, per_doorbell=16, sync_each=False)
     host, setup, doorbells = frames(records)
     rounds = 300 if quick else 5000
     out: dict[str, Any] = {}
     for kind in ("echo", "daemon", "group_commit"):
-        with spawned("echo" if kind == "echo" else "daemon") as path:
+        with spawned("echo" if kind == "echo" else "daemon", loop) as path:
             samples = asyncio.run(
                 latency(
                     path, host, setup, doorbells[0], rounds, group_commit=kind == "group_commit"
@@ -363,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"daemon modes, comma-separated (default all): {', '.join(MODES)}",
     )
     parser.add_argument("--no-latency", action="store_true", help="skip the sync-latency part")
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the daemon's event loop (serve --loop); the echo server always runs asyncio",
+    )
     args = parser.parse_args(argv)
     names = _names(args.workload, list(BUILDERS), "workload") or DEFAULT_WORKLOADS
     modes = _names(args.modes, list(MODES), "mode") or list(MODES)
@@ -371,11 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"throughput": [], "modes": modes}
     problems: list[str] = []
     for name in names:
-        row, found = run_workload(BUILDERS[name](target), modes, verify_commands)
+        row, found = run_workload(BUILDERS[name](target), modes, verify_commands, args.loop)
         results["throughput"].append(row)
         problems += found
     if not args.no_latency:
-        results["latency"] = measure_latency(args.quick)
+        results["latency"] = measure_latency(args.quick, args.loop)
+    results["loop"] = args.loop
     results["problems"] = problems
     if args.json:
         print(json.dumps(results, indent=1))

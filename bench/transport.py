@@ -98,8 +98,9 @@ async def serve_echo(path: str) -> None:
 
 
 @contextmanager
-def spawned(kind: str) -> Iterator[str]:
-    """Run ``daemon`` (viommud serve) or ``echo`` in a child process; yields its socket."""
+def spawned(kind: str, loop: str = "asyncio") -> Iterator[str]:
+    """Run ``daemon`` (viommud serve, on event loop ``loop``) or ``echo`` in a child process;
+    yields its socket."""
     with tempfile.TemporaryDirectory(prefix="viommud-bench-") as tmp:
         path = os.path.join(tmp, "s.sock")
         if kind == "daemon":
@@ -112,6 +113,8 @@ def spawned(kind: str) -> Iterator[str]:
                 "serve",
                 "--socket",
                 path,
+                "--loop",
+                loop,
             ]
         else:
             argv = [sys.executable, __file__, "--echo", path]
