@@ -47,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols import iommufd as uapi
-from viommud.backend.calls import Iommufd
+from viommud.backend.calls import InvalidateResult, Iommufd
 from viommud.dispatcher import DispatchStats
 from viommud.dispatcher.vtd_bulk import I64, Bools, coalesce, pack
 from viommud.events import (
@@ -335,19 +335,23 @@ class VtdDispatcher:
         for batch in pending.values():
             self._send(batch)
 
+    def _invalidate(self, hwpt: SharedHwpt, array: bytes) -> InvalidateResult:
+        """One ``IOMMU_HWPT_INVALIDATE`` of ``iommu_hwpt_vtd_s1_invalidate`` entries."""
+        return self.iommufd.invalidate_array(
+            hwpt.iommu,
+            object_kind="hwpt",
+            object_id=hwpt.hwpt_id,
+            data_type=uapi.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
+            entry_len=ENTRY_LEN,
+            array=array,
+        )
+
     def _send(self, batch: _Batch) -> None:
         hwpt = batch.hwpt
         entries = batch.entries
         topology = self.topology
         while entries:
-            result = self.iommufd.invalidate(
-                hwpt.iommu,
-                object_kind="hwpt",
-                object_id=hwpt.hwpt_id,
-                data_type=uapi.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
-                entry_len=ENTRY_LEN,
-                entries=[e.pack() for e in entries],
-            )
+            result = self._invalidate(hwpt, b"".join(e.pack() for e in entries))
             if result.errno == 0:
                 clock = topology.tick()
                 for entry in entries:
@@ -390,14 +394,7 @@ class VtdDispatcher:
         if plan.sends:
             self.iommufd.log.barrier = stats.barriers + 1
         for hwpt, array in plan.sends:
-            result = self.iommufd.invalidate_array(
-                hwpt.iommu,
-                object_kind="hwpt",
-                object_id=hwpt.hwpt_id,
-                data_type=uapi.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
-                entry_len=ENTRY_LEN,
-                array=array,
-            )
+            result = self._invalidate(hwpt, array)
             if result.errno:
                 return False
         if plan.sends:
