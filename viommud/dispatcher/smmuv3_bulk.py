@@ -71,11 +71,12 @@ def _promote_floods(words: U64, threshold: int) -> U64:
     ranged = ((w1[va] >> np.uint64(10)) & np.uint64(3)) != 0
     _tg, first, end = _range_fields(words[va])
     pages = np.where(ranged, end - first, np.uint64(1)).astype(np.float64)
-    flooded = np.flatnonzero(np.bincount(asids, weights=pages) > threshold)
+    is_flooded = np.bincount(asids, weights=pages) > threshold  # indexed by ASID
+    flooded = np.flatnonzero(is_flooded)
     if not len(flooded):
         return words
     drop = va.copy()
-    drop[va] = np.isin(asids, flooded, kind="table")
+    drop[va] = is_flooded[asids]
     first_rows = np.flatnonzero(drop)
     promoted = []
     for asid in flooded.tolist():  # the VMID field of the ASID's first command, as the rule says
@@ -104,9 +105,10 @@ def _drop_covered_by_asid(words: U64) -> U64:
     by_asid = ops == _NH_ASID
     if not by_asid.any():
         return words
-    asids = w0[by_asid] >> np.uint64(48)
-    covered: npt.NDArray[np.bool_] = np.isin(w0 >> np.uint64(48), asids, kind="table")
-    kept: U64 = words[~(covered & (ops == _NH_VA))]
+    asid = (w0 >> np.uint64(48)).astype(np.intp)
+    flushed = np.zeros(1 << 16, dtype=np.bool_)  # by ASID: a TLBI_NH_ASID is in the set
+    flushed[asid[by_asid]] = True
+    kept: U64 = words[~(flushed[asid] & (ops == _NH_VA))]
     return kept
 
 
