@@ -195,8 +195,8 @@ class SmmuDispatcher:
         policy = self.policy
         if policy.coalesce and work >= policy.bulk_coalesce_min:
             words = np.frombuffer(commands, dtype="<u8").reshape(-1, 2)
-            words = words[(words[:, 0] & np.uint64(0xFF)) != _SYNC]
-            send = coalesce_tlb(words, flood_pages=policy.flood_pages)
+            send = coalesce_tlb(words, flood_pages=policy.flood_pages)  # syncs fold to one
+            send = send[(send[:, 0] & np.uint64(0xFF)) != _SYNC]  # ... dropped here, cheaply
             return np.ascontiguousarray(send, dtype="<u8").tobytes()
         if not syncs:
             return commands

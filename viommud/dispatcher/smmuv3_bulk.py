@@ -45,7 +45,8 @@ _OP_MASK = np.uint64(0xFF)
 
 
 def coalesce_tlb(words: U64, *, flood_pages: int = DEFAULT_FLOOD_PAGES) -> U64:
-    """The commands to send for a set of valid TLB invalidations (shape (n, 2))."""
+    """The commands to send for a set of valid TLB invalidations (shape (n, 2)). Other
+    commands (the runs' CMD_SYNCs) pass through every rule untouched but for duplicates."""
     if len(words) < 2:
         return words
     ops = words[:, 0] & _OP_MASK

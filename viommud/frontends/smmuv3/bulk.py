@@ -86,17 +86,19 @@ def screen(doorbells: list[bytes], features: SmmuFeatures, *, small: int = SMALL
     blob = b"".join(d for d, n in zip(doorbells, counts, strict=True) if n)
     if starts[-1] < small:
         bad_before, syncs_before = _check_each(blob, features)
+        bad = [bad_before[i] for i in starts]
+        ahead = [syncs_before[i] for i in starts]
     else:
-        bad_before, syncs_before = _check_all(blob, features)
-    bad = [bad_before[i] for i in starts]
-    ahead = [syncs_before[i] for i in starts]
+        bad, ahead = _check_all(blob, starts, features)
     plain = [n > 0 and a == b for n, (a, b) in zip(counts, pairwise(bad), strict=True)]
     syncs = [b - a for a, b in pairwise(ahead)]
     return Screen(blob, starts, plain, syncs)
 
 
-def _check_all(blob: bytes, features: SmmuFeatures) -> tuple[list[int], list[int]]:
-    """Running counts (from 0, one per command) of refused commands and of CMD_SYNCs."""
+def _check_all(
+    blob: bytes, starts: list[int], features: SmmuFeatures
+) -> tuple[list[int], list[int]]:
+    """How many refused commands and CMD_SYNCs come before each of ``starts``."""
     words = np.frombuffer(blob, dtype="<u8").reshape(-1, 2)
     w0, w1 = words[:, 0], words[:, 1]
     ops = (w0 & np.uint64(0xFF)).astype(np.intp)
@@ -105,13 +107,15 @@ def _check_all(blob: bytes, features: SmmuFeatures) -> tuple[list[int], list[int
     is_sync = ops == _SYNC
     good &= ~(is_sync & (((w0 >> np.uint64(12)) & np.uint64(3)) == 3))
     good &= ~_bad_range(ops, w0, w1, features)
-    bad_before: list[int] = np.concatenate(([0], np.cumsum(~good))).tolist()
-    syncs_before: list[int] = np.concatenate(([0], np.cumsum(is_sync))).tolist()
-    return bad_before, syncs_before
+    at = np.asarray(starts)
+    bad: list[int] = np.concatenate(([0], np.cumsum(~good)))[at].tolist()
+    ahead: list[int] = np.concatenate(([0], np.cumsum(is_sync)))[at].tolist()
+    return bad, ahead
 
 
 def _check_each(blob: bytes, features: SmmuFeatures) -> tuple[list[int], list[int]]:
-    """``_check_all`` one command at a time, for a few commands."""
+    """Running counts (from 0, one per command) of refused commands and of CMD_SYNCs, one
+    command at a time, for a few commands."""
     reserved, refused = _RESERVED, _RANGE_REFUSED_LISTS[features.ril]
     bad_before, syncs_before = [0], [0]
     bad = syncs = 0
