@@ -132,14 +132,10 @@ class Connection:
         started = time.perf_counter()
         replies: list[bytes | None] = [None] * len(run)
         by_viommu: dict[str, tuple[list[int], list[bytes]]] = {}
-        viommu = run[0][1]
-        if all(name == viommu for _, name, _ in run):  # the usual case: one vIOMMU's queue
-            by_viommu[viommu] = (list(range(len(run))), [data for _, _, data in run])
-        else:
-            for i, (_, name, data) in enumerate(run):
-                slots, datas = by_viommu.setdefault(name, ([], []))
-                slots.append(i)
-                datas.append(data)
+        for i, (_, name, data) in enumerate(run):
+            slots, datas = by_viommu.setdefault(name, ([], []))
+            slots.append(i)
+            datas.append(data)
         try:
             for viommu, (slots, datas) in by_viommu.items():
                 answers = session.doorbells(viommu, datas)

@@ -9,11 +9,12 @@ vIOMMU goes to the instance. Adding a model = one module here plus one line in
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from viommud.backend.calls import Iommufd
+from viommud.backend.calls import CallLog, Iommufd
 from viommud.dispatcher import DispatchStats
 from viommud.host import HostConfig
 from viommud.trace import Record, ViommuCreate
@@ -124,6 +125,28 @@ def viommu_log(ctx: ModelContext, viommu: str) -> tuple[Any, bool]:
     log = ctx.log.bind(viommu=viommu)
     check = getattr(log, "is_enabled_for", None)
     return log, bool(check(logging.DEBUG)) if check is not None else True
+
+
+def log_group(
+    log: Any,
+    calls: CallLog,
+    calls_before: int,
+    started: float,
+    *,
+    doorbells: int,
+    commands: int,
+    syncs: int,
+) -> None:
+    """The ``group_forwarded`` line of a group commit: the run's figures, the calls made
+    since ``calls_before`` and the time since ``started``."""
+    log.info(
+        "group_forwarded",
+        doorbells=doorbells,
+        commands=commands,
+        syncs=syncs,
+        backend_calls=calls.seq - calls_before,
+        duration_ms=round((time.perf_counter() - started) * 1e3, 3),
+    )
 
 
 def factories() -> dict[str, Factory]:

@@ -23,6 +23,7 @@ from viommud.models import (
     ModelError,
     RecordRefused,
     check_host_iommus,
+    log_group,
     viommu_log,
 )
 from viommud.topology.smmuv3 import SmmuTopology
@@ -144,13 +145,14 @@ class SmmuV3Viommu:
                             kind=kind_name(raw[0]),
                             raw_hex=raw.hex(),
                         )
-            log.info(
-                "group_forwarded",
+            log_group(
+                log,
+                calls,
+                calls_before,
+                started,
                 doorbells=stop - first,
                 commands=len(opcodes),
                 syncs=sum(syncs),
-                backend_calls=calls.seq - calls_before,
-                duration_ms=round((time.perf_counter() - started) * 1e3, 3),
             )
         return [
             {"consumed": n, "errors": [], "syncs": s} for n, s in zip(consumed, syncs, strict=True)

@@ -23,6 +23,7 @@ from viommud.models import (
     ModelError,
     RecordRefused,
     check_host_iommus,
+    log_group,
     viommu_log,
 )
 from viommud.topology.vtd import VtdTopology
@@ -163,13 +164,14 @@ class VtdViommu:
                             kind=kind_name(kind),
                             raw_hex=data[index * size : (index + 1) * size].hex(),
                         )
-            log.info(
-                "group_forwarded",
+            log_group(
+                log,
+                calls,
+                calls_before,
+                started,
                 doorbells=stop - first,
                 commands=hi - lo,
                 syncs=sum(syncs),
-                backend_calls=calls.seq - calls_before,
-                duration_ms=round((time.perf_counter() - started) * 1e3, 3),
             )
         writes = status_writes(screen, first, stop)
         return [
