@@ -288,11 +288,9 @@ class VtdDispatcher:
         if vdev is None:
             self.stats.dropped += 1  # no such device: nothing can be cached for it
             return
-        binding, hwpt = vdev.binding, vdev.hwpt
-        if hwpt is None or binding is None or not vdev.ats:
-            return  # pass-through, blocked or no ATC on the host: no stage-1 entry to drop
-        if inv.asid is not None and inv.asid != binding.pasid:
-            return  # a PASID this VMM does not nest: the host device has no such entries
+        hwpt = _device_tlb_target(vdev, inv.asid)
+        if hwpt is None:
+            return
         self._begin_work()
         end = inv.addr + inv.size if inv.size else FULL_END
         self._device_tlbs.append(_DeviceTlb(inv.index, vdev, hwpt, inv.addr, end))
@@ -466,10 +464,8 @@ class VtdDispatcher:
                     if vdev is None:
                         plan.dropped += 1
                         continue
-                    binding, target = vdev.binding, vdev.hwpt
-                    if target is None or binding is None or not vdev.ats:
-                        continue
-                    if event.asid is not None and event.asid != binding.pasid:
+                    target = _device_tlb_target(vdev, event.asid)
+                    if target is None:
                         continue
                     end = event.addr + event.size if event.size else FULL_END
                     _work_of(work, target, k)[1].append((event.addr, end, vdev.joined))
@@ -518,11 +514,9 @@ class VtdDispatcher:
                 if vdev is None:
                     plan.dropped += len(rows)  # no such device: nothing can be cached for it
                     continue
-                binding, target = vdev.binding, vdev.hwpt
-                if target is None or binding is None or not vdev.ats:
-                    continue  # pass-through, blocked or no ATC on the host
-                if pasid not in (NO_ID, binding.pasid):
-                    continue  # a PASID this VMM does not nest
+                target = _device_tlb_target(vdev, None if pasid == NO_ID else pasid)
+                if target is None:
+                    continue
                 run = runs.setdefault(target.hwpt_id, _HwptRun(target))
                 run.devices.append((rows, vdev.joined))
         return runs, plan
@@ -606,6 +600,19 @@ class VtdDispatcher:
         if failures:
             self._raw[index] = raw
             self._fail(index, "; ".join(failures))
+
+
+def _device_tlb_target(vdev: VtdDevice, pasid: int | None) -> SharedHwpt | None:
+    """The nested HWPT whose devices' TLBs a device-TLB invalidation of ``vdev`` (for
+    ``pasid``, or every PASID) must reach, or None: a pass-through or blocked device, or one
+    without an ATC on the host, has no stage-1 entry to drop, and a PASID this VMM does not
+    nest has no entries on the host device."""
+    binding, hwpt = vdev.binding, vdev.hwpt
+    if hwpt is None or binding is None or not vdev.ats:
+        return None
+    if pasid is not None and pasid != binding.pasid:
+        return None
+    return hwpt
 
 
 def _groups(keys: I64) -> list[tuple[int, npt.NDArray[np.intp]]]:
