@@ -23,8 +23,8 @@ from typing import Any
 
 from protocols.frames import PROTOCOL_VERSION, FrameType
 from viommud import wire
-from viommud.backend.emulated import EmulatedIommufd
 from viommud.backend.base import Backend
+from viommud.backend.emulated import EmulatedIommufd
 from viommud.host import HostConfig
 from viommud.server import Connection
 from viommud.trace import Cmds, Request, TraceReader, record_to_json
