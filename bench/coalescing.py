@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import workloads  # noqa: E402
-from viommud.backend.emulated import EmulatedIommufd  # noqa: E402
+from viommud.backend.emulator.kernel import EmulatedIommufd  # noqa: E402
 from viommud.dispatcher.smmuv3 import DispatchPolicy  # noqa: E402
 from viommud.host import HostConfig  # noqa: E402
 from viommud.session import Session  # noqa: E402

@@ -8,11 +8,11 @@ with the construct declaration and building them back with it. Both decoders the
 same records into every field:
 
 * SMMUv3 commands: ``protocols.smmuv3.parse_command`` on each 16-byte slice of the buffer,
-  against ``struct.iter_unpack`` + ``decode_fields`` (viommud.frontends.smmuv3.decode);
+  against ``struct.iter_unpack`` + ``decode_fields`` (viommud.guest.smmuv3);
 * VT-d descriptors, 128-bit and 256-bit queues (the types each width allows):
   ``protocols.vtd.parse_descriptor`` against ``iter_unpack`` + ``decode_fields``;
 * virtio-iommu requests (draft B, vSVA types included): ``parse_request`` against
-  ``viommud.frontends.virtio.decode.decode``.
+  ``viommud.guest.virtio.decode``.
 
 Before timing, every record must decode to the same fields both ways (the parity the unit
 tests prove, checked again on these inputs). Rates are the best of three timed rounds.
@@ -32,9 +32,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from protocols import smmuv3, virtio_iommu, vtd
-from viommud.frontends.smmuv3 import decode as smmu_fast
-from viommud.frontends.virtio import decode as virtio_fast
-from viommud.frontends.vtd import decode as vtd_fast
+from viommud.guest import smmuv3 as smmu_fast
+from viommud.guest import virtio as virtio_fast
+from viommud.guest import vtd as vtd_fast
 
 DRAFT = "B"
 VTD_128_TYPES = (0x1, 0x2, 0x3, 0x4, 0x5, 0x9)  # PASID-granular types need a 256-bit queue

@@ -3,7 +3,7 @@
 This module is the readable specification of the guest-visible SMMUv3 formats that viommud
 decodes (reference: ``smmuv3.md`` §0, §1 and §3; the architecture document is Arm IHI 0070,
 "SMMUv3", whose section numbers are cited per declaration). The daemon itself decodes with
-``viommud.frontends.smmuv3.decode`` (``struct`` plus shifts and masks); a parity test proves
+``viommud.guest.smmuv3`` (``struct`` plus shifts and masks); a parity test proves
 both agree bit for bit.
 
 Conventions

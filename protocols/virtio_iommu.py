@@ -4,7 +4,7 @@ events and the vSVA draft extensions, declared with construct.
 This module is the readable specification of the guest-visible virtio-iommu formats viommud
 decodes (reference: ``virtio-iommu.md``, cited as "§n"; the normative text is the OASIS
 virtio specification, ``device-types/iommu``). The daemon decodes with
-``viommud.frontends.virtio.decode`` (``struct``); a parity test proves both agree.
+``viommud.guest.virtio`` (``struct``); a parity test proves both agree.
 
 Conventions
 -----------

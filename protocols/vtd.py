@@ -3,7 +3,7 @@
 This module is the readable specification of the guest-visible VT-d formats viommud decodes
 (reference: ``vtd.md`` §1 for the descriptors; the Intel VT-d architecture specification,
 "Intel Virtualization Technology for Directed I/O", whose section numbers are cited per
-declaration). The daemon decodes with ``viommud.frontends.vtd.decode`` (``struct`` plus shifts
+declaration). The daemon decodes with ``viommud.guest.vtd`` (``struct`` plus shifts
 and masks); a parity test proves both agree bit for bit, for every type and both widths.
 
 Conventions

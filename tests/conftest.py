@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from viommud.backend.base import Backend
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
-from viommud.server import Server
+from viommud.shell.server import Server
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 REAL_SMMUV3 = FIXTURES / "smmuv3-linux61-strict.jsonl.xz"

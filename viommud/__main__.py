@@ -1,5 +1,5 @@
 """``python -m viommud`` runs the command-line interface."""
 
-from viommud.cli import main
+from viommud.shell.cli import main
 
 raise SystemExit(main())

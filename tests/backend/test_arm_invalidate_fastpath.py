@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.backend.test_emulated import ARM_INV, STE_BYPASS, STE_S1, SYNC, Rig, cmd
-from viommud.backend.caches import ConfigEntry, TlbEntry
-from viommud.backend.emulated import ARM_SMMUV3, ArmSmmuV3Driver, ViommuObject
+from viommud.backend.emulator.caches import ConfigEntry, TlbEntry
+from viommud.backend.emulator.kernel import ARM_SMMUV3, ArmSmmuV3Driver, ViommuObject
 
 EATS = 1 << 28
 VSID_A0, VSID_A1, VSID_UNKNOWN = 8, 9, 10

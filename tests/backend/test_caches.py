@@ -1,4 +1,4 @@
-"""The emulated caches: what each host invalidation removes (viommud.backend.caches).
+"""The emulated caches: what each host invalidation removes (viommud.backend.emulator.caches).
 
 First the model alone (SMMUv3 commands and VT-d descriptors on hand-placed entries), then
 through the emulator: entries filled "as DMA would" with ``dma()``, invalidations issued by
@@ -15,7 +15,7 @@ import pytest
 
 from protocols import iommufd as uapi
 from tests.backend.test_emulated import ARM_INV, STE_S1, U64_MAX, VTD_INV, Rig, cmd, vtd_inv
-from viommud.backend.caches import (
+from viommud.backend.emulator.caches import (
     AtcEntry,
     CacheModel,
     ConfigEntry,
@@ -24,7 +24,7 @@ from viommud.backend.caches import (
     tlbi_range,
     vtd_psi_mask,
 )
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
 
 K4, M2, G1 = 4096, 2 << 20, 1 << 30

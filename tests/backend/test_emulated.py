@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from protocols import iommufd as uapi
 from viommud.backend.base import Backend
-from viommud.backend.emulated import (
+from viommud.backend.emulator.kernel import (
     ArmNestedData,
     EmulatedIommufd,
     HwptNestedObject,

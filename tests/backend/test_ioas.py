@@ -18,7 +18,7 @@ from protocols import iommufd as uapi
 from tests.backend.test_emulated import MAP_RW, U64_MAX, Rig
 from viommud.backend.base import Backend
 from viommud.backend.calls import BackendCallError, CallLog, Iommufd
-from viommud.backend.emulated import EmulatedIommufd, IoasObject
+from viommud.backend.emulator.kernel import EmulatedIommufd, IoasObject
 
 FIXED = uapi.IOMMU_IOAS_MAP_FIXED_IOVA
 PAGE = 4096

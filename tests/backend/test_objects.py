@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from protocols import iommufd as uapi
 from tests.backend.test_emulated import ARM_DATA, STE_S1, Rig, cmd
 from tests.backend.test_selftest import MockRig
-from viommud.backend.emulated import INT_MAX, VeventqObject
+from viommud.backend.emulator.kernel import INT_MAX, VeventqObject
 
 LOST = uapi.IOMMU_VEVENTQ_FLAG_LOST_EVENTS
 ARM_EVQ = uapi.IOMMU_VEVENTQ_TYPE_ARM_SMMUV3

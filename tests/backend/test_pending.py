@@ -13,7 +13,7 @@ import errno
 import pytest
 
 from tests.backend.test_emulated import ARM_INV, SYNC, Rig, cmd
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 
 VMID = 1  # the first nesting parent on smmu0
 PSID = 0x100  # a0's physical StreamID

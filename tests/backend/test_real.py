@@ -24,15 +24,15 @@ import pytest
 
 from protocols import iommufd as uapi
 from tests.backend.test_emulated import HOST
-from viommud import cli
 from viommud.backend import real as real_mod
 from viommud.backend import select
 from viommud.backend.base import Backend, UserFault
 from viommud.backend.calls import CallLog, Iommufd
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.backend.real import CtypesMemory, RealIommufd, vfio_cdev_path
 from viommud.host import HostConfig
-from viommud.replay import replay_embedded
+from viommud.shell import cli
+from viommud.shell.replay import replay_embedded
 
 REPO = Path(__file__).resolve().parents[2]
 VFIO_REQUESTS = {

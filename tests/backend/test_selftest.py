@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 from protocols import iommufd as uapi
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
 
 T = TypeVar("T", bound=uapi.UapiStruct)

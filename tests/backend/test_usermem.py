@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from viommud.backend.base import UserFault, UserMemory
-from viommud.backend.usermem import FIRST_ADDRESS, PAGE_SIZE, EmulatedMemory
+from viommud.backend.emulator.usermem import FIRST_ADDRESS, PAGE_SIZE, EmulatedMemory
 
 
 def test_is_a_user_memory() -> None:
@@ -89,7 +89,7 @@ def test_round_trip(sizes: list[int], data: st.DataObject) -> None:
 
 
 def test_large_allocations_are_sparse_and_behave_like_small_ones() -> None:
-    from viommud.backend.usermem import SPARSE_THRESHOLD, EmulatedMemory, SparseBlock
+    from viommud.backend.emulator.usermem import SPARSE_THRESHOLD, EmulatedMemory, SparseBlock
 
     mem = EmulatedMemory()
     base = mem.alloc(1 << 34)  # 16 GiB of guest RAM: nothing is materialised

@@ -16,7 +16,7 @@ from protocols.frames import FrameType
 from protocols.virtio_iommu import RequestType, parse_request
 from protocols.vtd import DescType, parse_descriptor
 from viommud import wire
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
 from viommud.session import Session
 from viommud.trace import Cmds, Request, parse_record

@@ -24,9 +24,9 @@ from typing import Any
 from protocols.frames import PROTOCOL_VERSION, FrameType
 from viommud import wire
 from viommud.backend.base import Backend
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
-from viommud.server import Connection
+from viommud.shell.server import Connection
 from viommud.trace import Cmds, Request, TraceReader, record_to_json
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"

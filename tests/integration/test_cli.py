@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES, REAL_SMMUV3
-from viommud.cli import main
+from viommud.shell.cli import main
 
 REPORT_KEYS = {
     "trace",

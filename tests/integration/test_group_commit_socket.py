@@ -12,8 +12,8 @@ import pytest
 from protocols.frames import FrameType
 from tests.conftest import FIXTURES, Daemon
 from viommud import wire
-from viommud.client import Client
-from viommud.replay import replay
+from viommud.shell.client import Client
+from viommud.shell.replay import replay
 from viommud.trace import Cmds, TraceReader, record_to_json
 
 TRACES = sorted(p.name for p in FIXTURES.glob("*.jsonl*"))

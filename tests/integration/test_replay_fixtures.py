@@ -9,7 +9,7 @@ from typing import Any
 
 from protocols.smmuv3 import Opcode, parse_command
 from tests.conftest import FIXTURES, REAL_SMMUV3, Daemon
-from viommud.replay import ReplayResult, replay
+from viommud.shell.replay import ReplayResult, replay
 
 
 async def run(daemon: Daemon, trace: Path) -> tuple[ReplayResult, list[Any], list[Any]]:

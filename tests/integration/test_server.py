@@ -13,8 +13,8 @@ import pytest
 from protocols.frames import FrameType
 from tests.conftest import FIXTURES, REAL_SMMUV3, Daemon
 from viommud import wire
-from viommud.client import Client, ClientError, health
-from viommud.replay import replay
+from viommud.shell.client import Client, ClientError, health
+from viommud.shell.replay import replay
 from viommud.trace import Cmds, TraceReader, record_to_json
 
 with TraceReader(FIXTURES / "smmuv3-every-opcode.jsonl") as _reader:
@@ -153,7 +153,7 @@ async def test_health(daemon: Daemon, tmp_path: Path) -> None:
 
 async def test_fixed_host_is_checked(tmp_path: Path) -> None:
     from viommud.host import HostConfig
-    from viommud.server import Server
+    from viommud.shell.server import Server
 
     host = HostConfig.from_json(
         {

@@ -1,6 +1,6 @@
 """`serve --listen tcp://... --netns NAME`: the daemon serves inside a VMM's network namespace.
 
-Two namespaces joined by a veth pair (made with pyroute2 through viommud.netlink): the
+Two namespaces joined by a veth pair (made with pyroute2 through viommud.shell.netlink): the
 daemon's TCP listener lives in the "vmm" one, replay clients run in the "guest" one. The
 namespaces (and with them the veth pair) are removed even when a test fails. Needs root;
 skips with the reason otherwise.
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
-from viommud import netlink
+from viommud.shell import netlink
 
 REASON = netlink.can_manage_namespaces()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=str(REASON))]
@@ -35,9 +35,9 @@ TRACES = [FIXTURES / "smmuv3-every-opcode.jsonl", FIXTURES / "smmuv3-guest-error
 # Runs a viommud command with its main thread inside a namespace (like `ip netns exec`).
 IN_NAMESPACE = """
 import sys
-from viommud import netlink
+from viommud.shell import netlink
 netlink.enter_namespace(sys.argv[1])
-from viommud.cli import main
+from viommud.shell.cli import main
 raise SystemExit(main(sys.argv[2:]))
 """
 CLIENT = (sys.executable, "-c", IN_NAMESPACE)

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from viommud.endpoints import TcpAddress
-from viommud.server import Server
+from viommud.shell.endpoints import TcpAddress
+from viommud.shell.server import Server
 
 TOKEN = secrets.token_hex(16)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from viommud.endpoints import (
+from viommud.shell.endpoints import (
     EndpointError,
     TcpAddress,
     bind_tcp,

@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import FIXTURES
 from tests.ops.conftest import loopback, running
 from tests.ops.test_status import hold_a_session
-from viommud.metrics import Metrics
-from viommud.replay import replay
-from viommud.status import Snapshot, Totals
+from viommud.shell.metrics import Metrics
+from viommud.shell.replay import replay
+from viommud.shell.status import Snapshot, Totals
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -1,11 +1,11 @@
-"""viommud.netlink without privileges: listeners, missing namespaces, the skip reason."""
+"""viommud.shell.netlink without privileges: listeners, missing namespaces, the skip reason."""
 
 from __future__ import annotations
 
 import pytest
 
-from viommud import netlink
-from viommud.endpoints import TcpAddress
+from viommud.shell import netlink
+from viommud.shell.endpoints import TcpAddress
 
 
 def test_listener_in_our_own_namespace() -> None:

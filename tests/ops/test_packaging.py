@@ -8,7 +8,7 @@ import re
 import shlex
 from pathlib import Path
 
-from viommud.cli import _parser
+from viommud.shell.cli import _parser
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "packaging" / "systemd"

@@ -13,7 +13,7 @@ import termios
 import pytest
 
 from tests.conftest import FIXTURES, REAL_SMMUV3
-from viommud.cli import main
+from viommud.shell.cli import main
 
 SMALL = FIXTURES / "smmuv3-every-opcode.jsonl"
 

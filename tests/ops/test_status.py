@@ -13,9 +13,9 @@ from protocols.frames import FrameType
 from tests.conftest import FIXTURES
 from tests.ops.conftest import running
 from viommud import wire
-from viommud.cli import main
-from viommud.client import Client, status
-from viommud.status import Totals, describe_viommu, render_table
+from viommud.shell.cli import main
+from viommud.shell.client import Client, status
+from viommud.shell.status import Totals, describe_viommu, render_table
 from viommud.trace import Cmds, TraceReader, ViommuDestroy, record_to_json
 
 TRACE = FIXTURES / "smmuv3-every-opcode.jsonl"

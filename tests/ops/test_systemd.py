@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
-from viommud import systemd
+from viommud.shell import systemd
 
 FREE_FD = 300  # far above anything pytest has open
 

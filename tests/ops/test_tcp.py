@@ -11,11 +11,11 @@ from structlog.testing import capture_logs
 from protocols.frames import FrameType
 from tests.conftest import FIXTURES
 from tests.ops.conftest import TOKEN, loopback, running, without_timing
-from viommud.cli import main
-from viommud.client import Client, ClientError, health
-from viommud.endpoints import TcpAddress
-from viommud.replay import replay
-from viommud.server import Server
+from viommud.shell.cli import main
+from viommud.shell.client import Client, ClientError, health
+from viommud.shell.endpoints import TcpAddress
+from viommud.shell.replay import replay
+from viommud.shell.server import Server
 from viommud.trace import TraceReader
 
 TRACE = FIXTURES / "smmuv3-guest-errors.jsonl"

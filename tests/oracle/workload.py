@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocols.smmuv3 import Opcode, build_command
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
 from viommud.session import Session
 from viommud.trace import DeviceAttach, Ste, ViommuCreate

@@ -1,6 +1,6 @@
 """Parity of the fast SMMUv3 decoder (``struct`` + masks) with the construct declarations.
 
-``protocols.smmuv3`` is the readable specification; ``viommud.frontends.smmuv3.decode`` is
+``protocols.smmuv3`` is the readable specification; ``viommud.guest.smmuv3`` is
 what the daemon runs. Their field tables are written independently, so these tests check
 that both decode every command and STE identically, that building from decoded fields gives
 back the input minus its reserved bits, and that the worked encodings of smmuv3.md §1.5
@@ -21,7 +21,7 @@ from protocols.smmuv3 import (
     parse_command,
     parse_ste,
 )
-from viommud.frontends.smmuv3.decode import (
+from viommud.guest.smmuv3 import (
     COMMAND,
     DEFINED,
     FIELDS,

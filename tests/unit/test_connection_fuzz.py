@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from protocols.frames import FrameType
 from viommud import wire
-from viommud.server import Connection, emulated_backend
+from viommud.shell.server import Connection, emulated_backend
 
 HOST = {
     "iommus": [{"id": "smmu0", "model": "arm-smmuv3"}, {"id": "dmar0", "model": "intel-vtd"}],

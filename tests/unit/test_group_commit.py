@@ -18,10 +18,10 @@ from bench import workloads
 from protocols.smmuv3 import Opcode, build_command
 from tests.oracle.workload import SYNC, build, host
 from viommud.dispatcher.smmuv3 import SmmuDispatcher
-from viommud.dispatcher.smmuv3_bulk import coalesce_tlb
 from viommud.events import Barrier, GuestError, Invalidation
-from viommud.frontends.smmuv3.bulk import PLAIN_TLB_OPS, screen
 from viommud.frontends.smmuv3.frontend import SmmuFeatures, SmmuV3Frontend
+from viommud.group_commit.smmuv3_coalesce import coalesce_tlb
+from viommud.group_commit.smmuv3_screen import PLAIN_TLB_OPS, screen
 
 _QQ = struct.Struct("<QQ")
 _PLAIN_OPS = {int(op) for op in PLAIN_TLB_OPS} | {int(Opcode.CMD_SYNC)}

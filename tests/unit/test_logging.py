@@ -10,10 +10,10 @@ import structlog
 from structlog.testing import capture_logs
 
 from protocols.smmuv3 import Opcode, build_command
-from viommud import logs
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
 from viommud.session import Session
+from viommud.shell import logs
 from viommud.trace import DeviceAttach, Ste, ViommuCreate
 
 HOST = HostConfig.from_json(

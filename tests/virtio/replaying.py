@@ -1,5 +1,5 @@
 """Helpers for the virtio-iommu socket tests: the fixture generator's case tables, and
-replaying records through a daemon's socket with ``viommud.replay.replay``."""
+replaying records through a daemon's socket with ``viommud.shell.replay.replay``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from types import ModuleType
 from typing import Any
 
 from tests.conftest import FIXTURES, Daemon
-from viommud.replay import replay
+from viommud.shell.replay import replay
 from viommud.trace import render_trace
 
 GENERATOR = FIXTURES / "generate_virtio.py"

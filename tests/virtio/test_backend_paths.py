@@ -23,8 +23,8 @@ from protocols.smmuv3 import Opcode, parse_command
 from protocols.virtio_iommu import RequestType, build_request
 from tests.conftest import FIXTURES, Daemon
 from tests.virtio.replaying import GEN, replay_file, replay_records
-from viommud.backend.emulated import EmulatedIommufd, IoasObject
-from viommud.backend.usermem import EmulatedMemory
+from viommud.backend.emulator.kernel import EmulatedIommufd, IoasObject
+from viommud.backend.emulator.usermem import EmulatedMemory
 from viommud.host import HostConfig
 from viommud.models.virtio import VirtioViommu
 from viommud.session import Session

@@ -31,7 +31,7 @@ from protocols.virtio_iommu import (
     parse_request,
     readable_size,
 )
-from viommud.frontends.virtio.decode import (
+from viommud.guest.virtio import (
     ArmPstTable,
     AttachTable,
     InvalidateB,

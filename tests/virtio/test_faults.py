@@ -19,10 +19,10 @@ from protocols.virtio_iommu import FaultFlag, FaultReason, RequestType, build_re
 from tests.conftest import Daemon
 from tests.virtio.replaying import GEN, replay_records
 from viommud.backend.base import Backend
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.events import DeviceFault
 from viommud.host import HostConfig
-from viommud.server import Server
+from viommud.shell.server import Server
 
 DEVICE = "0000:01:00.0"
 

@@ -730,7 +730,7 @@ def test_unknown_map_flags(mmio: bool, flags: int) -> None:
 
 
 def test_model_survives_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from viommud.backend.emulated import EmulatedIommufd
+    from viommud.backend.emulator.kernel import EmulatedIommufd
     from viommud.dispatcher.virtio import VirtioDispatcher
     from viommud.host import HostConfig
     from viommud.models.virtio import VirtioViommu

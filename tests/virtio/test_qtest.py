@@ -19,7 +19,7 @@ import pytest
 from protocols.virtio_iommu import parse_config
 from tests.conftest import FIXTURES, Daemon
 from tests.virtio.replaying import GEN, replay_file, replay_records, tail
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
 from viommud.session import Session
 from viommud.trace import ViommuCreate

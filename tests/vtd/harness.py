@@ -14,7 +14,7 @@ from protocols.vtd import (
     build_pasid_entry,
     build_scalable_context_entry,
 )
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
 from viommud.models.vtd import VtdViommu
 from viommud.session import Session

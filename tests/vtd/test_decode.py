@@ -1,6 +1,6 @@
 """Parity of the fast VT-d decoder (``struct`` + masks) with the construct declarations.
 
-``protocols.vtd`` is the readable specification; ``viommud.frontends.vtd.decode`` is what the
+``protocols.vtd`` is the readable specification; ``viommud.guest.vtd`` is what the
 daemon runs. Their field tables are written independently, so these tests check that both
 decode every descriptor type in both queue widths, and every context / PASID entry,
 identically; that building from decoded fields gives back the input minus its reserved
@@ -25,7 +25,8 @@ from protocols.vtd import (
     parse_descriptor,
     parse_pasid_entry,
 )
-from viommud.frontends.vtd.decode import (
+from viommud.frontends.vtd.frontend import RESERVED
+from viommud.guest.vtd import (
     DEFINED,
     FIELDS,
     KIND_NAMES,
@@ -39,7 +40,6 @@ from viommud.frontends.vtd.decode import (
     kind_name,
     pasid_entry_fields,
 )
-from viommud.frontends.vtd.frontend import RESERVED
 
 U64 = (1 << 64) - 1
 TYPES = list(DescType)

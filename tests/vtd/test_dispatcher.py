@@ -25,7 +25,7 @@ from tests.vtd.harness import (
     legacy,
     scalable,
 )
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.dispatcher.vtd import device_tlb_is_redundant
 from viommud.session import Session
 from viommud.topology.vtd import FULL_END, HISTORY, FlushHistory, S1Config

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from tests.conftest import FIXTURES, REAL_SMMUV3
-from viommud.cli import main
 from viommud.importers import (
     ImportLogError,
     ImportOptions,
@@ -25,6 +24,7 @@ from viommud.importers import (
     write_trace,
 )
 from viommud.importers.qemu_log import convert, parse_smmuv3, parse_vtd
+from viommud.shell.cli import main
 from viommud.trace import TraceReader
 
 REAL_VTD = FIXTURES / "vtd-linux61-strict-ats-excerpt.jsonl.xz"

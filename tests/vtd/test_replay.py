@@ -12,7 +12,7 @@ from typing import Any
 
 from protocols.vtd import parse_descriptor
 from tests.conftest import FIXTURES, Daemon
-from viommud.replay import ReplayResult, replay
+from viommud.shell.replay import ReplayResult, replay
 
 REAL_VTD = FIXTURES / "vtd-linux61-strict-ats-excerpt.jsonl.xz"
 GENERATOR = FIXTURES / "generate_vtd.py"

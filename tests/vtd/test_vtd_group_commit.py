@@ -24,11 +24,12 @@ from structlog.testing import capture_logs
 from protocols import iommufd as uapi
 from protocols.vtd import build_descriptor
 from tests.vtd.harness import HOST, A, B, N, R, T, Vm, entry, first_stage, legacy, scalable
-from viommud.backend.emulated import EmulatedIommufd
+from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.dispatcher.vtd import VtdDispatcher
-from viommud.dispatcher.vtd_bulk import aligned_blocks, coalesce, pack
 from viommud.events import DomainInvalidation, GuestError, Invalidation, StatusWrite
-from viommud.frontends.vtd.bulk import (
+from viommud.frontends.vtd.frontend import FrameError, VtdFeatures, VtdFrontend
+from viommud.group_commit.vtd_coalesce import aligned_blocks, coalesce, pack
+from viommud.group_commit.vtd_screen import (
     FULL_PAGES,
     NO_ID,
     PLAIN_TYPES,
@@ -37,8 +38,7 @@ from viommud.frontends.vtd.bulk import (
     screen,
     status_writes,
 )
-from viommud.frontends.vtd.decode import FIELDS, Field
-from viommud.frontends.vtd.frontend import FrameError, VtdFeatures, VtdFrontend
+from viommud.guest.vtd import FIELDS, Field
 from viommud.session import Session
 from viommud.trace import ContextEntry, DeviceAttach, ViommuCreate
 

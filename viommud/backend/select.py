@@ -47,7 +47,7 @@ def resolve(name: str, *, dev_iommu: str = DEV_IOMMU) -> str:
 
 
 def _emulated(host: HostConfig) -> Backend:
-    from viommud.backend.emulated import EmulatedIommufd  # noqa: PLC0415 - keeps startup lean
+    from viommud.backend.emulator.kernel import EmulatedIommufd  # noqa: PLC0415 - keeps startup lean
 
     return EmulatedIommufd(host)
 

@@ -36,7 +36,6 @@ from protocols import iommufd as uapi
 from protocols.smmuv3 import Opcode
 from viommud.backend.calls import InvalidateResult, Iommufd
 from viommud.dispatcher import DispatchStats
-from viommud.dispatcher.smmuv3_bulk import coalesce_tlb
 from viommud.dispatcher.smmuv3_coalesce import DEFAULT_FLOOD_PAGES, Entry, class_rank, coalesce
 from viommud.events import (
     Barrier,
@@ -47,6 +46,7 @@ from viommud.events import (
     StreamTableInvalidated,
 )
 from viommud.frontends.smmuv3.frontend import CERROR_ILL, SmmuV3Frontend
+from viommud.group_commit.smmuv3_coalesce import coalesce_tlb
 from viommud.topology import TopologyError
 from viommud.topology.smmuv3 import PiommuSlot, SmmuTopology
 
@@ -167,7 +167,7 @@ class SmmuDispatcher:
 
     # -- group commit -------------------------------------------------------------------
     def run_plain(self, commands: bytes, syncs: int) -> bool:
-        """Execute consecutive plain doorbells at once (viommud.frontends.smmuv3.bulk: TLB
+        """Execute consecutive plain doorbells at once (viommud.group_commit.smmuv3_screen: TLB
         invalidations and ``syncs`` CMD_SYNCs, all valid): their TLB work goes out as one
         call per vIOMMU object, and every sync among them completes when those calls return.
 

@@ -30,7 +30,7 @@ next context/PASID-cache invalidation or its end):
   HWPT forget its earlier flushes for the elision rule.
 
 Group commit (``VtdDispatcher.run_plain``, docs/coalescing.md): a run of consecutive plain
-doorbells (viommud.frontends.vtd.bulk) sends everything it asks of a nested HWPT as one call,
+doorbells (viommud.group_commit.vtd_screen) sends everything it asks of a nested HWPT as one call,
 coalesced across the run (vtd_bulk), and decides and counts as the per-doorbell plan would.
 """
 
@@ -49,7 +49,6 @@ import numpy.typing as npt
 from protocols import iommufd as uapi
 from viommud.backend.calls import InvalidateResult, Iommufd
 from viommud.dispatcher import DispatchStats
-from viommud.dispatcher.vtd_bulk import I64, Bools, coalesce, pack
 from viommud.events import (
     Barrier,
     ContextCacheInvalidated,
@@ -59,15 +58,16 @@ from viommud.events import (
     PasidCacheInvalidated,
     StatusWrite,
 )
-from viommud.frontends.vtd.bulk import FULL_PAGES, NO_ID, PlainWork
-from viommud.frontends.vtd.decode import (
+from viommud.frontends.vtd.frontend import IQE, PAGE_SHIFT, VtdEvent, VtdFrontend
+from viommud.group_commit.vtd_coalesce import I64, Bools, coalesce, pack
+from viommud.group_commit.vtd_screen import FULL_PAGES, NO_ID, PlainWork
+from viommud.guest.vtd import (
     LegacyContext,
     PasidEntry,
     ScalableContext,
     decode_context_entry,
     decode_pasid_entry,
 )
-from viommud.frontends.vtd.frontend import IQE, PAGE_SHIFT, VtdEvent, VtdFrontend
 from viommud.topology import TopologyError
 from viommud.topology.vtd import (
     BLOCKED_NOT_PRESENT,
@@ -371,7 +371,7 @@ class VtdDispatcher:
 
     # -- group commit -------------------------------------------------------------------
     def run_plain(self, work: PlainWork | list[list[VtdEvent]], waits: int) -> bool:
-        """Execute a run of consecutive plain doorbells (viommud.frontends.vtd.bulk) at once:
+        """Execute a run of consecutive plain doorbells (viommud.group_commit.vtd_screen) at once:
         one call per nested HWPT for all of them, every wait of the run completing when those
         calls have returned. ``work`` is the run as arrays (a large screen; coalesced by
         vtd_bulk) or as the frontend's events per doorbell (a small one; folded as ``_Batch``

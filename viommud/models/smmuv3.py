@@ -8,9 +8,6 @@ from itertools import pairwise
 from typing import Any, ClassVar
 
 from viommud.dispatcher.smmuv3 import SmmuDispatcher
-from viommud.frontends.smmuv3.bulk import Screen
-from viommud.frontends.smmuv3.bulk import screen as screen_doorbells
-from viommud.frontends.smmuv3.decode import COMMAND, kind_name
 from viommud.frontends.smmuv3.frontend import (
     CMD_SIZE,
     DoorbellSummary,
@@ -18,6 +15,9 @@ from viommud.frontends.smmuv3.frontend import (
     SmmuFeatures,
     SmmuV3Frontend,
 )
+from viommud.group_commit.smmuv3_screen import Screen
+from viommud.group_commit.smmuv3_screen import screen as screen_doorbells
+from viommud.guest.smmuv3 import COMMAND, kind_name
 from viommud.models import (
     ModelContext,
     ModelError,

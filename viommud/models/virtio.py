@@ -48,7 +48,6 @@ from typing import Any
 from protocols.virtio_iommu import ResvMemSubtype, Status
 from viommud.dispatcher.virtio import VirtioDispatcher
 from viommud.events import DeviceFault
-from viommud.frontends.virtio.decode import kind_name
 from viommud.frontends.virtio.events import VirtioEvent
 from viommud.frontends.virtio.frontend import (
     AttachSameDomain,
@@ -59,6 +58,7 @@ from viommud.frontends.virtio.frontend import (
     VirtioFeatures,
     VirtioIommuFrontend,
 )
+from viommud.guest.virtio import kind_name
 from viommud.models import (
     ModelContext,
     ModelError,

@@ -9,15 +9,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from viommud.dispatcher.vtd import VtdDispatcher
-from viommud.frontends.vtd.bulk import Screen, nothing_plain, plain_work, status_writes
-from viommud.frontends.vtd.bulk import screen as screen_doorbells
-from viommud.frontends.vtd.decode import kind_name
 from viommud.frontends.vtd.frontend import (
     DoorbellSummary,
     FrameError,
     VtdFeatures,
     VtdFrontend,
 )
+from viommud.group_commit.vtd_screen import Screen, nothing_plain, plain_work, status_writes
+from viommud.group_commit.vtd_screen import screen as screen_doorbells
+from viommud.guest.vtd import kind_name
 from viommud.models import (
     ModelContext,
     ModelError,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocols.smmuv3 import Opcode
-from viommud.frontends.smmuv3.decode import decode_ste
+from viommud.guest.smmuv3 import decode_ste
 from viommud.host import HostConfig
 from viommud.oracle import CONFIG, DEVTLB, FULL, IOTLB, Ledger, Need, Removal
 

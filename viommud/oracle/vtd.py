@@ -35,8 +35,8 @@ from viommud.events import (
     Invalidation,
     PasidCacheInvalidated,
 )
-from viommud.frontends.vtd.decode import LegacyContext, decode_context_entry, decode_pasid_entry
 from viommud.frontends.vtd.frontend import VtdFeatures, VtdFrontend
+from viommud.guest.vtd import LegacyContext, decode_context_entry, decode_pasid_entry
 from viommud.host import HostConfig
 from viommud.oracle import DEVTLB, FULL, IOTLB, Ledger, Need, Removal
 from viommud.topology.vtd import Binding, Mode, legacy_binding, pasid_binding

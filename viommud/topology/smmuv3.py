@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from protocols import iommufd as uapi
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
-from viommud.frontends.smmuv3.decode import decode_ste
+from viommud.guest.smmuv3 import decode_ste
 from viommud.host import HostConfig
 from viommud.topology import TopologyError
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from protocols import iommufd as uapi
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
-from viommud.frontends.vtd.decode import LegacyContext, PasidEntry, ScalableContext
+from viommud.guest.vtd import LegacyContext, PasidEntry, ScalableContext
 from viommud.host import HostConfig
 from viommud.topology import TopologyError
 

@@ -33,7 +33,7 @@ from viommud.events import (
     Scope,
     StreamTableInvalidated,
 )
-from viommud.frontends.smmuv3.decode import COMMAND, DEFINED, kind_name
+from viommud.guest.smmuv3 import COMMAND, DEFINED, kind_name
 
 NEED_DATA: Final = None  # what next_event() returns once the doorbell is fully consumed
 

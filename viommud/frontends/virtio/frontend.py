@@ -64,7 +64,21 @@ from protocols.virtio_iommu import (
     build_resv_mem,
 )
 from viommud.events import Barrier, Cache, Invalidation, Scope
-from viommud.frontends.virtio.decode import (
+from viommud.frontends.virtio.events import (
+    DomainCreated,
+    DomainDestroyed,
+    DomainKind,
+    EndpointAttached,
+    EndpointDetached,
+    Mapped,
+    TableAttached,
+    TableConfig,
+    TableInvalidation,
+    Unmapped,
+    VirtioEvent,
+)
+from viommud.frontends.virtio.mappings import Mapping, MappingStore, SplitError
+from viommud.guest.virtio import (
     ArmPgtTable,
     ArmPstTable,
     ArmSteTable,
@@ -86,20 +100,6 @@ from viommud.frontends.virtio.decode import (
     kind_name,
     tail,
 )
-from viommud.frontends.virtio.events import (
-    DomainCreated,
-    DomainDestroyed,
-    DomainKind,
-    EndpointAttached,
-    EndpointDetached,
-    Mapped,
-    TableAttached,
-    TableConfig,
-    TableInvalidation,
-    Unmapped,
-    VirtioEvent,
-)
-from viommud.frontends.virtio.mappings import Mapping, MappingStore, SplitError
 
 __all__ = [
     "NEED_DATA",

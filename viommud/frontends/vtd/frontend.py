@@ -43,7 +43,7 @@ from viommud.events import (
     Scope,
     StatusWrite,
 )
-from viommud.frontends.vtd.decode import descriptor_type, kind_name
+from viommud.guest.vtd import descriptor_type, kind_name
 
 NEED_DATA: Final = None  # what next_event() returns once the doorbell is fully consumed
 

@@ -1,6 +1,6 @@
 """VT-d nested-HWPT invalidations of a group commit, coalesced with numpy.
 
-A group commit sends what a run of plain doorbells (viommud.frontends.vtd.bulk) asks of one
+A group commit sends what a run of plain doorbells (viommud.group_commit.vtd_screen) asks of one
 nested HWPT — its IOTLB-class invalidations and the device-TLB invalidations the elision rule
 keeps — as one ``IOMMU_HWPT_INVALIDATE`` array. The kernel carries the entries out one after
 the other, each as an IOTLB flush of its range followed by the device TLBs of every ATS device
@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols import iommufd as uapi
-from viommud.frontends.vtd.bulk import FULL_PAGES
+from viommud.group_commit.vtd_screen import FULL_PAGES
 
 I64 = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]

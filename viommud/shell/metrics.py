@@ -23,8 +23,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from viommud import __version__
-from viommud.endpoints import TcpAddress
-from viommud.status import Snapshot
+from viommud.shell.endpoints import TcpAddress
+from viommud.shell.status import Snapshot
 
 SNAPSHOT_TIMEOUT = 5.0
 # Batches take microseconds (one doorbell of a few commands) to tens of milliseconds

@@ -23,8 +23,8 @@ from typing import IO, Any, Protocol
 
 from protocols.frames import FrameType
 from viommud import wire
-from viommud.client import Client, ClientError
-from viommud.server import BackendFactory, Server, emulated_backend
+from viommud.shell.client import Client, ClientError
+from viommud.shell.server import BackendFactory, Server, emulated_backend
 from viommud.trace import Cmds, Request, TraceError, TraceReader, record_to_json
 
 EXIT_OK = 0

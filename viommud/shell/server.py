@@ -7,10 +7,10 @@ disconnected; its session is closed, which frees everything it held on the backe
 clients are not affected. SIGTERM/SIGINT (or an injected trigger) stop the server
 gracefully: no new connections, running ones get ``grace`` seconds, then are cancelled.
 
-Listeners: the Unix socket (always, unless systemd hands sockets over: viommud.systemd), TCP
+Listeners: the Unix socket (always, unless systemd hands sockets over: viommud.shell.systemd), TCP
 addresses when asked for (each needs the shared token in HELLO; created inside a named
-network namespace through viommud.netlink when asked). A STATUS frame is answered without
-a session (viommud.status); ``--metrics`` serves Prometheus metrics (viommud.metrics).
+network namespace through viommud.shell.netlink when asked). A STATUS frame is answered without
+a session (viommud.shell.status); ``--metrics`` serves Prometheus metrics (viommud.shell.metrics).
 """
 
 from __future__ import annotations
@@ -32,22 +32,22 @@ import structlog
 from protocols.frames import PROTOCOL_VERSION, FrameType
 from viommud import __version__, wire
 from viommud.backend.base import Backend
-from viommud.endpoints import TcpAddress, bind_tcp, token_matches
 from viommud.host import HostConfig, HostConfigError
 from viommud.session import RecordRefused, Session
-from viommud.status import Snapshot, Totals, backend_objects, count_kinds, describe_viommu
-from viommud.systemd import ListenSocket
+from viommud.shell.endpoints import TcpAddress, bind_tcp, token_matches
+from viommud.shell.status import Snapshot, Totals, backend_objects, count_kinds, describe_viommu
+from viommud.shell.systemd import ListenSocket
 from viommud.trace import Request, TraceError, parse_record
 
 if TYPE_CHECKING:
-    from viommud.metrics import Metrics  # imported when --metrics asks for it
+    from viommud.shell.metrics import Metrics  # imported when --metrics asks for it
 
 READ_CHUNK = 256 * 1024
 BackendFactory = Callable[[HostConfig], Backend]
 
 
 def emulated_backend(host: HostConfig) -> Backend:
-    from viommud.backend.emulated import EmulatedIommufd  # noqa: PLC0415 - keeps startup lean
+    from viommud.backend.emulator.kernel import EmulatedIommufd  # noqa: PLC0415 - keeps startup lean
 
     return EmulatedIommufd(host)
 
@@ -412,7 +412,7 @@ class Server:
             for address in self.tcp:
                 await self._start_tcp(address)
             if self.metrics_address is not None:
-                from viommud.metrics import Metrics  # noqa: PLC0415 - only when asked for
+                from viommud.shell.metrics import Metrics  # noqa: PLC0415 - only when asked for
 
                 metrics = Metrics(self.snapshot)
                 bound = await asyncio.to_thread(metrics.serve, self.metrics_address)
@@ -448,7 +448,7 @@ class Server:
         if self.netns is None:
             sock = bind_tcp(address)
         else:
-            from viommud import netlink  # noqa: PLC0415 - pyroute2 only when asked for
+            from viommud.shell import netlink  # noqa: PLC0415 - pyroute2 only when asked for
 
             sock = await asyncio.to_thread(netlink.tcp_listener, address, self.netns)
         try:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 
-from viommud.endpoints import TcpAddress, bind_tcp
+from viommud.shell.endpoints import TcpAddress, bind_tcp
 
 NETNS_DIR = Path("/var/run/netns")
 

@@ -15,21 +15,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from viommud import __version__, logs, systemd
+from viommud import __version__
 from viommud.backend.select import BACKENDS, BackendUnavailable, backend_factory
-from viommud.client import ClientError, health
-from viommud.client import status as fetch_status
-from viommud.endpoints import (
+from viommud.host import HostConfig, HostConfigError
+from viommud.shell import logs, systemd
+from viommud.shell.client import ClientError, health
+from viommud.shell.client import status as fetch_status
+from viommud.shell.endpoints import (
     EndpointError,
     parse_host_port,
     parse_tcp,
     read_token,
     token_file_is_private,
 )
-from viommud.host import HostConfig, HostConfigError
-from viommud.replay import EXIT_REFUSED, render_table, replay, replay_embedded
-from viommud.server import Server
-from viommud.status import render_table as render_status
+from viommud.shell.replay import EXIT_REFUSED, render_table, replay, replay_embedded
+from viommud.shell.server import Server
+from viommud.shell.status import render_table as render_status
 from viommud.trace import TraceError, TraceReader
 
 DEFAULT_SOCKET = os.environ.get("VIOMMUD_SOCKET", "/run/viommud/viommud.sock")
@@ -270,7 +271,7 @@ def _network_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.netns is not None:
         if not tcp:
             raise EndpointError("--netns places --listen tcp:// sockets: give at least one")
-        from viommud import netlink  # noqa: PLC0415 - pyroute2 only when asked for
+        from viommud.shell import netlink  # noqa: PLC0415 - pyroute2 only when asked for
 
         if not netlink.namespace_exists(args.netns):
             raise EndpointError(f"network namespace {args.netns!r} does not exist")

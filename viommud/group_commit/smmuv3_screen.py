@@ -25,8 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols.smmuv3 import Opcode
-from viommud.frontends.smmuv3.decode import COMMAND, DEFINED
 from viommud.frontends.smmuv3.frontend import CMD_SIZE, SmmuFeatures
+from viommud.guest.smmuv3 import COMMAND, DEFINED
 
 U64 = npt.NDArray[np.uint64]
 

@@ -1,6 +1,6 @@
 """An asyncio client of the frame protocol: hello, pipelined requests, replies in order.
 
-A target is a Unix socket path or ``tcp://ADDR:PORT`` (viommud.endpoints); TCP listeners
+A target is a Unix socket path or ``tcp://ADDR:PORT`` (viommud.shell.endpoints); TCP listeners
 need the daemon's token, which the client presents in HELLO and STATUS.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from protocols.frames import PROTOCOL_VERSION, FrameType
 from viommud import __version__, wire
-from viommud.endpoints import EndpointError, is_tcp, parse_tcp
+from viommud.shell.endpoints import EndpointError, is_tcp, parse_tcp
 
 
 class ClientError(Exception):

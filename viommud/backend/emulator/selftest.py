@@ -24,7 +24,7 @@ from typing import ClassVar
 
 from protocols import iommufd as uapi
 from viommud.backend.base import UserFault
-from viommud.backend.emulated import (
+from viommud.backend.emulator.kernel import (
     ENOERR,
     KMALLOC_MAX_SIZE,
     MOCK_IOMMU,

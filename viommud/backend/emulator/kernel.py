@@ -20,15 +20,15 @@ Layout, so that the next call or object kind has an obvious place:
 * **drivers** - ``ArmSmmuV3Driver`` and ``IntelVtdDriver`` play the IOMMU driver behind each
   physical IOMMU model (the kernel's ``iommu_ops`` / ``viommu_ops``): nested allocation, vSTE
   validation, attach rules, hardware info and cache invalidation. The selftest mock driver
-  (§5) lives in ``viommud.backend.mock`` and is loaded with ``selftest=True``.
+  (§5) lives in ``viommud.backend.emulator.selftest`` and is loaded with ``selftest=True``.
 * **the core** - ``EmulatedIommufd``: the ID space, the generic checks of each ioctl in
   kernel order and a dispatch dict per file kind (``_IOMMUFD_OPS`` for the iommufd,
   ``_DEVICE_OPS`` for device cdevs). A handler raises ``IoctlError`` where the kernel returns
   before writing anything back, and calls ``Call.respond`` where it copies the struct out.
-* **caches** - ``viommud.backend.caches``: per physical IOMMU IOTLB and configuration caches
-  and per device ATC / device TLB; every host invalidation (the ARM commands as issued on
-  the host queue, the VT-d descriptors the kernel builds, and the kernel's own flushes at
-  attach, IOAS_UNMAP and domain free) is applied there and journalled.
+* **caches** - ``viommud.backend.emulator.caches``: per physical IOMMU IOTLB and
+  configuration caches and per device ATC / device TLB; every host invalidation (the ARM
+  commands as issued on the host queue, the VT-d descriptors the kernel builds, and the
+  kernel's own flushes at attach, IOAS_UNMAP and domain free) is applied there and journalled.
 
 Deliberate choices where the reference leaves room are listed in ``NOTES`` below.
 """
@@ -47,7 +47,7 @@ import numpy.typing as npt
 
 from protocols import iommufd as uapi
 from viommud.backend.base import UserFault, UserMemory
-from viommud.backend.caches import (
+from viommud.backend.emulator.caches import (
     AtcEntry,
     CacheModel,
     CacheView,
@@ -57,7 +57,7 @@ from viommud.backend.caches import (
     granule_level_size,
     vtd_psi_mask,
 )
-from viommud.backend.usermem import EmulatedMemory
+from viommud.backend.emulator.usermem import EmulatedMemory
 from viommud.host import HostConfig, PhysicalDevice, PhysicalIommu
 
 __all__ = [
@@ -1480,7 +1480,7 @@ class EmulatedIommufd:
         self._mock_devices = 0
         self._mark = 0
         if selftest:
-            from viommud.backend.mock import MockDriver  # noqa: PLC0415 - mock imports us
+            from viommud.backend.emulator.selftest import MockDriver  # noqa: PLC0415 - mock imports us
 
             if MOCK_IOMMU in self._units:
                 raise ValueError(f"host already has an IOMMU named {MOCK_IOMMU!r}")
@@ -2423,7 +2423,7 @@ class EmulatedIommufd:
 
     # -- IOMMU_TEST_CMD (§5) -----------------------------------------------------------------
     def _ioctl_test_cmd(self, call: Call[uapi.TestCmd]) -> int:
-        from viommud.backend.mock import test_cmd  # noqa: PLC0415 - mock imports us
+        from viommud.backend.emulator.selftest import test_cmd  # noqa: PLC0415 - mock imports us
 
         return test_cmd(self, call)
 

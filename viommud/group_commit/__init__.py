@@ -1,0 +1,1 @@
+"""Group commit: doorbells that arrive together share host calls (docs/coalescing.md)."""

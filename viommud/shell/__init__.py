@@ -1,0 +1,1 @@
+"""The asyncio shell: server, client, replay, CLI, logs, metrics, status, netlink, systemd."""
