@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-IOMMU_MODELS = ("arm-smmuv3", "intel-vtd")
+from protocols.models import CONFIGURABLE_HOST_IOMMUS
+
+IOMMU_MODELS = CONFIGURABLE_HOST_IOMMUS
 
 
 class HostConfigError(ValueError):
@@ -20,7 +22,7 @@ class HostConfigError(ValueError):
 @dataclass(frozen=True, slots=True)
 class PhysicalIommu:
     id: str
-    model: str  # "arm-smmuv3" | "intel-vtd"
+    model: str  # a HostIommu value (protocols.models)
 
 
 @dataclass(frozen=True, slots=True)

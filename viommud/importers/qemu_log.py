@@ -42,6 +42,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocols.models import HostIommu, ViommuModel
 from protocols.vtd import build_context_entry
 from viommud.host import HostConfig, PhysicalDevice, PhysicalIommu
 from viommud.importers import HostSpec, ImportLogError, ImportOptions
@@ -140,12 +141,12 @@ def _vtd_records(log: VtdLog, options: ImportOptions, spec: HostSpec) -> list[di
         pasid = any(e[0] & 0xF in _PASID_TYPES for d in log.doorbells for e in d.entries)
         dw = 256 if pasid else 128
     viommu = options.viommu or "vvtd0"
-    iommus = [u.id for u in spec.host.iommus if u.model == "intel-vtd"]
+    iommus = [u.id for u in spec.host.iommus if u.model == HostIommu.INTEL_VTD]
     records: list[dict[str, Any]] = [
         {
             "op": "viommu_create",
             "viommu": viommu,
-            "model": "vtd",
+            "model": ViommuModel.VTD,
             "iommus": iommus,
             "options": {"dw": dw},
         },
@@ -269,9 +270,9 @@ def _smmuv3_records(
     doorbells: list[Doorbell], options: ImportOptions, spec: HostSpec
 ) -> list[dict[str, Any]]:
     viommu = options.viommu or "vsmmu0"
-    iommus = [u.id for u in spec.host.iommus if u.model == "arm-smmuv3"]
+    iommus = [u.id for u in spec.host.iommus if u.model == HostIommu.ARM_SMMUV3]
     records: list[dict[str, Any]] = [
-        {"op": "viommu_create", "viommu": viommu, "model": "smmuv3", "iommus": iommus}
+        {"op": "viommu_create", "viommu": viommu, "model": ViommuModel.SMMUV3, "iommus": iommus}
     ]
     attach = _attachments(spec, iommus)
     records += [
@@ -323,7 +324,11 @@ def _attachments(spec: HostSpec, iommus: list[str]) -> list[tuple[int, str]]:
 
 def _host_spec(options: ImportOptions, model: str) -> HostSpec:
     """The host file's host (plus --attach), or a host made up from --attach alone."""
-    unit_model, unit = ("intel-vtd", "dmar0") if model == "vtd" else ("arm-smmuv3", "smmu0")
+    unit_model, unit = (
+        (HostIommu.INTEL_VTD, "dmar0")
+        if model == ViommuModel.VTD
+        else (HostIommu.ARM_SMMUV3, "smmu0")
+    )
     spec = options.spec
     extra = options.extra_attach
     if spec is None:
@@ -350,13 +355,13 @@ def convert(
     model = options.model
     if model is None:
         if any("vtd_inv_desc" in line for line in text):
-            model = "vtd"
+            model = ViommuModel.VTD
         elif any("smmuv3_write_mmio" in line for line in text):
-            model = "smmuv3"
+            model = ViommuModel.SMMUV3
         else:
             raise ImportLogError("no vtd_inv_desc or smmuv3_write_mmio event in the log")
     spec = _host_spec(options, model)
-    if model == "vtd":
+    if model == ViommuModel.VTD:
         log = parse_vtd(text)
         if not log.doorbells:
             raise ImportLogError("no vtd_inv_desc event in the log")

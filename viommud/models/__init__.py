@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from protocols.models import ViommuModel
 from viommud.backend.calls import CallLog, Iommufd
 from viommud.dispatcher import DispatchStats
 from viommud.host import HostConfig
@@ -156,7 +157,7 @@ def factories() -> dict[str, Factory]:
     from viommud.models.vtd import VtdViommu  # noqa: PLC0415
 
     return {
-        "vtd": VtdViommu.create,
-        "smmuv3": smmuv3.SmmuV3Viommu.create,
-        "virtio-iommu": virtio_iommu.VirtioViommu.create,
+        ViommuModel.VTD: VtdViommu.create,
+        ViommuModel.SMMUV3: smmuv3.SmmuV3Viommu.create,
+        ViommuModel.VIRTIO_IOMMU: virtio_iommu.VirtioViommu.create,
     }

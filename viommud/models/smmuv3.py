@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, ClassVar
 
+from protocols.models import HostIommu, ViommuModel
 from viommud.dispatcher.smmuv3 import SmmuDispatcher
 from viommud.frontends.smmuv3.frontend import (
     CMD_SIZE,
@@ -38,12 +39,12 @@ class SmmuV3Viommu:
     dispatcher: SmmuDispatcher
     log: Any
     debug: bool
-    model: str = "smmuv3"
+    model: str = ViommuModel.SMMUV3
     group_commit: ClassVar[bool] = True  # screen/commit below (models.GroupCommit)
 
     @classmethod
     def create(cls, record: ViommuCreate, ctx: ModelContext) -> SmmuV3Viommu:
-        check_host_iommus(record, ctx, "arm-smmuv3")
+        check_host_iommus(record, ctx, HostIommu.ARM_SMMUV3)
         try:
             features = SmmuFeatures.from_options(record.options)
         except ValueError as exc:
@@ -51,8 +52,8 @@ class SmmuV3Viommu:
         frontend = SmmuV3Frontend(features)
         topology = SmmuTopology(record.viommu, record.iommus, ctx.host, ctx.iommufd)
         dispatcher = SmmuDispatcher(frontend, topology, ctx.iommufd, ctx.stats)
-        if "smmuv3" in ctx.policies:
-            dispatcher.policy = ctx.policies["smmuv3"]
+        if ViommuModel.SMMUV3 in ctx.policies:
+            dispatcher.policy = ctx.policies[ViommuModel.SMMUV3]
         log, debug = viommu_log(ctx, record.viommu)
         return cls(record.viommu, frontend, topology, dispatcher, log, debug)
 

@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocols.models import ViommuModel
 from protocols.virtio_iommu import ResvMemSubtype, Status
 from viommud.dispatcher.virtio import VirtioDispatcher
 from viommud.events import DeviceFault
@@ -328,7 +329,7 @@ class VirtioViommu:
     faults_lost: int = 0
     host_problems: int = 0
     iommus: frozenset[str] = frozenset()  # host IOMMUs it may span (empty: any)
-    model: str = "virtio-iommu"
+    model: str = ViommuModel.VIRTIO_IOMMU
 
     @classmethod
     def create(cls, record: ViommuCreate, ctx: ModelContext) -> VirtioViommu:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from protocols.models import HostIommu, ViommuModel
 from viommud.dispatcher.vtd import VtdDispatcher
 from viommud.frontends.vtd.frontend import (
     DoorbellSummary,
@@ -38,12 +39,12 @@ class VtdViommu:
     dispatcher: VtdDispatcher
     log: Any
     debug: bool
-    model: str = "vtd"
+    model: str = ViommuModel.VTD
     group_commit: ClassVar[bool] = True  # screen/commit below (models.GroupCommit)
 
     @classmethod
     def create(cls, record: ViommuCreate, ctx: ModelContext) -> VtdViommu:
-        check_host_iommus(record, ctx, "intel-vtd")
+        check_host_iommus(record, ctx, HostIommu.INTEL_VTD)
         try:
             features = VtdFeatures.from_options(record.options)
         except ValueError as exc:

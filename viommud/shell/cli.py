@@ -156,7 +156,9 @@ def _parser() -> argparse.ArgumentParser:
         help="guest ID (number or BB:DD.F) of a host device (repeatable)",
     )
     imp.add_argument("--ats", action="store_true", help="devices made up from --attach have ATS")
-    imp.add_argument("--model", choices=["vtd", "smmuv3"], help="default: from the log")
+    imp.add_argument(
+        "--model", choices=[ViommuModel.VTD, ViommuModel.SMMUV3], help="default: from the log"
+    )
     imp.add_argument("--dw", type=int, choices=[128, 256], help="VT-d queue width")
     imp.add_argument("--name", help="trace name (default: the output file's name)")
     imp.add_argument("--viommu", help="vIOMMU name (default: vvtd0 / vsmmu0)")

@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass, field
 
 from protocols import iommufd as uapi
+from protocols.models import HostIommu
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
 from viommud.guest.smmuv3 import decode_ste
 from viommud.host import HostConfig
@@ -141,7 +142,7 @@ class SmmuTopology:
                 f"host device {device} sits behind {pdev.iommu}, "
                 f"which vIOMMU {self.name} does not span"
             )
-        if self.host.iommu(pdev.iommu).model != "arm-smmuv3":
+        if self.host.iommu(pdev.iommu).model != HostIommu.ARM_SMMUV3:
             raise TopologyError(f"{pdev.iommu} is not an Arm SMMUv3")
         if not 0 <= vid < 2**32:
             raise TopologyError(f"vSID {vid} is out of range")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocols import iommufd as uapi
+from protocols.models import HostIommu
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
 from viommud.frontends.virtio.events import DomainKind, TableConfig
 from viommud.frontends.virtio.mappings import Mapping
@@ -49,8 +50,8 @@ __all__ = [
     "VirtioTopology",
 ]
 
-ARM_SMMUV3 = "arm-smmuv3"
-INTEL_VTD = "intel-vtd"
+ARM_SMMUV3 = HostIommu.ARM_SMMUV3
+INTEL_VTD = HostIommu.INTEL_VTD
 MAP_READ, MAP_WRITE, MAP_MMIO = 1, 2, 4
 STE1_EATS_TRANS = 1 << 28
 _STE_WORDS = struct.Struct("<QQ")

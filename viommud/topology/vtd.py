@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from protocols import iommufd as uapi
+from protocols.models import HostIommu
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
 from viommud.guest.vtd import LegacyContext, PasidEntry, ScalableContext
 from viommud.host import HostConfig
@@ -222,7 +223,7 @@ class VtdTopology:
                 f"host device {device} sits behind {pdev.iommu}, "
                 f"which vIOMMU {self.name} does not span"
             )
-        if self.host.iommu(pdev.iommu).model != "intel-vtd":
+        if self.host.iommu(pdev.iommu).model != HostIommu.INTEL_VTD:
             raise TopologyError(f"{pdev.iommu} is not an Intel VT-d unit")
         fd = self.iommufd
         bound = fd.bind(device, pdev.iommu)

@@ -49,7 +49,7 @@ class TableConfig:
     unless the guest gave raw STE words). VT-d: ``iommu_hwpt_vtd_s1``'s fields.
     """
 
-    model: str  # "arm-smmuv3" | "intel-vtd"
+    model: str  # a HostIommu value (protocols.models)
     ste0: int = 0
     ste1: int = 0
     raw_ste: bool = False  # draft C: the guest wrote the STE words itself (EATS included)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Final
 
+from protocols.models import HostIommu
 from protocols.virtio_iommu import (
     INV_A_F_CONFIG,
     INV_A_F_LEAF,
@@ -116,8 +117,8 @@ __all__ = [
 NEED_DATA: Final = None
 U64_MAX: Final = (1 << 64) - 1
 U32_MAX: Final = (1 << 32) - 1
-ARM_SMMUV3: Final = "arm-smmuv3"
-INTEL_VTD: Final = "intel-vtd"
+ARM_SMMUV3: Final = HostIommu.ARM_SMMUV3
+INTEL_VTD: Final = HostIommu.INTEL_VTD
 
 # SMMUv3 STE words for an S1-translate nested vSTE (smmuv3.md §3, iommufd.md §3.1)
 STE0_V = 1
