@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from protocols.models import ViommuModel
 from viommud import __version__
 from viommud.backend.select import BACKENDS, BackendUnavailable, backend_factory
 from viommud.host import HostConfig, HostConfigError
