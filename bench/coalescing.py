@@ -3,7 +3,7 @@
     python bench/coalescing.py [--json] [--quick]
 
 Every trace is replayed in process (Session over the emulated backend) with the oracle on,
-once per dispatch policy, and the table shows, per trace: (a) the spec's baseline (one call
+once per dispatch policy, and the table shows, per trace: (a) the report's baseline (docs/trace-format.md §3.3) (one call
 per forwarded command and physical SMMU, as QEMU does), (b) batching only (one array call per
 vIOMMU object per doorbell), (c) full coalescing, and the oracle's missed/over for each. The
 lower bound is one call per backend object touched per doorbell. A second table compares one
@@ -19,6 +19,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from tests.replies import as_json
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -48,9 +50,9 @@ def run(
     session = Session(EmulatedIommufd(host), verify=True, policies={"smmuv3": policy})
     for record in records:
         if isinstance(record, Cmds):
-            session.doorbell(record.viommu, record.data)
+            as_json(session.doorbell(record.viommu, record.data))
         else:
-            session.handle(record)
+            as_json(session.handle(record))
     report = session.report()
     session.close()
     return {

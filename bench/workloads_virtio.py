@@ -1,6 +1,6 @@
 """Synthetic virtio-iommu guest traces: Linux's virtio-iommu driver under the DMA API.
 
-``map_unmap(requests)`` returns trace-format records (spec §1) as JSON-ready dicts, header
+``map_unmap(requests)`` returns trace-format records (docs/trace-format.md §2) as JSON-ready dicts, header
 first, and the index of the first timed record. Set-up: the vIOMMU (the Linux session's
 options of fixtures/generate_virtio.py: 48-bit input range, bypass off, 2 GiB of guest RAM),
 its endpoints (host devices behind dmar0), a PROBE of each (``viommu_probe_endpoint``) and

@@ -1,6 +1,7 @@
 """The Linux iommufd uAPI (``/dev/iommu``) and the VFIO cdev calls that feed it, declared.
 
-Reference: ``/work/shared/reference/iommufd.md`` (cited below as "iommufd.md §n").
+Reference: the Linux iommufd uAPI (``include/uapi/linux/iommufd.h``, ``drivers/iommu/iommufd/``);
+the "iommufd.md §n" numbering is listed in docs/backend.md.
 
 Every structure is declared twice and a test proves both agree:
 

@@ -1,6 +1,6 @@
 """The physical side of a machine: its IOMMUs and the devices behind them.
 
-This is the ``host`` section of a trace header (spec/trace-format.md §1). The emulated
+This is the ``host`` section of a trace header (docs/trace-format.md §2.2). The emulated
 backend builds exactly this host; a daemon started with a fixed host checks that a
 client's host is part of it.
 """

@@ -5,10 +5,10 @@ session frees everything, as closing /dev/iommu does) and any number of vIOMMU i
 (viommud.models). It is synchronous: the server feeds it records and sends back what it
 returns.
 
-``handle`` returns the guest-visible response of a record (spec/trace-format.md §3, without
-the ``record`` key, which the client adds). ``RecordRefused`` means the record cannot be part
-of a replayable trace at all (a doorbell for a vIOMMU that does not exist, a doorbell that is
-not a whole number of commands); the replay stops there.
+``handle`` returns the guest-visible reply of a record (a frozen ``viommud.replies``
+value; its JSON form is docs/trace-format.md "Responses"). ``RecordRefused`` means the
+record cannot be part of a replayable trace at all (a doorbell for a vIOMMU that does not
+exist, a doorbell that is not a whole number of commands); the replay stops there.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from viommud.models import (
     factories,
 )
 from viommud.oracle.verifier import Verifier
+from viommud.replies import CONFIG_OK, ConfigReply, DoorbellReply, Reply
 from viommud.topology import TopologyError
 from viommud.trace import (
     Cmds,
@@ -73,7 +74,7 @@ class Session:
         self.closed = False
 
     # -- records --------------------------------------------------------------------------
-    def handle(self, record: Record) -> dict[str, Any]:
+    def handle(self, record: Record) -> Reply:
         if isinstance(record, Cmds):
             return self.doorbell(record.viommu, record.data)
         if isinstance(record, Request):
@@ -85,18 +86,18 @@ class Session:
         try:
             response = self._config(record)
         except (TopologyError, BackendCallError, ValueError) as exc:
-            response = {"ok": False, "error": str(exc)}
+            response = ConfigReply(False, str(exc))
         if verifier is not None:
-            verifier.after(record, response)
-        if not response["ok"]:
+            verifier.after(record, response.ok)
+        if not response.ok:
             self.config_errors += 1
             if self.log is not None:
                 self.log.warning(
-                    "config_record_failed", op=type(record).__name__, error=response["error"]
+                    "config_record_failed", op=type(record).__name__, error=response.error
                 )
         return response
 
-    def doorbell(self, viommu: str, data: bytes) -> dict[str, Any]:
+    def doorbell(self, viommu: str, data: bytes) -> DoorbellReply:
         """One guest doorbell (a ``cmds`` record)."""
         instance = self._instance(viommu)
         verifier = self.verifier
@@ -104,11 +105,11 @@ class Session:
             return instance.doorbell(data)
         verifier.doorbell_begin(viommu, data)
         response = instance.doorbell(data)
-        verifier.doorbell_end(viommu, response)
+        verifier.doorbell_end(viommu, {e.index for e in response.errors})
         self._log_missed(viommu)
         return response
 
-    def doorbells(self, viommu: str, doorbells: list[bytes]) -> list[dict[str, Any] | Exception]:
+    def doorbells(self, viommu: str, doorbells: list[bytes]) -> list[DoorbellReply | Exception]:
         """Group commit (docs/coalescing.md): consecutive doorbells of one vIOMMU that were
         already waiting in the input. Each answer is the response ``doorbell`` would give, or
         the RecordRefused it would raise. Runs of plain doorbells share host calls; each
@@ -119,7 +120,7 @@ class Session:
         instance = cast("GroupCommit", instance)  # what ``group_commit = True`` promises
         screen = instance.screen(doorbells)
         plain = screen.plain
-        out: list[dict[str, Any] | Exception] = []
+        out: list[DoorbellReply | Exception] = []
         first, count = 0, len(doorbells)
         while first < count:
             if not plain[first]:
@@ -135,7 +136,7 @@ class Session:
             first = stop
         return out
 
-    def _one(self, viommu: str, data: bytes) -> dict[str, Any] | Exception:
+    def _one(self, viommu: str, data: bytes) -> DoorbellReply | Exception:
         try:
             return self.doorbell(viommu, data)
         except RecordRefused as exc:
@@ -150,7 +151,7 @@ class Session:
         screen: Screened,
         first: int,
         stop: int,
-    ) -> list[dict[str, Any]]:
+    ) -> list[DoorbellReply]:
         run = doorbells[first:stop]
         verifier = self.verifier
         if verifier is not None:  # the oracle sees the run as one doorbell: its barriers
@@ -160,11 +161,12 @@ class Session:
             single = self.viommus[viommu]
             responses = [single.doorbell(data) for data in run]
         if verifier is not None:
-            errors, offset = [], 0
+            failed: set[int] = set()
+            offset = 0
             for response in responses:
-                errors += [{"index": e["index"] + offset} for e in response["errors"]]
-                offset += response["consumed"]
-            verifier.doorbell_end(viommu, {"errors": errors})
+                failed.update(e.index + offset for e in response.errors)
+                offset += response.consumed
+            verifier.doorbell_end(viommu, failed)
             self._log_missed(viommu)
         return responses
 
@@ -182,44 +184,41 @@ class Session:
             raise RecordRefused(f"no vIOMMU named {name!r}")
         return instance
 
-    def _config(self, record: Record) -> dict[str, Any]:
+    def _config(self, record: Record) -> ConfigReply:
         if isinstance(record, ViommuCreate):
             return self._viommu_create(record)
         instance = self.viommus.get(record.viommu)
         if instance is None:
-            return {"ok": False, "error": f"no vIOMMU named {record.viommu!r}"}
+            return ConfigReply(False, f"no vIOMMU named {record.viommu!r}")
         if isinstance(record, ViommuDestroy):
             self._retire(instance)
             instance.destroy()
             if self.log is not None:
                 self.log.info("viommu_destroyed", viommu=record.viommu)
-            return {"ok": True}
+            return CONFIG_OK
         response = instance.config(record)
-        if self.log is not None and response["ok"]:
+        if self.log is not None and response.ok:
             self.log.info(
                 _CONFIG_EVENTS[type(record)], viommu=record.viommu, **_config_keys(record)
             )
         return response
 
-    def _viommu_create(self, record: ViommuCreate) -> dict[str, Any]:
+    def _viommu_create(self, record: ViommuCreate) -> ConfigReply:
         if record.viommu in self.viommus:
-            return {"ok": False, "error": f"vIOMMU {record.viommu!r} already exists"}
+            return ConfigReply(False, f"vIOMMU {record.viommu!r} already exists")
         factory = factories().get(record.model)
         if factory is None:
-            return {
-                "ok": False,
-                "error": f"model {record.model!r} is not supported by this daemon yet",
-            }
+            return ConfigReply(False, f"model {record.model!r} is not supported by this daemon yet")
         try:
             instance = factory(record, self._context)
         except ModelError as exc:
-            return {"ok": False, "error": str(exc)}
+            return ConfigReply(False, str(exc))
         self.viommus[record.viommu] = instance
         if self.log is not None:
             self.log.info(
                 "viommu_created", viommu=record.viommu, model=record.model, iommus=record.iommus
             )
-        return {"ok": True}
+        return CONFIG_OK
 
     def _retire(self, instance: Viommu) -> None:
         del self.viommus[instance.name]
@@ -231,7 +230,7 @@ class Session:
         return self.calls.drain()
 
     def report(self) -> dict[str, Any]:
-        """The session's totals, in the replay report's shape (spec §2)."""
+        """The session's totals, in the replay report's shape (docs/trace-format.md §3)."""
         kinds = dict(self._retired_kinds)
         errors = dict(self._retired_errors)
         for instance in self.viommus.values():

@@ -1,4 +1,4 @@
-"""Trace files (spec/trace-format.md §1): JSON Lines, optionally .gz or .xz compressed.
+"""Trace files (docs/trace-format.md §2): JSON Lines, optionally .gz or .xz compressed.
 
 Line 1 is the header, every other non-blank line one record. Anything malformed raises
 ``TraceError`` naming the line number; the reader stops there, so nothing after a bad line is
@@ -344,7 +344,7 @@ def record_to_json(record: Record) -> dict[str, Any]:
 
 
 def render_trace(header: dict[str, Any], records: Iterable[dict[str, Any]]) -> str:
-    """A trace file's text (spec §1): the header line, then one compact JSON record a line."""
+    """A trace file's text (docs/trace-format.md §2): the header line, then one compact JSON record a line."""
     lines = [json.dumps(header, separators=(",", ":"))]
     lines += [json.dumps(r, separators=(",", ":")) for r in records]
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ import pytest
 from protocols.frames import FrameType
 from protocols.virtio_iommu import RequestType, parse_request
 from protocols.vtd import DescType, parse_descriptor
+from tests.replies import as_json
 from viommud import wire
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
@@ -40,7 +41,10 @@ GUEST = workloads_vtd.GUEST
 def replay(records: list[dict[str, Any]]) -> tuple[Session, list[Any]]:
     """Every record through a session in process; the responses of the records."""
     session = Session(EmulatedIommufd(HostConfig.from_json(records[0]["host"])), verify=True)
-    out = [session.handle(parse_record(line, obj)) for line, obj in enumerate(records[1:], start=2)]
+    out = [
+        as_json(session.handle(parse_record(line, obj)))
+        for line, obj in enumerate(records[1:], start=2)
+    ]
     return session, out
 
 
@@ -155,7 +159,7 @@ def test_echo_answers_as_the_daemon_does() -> None:
     session = Session(EmulatedIommufd(HostConfig.from_json(records[0]["host"])))
     for line, obj in enumerate(records[1:], start=2):
         record = parse_record(line, obj)
-        response = session.handle(record)
+        response = as_json(session.handle(record))
         if line - 1 >= first:
             assert isinstance(record, Cmds)
             echo = vtd_reply(7, record.data, 32, False)
@@ -169,7 +173,7 @@ def test_echo_answers_as_the_daemon_does() -> None:
     session = Session(EmulatedIommufd(HostConfig.from_json(records[0]["host"])))
     for line, obj in enumerate(records[1:], start=2):
         record = parse_record(line, obj)
-        response = session.handle(record)
+        response = as_json(session.handle(record))
         if line - 1 >= first:
             assert isinstance(record, Request)
             assert json.loads(ECHO_REQUEST) == response

@@ -26,7 +26,7 @@ from viommud import wire
 from viommud.backend.base import Backend
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
-from viommud.shell.server import Connection
+from viommud.shell.connection import Connection
 from viommud.trace import Cmds, Request, TraceReader, record_to_json
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"

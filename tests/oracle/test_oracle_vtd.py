@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
+from tests.replies import as_json
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.session import Session
 from viommud.trace import Cmds, TraceReader
@@ -20,9 +21,9 @@ def verify(trace: Path) -> dict[str, int]:
         session = Session(EmulatedIommufd(reader.header.host), verify=True)
         for record in reader:
             if isinstance(record, Cmds):
-                session.doorbell(record.viommu, record.data)
+                as_json(session.doorbell(record.viommu, record.data))
             else:
-                session.handle(record)
+                as_json(session.handle(record))
     report = session.report()
     session.close()
     return {"missed": report["verify"]["missed"], "over": report["verify"]["over"]}

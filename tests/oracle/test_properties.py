@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from bench.workloads import tlbi_range
 from protocols.smmuv3 import Opcode, build_command
 from tests.oracle.workload import SYNC, build, host, vste
+from tests.replies import as_json
 from viommud.trace import Ste
 
 BAD = struct.pack("<QQ", 0x5F, 0)
@@ -84,13 +85,13 @@ def test_coalesced_plan_misses_nothing_and_never_costs_more(
     rig = build(host(n, per_iommu, ats=ats), layout, ats=ats)
     for name, vids in rig.vids.items():
         for shape in data.draw(st.lists(doorbell_shapes(vids), min_size=1, max_size=12)):
-            rig.doorbell(name, *shape)
+            as_json(rig.doorbell(name, *shape))
         # an STE update in the middle: the device moves to another CD table
-        rig.session.handle(Ste(99, name, vids[0], vste(0x7000, ats=ats)))
-        rig.doorbell(name, build_command(Opcode.CFGI_STE, sid=vids[0], leaf=1), SYNC)
+        as_json(rig.session.handle(Ste(99, name, vids[0], vste(0x7000, ats=ats))))
+        as_json(rig.doorbell(name, build_command(Opcode.CFGI_STE, sid=vids[0], leaf=1), SYNC))
         for shape in data.draw(st.lists(doorbell_shapes(vids), min_size=1, max_size=6)):
-            rig.doorbell(name, *shape)
-        rig.doorbell(name, SYNC)
+            as_json(rig.doorbell(name, *shape))
+        as_json(rig.doorbell(name, SYNC))
     report = rig.session.report()
     assert report["verify"]["missed"] == 0
     calls = report["backend"]["calls"].get("IOMMU_HWPT_INVALIDATE", 0)

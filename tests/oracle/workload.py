@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocols.smmuv3 import Opcode, build_command
+from tests.replies import as_json
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
 from viommud.session import Session
@@ -46,7 +47,7 @@ class Rig:
     vids: dict[str, list[int]]  # vIOMMU -> its vSIDs
 
     def doorbell(self, viommu: str, *commands: bytes) -> dict[str, Any]:
-        return self.session.doorbell(viommu, b"".join(commands))
+        return as_json(self.session.doorbell(viommu, b"".join(commands)))
 
 
 BYPASS_STE = struct.pack("<8Q", 0x9, 0, 0, 0, 0, 0, 0, 0)
@@ -68,16 +69,20 @@ def build(
     vids: dict[str, list[int]] = {}
     line = 2
     for name, iommus in layout.items():
-        assert session.handle(ViommuCreate(line, name, "smmuv3", tuple(iommus))) == {"ok": True}
+        assert as_json(session.handle(ViommuCreate(line, name, "smmuv3", tuple(iommus)))) == {
+            "ok": True
+        }
         vids[name] = []
         for dev in hostcfg.devices:
             if dev.iommu not in iommus:
                 continue
             vid = 8 * (len(vids[name]) + 1)
-            assert session.handle(DeviceAttach(line, name, vid, dev.id)) == {"ok": True}
+            assert as_json(session.handle(DeviceAttach(line, name, vid, dev.id))) == {"ok": True}
             data = BYPASS_STE if dev.iommu in bypass else vste(0x1000 + vid, ats=ats)
-            session.handle(Ste(line, name, vid, data))
-            answer = session.doorbell(name, build_command(Opcode.CFGI_STE, sid=vid, leaf=1) + SYNC)
+            as_json(session.handle(Ste(line, name, vid, data)))
+            answer = as_json(
+                session.doorbell(name, build_command(Opcode.CFGI_STE, sid=vid, leaf=1) + SYNC)
+            )
             assert answer["errors"] == [], answer
             vids[name].append(vid)
     session.drain_calls()

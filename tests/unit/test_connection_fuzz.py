@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from protocols.frames import FrameType
 from viommud import wire
-from viommud.shell.server import Connection, emulated_backend
+from viommud.backend.select import emulated_backend
+from viommud.shell.connection import Connection
 
 HOST = {
     "iommus": [{"id": "smmu0", "model": "arm-smmuv3"}, {"id": "dmar0", "model": "intel-vtd"}],

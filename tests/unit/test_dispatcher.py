@@ -8,6 +8,7 @@ from typing import Any
 
 from protocols import iommufd as uapi
 from protocols.smmuv3 import Opcode, build_command, parse_command
+from tests.replies import as_json
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
 from viommud.session import Session
@@ -47,9 +48,12 @@ def session_with_device(backend: EmulatedIommufd) -> Session:
         DeviceAttach(3, "v", 8, "0000:01:00.0"),
         Ste(4, "v", 8, vste(0x40000000)),
     ):
-        assert session.handle(record) == {"ok": True}
+        assert as_json(session.handle(record)) == {"ok": True}
     assert (
-        session.doorbell("v", build_command(Opcode.CFGI_STE, sid=8, leaf=1) + SYNC)["errors"] == []
+        as_json(session.doorbell("v", build_command(Opcode.CFGI_STE, sid=8, leaf=1) + SYNC))[
+            "errors"
+        ]
+        == []
     )
     session.drain_calls()
     return session
@@ -67,7 +71,7 @@ def test_one_call_per_doorbell_and_syncs_share_it() -> None:
     backend = EmulatedIommufd(HOST)
     session = session_with_device(backend)
     commands = tlbis(3)
-    answer = session.doorbell("v", commands[0] + SYNC + commands[1] + commands[2] + SYNC)
+    answer = as_json(session.doorbell("v", commands[0] + SYNC + commands[1] + commands[2] + SYNC))
     assert answer == {"consumed": 5, "errors": [], "syncs": 2}
     [call] = session.drain_calls()
     assert call["ioctl"] == "IOMMU_HWPT_INVALIDATE"
@@ -82,7 +86,7 @@ def test_failed_entry_becomes_cerror_on_its_command_and_the_group_is_resent() ->
     backend.clear_issued()
     commands = tlbis(70)
     backend.bad = 65
-    answer = session.doorbell("v", b"".join(commands) + SYNC)
+    answer = as_json(session.doorbell("v", b"".join(commands) + SYNC))
     assert answer["consumed"] == 71
     assert [(e["index"], e["code"]) for e in answer["errors"]] == [(65, "CERROR_ILL")]
     first, second = session.drain_calls()
@@ -98,9 +102,11 @@ def test_failed_entry_becomes_cerror_on_its_command_and_the_group_is_resent() ->
 def test_ste_change_in_the_middle_keeps_guest_order() -> None:
     backend = EmulatedIommufd(HOST)
     session = session_with_device(backend)
-    assert session.handle(Ste(9, "v", 8, vste(0x50000000))) == {"ok": True}
+    assert as_json(session.handle(Ste(9, "v", 8, vste(0x50000000)))) == {"ok": True}
     asid = build_command(Opcode.TLBI_NH_ASID, asid=1)
-    session.doorbell("v", asid + build_command(Opcode.CFGI_STE, sid=8, leaf=1) + asid + SYNC)
+    as_json(
+        session.doorbell("v", asid + build_command(Opcode.CFGI_STE, sid=8, leaf=1) + asid + SYNC)
+    )
     order: list[Any] = [c["ioctl"] for c in session.drain_calls()]
     assert order == [
         "IOMMU_HWPT_INVALIDATE",  # work before the CFGI_STE goes first
@@ -114,11 +120,13 @@ def test_ste_change_in_the_middle_keeps_guest_order() -> None:
 def test_commands_for_devices_without_a_vdevice_are_dropped() -> None:
     backend = EmulatedIommufd(HOST)
     session = session_with_device(backend)
-    answer = session.doorbell(
-        "v",
-        build_command(Opcode.ATC_INV, sid=77, size=52)
-        + build_command(Opcode.CFGI_CD_ALL, sid=77)
-        + SYNC,
+    answer = as_json(
+        session.doorbell(
+            "v",
+            build_command(Opcode.ATC_INV, sid=77, size=52)
+            + build_command(Opcode.CFGI_CD_ALL, sid=77)
+            + SYNC,
+        )
     )
     assert answer["errors"] == []
     assert session.drain_calls() == []

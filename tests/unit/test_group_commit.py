@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from bench import workloads
 from protocols.smmuv3 import Opcode, build_command
 from tests.oracle.workload import SYNC, build, host
+from tests.replies import as_json, as_json_list
 from viommud.dispatcher.smmuv3 import SmmuDispatcher
 from viommud.events import Barrier, GuestError, Invalidation
 from viommud.frontends.smmuv3.frontend import SmmuFeatures, SmmuV3Frontend
@@ -215,10 +216,10 @@ def _run(
     answers: list[Any] = []
     viommu = next(iter(layout))
     if group == 1:
-        answers = [session.doorbell(viommu, d) for d in doorbells]
+        answers = [as_json(session.doorbell(viommu, d)) for d in doorbells]
     else:
         for start in range(0, len(doorbells), group):
-            answers += session.doorbells(viommu, doorbells[start : start + group])
+            answers += as_json_list(session.doorbells(viommu, doorbells[start : start + group]))
     report = session.report()
     return answers, report, report["backend"]["calls"].get("IOMMU_HWPT_INVALIDATE", 0)
 
@@ -249,7 +250,7 @@ def test_group_of_strict_doorbells_is_one_call_per_psmmu() -> None:
     doorbells = _records_doorbells(records)[4:]  # after the four STE installs
     rig = build(host(2, 2, False), {"v": ["smmu0", "smmu1"]}, ats=False)
     before = rig.session.report()["backend"]["calls"].get("IOMMU_HWPT_INVALIDATE", 0)
-    answers = rig.session.doorbells("v", doorbells)
+    answers = as_json_list(rig.session.doorbells("v", doorbells))
     report = rig.session.report()
     assert report["backend"]["calls"]["IOMMU_HWPT_INVALIDATE"] - before == 2
     assert all(
@@ -263,7 +264,7 @@ def test_failed_group_call_falls_back_and_reports_the_guest_command() -> None:
     doorbells = [b"".join([*workloads.tlbi_range(1, 16 * i, 4), SYNC]) for i in range(10)]
     rig = build(host(1, 2, False), {"v": ["smmu0"]}, ats=False)
     rig.backend.inject_cmdq_error("smmu0", errno.ETIMEDOUT)  # the group call fails ...
-    answers = rig.session.doorbells("v", doorbells)
+    answers = as_json_list(rig.session.doorbells("v", doorbells))
     assert all(isinstance(a, dict) and a["errors"] == [] for a in answers)  # ... one by one
     assert rig.session.report()["verify"]["missed"] == 0
     rig.backend.inject_cmdq_error("smmu0", errno.ETIMEDOUT)
@@ -278,7 +279,7 @@ def test_failed_group_call_falls_back_and_reports_the_guest_command() -> None:
 
     SmmuDispatcher.run_plain = fail_then_inject  # type: ignore[method-assign]
     try:
-        answers = rig.session.doorbells("v", doorbells)
+        answers = as_json_list(rig.session.doorbells("v", doorbells))
     finally:
         SmmuDispatcher.run_plain = original  # type: ignore[method-assign]
     assert isinstance(answers[0], dict)
@@ -297,10 +298,10 @@ def test_failed_group_call_falls_back_and_reports_the_guest_command() -> None:
 def test_refused_doorbells_in_a_group_keep_their_place() -> None:
     rig = build(host(1, 1, False), {"v": ["smmu0"]}, ats=False)
     good = b"".join([*workloads.tlbi_range(1, 0x40, 2), SYNC])
-    answers = rig.session.doorbells("v", [good, b"\x01" * 7, good, b"", good])
+    answers = as_json_list(rig.session.doorbells("v", [good, b"\x01" * 7, good, b"", good]))
     assert answers[0] == answers[2] == answers[4] == {"consumed": 2, "errors": [], "syncs": 1}
     assert isinstance(answers[1], Exception)
     assert answers[3] == {"consumed": 0, "errors": [], "syncs": 0}
-    missing = rig.session.doorbells("nope", [good])
+    missing = as_json_list(rig.session.doorbells("nope", [good]))
     assert isinstance(missing[0], Exception)
     assert "nope" in str(missing[0])

@@ -10,6 +10,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from protocols.smmuv3 import Opcode, build_command
+from tests.replies import as_json
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
 from viommud.session import Session
@@ -27,13 +28,20 @@ HOST = HostConfig.from_json(
 def test_batch_and_guest_error_events() -> None:
     with capture_logs() as events:
         session = Session(EmulatedIommufd(HOST), log=structlog.get_logger().bind(client=7))
-        session.handle(ViommuCreate(2, "v", "smmuv3", ("smmu0",)))
-        session.handle(DeviceAttach(3, "v", 8, "0000:01:00.0"))
-        session.handle(Ste(4, "v", 8, struct.pack("<8Q", 0xB | 0x40000000, 0xD6, 0, 0, 0, 0, 0, 0)))
-        session.doorbell("v", build_command(Opcode.CFGI_STE, sid=8, leaf=1))
+        as_json(session.handle(ViommuCreate(2, "v", "smmuv3", ("smmu0",))))
+        as_json(session.handle(DeviceAttach(3, "v", 8, "0000:01:00.0")))
+        as_json(
+            session.handle(
+                Ste(4, "v", 8, struct.pack("<8Q", 0xB | 0x40000000, 0xD6, 0, 0, 0, 0, 0, 0))
+            )
+        )
+        as_json(session.doorbell("v", build_command(Opcode.CFGI_STE, sid=8, leaf=1)))
         bad = struct.pack("<QQ", 0x5F, 0)
-        session.doorbell(
-            "v", build_command(Opcode.TLBI_NH_ASID, asid=1) + bad + build_command(Opcode.CMD_SYNC)
+        as_json(
+            session.doorbell(
+                "v",
+                build_command(Opcode.TLBI_NH_ASID, asid=1) + bad + build_command(Opcode.CMD_SYNC),
+            )
         )
         session.close()
     names = [e["event"] for e in events]

@@ -1,4 +1,4 @@
-"""Trace files (spec §1): every reader error names its line; compression by extension."""
+"""Trace files (docs/trace-format.md §2): every reader error names its line; compression by extension."""
 
 from __future__ import annotations
 

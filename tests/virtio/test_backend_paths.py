@@ -22,8 +22,10 @@ from protocols import iommufd as uapi
 from protocols.smmuv3 import Opcode, parse_command
 from protocols.virtio_iommu import RequestType, build_request
 from tests.conftest import FIXTURES, Daemon
+from tests.replies import as_json
 from tests.virtio.replaying import GEN, replay_file, replay_records
-from viommud.backend.emulator.kernel import EmulatedIommufd, IoasObject
+from viommud.backend.emulator.kernel import EmulatedIommufd
+from viommud.backend.emulator.objects import IoasObject
 from viommud.backend.emulator.usermem import EmulatedMemory
 from viommud.host import HostConfig
 from viommud.models.virtio import VirtioViommu
@@ -335,7 +337,7 @@ def test_ioas_follows_the_linux_session() -> None:
         records = list(reader)
     checked = 0
     for record in records:
-        response = session.handle(record)
+        response = as_json(session.handle(record))
         if isinstance(record, Request):
             assert response["status"] == "OK", response
             viommu = session.viommus["viommu0"]
@@ -357,18 +359,23 @@ def test_ioas_follows_the_linux_session() -> None:
 
 def test_viommu_destroy_frees_everything_in_any_state() -> None:
     session, backend = _session()
-    session.handle(ViommuCreate(2, "v", "virtio-iommu", (), {"vsva": True, **RAM}))
+    as_json(session.handle(ViommuCreate(2, "v", "virtio-iommu", (), {"vsva": True, **RAM})))
     for vid, dev in ((0x18, ARM_DEV), (0x20, ARM_DEV2), (0x10, VTD_DEV), (0x11, VTD_ATS_DEV)):
-        assert session.handle(DeviceAttach(0, "v", vid, dev)) == {"ok": True}
+        assert as_json(session.handle(DeviceAttach(0, "v", vid, dev))) == {"ok": True}
     for step in GEN.vsva_steps("B")[:3]:
-        assert session.handle(Request(0, "v", step.readable("B")))["status"] == "OK"
+        assert as_json(session.handle(Request(0, "v", step.readable("B"))))["status"] == "OK"
     assert (
-        session.handle(Request(0, "v", build_request(A, domain=5, endpoint=0x11)))["status"] == "OK"
+        as_json(session.handle(Request(0, "v", build_request(A, domain=5, endpoint=0x11))))[
+            "status"
+        ]
+        == "OK"
     )
-    m = session.handle(Request(0, "v", build_request(M, **mapping(5, 0x1000, 0x1000, 0x1000))))
+    m = as_json(
+        session.handle(Request(0, "v", build_request(M, **mapping(5, 0x1000, 0x1000, 0x1000))))
+    )
     assert m["status"] == "OK"
     assert len(backend.live_objects()) > 10
-    assert session.handle(ViommuDestroy(0, "v")) == {"ok": True}
+    assert as_json(session.handle(ViommuDestroy(0, "v"))) == {"ok": True}
     assert backend.live_objects() == []
     memory = backend.memory
     assert isinstance(memory, EmulatedMemory)
@@ -379,22 +386,24 @@ def test_viommu_destroy_frees_everything_in_any_state() -> None:
 @pytest.mark.parametrize("model_options", [{}, {"bypass": 0}])
 def test_device_detach_while_attached(model_options: dict[str, Any]) -> None:
     session, backend = _session()
-    session.handle(ViommuCreate(2, "v", "virtio-iommu", (), {**model_options, **RAM}))
-    session.handle(DeviceAttach(0, "v", 0x100, VTD_DEV))
-    session.handle(Request(0, "v", build_request(A, domain=1, endpoint=0x100)))
-    session.handle(Request(0, "v", build_request(M, **mapping(1, 0x1000, 0x1000, 0x1000))))
-    assert session.handle(DeviceDetach(0, "v", 0x100)) == {"ok": True}
-    gone = session.handle(Request(0, "v", build_request(M, **mapping(1, 0x2000, 0x1000, 0x1000))))
+    as_json(session.handle(ViommuCreate(2, "v", "virtio-iommu", (), {**model_options, **RAM})))
+    as_json(session.handle(DeviceAttach(0, "v", 0x100, VTD_DEV)))
+    as_json(session.handle(Request(0, "v", build_request(A, domain=1, endpoint=0x100))))
+    as_json(session.handle(Request(0, "v", build_request(M, **mapping(1, 0x1000, 0x1000, 0x1000)))))
+    assert as_json(session.handle(DeviceDetach(0, "v", 0x100))) == {"ok": True}
+    gone = as_json(
+        session.handle(Request(0, "v", build_request(M, **mapping(1, 0x2000, 0x1000, 0x1000))))
+    )
     assert gone["status"] == "NOENT"  # the domain left with its last endpoint
     assert backend.live_objects() == []
-    assert session.handle(DeviceDetach(0, "v", 0x100))["ok"] is False
+    assert as_json(session.handle(DeviceDetach(0, "v", 0x100)))["ok"] is False
     session.close()
 
 
 def test_bypass_writes_and_resets_move_unattached_devices() -> None:
     session, backend = _session()
-    session.handle(ViommuCreate(2, "v", "virtio-iommu", (), RAM))
-    session.handle(DeviceAttach(0, "v", 0x100, VTD_DEV))
+    as_json(session.handle(ViommuCreate(2, "v", "virtio-iommu", (), RAM)))
+    as_json(session.handle(DeviceAttach(0, "v", 0x100, VTD_DEV)))
     viommu = session.viommus["v"]
     assert isinstance(viommu, VirtioViommu)
 
@@ -404,7 +413,7 @@ def test_bypass_writes_and_resets_move_unattached_devices() -> None:
     assert kinds() == ["DEVICE", "IOAS", "HWPT_PAGING"]  # bypass: on the identity HWPT
     viommu.write_config(36, b"\x00")
     assert kinds() == ["DEVICE"]  # blocked: detached, identity objects freed
-    session.handle(Request(0, "v", build_request(A, domain=1, endpoint=0x100)))
+    as_json(session.handle(Request(0, "v", build_request(A, domain=1, endpoint=0x100))))
     viommu.reset()  # device reset: detached, domain gone, bypass still 0
     assert kinds() == ["DEVICE"]
     viommu.reset(system=True)  # bypass back to 1

@@ -17,6 +17,7 @@ import pytest
 
 from protocols.virtio_iommu import FaultFlag, FaultReason, RequestType, build_request, parse_fault
 from tests.conftest import Daemon
+from tests.replies import as_json
 from tests.virtio.replaying import GEN, replay_records
 from viommud.backend.base import Backend
 from viommud.backend.emulator.kernel import EmulatedIommufd
@@ -157,8 +158,8 @@ def test_eventq_depth_drops_the_excess() -> None:
 
     host = HostConfig.from_json(GEN.HOST)
     session = Session(EmulatedIommufd(host))
-    session.handle(ViommuCreate(2, "v", "virtio-iommu", (), {"eventq_depth": 2}))
-    session.handle(DeviceAttach(3, "v", 0x100, DEVICE))
+    as_json(session.handle(ViommuCreate(2, "v", "virtio-iommu", (), {"eventq_depth": 2})))
+    as_json(session.handle(DeviceAttach(3, "v", 0x100, DEVICE)))
     viommu = session.viommus["v"]
     assert isinstance(viommu, VirtioViommu)
     for address in (0x1000, 0x2000, 0x3000):

@@ -19,6 +19,7 @@ from protocols.virtio_iommu import (
     parse_fault,
     parse_properties,
 )
+from tests.replies import as_json
 from viommud.events import Barrier, Cache, Invalidation, Scope
 from viommud.frontends.virtio.events import (
     DomainCreated,
@@ -738,7 +739,7 @@ def test_model_survives_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> No
     from viommud.trace import Request, ViommuCreate
 
     session = Session(EmulatedIommufd(HostConfig.from_json({"iommus": [], "devices": []})))
-    session.handle(ViommuCreate(2, "v", "virtio-iommu", (), {"emulated_endpoints": [0]}))
+    as_json(session.handle(ViommuCreate(2, "v", "virtio-iommu", (), {"emulated_endpoints": [0]})))
     viommu = session.viommus["v"]
     assert isinstance(viommu, VirtioViommu)
 
@@ -748,9 +749,9 @@ def test_model_survives_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> No
     with monkeypatch.context() as patch:
         patch.setattr(VirtioDispatcher, "run", broken)
         with pytest.raises(RuntimeError, match="bug"):
-            session.handle(Request(0, "v", build_request(A, domain=1, endpoint=0)))
+            as_json(session.handle(Request(0, "v", build_request(A, domain=1, endpoint=0))))
     assert not viommu.frontend.domains  # undone
     assert viommu.frontend.error_counts == {"DEVERR": 1}
-    answer = session.handle(Request(0, "v", build_request(A, domain=1, endpoint=0)))
+    answer = as_json(session.handle(Request(0, "v", build_request(A, domain=1, endpoint=0))))
     assert answer["status"] == "OK"
     session.close()

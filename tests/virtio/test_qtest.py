@@ -18,6 +18,7 @@ import pytest
 
 from protocols.virtio_iommu import parse_config
 from tests.conftest import FIXTURES, Daemon
+from tests.replies import as_json
 from tests.virtio.replaying import GEN, replay_file, replay_records, tail
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
@@ -76,7 +77,7 @@ def test_qtest_config() -> None:
     """The "config" test: input_range.start 0, end >= 2^32-1, domain_range 0..2^32-1, bypass 1."""
     host = HostConfig.from_json({"iommus": [], "devices": []})
     session = Session(EmulatedIommufd(host))
-    response = session.handle(ViommuCreate(2, "v", "virtio-iommu", (), GEN.QTEST_OPTIONS))
+    response = as_json(session.handle(ViommuCreate(2, "v", "virtio-iommu", (), GEN.QTEST_OPTIONS)))
     assert response == {"ok": True}
     config = parse_config(session.viommus["v"].config_space())  # type: ignore[attr-defined]
     assert config["input_range_start"] == 0

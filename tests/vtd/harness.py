@@ -14,6 +14,7 @@ from protocols.vtd import (
     build_pasid_entry,
     build_scalable_context_entry,
 )
+from tests.replies import as_json
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
 from viommud.models.vtd import VtdViommu
@@ -76,9 +77,9 @@ class Vm:
     def __post_init__(self) -> None:
         self.session = Session(self.backend, keep_calls=True, verify=self.verify)
         options = {"dw": self.dw, **self.options}
-        assert self.session.handle(ViommuCreate(2, "v", "vtd", ("dmar0", "dmar1"), options)) == {
-            "ok": True
-        }
+        assert as_json(
+            self.session.handle(ViommuCreate(2, "v", "vtd", ("dmar0", "dmar1"), options))
+        ) == {"ok": True}
 
     @property
     def viommu(self) -> VtdViommu:
@@ -89,16 +90,18 @@ class Vm:
     # -- records ------------------------------------------------------------------------
     def attach(self, *vids: int) -> None:
         for vid in vids:
-            assert self.session.handle(DeviceAttach(3, "v", vid, DEVICES[vid])) == {"ok": True}
+            assert as_json(self.session.handle(DeviceAttach(3, "v", vid, DEVICES[vid]))) == {
+                "ok": True
+            }
 
     def detach(self, vid: int) -> dict[str, Any]:
-        return self.session.handle(DeviceDetach(3, "v", vid))
+        return as_json(self.session.handle(DeviceDetach(3, "v", vid)))
 
     def context(self, sid: int, data: bytes) -> None:
-        assert self.session.handle(ContextEntry(4, "v", sid, data)) == {"ok": True}
+        assert as_json(self.session.handle(ContextEntry(4, "v", sid, data))) == {"ok": True}
 
     def pasid(self, sid: int, data: bytes, pasid: int = 0) -> None:
-        assert self.session.handle(PasidEntry(5, "v", sid, pasid, data)) == {"ok": True}
+        assert as_json(self.session.handle(PasidEntry(5, "v", sid, pasid, data))) == {"ok": True}
 
     # -- descriptors --------------------------------------------------------------------
     def d(self, kind: int, **fields: int) -> bytes:
@@ -111,7 +114,7 @@ class Vm:
         return self.d(T.INV_WAIT, **values)
 
     def doorbell(self, *descs: bytes) -> dict[str, Any]:
-        return self.session.doorbell("v", b"".join(descs))
+        return as_json(self.session.doorbell("v", b"".join(descs)))
 
     def run(self, *descs: bytes) -> list[dict[str, Any]]:
         """Ring one doorbell that must succeed; returns the calls it made."""

@@ -9,6 +9,7 @@ import struct
 import pytest
 
 from protocols import iommufd as uapi
+from tests.replies import as_json
 from tests.vtd.harness import (
     HOST,
     PAGE,
@@ -442,12 +443,14 @@ def test_failed_entry_is_iqe_at_its_descriptor_and_the_rest_is_resent() -> None:
     vm, backend = failing_vm()
     backend.bad = 1
     vm.session.drain_calls()
-    response = vm.doorbell(
-        vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE),
-        vm.wait(),
-        vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE + 2),
-        vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE + 4),
-        vm.wait(),
+    response = as_json(
+        vm.doorbell(
+            vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE),
+            vm.wait(),
+            vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE + 2),
+            vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE + 4),
+            vm.wait(),
+        )
     )
     [error] = response["errors"]
     assert (error["index"], error["code"]) == (2, "IQE")
@@ -465,10 +468,12 @@ def test_failed_entry_is_iqe_at_its_descriptor_and_the_rest_is_resent() -> None:
 def test_folded_descriptors_are_each_accounted_for() -> None:
     vm, backend = failing_vm()
     backend.bad = 0
-    response = vm.doorbell(
-        vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE),
-        vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE),
-        vm.wait(),
+    response = as_json(
+        vm.doorbell(
+            vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE),
+            vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE),
+            vm.wait(),
+        )
     )
     # The first descriptor failed; its twin was re-sent on its own and went through.
     assert [e["index"] for e in response["errors"]] == [0]
@@ -478,7 +483,9 @@ def test_device_tlb_relying_on_a_failed_entry_is_sent_after_all() -> None:
     vm, backend = failing_vm()
     backend.bad = 0
     vm.session.drain_calls()
-    response = vm.doorbell(vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE), devtlb(vm, A), vm.wait())
+    response = as_json(
+        vm.doorbell(vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE), devtlb(vm, A), vm.wait())
+    )
     assert [e["index"] for e in response["errors"]] == [0]
     calls = invalidations(vm.session.drain_calls())
     assert [entries for _, entries in calls] == [[entry(IOVA, 1)], [entry(IOVA, 1, True)]]
@@ -488,7 +495,7 @@ def test_a_failed_flush_forgets_earlier_cover() -> None:
     vm, backend = failing_vm()
     vm.run(vm.d(T.IOTLB_INV, g=2, did=1), vm.wait())  # the whole space, flushed
     backend.bad = 0
-    response = vm.doorbell(vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE), vm.wait())
+    response = as_json(vm.doorbell(vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE), vm.wait()))
     assert [e["index"] for e in response["errors"]] == [0]
     # The page's change reached no host flush: its device TLB is not taken as covered.
     assert invalidations(vm.run(devtlb(vm, A), vm.wait())) == [
@@ -502,7 +509,7 @@ def test_failed_hwpt_alloc_is_iqe_at_the_context_invalidation() -> None:
     vm.attach(A)
     vm.context(A, legacy(1, 0x1000000))
     backend.alloc_errno = errno.ENOMEM
-    response = vm.doorbell(vm.d(T.IEC_INV), vm.d(T.CC_INV, g=3, sid=A), vm.wait())
+    response = as_json(vm.doorbell(vm.d(T.IEC_INV), vm.d(T.CC_INV, g=3, sid=A), vm.wait()))
     [error] = response["errors"]
     assert (error["index"], error["code"]) == (1, "IQE")
     assert "IOMMU_HWPT_ALLOC failed (ENOMEM)" in error["reason"]
@@ -528,16 +535,16 @@ def test_detach_and_destroy_free_everything() -> None:
     vm.attach(A)
     vm.context(A, legacy(1, 0, p=0))
     vm.run(vm.d(T.CC_INV, g=1), vm.wait())  # A blocked, R unchanged
-    assert vm.session.handle(ViommuDestroy(9, "v")) == {"ok": True}
+    assert as_json(vm.session.handle(ViommuDestroy(9, "v"))) == {"ok": True}
     assert vm.backend.live_objects() == []
 
 
 def test_refused_attaches() -> None:
     vm = Vm(dw=128)
     vm.attach(A)
-    assert vm.session.handle(DeviceAttach(3, "v", A, "0000:02:00.0"))["ok"] is False
-    assert vm.session.handle(DeviceAttach(3, "v", 1 << 16, "0000:02:00.0"))["ok"] is False
-    assert vm.session.handle(DeviceAttach(3, "v", 0x50, "0000:99:00.0"))["ok"] is False
+    assert as_json(vm.session.handle(DeviceAttach(3, "v", A, "0000:02:00.0")))["ok"] is False
+    assert as_json(vm.session.handle(DeviceAttach(3, "v", 1 << 16, "0000:02:00.0")))["ok"] is False
+    assert as_json(vm.session.handle(DeviceAttach(3, "v", 0x50, "0000:99:00.0")))["ok"] is False
 
 
 @pytest.mark.parametrize(
@@ -550,6 +557,6 @@ def test_refused_attaches() -> None:
 )
 def test_refused_creates(options: dict[str, object], iommus: tuple[str, ...], error: str) -> None:
     session = Session(EmulatedIommufd(HOST))
-    response = session.handle(ViommuCreate(2, "w", "vtd", iommus, options))
+    response = as_json(session.handle(ViommuCreate(2, "w", "vtd", iommus, options)))
     assert response["ok"] is False
     assert error in response["error"]

@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 
 from protocols import iommufd as uapi
 from protocols.vtd import build_descriptor
+from tests.replies import as_json, as_json_list
 from tests.vtd.harness import HOST, A, B, N, R, T, Vm, entry, first_stage, legacy, scalable
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.dispatcher.vtd import VtdDispatcher
@@ -39,6 +40,7 @@ from viommud.group_commit.vtd_screen import (
     status_writes,
 )
 from viommud.guest.vtd import FIELDS, Field
+from viommud.replies import DoorbellReply
 from viommud.session import Session
 from viommud.trace import ContextEntry, DeviceAttach, ViommuCreate
 
@@ -380,15 +382,15 @@ def _replay(vm: Vm, items: list[bytes | ContextEntry], group: int) -> list[Any]:
     def flush() -> None:
         for at in range(0, len(run), group):
             if group == 1:
-                answers.append(session.doorbell("v", run[at]))
+                answers.append(as_json(session.doorbell("v", run[at])))
             else:
-                answers.extend(session.doorbells("v", run[at : at + group]))
+                answers.extend(as_json_list(session.doorbells("v", run[at : at + group])))
         run.clear()
 
     for item in items:
         if isinstance(item, ContextEntry):
             flush()
-            assert session.handle(item) == {"ok": True}
+            assert as_json(session.handle(item)) == {"ok": True}
         else:
             run.append(item)
     flush()
@@ -421,8 +423,8 @@ def _state(vm: Vm) -> dict[str, Any]:
     }
 
 
-def _dicts(answers: list[dict[str, Any] | Exception]) -> list[dict[str, Any]]:
-    out = [a for a in answers if isinstance(a, dict)]
+def _dicts(answers: list[DoorbellReply | Exception]) -> list[dict[str, Any]]:
+    out = [as_json(a) for a in answers if isinstance(a, DoorbellReply)]
     assert len(out) == len(answers)
     return out
 
@@ -543,7 +545,7 @@ def test_device_tlb_no_single_flush_covers_is_sent_in_the_group_call() -> None:
 def test_refused_and_empty_doorbells_in_a_group_keep_their_place() -> None:
     vm = _legacy_vm()
     good = b"".join((vm.d(T.IOTLB_INV, g=3, did=1, addr=0x40000), vm.wait()))
-    answers = vm.session.doorbells("v", [good, b"\x01" * 7, good, b"", good])
+    answers = as_json_list(vm.session.doorbells("v", [good, b"\x01" * 7, good, b"", good]))
     assert answers[0] == answers[2] == answers[4]
     assert isinstance(answers[0], dict)
     assert answers[0]["consumed"] == 2
@@ -558,20 +560,20 @@ def test_group_logs_one_line_and_the_descriptors_of_the_per_doorbell_path() -> N
     for group in (False, True):
         with capture_logs() as events:
             session = Session(EmulatedIommufd(HOST), log=structlog.get_logger().bind(client=3))
-            session.handle(ViommuCreate(2, "v", "vtd", ("dmar0",), {"dw": 128}))
-            session.handle(DeviceAttach(3, "v", A, "0000:01:00.0"))
-            session.handle(ContextEntry(4, "v", A, legacy(1, 0x1000000)))
-            session.doorbell("v", build_descriptor(T.CC_INV, g=3, sid=A))
+            as_json(session.handle(ViommuCreate(2, "v", "vtd", ("dmar0",), {"dw": 128})))
+            as_json(session.handle(DeviceAttach(3, "v", A, "0000:01:00.0")))
+            as_json(session.handle(ContextEntry(4, "v", A, legacy(1, 0x1000000))))
+            as_json(session.doorbell("v", build_descriptor(T.CC_INV, g=3, sid=A)))
             run = [
                 build_descriptor(T.IOTLB_INV, g=3, did=1, addr=0x40000 + i)
                 + build_descriptor(T.INV_WAIT, sw=1, status_data=2, status_addr=i)
                 for i in range(3)
             ]
             if group:
-                session.doorbells("v", run)
+                as_json_list(session.doorbells("v", run))
             else:
                 for data in run:
-                    session.doorbell("v", data)
+                    as_json(session.doorbell("v", data))
             session.close()
         lines[group] = events
     decoded = [[e for e in lines[g] if e["event"] == "descriptor_decoded"] for g in (False, True)]

@@ -1,4 +1,4 @@
-"""Typed calls on a backend, and the backend call log (spec/trace-format.md §4).
+"""Typed calls on a backend, and the backend call log (docs/trace-format.md §5).
 
 ``Iommufd`` packs the kernel's structures (protocols.iommufd), issues them through a
 ``Backend`` and unpacks the written-back fields. Every call is counted by ioctl name and,

@@ -18,6 +18,7 @@ __all__ = [
     "DEV_IOMMU",
     "BackendUnavailable",
     "backend_factory",
+    "emulated_backend",
     "resolve",
 ]
 
@@ -46,7 +47,8 @@ def resolve(name: str, *, dev_iommu: str = DEV_IOMMU) -> str:
     return name
 
 
-def _emulated(host: HostConfig) -> Backend:
+def emulated_backend(host: HostConfig) -> Backend:
+    """The emulated kernel for ``host`` (the default backend)."""
     from viommud.backend.emulator.kernel import EmulatedIommufd  # noqa: PLC0415 - keeps startup lean
 
     return EmulatedIommufd(host)
@@ -55,7 +57,7 @@ def _emulated(host: HostConfig) -> Backend:
 def backend_factory(name: str = "auto", *, dev_iommu: str = DEV_IOMMU) -> BackendFactory:
     """A ``host -> Backend`` factory for ``name``; raises ``BackendUnavailable``."""
     if resolve(name, dev_iommu=dev_iommu) == "emulated":
-        return _emulated
+        return emulated_backend
 
     def real(host: HostConfig) -> Backend:
         from viommud.backend.real import RealIommufd  # noqa: PLC0415 - keeps startup lean

@@ -57,7 +57,7 @@ class Field:
 
 
 # ---------------------------------------------------------------------------------------------
-# Types (vtd.md §1.2): the by_kind names of the replay report (spec §2)
+# Types (vtd.md §1.2): the by_kind names of the replay report (docs/trace-format.md §3.2)
 
 KIND_NAMES: dict[int, str] = {
     0x1: "cc_inv",

@@ -1,4 +1,4 @@
-"""Importers: foreign captures of what a guest did -> v1 trace files (spec/trace-format.md §1).
+"""Importers: foreign captures of what a guest did -> v1 trace files (docs/trace-format.md §2).
 
 ``viommud import FORMAT LOG -o TRACE.jsonl`` picks the importer by format name; the only one
 today is ``qemu-log`` (viommud/importers/qemu_log.py: QEMU trace logs of the intel-iommu and

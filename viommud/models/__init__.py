@@ -18,6 +18,7 @@ from protocols.models import ViommuModel
 from viommud.backend.calls import CallLog, Iommufd
 from viommud.dispatcher import DispatchStats
 from viommud.host import HostConfig
+from viommud.replies import ConfigReply, DoorbellReply, RequestReply
 from viommud.trace import Record, ViommuCreate
 
 
@@ -48,27 +49,27 @@ class Viommu(Protocol):
     name: str
     model: str
 
-    def config(self, record: Record) -> dict[str, Any]:
+    def config(self, record: Record) -> ConfigReply:
         """device_attach / device_detach / ste / context_entry / pasid_entry.
 
-        Returns the response (spec §3); raises TopologyError, BackendCallError or
+        Returns the response (docs/trace-format.md §4); raises TopologyError, BackendCallError or
         ValueError for a refused change (the session answers ``ok: false``)."""
         ...
 
-    def doorbell(self, data: bytes) -> dict[str, Any]:
+    def doorbell(self, data: bytes) -> DoorbellReply:
         """A ``cmds`` record: the guest's commands of one doorbell; raises RecordRefused."""
         ...
 
-    def request(self, data: bytes) -> dict[str, Any]:
+    def request(self, data: bytes) -> RequestReply:
         """A ``request`` record (virtio-iommu); raises RecordRefused on other models."""
         ...
 
     def kind_counts(self) -> dict[str, int]:
-        """Commands seen, keyed ``model:NAME`` (spec §2 ``by_kind``)."""
+        """Commands seen, keyed ``model:NAME`` (docs/trace-format.md §3.2 ``by_kind``)."""
         ...
 
     def error_counts(self) -> dict[str, int]:
-        """Guest-visible errors by code (spec §2 ``by_code``)."""
+        """Guest-visible errors by code (docs/trace-format.md §3.2 ``by_code``)."""
         ...
 
     def destroy(self) -> None:
@@ -95,7 +96,7 @@ class GroupCommit(Protocol):
         """Which doorbells are plain; pass it back to ``commit``."""
         ...
 
-    def commit(self, screen: Any, first: int, stop: int) -> list[dict[str, Any]] | None:
+    def commit(self, screen: Any, first: int, stop: int) -> list[DoorbellReply] | None:
         """Doorbells ``first`` to ``stop - 1`` (all plain) at once: their responses, or None,
         with nothing counted, when a host call failed."""
         ...

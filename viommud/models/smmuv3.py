@@ -27,6 +27,7 @@ from viommud.models import (
     log_group,
     viommu_log,
 )
+from viommud.replies import CONFIG_OK, CommandError, ConfigReply, DoorbellReply, RequestReply
 from viommud.topology.smmuv3 import SmmuTopology
 from viommud.trace import DeviceAttach, DeviceDetach, Record, Ste, ViommuCreate
 
@@ -57,7 +58,7 @@ class SmmuV3Viommu:
         log, debug = viommu_log(ctx, record.viommu)
         return cls(record.viommu, frontend, topology, dispatcher, log, debug)
 
-    def config(self, record: Record) -> dict[str, Any]:
+    def config(self, record: Record) -> ConfigReply:
         if isinstance(record, DeviceAttach):
             self.topology.attach(record.vid, record.device)
         elif isinstance(record, DeviceDetach):
@@ -66,9 +67,9 @@ class SmmuV3Viommu:
             self.frontend.write_ste(record.vsid, record.data)
         else:
             raise ValueError(f"{type(record).__name__} records do not apply to an smmuv3 vIOMMU")
-        return {"ok": True}
+        return CONFIG_OK
 
-    def doorbell(self, data: bytes) -> dict[str, Any]:
+    def doorbell(self, data: bytes) -> DoorbellReply:
         frontend = self.frontend
         calls = self.dispatcher.iommufd.log
         calls_before = calls.seq
@@ -105,18 +106,18 @@ class SmmuV3Viommu:
                     reason=error.reason,
                     raw_hex=error.raw.hex(),
                 )
-        return {
-            "consumed": summary.consumed,
-            "errors": [{"index": e.index, "code": e.code, "reason": e.reason} for e in errors],
-            "syncs": summary.syncs,
-        }
+        return DoorbellReply(
+            summary.consumed,
+            summary.syncs,
+            tuple(CommandError(e.index, e.code, e.reason) for e in errors),
+        )
 
     # -- group commit (docs/coalescing.md, "Group commit") --------------------------------
     def screen(self, doorbells: list[bytes]) -> Screen:
         """Which of these doorbells are plain (bulk.screen) — the ones ``commit`` takes."""
         return screen_doorbells(doorbells, self.frontend.features)
 
-    def commit(self, screen: Screen, first: int, stop: int) -> list[dict[str, Any]] | None:
+    def commit(self, screen: Screen, first: int, stop: int) -> list[DoorbellReply] | None:
         """Plain doorbells ``first`` to ``stop - 1`` of ``screen`` at once: their TLB work in
         one call per vIOMMU object, then each one's response. None, with nothing counted,
         when a host call failed (the caller runs them one by one with ``doorbell``)."""
@@ -155,11 +156,9 @@ class SmmuV3Viommu:
                 commands=len(opcodes),
                 syncs=sum(syncs),
             )
-        return [
-            {"consumed": n, "errors": [], "syncs": s} for n, s in zip(consumed, syncs, strict=True)
-        ]
+        return [DoorbellReply(n, s) for n, s in zip(consumed, syncs, strict=True)]
 
-    def request(self, data: bytes) -> dict[str, Any]:
+    def request(self, data: bytes) -> RequestReply:
         raise RecordRefused(f"vIOMMU {self.name!r} is an smmuv3: it takes no virtio requests")
 
     def kind_counts(self) -> dict[str, int]:

@@ -67,6 +67,7 @@ from viommud.models import (
     check_host_iommus,
     viommu_log,
 )
+from viommud.replies import CONFIG_OK, ConfigReply, DoorbellReply, RequestReply
 from viommud.topology import TopologyError
 from viommud.topology.virtio import (
     ARM_SMMUV3,
@@ -357,7 +358,7 @@ class VirtioViommu:
         return instance
 
     # -- config records -------------------------------------------------------------------
-    def config(self, record: Record) -> dict[str, Any]:
+    def config(self, record: Record) -> ConfigReply:
         if isinstance(record, DeviceAttach):
             self._device_attach(record.vid, record.device)
         elif isinstance(record, DeviceDetach):
@@ -366,7 +367,7 @@ class VirtioViommu:
             raise ValueError(
                 f"{type(record).__name__} records do not apply to a virtio-iommu vIOMMU"
             )
-        return {"ok": True}
+        return CONFIG_OK
 
     def _device_attach(self, vid: int, device: str) -> None:
         frontend, topology = self.frontend, self.topology
@@ -409,24 +410,20 @@ class VirtioViommu:
             raise TopologyError(failure.reason)
 
     # -- requests -------------------------------------------------------------------------
-    def doorbell(self, data: bytes) -> dict[str, Any]:
+    def doorbell(self, data: bytes) -> DoorbellReply:
         raise RecordRefused(
             f"vIOMMU {self.name!r} is a virtio-iommu: it takes requests, not commands"
         )
 
-    def request(self, data: bytes) -> dict[str, Any]:
+    def request(self, data: bytes) -> RequestReply:
         reply = self.handle_request(data)
-        response: dict[str, Any] = {
-            "status": reply.code,
-            "reply": reply.data.hex(),
-            "used": reply.used,
-        }
-        if reply.status is not Status.OK:
-            response["reason"] = reply.reason
-        faults = self.take_faults()
-        if faults:
-            response["faults"] = [f.hex() for f in faults]
-        return response
+        return RequestReply(
+            reply.code,
+            reply.data,
+            reply.used,
+            None if reply.status is Status.OK else reply.reason,
+            tuple(self.take_faults()),
+        )
 
     def handle_request(self, data: bytes, writable: int | None = None) -> Reply:
         """One request through frontend, dispatcher and back: the device's reply."""

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from protocols.models import HostIommu, ViommuModel
 from viommud.dispatcher.vtd import VtdDispatcher
+from viommud.events import StatusWrite
 from viommud.frontends.vtd.frontend import (
     DoorbellSummary,
     FrameError,
@@ -27,6 +28,7 @@ from viommud.models import (
     log_group,
     viommu_log,
 )
+from viommud.replies import CONFIG_OK, CommandError, ConfigReply, DoorbellReply, RequestReply
 from viommud.topology.vtd import VtdTopology
 from viommud.trace import ContextEntry, DeviceAttach, DeviceDetach, PasidEntry, Record, ViommuCreate
 
@@ -55,7 +57,7 @@ class VtdViommu:
         log, debug = viommu_log(ctx, record.viommu)
         return cls(record.viommu, frontend, topology, dispatcher, log, debug)
 
-    def config(self, record: Record) -> dict[str, Any]:
+    def config(self, record: Record) -> ConfigReply:
         if isinstance(record, DeviceAttach):
             self.topology.attach(record.vid, record.device)
         elif isinstance(record, DeviceDetach):
@@ -66,9 +68,9 @@ class VtdViommu:
             self.frontend.write_pasid_entry(record.sid, record.pasid, record.data)
         else:
             raise ValueError(f"{type(record).__name__} records do not apply to a vtd vIOMMU")
-        return {"ok": True}
+        return CONFIG_OK
 
-    def doorbell(self, data: bytes) -> dict[str, Any]:
+    def doorbell(self, data: bytes) -> DoorbellReply:
         frontend = self.frontend
         dispatcher = self.dispatcher
         calls = dispatcher.iommufd.log
@@ -109,17 +111,12 @@ class VtdViommu:
                     reason=error.reason,
                     raw_hex=error.raw.hex(),
                 )
-        return {
-            "consumed": summary.consumed,
-            "errors": [
-                {"index": e.index, "code": e.code, "reason": e.reason} for e in result.errors
-            ],
-            "syncs": summary.syncs,
-            "status_writes": [
-                {"index": w.index, "addr": f"0x{w.addr:x}", "data": f"0x{w.data:x}"}
-                for w in result.status_writes
-            ],
-        }
+        return DoorbellReply(
+            summary.consumed,
+            summary.syncs,
+            tuple(CommandError(e.index, e.code, e.reason) for e in result.errors),
+            tuple(result.status_writes),
+        )
 
     # -- group commit (docs/coalescing.md, "Group commit") --------------------------------
     def screen(self, doorbells: list[bytes]) -> Screen:
@@ -130,7 +127,7 @@ class VtdViommu:
             return nothing_plain(doorbells, features)
         return screen_doorbells(doorbells, features)
 
-    def commit(self, screen: Screen, first: int, stop: int) -> list[dict[str, Any]] | None:
+    def commit(self, screen: Screen, first: int, stop: int) -> list[DoorbellReply] | None:
         """Plain doorbells ``first`` to ``stop - 1`` of ``screen`` at once: their work in one
         call per nested HWPT, then each one's response — what ``doorbell`` answers for it,
         status writes included. None, with nothing counted, when a host call failed (the
@@ -176,16 +173,11 @@ class VtdViommu:
             )
         writes = status_writes(screen, first, stop)
         return [
-            {
-                "consumed": n,
-                "errors": [],
-                "syncs": s,
-                "status_writes": [{"index": i, "addr": hex(a), "data": hex(d)} for i, a, d in w],
-            }
+            DoorbellReply(n, s, (), tuple(StatusWrite(i, a, d) for i, a, d in w))
             for n, s, w in zip(consumed, syncs, writes, strict=True)
         ]
 
-    def request(self, data: bytes) -> dict[str, Any]:
+    def request(self, data: bytes) -> RequestReply:
         raise RecordRefused(f"vIOMMU {self.name!r} is a vtd: it takes no virtio requests")
 
     def kind_counts(self) -> dict[str, int]:

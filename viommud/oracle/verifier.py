@@ -23,7 +23,7 @@ from viommud.trace import (
 
 @dataclass(slots=True)
 class Verifier:
-    """Watches one session; ``report()`` gives the spec's ``verify`` object."""
+    """Watches one session; ``report()`` gives the report's ``verify`` object (docs/trace-format.md §3.4)."""
 
     host: HostConfig
     ledger: Ledger = field(default_factory=Ledger)
@@ -42,9 +42,9 @@ class Verifier:
         if isinstance(record, DeviceAttach):
             self.owner[record.device] = record.viommu  # calls made while attaching need it
 
-    def after(self, record: Record, response: dict[str, Any]) -> None:
-        """Called with the daemon's response to a config record."""
-        if not response.get("ok"):
+    def after(self, record: Record, ok: bool) -> None:
+        """Called once the daemon handled a config record (``ok``: it accepted it)."""
+        if not ok:
             return
         if isinstance(record, ViommuCreate):
             if record.model == "smmuv3":
@@ -75,10 +75,12 @@ class Verifier:
         if guest is not None:
             guest.begin(data)
 
-    def doorbell_end(self, viommu: str, response: dict[str, Any]) -> None:
+    def doorbell_end(self, viommu: str, failed: set[int]) -> None:
+        """Called once the doorbell was answered; ``failed`` are the refused commands'
+        indices."""
         guest = self.guests.get(viommu)
         if guest is not None:
-            guest.end({e["index"] for e in response.get("errors", ())})
+            guest.end(failed)
 
     def call(self, ioctl: str, err: int, call: dict[str, Any], iommu: str | None) -> None:
         self.smmu_host.call(ioctl, err, call, iommu)

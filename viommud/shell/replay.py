@@ -1,4 +1,4 @@
-"""Replay a trace file through a daemon and build the replay report (spec §2, §3, §4).
+"""Replay a trace file through a daemon and build the replay report (docs/trace-format.md §3, §4, §5).
 
 Records are sent pipelined (at most ``window`` unanswered frames); replies come back in
 order and are written to the responses file and the call log as they arrive. A malformed
@@ -23,8 +23,10 @@ from typing import IO, Any, Protocol
 
 from protocols.frames import FrameType
 from viommud import wire
+from viommud.backend.select import emulated_backend
 from viommud.shell.client import Client, ClientError
-from viommud.shell.server import BackendFactory, Server, emulated_backend
+from viommud.shell.connection import BackendFactory
+from viommud.shell.server import Server
 from viommud.trace import Cmds, Request, TraceError, TraceReader, record_to_json
 
 EXIT_OK = 0

@@ -11,7 +11,7 @@ Guest-visible rules (SMMUv3 §4.1.3 command errors, reference smmuv3.md §2.3):
   a non-zero reserved field, SSec=1 on the Non-secure queue, or a reserved encoding
   (CMD_SYNC CS=0b11, ATC_INV Size > 52, range-invalidation encodings listed in
   ``_check_range``). The queue stops at the bad entry; the replay then continues after it,
-  as a Linux guest that acknowledges the error and skips the entry does (trace spec §1).
+  as a Linux guest that acknowledges the error and skips the entry does (docs/trace-format.md §2.5).
 * The emulated vSMMU is an accelerated, stage-1-only SMMU like QEMU's ``accel=on``:
   IDR0.S2P=0, HYP=0, PRI=0, STALL_MODEL=0b01 (no stall), MSI=0, no MPAM, no DPT,
   IDR3.RIL as configured, IDR0.ATS as configured.

@@ -1,0 +1,315 @@
+"""One client's protocol state, sans-I/O: bytes in, reply bytes out.
+
+``Connection.receive`` takes whatever the peer sent and returns the replies to write back,
+in request order (docs/protocol.md): HELLO first (or STATUS, answered without a session),
+then records, each answered by exactly one frame. The asyncio server (``shell.server``)
+owns the socket; tests and the stored-output check drive a ``Connection`` directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from protocols.frames import PROTOCOL_VERSION, FrameType
+from viommud import __version__, wire
+from viommud.backend.base import Backend
+from viommud.host import HostConfig, HostConfigError
+from viommud.replies import DoorbellReply
+from viommud.session import RecordRefused, Session
+from viommud.shell.endpoints import token_matches
+from viommud.shell.replies import encode_doorbell, encode_error, encode_response
+from viommud.shell.status import backend_objects, count_kinds, describe_viommu
+from viommud.trace import Request, TraceError, parse_record
+
+if TYPE_CHECKING:
+    from viommud.shell.metrics import Metrics
+
+BackendFactory = Callable[[HostConfig], Backend]
+
+
+class _Fatal(Exception):  # noqa: N818 - control flow: reply with a fatal ERROR, then close
+    pass
+
+
+class Connection:
+    """Protocol state of one client: hello, then records, each answered in order."""
+
+    def __init__(
+        self,
+        client_id: int,
+        factory: BackendFactory,
+        fixed_host: HostConfig | None,
+        log: Any,
+        *,
+        transport: str = "unix",
+        peer: str = "",
+        token: str | None = None,
+        status: Callable[[int], dict[str, Any]] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.client_id = client_id
+        self.factory = factory
+        self.fixed_host = fixed_host
+        self.log = log
+        self.compact = False
+        self.compact_writes = False  # CMDS_OK_WRITES for clean VT-d doorbells
+        self.group_commit = False
+        self.session: Session | None = None
+        self.decoder = wire.FrameDecoder()
+        self.closing = False
+        self.transport = transport  # "unix" or "tcp"
+        self.peer = peer
+        self.token = token  # required in HELLO / STATUS when set (TCP listeners)
+        self.authenticated = token is None
+        self.status = status
+        self.metrics = metrics
+        self.connected_at = time.monotonic()
+        self.trace = ""
+        self.vm = ""
+
+    def receive(self, data: bytes) -> bytes:
+        """Feed bytes from the peer; returns the reply bytes to send."""
+        self.decoder.receive_data(data)
+        out: list[bytes] = []
+        while not self.closing:
+            if self.group_commit:  # a run of doorbells waiting together: answered together
+                run = self.decoder.take_guest_data(FrameType.CMDS)
+                if run:
+                    out.append(self._group(run))
+                    continue
+            try:
+                frame = self.decoder.next_frame()
+            except wire.WireError as exc:
+                self.log.warning("protocol_error", error=str(exc), raw_hex=exc.raw.hex())
+                out.append(encode_error(0, str(exc), fatal=True))
+                self.closing = True
+                break
+            if frame is None:
+                break
+            try:
+                out.append(self._dispatch(frame))
+            except _Fatal as exc:
+                self.log.warning("protocol_error", error=str(exc), seq=frame.seq)
+                out.append(encode_error(frame.seq, str(exc), fatal=True))
+                self.closing = True
+            except wire.WireError as exc:
+                out.append(encode_error(frame.seq, str(exc), fatal=False))
+            except Exception as exc:  # a bug must not take the daemon or other clients down
+                self.log.exception("internal_error", seq=frame.seq, frame_type=frame.type)
+                out.append(encode_error(frame.seq, f"internal error: {exc!r}", fatal=False))
+        return b"".join(out)
+
+    def _group(self, run: list[tuple[int, str, bytes]]) -> bytes:
+        """Group commit: the CMDS frames that were waiting together, answered in order after
+        their work is done (Session.doorbells; docs/protocol.md, HELLO ``group_commit``)."""
+        session = self.session
+        assert session is not None  # group_commit is only set by HELLO
+        started = time.perf_counter()
+        replies: list[bytes | None] = [None] * len(run)
+        by_viommu: dict[str, tuple[list[int], list[bytes]]] = {}
+        for i, (_, name, data) in enumerate(run):
+            slots, datas = by_viommu.setdefault(name, ([], []))
+            slots.append(i)
+            datas.append(data)
+        try:
+            for viommu, (slots, datas) in by_viommu.items():
+                answers = session.doorbells(viommu, datas)
+                for i, answer in zip(slots, answers, strict=True):
+                    seq = run[i][0]
+                    if isinstance(answer, Exception):
+                        replies[i] = encode_error(seq, str(answer), fatal=False)
+                    else:
+                        replies[i] = self._doorbell_reply(seq, answer)
+        except Exception as exc:  # a bug must not take the daemon or other clients down
+            self.log.exception("internal_error", seq=run[0][0], frame_type=FrameType.CMDS)
+            for i, (seq, _, _) in enumerate(run):
+                if replies[i] is None:
+                    replies[i] = encode_error(seq, f"internal error: {exc!r}", fatal=False)
+        metrics = self.metrics
+        if metrics is not None:
+            elapsed = time.perf_counter() - started
+            for _ in run:
+                metrics.observe_cmds(elapsed)
+        return b"".join(r for r in replies if r is not None)
+
+    def _doorbell_reply(self, seq: int, reply: DoorbellReply) -> bytes:
+        return encode_doorbell(
+            seq, reply, compact=self.compact, writes=self.compact_writes, calls=self._calls()
+        )
+
+    def _calls(self) -> list[dict[str, Any]] | None:
+        """The call log entries since the last reply, when the client streams them."""
+        session = self.session
+        assert session is not None
+        return session.drain_calls() if session.calls.keep else None
+
+    def _dispatch(self, frame: wire.Frame) -> bytes:
+        kind = frame.type
+        if kind == FrameType.HELLO:
+            return self._hello(frame)
+        if kind == FrameType.STATUS:
+            return self._status(frame)
+        session = self.session
+        if session is None:
+            raise _Fatal("the first frame must be HELLO")
+        if kind == FrameType.CMDS:
+            metrics = self.metrics
+            started = time.perf_counter() if metrics is not None else 0.0
+            viommu, data = frame.guest_data()
+            try:
+                reply = self._doorbell_reply(frame.seq, session.doorbell(viommu, data))
+            except RecordRefused as exc:
+                return encode_error(frame.seq, str(exc), fatal=False)
+            if metrics is not None:
+                metrics.observe_cmds(time.perf_counter() - started)
+            return reply
+        if kind == FrameType.RECORD:
+            try:
+                record = parse_record(0, frame.json())
+                response = session.handle(record)
+            except TraceError as exc:
+                return encode_error(frame.seq, exc.message, fatal=False)
+            except RecordRefused as exc:
+                return encode_error(frame.seq, str(exc), fatal=False)
+            return encode_response(frame.seq, response, self._calls())
+        if kind == FrameType.REQUEST:
+            metrics = self.metrics
+            started = time.perf_counter() if metrics is not None else 0.0
+            viommu, data = frame.guest_data()
+            try:
+                response = session.handle(Request(0, viommu, data))
+            except RecordRefused as exc:
+                return encode_error(frame.seq, str(exc), fatal=False)
+            reply = encode_response(frame.seq, response, self._calls())
+            if metrics is not None:
+                metrics.observe_request(time.perf_counter() - started)
+            return reply
+        if kind == FrameType.STATS:
+            return wire.encode_json(FrameType.STATS_OK, frame.seq, session.report())
+        raise _Fatal(f"frame type 0x{kind:02x} is not a request")
+
+    def _hello(self, frame: wire.Frame) -> bytes:
+        if self.session is not None:
+            raise _Fatal("HELLO was already exchanged")
+        try:
+            hello = frame.json()
+        except wire.WireError as exc:
+            raise _Fatal(f"bad HELLO: {exc}") from None
+        if not isinstance(hello, dict):
+            raise _Fatal("HELLO payload must be a JSON object")
+        if hello.get("protocol") != PROTOCOL_VERSION:
+            raise _Fatal(
+                f"client speaks protocol {hello.get('protocol')!r}, this daemon {PROTOCOL_VERSION}"
+            )
+        self._authenticate(hello.get("token"))
+        reply: dict[str, Any] = {
+            "protocol": PROTOCOL_VERSION,
+            "server": f"viommud/{__version__}",
+            "backend": "emulated",
+        }
+        if hello.get("probe"):
+            self.closing = True  # health check: answer and hang up, no session
+            return wire.encode_json(FrameType.HELLO_OK, frame.seq, reply)
+        host = self._host_for(hello.get("host"))
+        backend = self.factory(host)
+        reply["backend"] = backend.name
+        reply["host"] = host.to_json()
+        self.trace = str(hello.get("trace", ""))
+        # Every later line of this session names its VM (HELLO "vm", else the trace name).
+        self.vm = str(hello.get("vm") or self.trace)
+        self.log = self.log.bind(vm=self.vm)
+        # Compact replies (CMDS_OK) only for clients that asked and need no call log.
+        self.compact = bool(hello.get("compact")) and not hello.get("calls")
+        self.compact_writes = self.compact and bool(hello.get("compact_writes"))
+        # Group commit: consecutive waiting doorbells may share host calls (opt-in: the
+        # call counts then depend on how the client's frames arrive).
+        self.group_commit = bool(hello.get("group_commit"))
+        self.session = Session(
+            backend,
+            keep_calls=bool(hello.get("calls")),
+            verify=bool(hello.get("verify")),
+            log=self.log,
+        )
+        self.session.calls.on_error = self._backend_error
+        self.log.info(
+            "session_started",
+            client_name=str(hello.get("client", "")),
+            trace=self.trace,
+        )
+        return wire.encode_json(FrameType.HELLO_OK, frame.seq, reply)
+
+    def _host_for(self, requested: Any) -> HostConfig:
+        wanted: HostConfig | None = None
+        if requested is not None:
+            try:
+                wanted = HostConfig.from_json(requested)
+            except HostConfigError as exc:
+                raise _Fatal(f"bad host in HELLO: {exc}") from None
+        if self.fixed_host is None:
+            if wanted is None:
+                raise _Fatal("this daemon has no host of its own: send one in HELLO")
+            return wanted
+        if wanted is not None:
+            problems = wanted.missing_from(self.fixed_host)
+            if problems:
+                raise _Fatal(
+                    "this daemon's host lacks what the client needs: " + "; ".join(problems)
+                )
+        return self.fixed_host
+
+    def _backend_error(self, ioctl: str, errno_name: str, piommu: str | None) -> None:
+        self.log.warning("backend_error", ioctl=ioctl, errno=errno_name, piommu=piommu)
+
+    def _authenticate(self, presented: Any) -> None:
+        if self.authenticated:
+            return
+        if self.token is None or not token_matches(self.token, presented):
+            self.log.warning("auth_failed", transport=self.transport, peer=self.peer)
+            raise _Fatal("this listener needs the daemon's token (docs/protocol.md §5)")
+        self.authenticated = True
+
+    def _status(self, frame: wire.Frame) -> bytes:
+        if not self.authenticated:
+            try:
+                body = frame.json() if frame.payload else {}
+            except wire.WireError as exc:
+                raise _Fatal(f"bad STATUS: {exc}") from None
+            self._authenticate(body.get("token") if isinstance(body, dict) else None)
+        if self.status is None:
+            return encode_error(frame.seq, "this daemon does not report its status", fatal=False)
+        return wire.encode_json(FrameType.STATUS_OK, frame.seq, self.status(self.client_id))
+
+    def describe(self) -> dict[str, Any]:
+        """This client for STATUS: transport, peer, and its session's vIOMMUs and objects."""
+        out: dict[str, Any] = {
+            "client": self.client_id,
+            "transport": self.transport,
+            "peer": self.peer,
+            "connected_s": round(time.monotonic() - self.connected_at, 3),
+            "session": None,
+        }
+        session = self.session
+        if session is not None:
+            held = backend_objects(session.backend)
+            out["session"] = {
+                "vm": self.vm,
+                "trace": self.trace,
+                "backend": session.backend.name,
+                "viommus": [describe_viommu(v) for _, v in sorted(session.viommus.items())],
+                "objects": count_kinds(held) if held is not None else None,
+                "counters": session.report(),
+            }
+        return out
+
+    def close(self) -> dict[str, Any] | None:
+        """End the session (freeing its backend objects); returns its final totals."""
+        session = self.session
+        if session is None:
+            return None
+        self.session = None
+        report = session.report()  # commands and errors, while its vIOMMUs are still there
+        session.close()
+        report["backend"] = session.report()["backend"]  # with the teardown calls
+        return report
