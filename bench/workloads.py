@@ -1,7 +1,7 @@
 """Synthetic SMMUv3 guest traces in the shapes Linux's arm-smmu-v3 driver produces.
 
-Each function returns trace-format records (docs/trace-format.md §2) as JSON-ready dicts, header first, so
-benchmarks can replay them in process or write them to a file. Shapes (smmuv3.md §6):
+Each function returns trace records (docs/trace-format.md §2) as JSON-ready dicts, header
+first, so benchmarks can replay them in process or write them to a file. Shapes (smmuv3.md §6):
 
 * ``strict_ril``: ``iommu.strict=1`` with range invalidation: one TLBI_NH_VA range (+ SYNC)
   per unmap, one doorbell each; ``per_doorbell`` > 1 models CPUs racing for the queue;

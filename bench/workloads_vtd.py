@@ -1,7 +1,7 @@
 """Synthetic VT-d guest traces in the shape Linux's intel-iommu driver produces in strict mode.
 
-``strict_ats(unmaps)`` returns trace-format records (docs/trace-format.md §2) as JSON-ready dicts, header
-first, and the index of the first timed record: everything before it is set-up (the
+``strict_ats(unmaps)`` returns trace records (docs/trace-format.md §2) as JSON-ready
+dicts, header first, and the index of the first timed record: everything before it is set-up (the
 vIOMMU, its devices, their context and PASID entries and the invalidations that bind them),
 everything from it on is the guest's stream of strict unmaps, one doorbell each.
 

@@ -38,7 +38,7 @@ class FrameType(enum.IntEnum):
     STATS = 0x05  # empty: ask for the session totals
     STATUS = 0x06  # JSON: {} or {"token": str}; the daemon's state, no session needed
     HELLO_OK = 0x81  # JSON: {"protocol": 1, "server": str, "backend": str, "host": {...}}
-    RESPONSE = 0x82  # JSON: the record's response (docs/trace-format.md §4) plus "calls" when asked for
+    RESPONSE = 0x82  # JSON: a response (docs/trace-format.md §4), "calls" when asked for
     CMDS_OK = 0x83  # binary: CmdsOk — a doorbell answered with nothing but counts (compact)
     STATS_OK = 0x85  # JSON: session totals in the replay report's shape
     CMDS_OK_WRITES = 0x87  # binary: CmdsOkWrites — CMDS_OK plus VT-d status writes (compact)

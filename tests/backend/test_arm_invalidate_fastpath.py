@@ -16,9 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from protocols.models import HostIommu
 from tests.backend.test_emulated import ARM_INV, STE_BYPASS, STE_S1, SYNC, Rig, cmd
+from viommud.backend.emulator import testing
+from viommud.backend.emulator.arm_smmuv3 import ArmSmmuV3Driver
 from viommud.backend.emulator.caches import ConfigEntry, TlbEntry
-from viommud.backend.emulator.kernel import ARM_SMMUV3, ArmSmmuV3Driver, ViommuObject
+from viommud.backend.emulator.objects import ViommuObject
 
 EATS = 1 << 28
 VSID_A0, VSID_A1, VSID_UNKNOWN = 8, 9, 10
@@ -71,7 +74,7 @@ def build(*, fast: bool, fills: list[Fill]) -> Scene:
     """a0 (ATS) on a stage-1 vSTE with vSID 8, a1 on a bypass vSTE with vSID 9."""
     rig = Rig()
     if not fast:
-        rig.be._drivers[ARM_SMMUV3] = ArmSmmuV3Driver(fast_invalidate=False)
+        rig.be._drivers[HostIommu.ARM_SMMUV3] = ArmSmmuV3Driver(fast_invalidate=False)
     topo = rig.arm_topology("a0", vsid=VSID_A0)
     a1 = rig.bind("a1")
     assert rig.vdevice(topo.viommu, a1, VSID_A1)[0] == 0
@@ -85,24 +88,26 @@ def build(*, fast: bool, fills: list[Fill]) -> Scene:
     assert isinstance(viommu, ViommuObject)
     for fill in fills:
         apply_fill(rig, viommu.vmid, fill)
-    rig.be.clear_issued()
+    testing.clear_issued(rig.be)
     return Scene(rig, topo.viommu, viommu.vmid)
 
 
 def apply_fill(rig: Rig, vmid: int, fill: Fill) -> None:
     if fill.kind == "dma":
-        rig.be.dma("a0", fill.iova, asid=fill.asid or 0, walk=fill.walk, global_=fill.global_)
+        testing.dma(
+            rig.be, "a0", fill.iova, asid=fill.asid or 0, walk=fill.walk, global_=fill.global_
+        )
     elif fill.kind == "iotlb":
         entry = TlbEntry(vmid + fill.tag_delta, fill.asid, fill.iova, 0x1000, global_=fill.global_)
-        rig.be.populate_iotlb("smmu0", entry)
+        testing.populate_iotlb(rig.be, "smmu0", entry)
     else:
-        rig.be.populate_config("smmu0", ConfigEntry("cd", 0x101, fill.asid or 0))
+        testing.populate_config(rig.be, "smmu0", ConfigEntry("cd", 0x101, fill.asid or 0))
 
 
 def invalidate(scene: Scene, call: Call) -> tuple[int, int]:
     rig = scene.rig
     if call.inject:
-        rig.be.inject_cmdq_error("smmu0", call.inject)
+        testing.inject_cmdq_error(rig.be, "smmu0", call.inject)
     uptr = None
     if call.short_buffer:
         uptr = rig.buf(call.blob[:-1]) if len(call.blob) > 1 else 0
@@ -119,7 +124,7 @@ def observe(scene: Scene) -> dict[str, Any]:
     be = scene.rig.be
     model = be.cache_model
     return {
-        "issued": {unit: be.issued(unit) for unit in ("smmu0", "smmu1")},
+        "issued": {unit: testing.issued(be, unit) for unit in ("smmu0", "smmu1")},
         "iotlb": {unit: list(entries) for unit, entries in model.iotlb.items()},
         "config": {unit: list(entries) for unit, entries in model.config.items()},
         "atc": {dev: list(entries) for dev, entries in model.atc.items()},
@@ -283,7 +288,7 @@ def test_clean_tlbi_array_takes_the_vectorised_walk(monkeypatch: pytest.MonkeyPa
     forbid_reference_walk(monkeypatch)
     blob = b"".join(tlbi_va(i) for i in range(1000))
     assert invalidate(scene, Call(blob)) == (0, 1000)
-    issued = scene.rig.be.issued("smmu0")
+    issued = testing.issued(scene.rig.be, "smmu0")
     assert len(issued) == 1000 + 16  # 16 groups (15 x 63 + 55), each with a CMD_SYNC
     assert issued[:2] == [
         cmd(0x12 | scene.vmid << 32, 1 << 12),
@@ -327,14 +332,14 @@ def test_other_command_hands_over_at_its_group(monkeypatch: pytest.MonkeyPatch) 
     blob = b"".join(cmd(0x03) if i == 130 else tlbi_va(i) for i in range(200))
     assert invalidate(scene, Call(blob)) == (errno.EIO, 130)
     assert bases == [126]
-    assert scene.rig.be.issued("smmu0").count(SYNC) == 2
+    assert testing.issued(scene.rig.be, "smmu0").count(SYNC) == 2
 
 
 def test_injected_queue_error_in_the_vectorised_walk() -> None:
     scene = build(fast=True, fills=[])
     blob = b"".join(tlbi_va(i) for i in range(200))
     assert invalidate(scene, Call(blob, inject=errno.ETIMEDOUT)) == (errno.ETIMEDOUT, 62)
-    assert len(scene.rig.be.issued("smmu0")) == 64  # the failing group reached the queue
+    assert len(testing.issued(scene.rig.be, "smmu0")) == 64  # the failing group reached the queue
 
 
 def test_nsnh_all_rewrite_clears_every_other_bit() -> None:
@@ -342,4 +347,4 @@ def test_nsnh_all_rewrite_clears_every_other_bit() -> None:
     dirty = cmd(0x30 | 0xFFFF_FFFF_FFFF_FF00, (1 << 64) - 1)
     assert invalidate(scene, Call(dirty * 2)) == (0, 2)
     want = cmd(0x10 | scene.vmid << 32)
-    assert scene.rig.be.issued("smmu0") == [want, want, SYNC]
+    assert testing.issued(scene.rig.be, "smmu0") == [want, want, SYNC]

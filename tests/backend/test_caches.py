@@ -1,9 +1,9 @@
 """The emulated caches: what each host invalidation removes (viommud.backend.emulator.caches).
 
 First the model alone (SMMUv3 commands and VT-d descriptors on hand-placed entries), then
-through the emulator: entries filled "as DMA would" with ``dma()``, invalidations issued by
-HWPT_INVALIDATE or made by the kernel itself (attach, IOAS_UNMAP, domain free), and the
-per-call record ``last_removed()``.
+through the emulator: entries filled "as DMA would" with ``testing.dma()``, invalidations
+issued by HWPT_INVALIDATE or made by the kernel itself (attach, IOAS_UNMAP, domain free),
+and the per-call record ``testing.last_removed()``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 
 from protocols import iommufd as uapi
 from tests.backend.test_emulated import ARM_INV, STE_S1, U64_MAX, VTD_INV, Rig, cmd, vtd_inv
+from viommud.backend.emulator import testing
 from viommud.backend.emulator.caches import (
     AtcEntry,
     CacheModel,
@@ -380,52 +381,52 @@ def arm_ats_scene(rig: Rig) -> dict[str, int]:
 def test_dma_fills_iotlb_walk_caches_atc_and_config() -> None:
     rig = Rig()
     arm_ats_scene(rig)
-    added = rig.be.dma("a0", 0x1000_1234, asid=5)
-    view = rig.be.caches("smmu0")
+    added = testing.dma(rig.be, "a0", 0x1000_1234, asid=5)
+    view = testing.caches(rig.be, "smmu0")
     assert set(view.iotlb) == {leaf(0x1000_1000), walk(0x1000_1000, 2), walk(0x1000_1000, 1)}
     assert view.atc["a0"] == (AtcEntry(0x1000_1000, K4),)
     assert set(view.config) == {ConfigEntry("ste", 0x100), ConfigEntry("cd", 0x100, 0)}
     assert len(added) == 6
-    assert rig.be.atc("a0") == (AtcEntry(0x1000_1000, K4),)
+    assert testing.atc(rig.be, "a0") == (AtcEntry(0x1000_1000, K4),)
 
 
 def test_guest_tlbi_removes_only_its_vmid_and_asid_and_is_journalled() -> None:
     rig = Rig()
     s = arm_ats_scene(rig)
-    rig.be.dma("a0", 0x1000_0000, asid=5)
-    rig.be.dma("a0", 0x1000_0000, asid=6)
-    rig.be.populate_iotlb("smmu0", leaf(0x1000_0000, tag=2))  # another VMID on the SMMU
+    testing.dma(rig.be, "a0", 0x1000_0000, asid=5)
+    testing.dma(rig.be, "a0", 0x1000_0000, asid=6)
+    testing.populate_iotlb(rig.be, "smmu0", leaf(0x1000_0000, tag=2))  # another VMID on the SMMU
     blob = cmd(0x12 | (5 << 48), va(0x1000_0000, leaf_only=True))
     assert rig.invalidate(s["viommu"], blob, ARM_INV, 16) == (0, 1)
-    removed = rig.be.last_removed()
+    removed = testing.last_removed(rig.be)
     assert [(r.cache, r.owner, r.entry, r.cause) for r in removed] == [
         ("iotlb", "smmu0", leaf(0x1000_0000), "TLBI_NH_VA")
     ]
-    left = set(rig.be.caches("smmu0").iotlb)
+    left = set(testing.caches(rig.be, "smmu0").iotlb)
     assert leaf(0x1000_0000, asid=6) in left
     assert leaf(0x1000_0000, tag=2) in left
-    assert rig.be.atc("a0") == (AtcEntry(0x1000_0000, K4),)  # a TLBI never touches the ATC
+    assert testing.atc(rig.be, "a0") == (AtcEntry(0x1000_0000, K4),)  # a TLBI never touches the ATC
 
 
 def test_guest_atc_inv_and_cfgi_cd_go_through_the_vsid() -> None:
     rig = Rig()
     s = arm_ats_scene(rig)
-    rig.be.dma("a0", 0x1000_0000, asid=5)
+    testing.dma(rig.be, "a0", 0x1000_0000, asid=5)
     blob = cmd(0x40 | (8 << 32), 0x1000_0000) + cmd(0x05 | (8 << 32), 1)
     assert rig.invalidate(s["viommu"], blob, ARM_INV, 16) == (0, 2)
-    causes = sorted((r.cache, r.cause) for r in rig.be.last_removed())
+    causes = sorted((r.cache, r.cause) for r in testing.last_removed(rig.be))
     assert causes == [("atc", "ATC_INV"), ("config", "CFGI_CD")]
-    assert rig.be.atc("a0") == ()
+    assert testing.atc(rig.be, "a0") == ()
 
 
 def test_nsnh_all_becomes_nh_all_of_the_vsmmu_vmid() -> None:
     rig = Rig()
     s = arm_ats_scene(rig)
-    rig.be.dma("a0", 0x1000_0000, asid=5)
-    rig.be.populate_iotlb("smmu0", leaf(0x1000, tag=1, asid=None))  # stage-2 only
-    rig.be.populate_iotlb("smmu0", leaf(0x1000, tag=2))
+    testing.dma(rig.be, "a0", 0x1000_0000, asid=5)
+    testing.populate_iotlb(rig.be, "smmu0", leaf(0x1000, tag=1, asid=None))  # stage-2 only
+    testing.populate_iotlb(rig.be, "smmu0", leaf(0x1000, tag=2))
     assert rig.invalidate(s["viommu"], cmd(0x30), ARM_INV, 16) == (0, 1)
-    assert set(rig.be.caches("smmu0").iotlb) == {
+    assert set(testing.caches(rig.be, "smmu0").iotlb) == {
         leaf(0x1000, tag=1, asid=None),
         leaf(0x1000, tag=2),
     }
@@ -436,38 +437,38 @@ def test_unissued_commands_of_a_failed_group_remove_nothing() -> None:
     rig = Rig()
     s = arm_ats_scene(rig)
     for asid in (10, 65):
-        rig.be.dma("a0", 0x1000_0000, asid=asid, walk=False)
+        testing.dma(rig.be, "a0", 0x1000_0000, asid=asid, walk=False)
     cmds = [cmd(0x11 | (i << 48)) for i in range(70)] + [cmd(0x03)]  # CFGI_STE: EIO
     assert rig.invalidate(s["viommu"], b"".join(cmds), ARM_INV, 16) == (errno.EIO, 70)
-    left = {e.asid for e in rig.be.caches("smmu0").iotlb}
+    left = {e.asid for e in testing.caches(rig.be, "smmu0").iotlb}
     assert left == {65}
 
 
 def test_kernel_flushes_at_arm_replace() -> None:
     rig = Rig()
     s = arm_ats_scene(rig)
-    rig.be.dma("a0", 0x1000_0000, asid=5)
+    testing.dma(rig.be, "a0", 0x1000_0000, asid=5)
     rc, other = rig.arm_nested(s["dev"], s["viommu"], STE_S1, EATS)
     assert rc == 0
     assert rig.attach("a0", other)[0] == 0
-    causes = {(r.cache, r.cause) for r in rig.be.last_removed()}
+    causes = {(r.cache, r.cause) for r in testing.last_removed(rig.be)}
     assert causes == {("config", "kernel:attach CFGI_STE"), ("atc", "kernel:attach ATC_INV")}
-    assert leaf(0x1000_0000) in rig.be.caches("smmu0").iotlb  # the guest flushes its ASIDs
+    assert leaf(0x1000_0000) in testing.caches(rig.be, "smmu0").iotlb  # the guest flushes its ASIDs
 
 
 def test_kernel_flushes_at_ioas_unmap_of_an_arm_nest_parent() -> None:
     rig = Rig()
     s = arm_ats_scene(rig)
     assert rig.map(s["ioas"], 0x4000_0000, M2)[0] == 0
-    rig.be.dma("a0", 0x1000_0000, asid=5)
+    testing.dma(rig.be, "a0", 0x1000_0000, asid=5)
     s2_in = leaf(0x4000_0000, asid=None)
     s2_out = leaf(0x8000_0000, asid=None)
     for entry in (s2_in, s2_out, leaf(0x5000, tag=2)):
-        rig.be.populate_iotlb("smmu0", entry)
+        testing.populate_iotlb(rig.be, "smmu0", entry)
     assert rig.unmap(s["ioas"], 0x4000_0000, M2) == (0, M2)
-    assert set(rig.be.caches("smmu0").iotlb) == {s2_out, leaf(0x5000, tag=2)}
-    assert rig.be.atc("a0") == ()  # a nested ATS master: the whole ATC
-    causes = {r.cause for r in rig.be.last_removed()}
+    assert set(testing.caches(rig.be, "smmu0").iotlb) == {s2_out, leaf(0x5000, tag=2)}
+    assert testing.atc(rig.be, "a0") == ()  # a nested ATS master: the whole ATC
+    causes = {r.cause for r in testing.last_removed(rig.be)}
     assert causes == {
         "kernel:IOAS_UNMAP TLBI_S2_IPA",
         "kernel:IOAS_UNMAP TLBI_NH_ALL",
@@ -482,14 +483,14 @@ def test_kernel_flushes_at_ioas_unmap_of_an_arm_stage1_domain() -> None:
     rc, hwpt = rig.attach("a0", ioas)  # an auto (stage-1) domain with a host ASID
     assert rc == 0
     assert rig.map(ioas, 0x10000, 4 * K4)[0] == 0
-    rig.be.dma("a0", 0x10000)
-    rig.be.dma("a0", 0x90000)
+    testing.dma(rig.be, "a0", 0x10000)
+    testing.dma(rig.be, "a0", 0x90000)
     assert rig.unmap(ioas, 0x10000, 4 * K4) == (0, 4 * K4)
     host_asid = rig.be.lookup(hwpt).asid  # type: ignore[union-attr]
-    left = set(rig.be.caches("smmu0").iotlb)
+    left = set(testing.caches(rig.be, "smmu0").iotlb)
     assert leaf(0x90000, tag=0, asid=host_asid) in left
     assert leaf(0x10000, tag=0, asid=host_asid) not in left
-    assert rig.be.atc("a0") == (AtcEntry(0x90000, K4),)  # the ATC range only
+    assert testing.atc(rig.be, "a0") == (AtcEntry(0x90000, K4),)  # the ATC range only
 
 
 def test_freeing_a_vmid_flushes_it() -> None:
@@ -498,11 +499,11 @@ def test_freeing_a_vmid_flushes_it() -> None:
     ioas = rig.ioas()
     parent = rig.nest_parent(dev, ioas)
     vmid = rig.be.lookup(parent).vmid  # type: ignore[union-attr]
-    rig.be.populate_iotlb("smmu0", leaf(0x1000, tag=vmid))
-    rig.be.populate_iotlb("smmu0", leaf(0x1000, tag=vmid + 1))
+    testing.populate_iotlb(rig.be, "smmu0", leaf(0x1000, tag=vmid))
+    testing.populate_iotlb(rig.be, "smmu0", leaf(0x1000, tag=vmid + 1))
     assert rig.destroy(parent) == 0
-    assert [r.cause for r in rig.be.last_removed()] == ["kernel:VMID free TLBI_S12_VMALL"]
-    assert rig.be.caches("smmu0").iotlb == (leaf(0x1000, tag=vmid + 1),)
+    assert [r.cause for r in testing.last_removed(rig.be)] == ["kernel:VMID free TLBI_S12_VMALL"]
+    assert testing.caches(rig.be, "smmu0").iotlb == (leaf(0x1000, tag=vmid + 1),)
 
 
 # ======================================================================================
@@ -525,26 +526,28 @@ def vtd_scene(rig: Rig) -> dict[str, int]:
 def test_vtd_dma_tags() -> None:
     rig = Rig()
     s = vtd_scene(rig)
-    rig.be.dma("v0", 0x5000)
+    testing.dma(rig.be, "v0", 0x5000)
     did = rig.be.unit("vtd0").dids[s["nested"]]
-    view = rig.be.caches("vtd0")
+    view = testing.caches(rig.be, "vtd0")
     assert leaf(0x5000, tag=did, asid=0) in view.iotlb
     assert view.atc["v0"] == (AtcEntry(0x5000, K4),)
     assert set(view.config) == {ConfigEntry("context", 0x10), ConfigEntry("pasid", 0x10)}
     with pytest.raises(ValueError, match="ATS"):
-        rig.be.populate_atc("v1", AtcEntry(0, K4))
+        testing.populate_atc(rig.be, "v1", AtcEntry(0, K4))
 
 
 def test_vtd_invalidation_flushes_iotlb_and_device_tlbs() -> None:
     rig = Rig()
     s = vtd_scene(rig)
-    rig.be.dma("v0", 0x5000)
-    rig.be.dma("v0", 0x8000)
+    testing.dma(rig.be, "v0", 0x5000)
+    testing.dma(rig.be, "v0", 0x8000)
     did = rig.be.unit("vtd0").dids[s["nested"]]
     assert rig.invalidate(s["nested"], vtd_inv(0x5000, 1, flags=1), VTD_INV, 24) == (0, 1)
-    removed = {(r.cache, r.cause, getattr(r.entry, "iova", None)) for r in rig.be.last_removed()}
+    removed = {
+        (r.cache, r.cause, getattr(r.entry, "iova", None)) for r in testing.last_removed(rig.be)
+    }
     assert removed == {("iotlb", "P_IOTLB", 0x5000), ("atc", "DEVTLB", 0x5000)}
-    left = set(rig.be.caches("vtd0").iotlb)
+    left = set(testing.caches(rig.be, "vtd0").iotlb)
     assert walk(0x5000, 2, tag=did, asid=0) in left  # LEAF (IH): walk caches stay
     assert leaf(0x8000, tag=did, asid=0) in left
 
@@ -552,29 +555,29 @@ def test_vtd_invalidation_flushes_iotlb_and_device_tlbs() -> None:
 def test_vtd_invalidate_everything_spares_global_entries() -> None:
     rig = Rig()
     s = vtd_scene(rig)
-    rig.be.dma("v0", 0x5000)
-    rig.be.dma("v0", 0x9000, global_=True, walk=False)
+    testing.dma(rig.be, "v0", 0x5000)
+    testing.dma(rig.be, "v0", 0x9000, global_=True, walk=False)
     did = rig.be.unit("vtd0").dids[s["nested"]]
     assert rig.invalidate(s["nested"], vtd_inv(0, U64_MAX), VTD_INV, 24) == (0, 1)
-    assert rig.be.caches("vtd0").iotlb == (leaf(0x9000, tag=did, asid=0, global_=True),)
-    assert rig.be.atc("v0") == ()
+    assert testing.caches(rig.be, "vtd0").iotlb == (leaf(0x9000, tag=did, asid=0, global_=True),)
+    assert testing.atc(rig.be, "v0") == ()
 
 
 def test_vtd_replace_flushes_the_old_domain() -> None:
     rig = Rig()
     s = vtd_scene(rig)
-    rig.be.dma("v0", 0x5000)
+    testing.dma(rig.be, "v0", 0x5000)
     old_did = rig.be.unit("vtd0").dids[s["nested"]]
     rc, other = rig.vtd_nested(s["v0"], s["parent"])
     assert rc == 0
     assert rig.attach("v0", other)[0] == 0
-    causes = {r.cause for r in rig.be.last_removed()}
+    causes = {r.cause for r in testing.last_removed(rig.be)}
     assert causes == {
         "kernel:attach PASID-cache",
         "kernel:attach IOTLB-DSI",
         "kernel:attach DEVTLB",
     }
-    assert all(e.tag != old_did for e in rig.be.caches("vtd0").iotlb)
+    assert all(e.tag != old_did for e in testing.caches(rig.be, "vtd0").iotlb)
     assert rig.be.unit("vtd0").dids[s["nested"]] == old_did  # v1 still uses it
 
 
@@ -592,13 +595,13 @@ def test_vtd_ioas_unmap_flushes_parent_and_nested_domains() -> None:
     s = vtd_scene(rig)
     assert rig.attach("v1", s["parent"])[0] == 0  # v1 now directly on the stage-2 parent
     assert rig.map(s["ioas"], 0x4000_0000, M2)[0] == 0
-    rig.be.dma("v0", 0x5000)
-    rig.be.dma("v1", 0x4000_0000, walk=False)
-    rig.be.dma("v1", 0x9000_0000, walk=False)
+    testing.dma(rig.be, "v0", 0x5000)
+    testing.dma(rig.be, "v1", 0x4000_0000, walk=False)
+    testing.dma(rig.be, "v1", 0x9000_0000, walk=False)
     pdid = rig.be.unit("vtd0").dids[s["parent"]]
     assert rig.unmap(s["ioas"], 0x4000_0000, M2) == (0, M2)
-    assert rig.be.caches("vtd0").iotlb == (leaf(0x9000_0000, tag=pdid, asid=None),)
-    assert rig.be.atc("v0") == ()  # nesting devTLB: the whole device TLB
+    assert testing.caches(rig.be, "vtd0").iotlb == (leaf(0x9000_0000, tag=pdid, asid=None),)
+    assert testing.atc(rig.be, "v0") == ()  # nesting devTLB: the whole device TLB
 
 
 # ======================================================================================
@@ -610,20 +613,20 @@ def test_dma_refusals() -> None:
     rig = Rig()
     topo = rig.arm_topology("a0")
     with pytest.raises(ValueError, match="not attached"):
-        rig.be.dma("a0", 0)
+        testing.dma(rig.be, "a0", 0)
     with pytest.raises(ValueError, match="not bound"):
-        rig.be.dma("b0", 0)
+        testing.dma(rig.be, "b0", 0)
     rc, abort = rig.arm_nested(topo.dev, topo.viommu, 0)
     assert rc == 0
     assert rig.attach("a0", abort)[0] == 0
     with pytest.raises(ValueError, match="aborts"):
-        rig.be.dma("a0", 0)
+        testing.dma(rig.be, "a0", 0)
     rc, s1 = rig.arm_nested(topo.dev, topo.viommu, STE_S1)
     assert rig.attach("a0", s1)[0] == 0
     with pytest.raises(ValueError, match="block size"):
-        rig.be.dma("a0", 0, size=3 * K4)
+        testing.dma(rig.be, "a0", 0, size=3 * K4)
     with pytest.raises(ValueError, match="ATS"):
-        rig.be.populate_atc("a0", AtcEntry(0, K4))  # EATS=0
+        testing.populate_atc(rig.be, "a0", AtcEntry(0, K4))  # EATS=0
 
 
 def test_mock_devices_have_no_modelled_iotlb() -> None:
@@ -635,14 +638,17 @@ def test_mock_devices_have_no_modelled_iotlb() -> None:
     arg = uapi.encode(tc)
     assert be.ioctl(be.iommufd, uapi.IOMMU_TEST_CMD, arg) == 0
     with pytest.raises(ValueError, match="no modelled IOTLB"):
-        be.dma("mock0", 0x100_0000)
+        testing.dma(be, "mock0", 0x100_0000)
     assert struct.unpack_from("<I", arg, 16)[0] == 2  # out_stdev_id
 
 
 def test_vtd_npages_0_flushes_one_page() -> None:
     rig = Rig()
     s = vtd_scene(rig)
-    rig.be.dma("v0", 0x5000, walk=False)
-    rig.be.dma("v0", 0x6000, walk=False)
+    testing.dma(rig.be, "v0", 0x5000, walk=False)
+    testing.dma(rig.be, "v0", 0x6000, walk=False)
     assert rig.invalidate(s["nested"], vtd_inv(0x5000, 0), VTD_INV, 24) == (0, 1)
-    assert [getattr(r.entry, "iova", None) for r in rig.be.last_removed()] == [0x5000, 0x5000]
+    assert [getattr(r.entry, "iova", None) for r in testing.last_removed(rig.be)] == [
+        0x5000,
+        0x5000,
+    ]

@@ -19,13 +19,14 @@ from hypothesis import strategies as st
 
 from protocols import iommufd as uapi
 from viommud.backend.base import Backend
-from viommud.backend.emulator.kernel import (
+from viommud.backend.emulator import testing
+from viommud.backend.emulator.intel import VtdFlush
+from viommud.backend.emulator.kernel import EmulatedIommufd
+from viommud.backend.emulator.objects import (
     ArmNestedData,
-    EmulatedIommufd,
     HwptNestedObject,
     HwptPagingObject,
     ViommuObject,
-    VtdFlush,
 )
 from viommud.host import HostConfig
 
@@ -454,7 +455,7 @@ def test_tombstone_keeps_its_id_until_close(rig: Rig) -> None:
     topo = rig.arm_topology()
     rig.be.close_device(rig.fds["a0"])
     assert rig.objects() == [(2, "IOAS"), (3, "HWPT_PAGING"), (4, "VIOMMU")]
-    assert rig.be.tombstones() == [topo.vdev]
+    assert testing.tombstones(rig.be) == [topo.vdev]
     assert rig.destroy(topo.vdev) == errno.ENOENT  # O17
     assert rig.bind("a1") == 1  # the device id is free again
     assert rig.ioas() == 6  # 5 is the tombstone
@@ -1202,7 +1203,7 @@ CORE_ROWS: dict[str, InvRow] = {
 def test_hwpt_invalidate_rows(rig: Rig, row: InvRow) -> None:
     ids = _inv_scene(rig)
     table = rig.objects()
-    before = rig.be.vtd_flushes()
+    before = testing.vtd_flushes(rig.be)
     rc, done = rig.invalidate(
         ids[row.target],
         row.blob,
@@ -1214,8 +1215,8 @@ def test_hwpt_invalidate_rows(rig: Rig, row: InvRow) -> None:
     )
     assert (rc, done) == (row.expected, row.done)
     assert rig.objects() == table
-    assert rig.be.issued("smmu0") == list(row.issued)
-    flushes = rig.be.vtd_flushes()[len(before) :]
+    assert testing.issued(rig.be, "smmu0") == list(row.issued)
+    flushes = testing.vtd_flushes(rig.be)[len(before) :]
     assert len(flushes) == (row.done if row.target == "vtd-nested" else 0)
 
 
@@ -1242,12 +1243,12 @@ def test_vtd_flushes_record_range_leaf_and_units(rig: Rig) -> None:
     assert rig.attach("w0", nested) == (0, nested)
     blob = vtd_inv(0x4000, 4, 1) + vtd_inv(0, U64_MAX)
     assert rig.invalidate(nested, blob, VTD_INV, 24) == (0, 2)
-    assert rig.be.vtd_flushes() == [
+    assert testing.vtd_flushes(rig.be) == [
         VtdFlush(nested, 0x4000, 4, True, ("vtd0", "vtd1")),
         VtdFlush(nested, 0, U64_MAX, False, ("vtd0", "vtd1")),
     ]
-    rig.be.clear_issued()
-    assert rig.be.vtd_flushes() == []
+    testing.clear_issued(rig.be)
+    assert testing.vtd_flushes(rig.be) == []
     assert w0 != v0
 
 
@@ -1317,11 +1318,11 @@ def test_command_conversion(rig: Rig, given_: bytes, expected: bytes | None) -> 
     rc, done = rig.invalidate(viommu, given_, ARM_INV, 16)
     if expected is None:
         assert (rc, done) == (errno.EIO, 0)
-        assert rig.be.issued("smmu0") == []
+        assert testing.issued(rig.be, "smmu0") == []
     else:
         assert (rc, done) == (0, 1)
-        assert rig.be.issued("smmu0") == [expected, SYNC]
-    assert rig.be.issued("smmu1") == []
+        assert testing.issued(rig.be, "smmu0") == [expected, SYNC]
+    assert testing.issued(rig.be, "smmu1") == []
 
 
 def test_vsid_lookup_is_per_viommu_and_follows_vdevice_lifetime(rig: Rig) -> None:
@@ -1332,10 +1333,10 @@ def test_vsid_lookup_is_per_viommu_and_follows_vdevice_lifetime(rig: Rig) -> Non
     assert rig.invalidate(viommu1, cmd(0x06 | VSID << 32), ARM_INV, 16) == (errno.EIO, 0)
     assert rig.vdevice(viommu1, b0, VSID)[0] == 0
     assert rig.invalidate(viommu1, cmd(0x06 | VSID << 32), ARM_INV, 16) == (0, 1)
-    assert rig.be.issued("smmu1") == [cmd(0x06 | 0x200 << 32), SYNC]
+    assert testing.issued(rig.be, "smmu1") == [cmd(0x06 | 0x200 << 32), SYNC]
     assert rig.destroy(topo.vdev) == 0
     assert rig.invalidate(topo.viommu, cmd(0x06 | VSID << 32), ARM_INV, 16) == (errno.EIO, 0)
-    assert rig.be.issued("smmu0") == []
+    assert testing.issued(rig.be, "smmu0") == []
 
 
 # ======================================================================================
@@ -1385,7 +1386,7 @@ def test_groups_of_63(rig: Rig, case: GroupCase) -> None:
     for start, end in case.groups:
         want.extend(_tlbi_out(i) for i in range(start, end))
         want.append(SYNC)
-    assert rig.be.issued("smmu0") == want
+    assert testing.issued(rig.be, "smmu0") == want
 
 
 @pytest.mark.parametrize(("count", "done", "groups"), [(100, 62, 1), (30, 29, 1), (63, 62, 1)])
@@ -1393,10 +1394,10 @@ def test_hardware_issue_failure_reports_e_minus_1(
     rig: Rig, count: int, done: int, groups: int
 ) -> None:
     topo = rig.arm_topology()
-    rig.be.inject_cmdq_error("smmu0", errno.ETIMEDOUT)
+    testing.inject_cmdq_error(rig.be, "smmu0", errno.ETIMEDOUT)
     blob = b"".join(_tlbi(i) for i in range(count))
     assert rig.invalidate(topo.viommu, blob, ARM_INV, 16) == (errno.ETIMEDOUT, done)
-    issued = rig.be.issued("smmu0")
+    issued = testing.issued(rig.be, "smmu0")
     assert issued.count(SYNC) == groups
     assert len(issued) == min(count, 63) + groups
 
@@ -1404,12 +1405,12 @@ def test_hardware_issue_failure_reports_e_minus_1(
 def test_clear_issued(rig: Rig) -> None:
     topo = rig.arm_topology()
     assert rig.invalidate(topo.viommu, GOOD_ARM, ARM_INV, 16) == (0, 1)
-    assert rig.be.issued("smmu0")
-    rig.be.clear_issued()
-    assert rig.be.issued("smmu0") == []
-    assert rig.be.issued("vtd0") == []
+    assert testing.issued(rig.be, "smmu0")
+    testing.clear_issued(rig.be)
+    assert testing.issued(rig.be, "smmu0") == []
+    assert testing.issued(rig.be, "vtd0") == []
     with pytest.raises(KeyError):
-        rig.be.issued("nope")
+        testing.issued(rig.be, "nope")
 
 
 # ======================================================================================
@@ -1682,7 +1683,7 @@ def test_unbind_with_attachment_and_vdevice(rig: Rig) -> None:
     assert rig.attach("a0", s1) == (0, s1)
     rig.be.close_device(rig.fds["a0"])
     assert rig.objects() == [(2, "IOAS"), (3, "HWPT_PAGING"), (4, "VIOMMU"), (6, "HWPT_NESTED")]
-    assert rig.be.tombstones() == [5]
+    assert testing.tombstones(rig.be) == [5]
     assert rig.destroy(s1) == 0
     assert rig.destroy(topo.viommu) == 0
 
@@ -1735,7 +1736,7 @@ def test_teardown_in_reference_order_leaves_nothing(rig: Rig) -> None:
         rig.be.close_device(rig.fds[name])
     assert rig.destroy(ids["ioas"]) == 0
     assert rig.objects() == []
-    assert rig.be.tombstones() == []
+    assert testing.tombstones(rig.be) == []
     rig.be.close()
     assert rig.objects() == []
 
@@ -1743,10 +1744,10 @@ def test_teardown_in_reference_order_leaves_nothing(rig: Rig) -> None:
 def test_close_on_a_populated_backend_leaves_nothing(rig: Rig) -> None:
     _full_topology(rig)
     rig.be.close_device(rig.fds["a1"])  # leave a tombstone behind too
-    assert rig.be.tombstones()
+    assert testing.tombstones(rig.be)
     rig.be.close()
     assert rig.objects() == []
-    assert rig.be.tombstones() == []
+    assert testing.tombstones(rig.be) == []
     arg = uapi.encode(uapi.IoasAlloc())
     assert rig.raw(uapi.IOMMU_IOAS_ALLOC, arg) == errno.EBADF
     with pytest.raises(OSError, match="not an open device"):

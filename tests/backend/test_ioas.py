@@ -18,7 +18,8 @@ from protocols import iommufd as uapi
 from tests.backend.test_emulated import MAP_RW, U64_MAX, Rig
 from viommud.backend.base import Backend
 from viommud.backend.calls import BackendCallError, CallLog, Iommufd
-from viommud.backend.emulator.kernel import EmulatedIommufd, IoasObject
+from viommud.backend.emulator.kernel import EmulatedIommufd
+from viommud.backend.emulator.objects import IoasObject
 
 FIXED = uapi.IOMMU_IOAS_MAP_FIXED_IOVA
 PAGE = 4096

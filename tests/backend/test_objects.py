@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from protocols import iommufd as uapi
 from tests.backend.test_emulated import ARM_DATA, STE_S1, Rig, cmd
 from tests.backend.test_selftest import MockRig
-from viommud.backend.emulator.kernel import INT_MAX, VeventqObject
+from viommud.backend.emulator import testing
+from viommud.backend.emulator.objects import INT_MAX, VeventqObject
 
 LOST = uapi.IOMMU_VEVENTQ_FLAG_LOST_EVENTS
 ARM_EVQ = uapi.IOMMU_VEVENTQ_TYPE_ARM_SMMUV3
@@ -160,7 +161,7 @@ EVENT = struct.pack(
 def test_arm_events_carry_the_vsid() -> None:
     rig = Rig()
     _, _, fd = arm_veventq(rig)
-    assert rig.be.inject_event("a0", EVENT) == 0
+    assert testing.inject_event(rig.be, "a0", EVENT) == 0
     assert rig.be.poll(fd)
     rc, raw = rig.be.read(fd, 4096)
     assert rc == 0
@@ -174,9 +175,9 @@ def test_arm_events_carry_the_vsid() -> None:
 def test_arm_events_without_queue_or_vdevice() -> None:
     rig = Rig()
     rig.arm_topology("a0")
-    assert rig.be.inject_event("a0", EVENT) == errno.EOPNOTSUPP
+    assert testing.inject_event(rig.be, "a0", EVENT) == errno.EOPNOTSUPP
     rig.bind("a1")
-    assert rig.be.inject_event("a1", EVENT) == errno.ENOENT
+    assert testing.inject_event(rig.be, "a1", EVENT) == errno.ENOENT
 
 
 def test_veventq_alloc_checks() -> None:
@@ -202,8 +203,8 @@ def test_veventq_alloc_checks() -> None:
 def test_veventq_read_keeps_records_that_do_not_fit() -> None:
     rig = Rig()
     _, _, fd = arm_veventq(rig)
-    rig.be.inject_event("a0", EVENT)
-    rig.be.inject_event("a0", EVENT)
+    testing.inject_event(rig.be, "a0", EVENT)
+    testing.inject_event(rig.be, "a0", EVENT)
     assert rig.be.read(fd, 39) == (0, b"")  # one record is 8 + 32 bytes
     rc, raw = rig.be.read(fd, 79)
     assert (rc, len(raw)) == (0, 40)

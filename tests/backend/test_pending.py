@@ -13,6 +13,7 @@ import errno
 import pytest
 
 from tests.backend.test_emulated import ARM_INV, SYNC, Rig, cmd
+from viommud.backend.emulator import testing
 from viommud.backend.emulator.kernel import EmulatedIommufd
 
 VMID = 1  # the first nesting parent on smmu0
@@ -52,7 +53,7 @@ def test_bad_command_in_the_second_chunk(
     rig, viommu = scene(kernel)
     cmds = [cmd(0x11 | (i << 48)) for i in range(70)] + [cmd(0x03)] + [cmd(0x11)] * 9
     assert rig.invalidate(viommu, b"".join(cmds), ARM_INV, 16) == expected
-    queue = rig.be.issued("smmu0")
+    queue = testing.issued(rig.be, "smmu0")
     assert len(queue) == issued + 1
     assert queue[-1] == SYNC
 
@@ -61,7 +62,7 @@ def test_pending_chunks_of_63() -> None:
     rig, viommu = scene("pending")
     cmds = [cmd(0x11 | (i << 48)) for i in range(130)]
     assert rig.invalidate(viommu, b"".join(cmds), ARM_INV, 16) == (0, 130)
-    queue = rig.be.issued("smmu0")
+    queue = testing.issued(rig.be, "smmu0")
     assert [i for i, raw in enumerate(queue) if raw == SYNC] == [63, 127, 132]
 
 
@@ -96,7 +97,7 @@ STRICT = {
 def test_strict_field_validation(w0: int, w1: int) -> None:
     rig, viommu = scene("pending")
     assert rig.invalidate(viommu, cmd(w0, w1), ARM_INV, 16) == (errno.EIO, 0)
-    assert rig.be.issued("smmu0") == []
+    assert testing.issued(rig.be, "smmu0") == []
     rig, viommu = scene("mainline")
     assert rig.invalidate(viommu, cmd(w0, w1), ARM_INV, 16) == (0, 1)
 
@@ -127,12 +128,12 @@ ACCEPTED = {
 def test_strict_validation_accepts_defined_fields(w0: int, w1: int, host: bytes) -> None:
     rig, viommu = scene("pending")
     assert rig.invalidate(viommu, cmd(w0, w1), ARM_INV, 16) == (0, 1)
-    assert rig.be.issued("smmu0") == [host, SYNC]
+    assert testing.issued(rig.be, "smmu0") == [host, SYNC]
 
 
 def test_pending_hardware_failure_counts_only_completed_chunks() -> None:
     rig, viommu = scene("pending")
-    rig.be.inject_cmdq_error("smmu0")
+    testing.inject_cmdq_error(rig.be, "smmu0")
     assert rig.invalidate(viommu, b"".join(cmd(0x11) for _ in range(5)), ARM_INV, 16) == (
         errno.ETIMEDOUT,
         0,

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 from protocols import iommufd as uapi
+from viommud.backend.emulator import testing
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
 
@@ -646,7 +647,7 @@ def _o17(b: VBase) -> Any:
     rc, vdev = b.rig.vdevice(viommu, b.dev, 0x99)
     assert rc == 0
     assert b.rig.destroy(b.stdev) == 0  # the mock device goes away: vDEVICE tombstoned
-    assert b.rig.be.tombstones() == [vdev]
+    assert testing.tombstones(b.rig.be) == [vdev]
     return b.rig.destroy(vdev)
 
 

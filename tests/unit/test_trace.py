@@ -1,4 +1,4 @@
-"""Trace files (docs/trace-format.md §2): every reader error names its line; compression by extension."""
+"""Trace files (docs/trace-format.md §2): every reader error names its line; .xz by name."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Replay a trace file through a daemon and build the replay report (docs/trace-format.md §3, §4, §5).
+"""Replay a trace file through a daemon and build the replay report.
+
+The report, responses and call log are docs/trace-format.md §3, §4 and §5.
 
 Records are sent pipelined (at most ``window`` unanswered frames); replies come back in
 order and are written to the responses file and the call log as they arrive. A malformed
