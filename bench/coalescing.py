@@ -4,7 +4,8 @@
 
 Every trace is replayed in process (Session over the emulated backend) with the oracle on,
 once per dispatch policy, and the table shows, per trace: (a) the report's baseline
-(docs/trace-format.md §3.3: one call per forwarded command and physical SMMU, as QEMU does), (b) batching only (one array call per
+(docs/trace-format.md §3.3: one call per forwarded command and physical SMMU, as QEMU does), (b)
+batching only (one array call per
 vIOMMU object per doorbell), (c) full coalescing, and the oracle's missed/over for each. The
 lower bound is one call per backend object touched per doorbell. A second table compares one
 vSMMU spanning two physical SMMUs with one vSMMU per physical SMMU on the same workload, and

@@ -1,7 +1,8 @@
 """Synthetic virtio-iommu guest traces: Linux's virtio-iommu driver under the DMA API.
 
 ``map_unmap(requests)`` returns trace records (docs/trace-format.md §2) as JSON-ready
-dicts, header first, and the index of the first timed record. Set-up: the vIOMMU (the Linux session's
+dicts, header first, and the index of the first timed record. Set-up: the vIOMMU (the Linux
+session's
 options of fixtures/generate_virtio.py: 48-bit input range, bypass off, 2 GiB of guest RAM),
 its endpoints (host devices behind dmar0), a PROBE of each (``viommu_probe_endpoint``) and
 an ATTACH of each to the DMA domain (``viommu_attach_dev``). Timed: ``requests`` MAP and

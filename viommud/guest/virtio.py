@@ -56,7 +56,8 @@ KIND_NAMES: dict[int, str] = {
 
 
 def kind_name(request_type: int) -> str:
-    """The report's name of a request type: ``ATTACH`` ... or ``type_0x09`` (docs/trace-format.md §3.2)."""
+    """The report's name of a request type: ``ATTACH`` ... or ``type_0x09`` (docs/trace-format.md
+    §3.2)."""
     return KIND_NAMES.get(request_type) or f"type_0x{request_type:02x}"
 
 

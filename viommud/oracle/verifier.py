@@ -23,7 +23,8 @@ from viommud.trace import (
 
 @dataclass(slots=True)
 class Verifier:
-    """Watches one session; ``report()`` gives the report's ``verify`` object (docs/trace-format.md §3.4)."""
+    """Watches one session; ``report()`` gives the report's ``verify`` object (docs/trace-format.md
+    §3.4)."""
 
     host: HostConfig
     ledger: Ledger = field(default_factory=Ledger)

@@ -1,7 +1,8 @@
 """What a running daemon holds, for ``viommud status`` (STATUS frame) and the metrics.
 
 ``Totals`` adds session reports (the replay report's shape, docs/trace-format.md §3)
-together: the daemon keeps one for sessions that have ended and adds the live ones on demand. ``describe_*``
+together: the daemon keeps one for sessions that have ended and adds the live ones on demand.
+``describe_*``
 turn live objects into JSON-ready dicts, ``render_table`` turns the STATUS reply into the
 table ``viommud status`` prints.
 

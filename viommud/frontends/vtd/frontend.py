@@ -19,7 +19,8 @@ Guest-visible rules (IQE = invalidation queue error, at the descriptor's index):
   response without PASID (PP=0): IQE.
 After an IQE the bad descriptor is skipped and the rest of the doorbell runs, as a Linux guest
 does when it overwrites the bad slot with its wait descriptor and clears FSTS.IQE
-(docs/trace-format.md §2.5). ITE and ICE are never raised: every device-TLB invalidation the host performs completes
+(docs/trace-format.md §2.5). ITE and ICE are never raised: every device-TLB invalidation the host
+performs completes
 synchronously (QEMU never raises them either).
 """
 
