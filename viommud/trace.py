@@ -344,7 +344,8 @@ def record_to_json(record: Record) -> dict[str, Any]:
 
 
 def render_trace(header: dict[str, Any], records: Iterable[dict[str, Any]]) -> str:
-    """A trace file's text (docs/trace-format.md §2): the header line, then one compact JSON record a line."""
+    """A trace file's text (docs/trace-format.md §2): the header line, then one compact JSON record
+    a line."""
     lines = [json.dumps(header, separators=(",", ":"))]
     lines += [json.dumps(r, separators=(",", ":")) for r in records]
     return "\n".join(lines) + "\n"
