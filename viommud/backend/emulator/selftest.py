@@ -1,7 +1,8 @@
 """The iommufd selftest mock driver and IOMMU_TEST_CMD (reference iommufd.md §5).
 
-Loaded by ``EmulatedIommufd(..., selftest=True)``, the emulator's stand-in for a kernel
-built with CONFIG_IOMMUFD_TEST. The mock IOMMU is one physical IOMMU (``MOCK_IOMMU``)
+Mirrors ``drivers/iommu/iommufd/selftest.c``. Loaded by ``EmulatedIommufd(...,
+selftest=True)``, the emulator's stand-in for a kernel built with CONFIG_IOMMUFD_TEST.
+The mock IOMMU is one physical IOMMU (named ``HostIommu.SELFTEST``, like its model)
 whose devices are created by ``IOMMU_TEST_OP_MOCK_DOMAIN``: each is bound to the iommufd
 and owned by a SELFTEST object (destroying that object unbinds the device). Its state is
 the one the selftest checks:
@@ -23,25 +24,26 @@ from dataclasses import replace
 from typing import ClassVar
 
 from protocols import iommufd as uapi
+from protocols.models import HostIommu
 from viommud.backend.base import UserFault
-from viommud.backend.emulator.kernel import (
-    ENOERR,
-    KMALLOC_MAX_SIZE,
-    MOCK_IOMMU,
-    SELFTEST_MODEL,
-    Call,
+from viommud.backend.emulator.context import IommufdContext
+from viommud.backend.emulator.driver import IommuDriver, IommufdCore
+from viommud.backend.emulator.objects import (
     DeviceObject,
-    EmulatedIommufd,
     HwptNestedObject,
     HwptPagingObject,
-    IoctlError,
-    IommuDriver,
     IommufdObject,
     MockNestedData,
     SelftestObject,
+    ViommuObject,
+)
+from viommud.backend.emulator.usercopy import (
+    ENOERR,
+    KMALLOC_MAX_SIZE,
+    Call,
+    IoctlError,
     UserArray,
     UserData,
-    ViommuObject,
     copy_array_entry,
     copy_data_from_user,
     copy_full_array,
@@ -61,7 +63,7 @@ MOCK_DEV_FLAGS = (
 class MockDriver(IommuDriver):
     """The selftest mock IOMMU driver (``drivers/iommu/iommufd/selftest.c``)."""
 
-    model: ClassVar[str] = SELFTEST_MODEL
+    model: ClassVar[str] = HostIommu.SELFTEST
     has_domain_alloc_nested: ClassVar[bool] = True
     pgsize: ClassVar[int] = MOCK_IO_PAGE_SIZE
     aperture: ClassVar[tuple[int, int]] = (uapi.MOCK_APERTURE_START, uapi.MOCK_APERTURE_LAST)
@@ -72,21 +74,21 @@ class MockDriver(IommuDriver):
     def max_pasid_log2(self, dev: DeviceObject) -> int:
         return MOCK_PASID_WIDTH if dev.mock_flags & uapi.MOCK_FLAGS_DEVICE_PASID else 0
 
-    def hw_info(self, core: EmulatedIommufd, dev: DeviceObject, in_type: int) -> tuple[int, bytes]:
+    def hw_info(self, core: IommufdCore, dev: DeviceObject, in_type: int) -> tuple[int, bytes]:
         if in_type not in (uapi.IOMMU_HW_INFO_TYPE_NONE, uapi.IOMMU_HW_INFO_TYPE_SELFTEST):
             raise IoctlError(errno.EOPNOTSUPP)
         info = uapi.HwInfoSelftest(0, uapi.IOMMU_HW_INFO_SELFTEST_REGVAL)
         return uapi.IOMMU_HW_INFO_TYPE_SELFTEST, bytes(uapi.encode(info))
 
     def paging_alloc(
-        self, core: EmulatedIommufd, dev: DeviceObject, flags: int, data: UserData | None
+        self, core: IommufdCore, dev: DeviceObject, flags: int, data: UserData | None
     ) -> None:
         # mock_domain_alloc_paging_flags: its own data type only
         if data is not None and data.type != uapi.IOMMU_HWPT_DATA_SELFTEST:
             raise IoctlError(errno.EOPNOTSUPP)
 
     @staticmethod
-    def _alloc_nested(core: EmulatedIommufd, data: UserData) -> MockNestedData:
+    def _alloc_nested(core: IommufdCore, data: UserData) -> MockNestedData:
         """``__mock_domain_alloc_nested``: type first (EOPNOTSUPP), then the copy."""
         if data.type != uapi.IOMMU_HWPT_DATA_SELFTEST:
             raise IoctlError(errno.EOPNOTSUPP)
@@ -97,7 +99,7 @@ class MockDriver(IommuDriver):
 
     def domain_alloc_nested(
         self,
-        core: EmulatedIommufd,
+        core: IommufdCore,
         dev: DeviceObject,
         parent: HwptPagingObject,
         flags: int,
@@ -112,12 +114,12 @@ class MockDriver(IommuDriver):
 
     def viommu_init(
         self,
-        core: EmulatedIommufd,
+        core: IommufdCore,
         dev: DeviceObject,
         parent: HwptPagingObject,
         data: UserData | None,
     ) -> None:
-        if parent.model != SELFTEST_MODEL:
+        if parent.model != HostIommu.SELFTEST:
             raise IoctlError(errno.EINVAL)
         if data is None:
             return
@@ -132,23 +134,19 @@ class MockDriver(IommuDriver):
             raise IoctlError(errno.EFAULT) from None
 
     def viommu_alloc_domain_nested(
-        self, core: EmulatedIommufd, viommu: ViommuObject, flags: int, data: UserData
+        self, core: IommufdCore, viommu: ViommuObject, flags: int, data: UserData
     ) -> MockNestedData:
         if flags & ~uapi.IOMMU_HWPT_ALLOC_PASID:
             raise IoctlError(errno.EOPNOTSUPP)  # pragma: no cover - the core refuses first
         return self._alloc_nested(core, data)
 
-    def attach_paging(
-        self, core: EmulatedIommufd, dev: DeviceObject, hwpt: HwptPagingObject
-    ) -> int:
+    def attach_paging(self, core: IommufdCore, dev: DeviceObject, hwpt: HwptPagingObject) -> int:
         # mock_domain_nop_attach: a dirty-tracking domain needs a dirty-capable device
         if hwpt.dirty and dev.mock_flags & uapi.MOCK_FLAGS_DEVICE_NO_DIRTY:
             return errno.EINVAL
         return ENOERR
 
-    def attach_nested(
-        self, core: EmulatedIommufd, dev: DeviceObject, hwpt: HwptNestedObject
-    ) -> int:
+    def attach_nested(self, core: IommufdCore, dev: DeviceObject, hwpt: HwptNestedObject) -> int:
         # a nested domain of a vIOMMU needs the device's vDEVICE on that vIOMMU first
         if hwpt.viommu_id:
             viommu = core.lookup(hwpt.viommu_id)
@@ -158,7 +156,7 @@ class MockDriver(IommuDriver):
         return ENOERR
 
     def hwpt_cache_invalidate(
-        self, core: EmulatedIommufd, hwpt: HwptNestedObject, array: UserArray
+        self, core: IommufdCore, hwpt: HwptNestedObject, array: UserArray
     ) -> tuple[int, int]:
         """``mock_domain_cache_invalidate_user`` (§5.2): entry by entry."""
         if array.type != uapi.IOMMU_HWPT_INVALIDATE_DATA_SELFTEST:
@@ -190,7 +188,7 @@ class MockDriver(IommuDriver):
         return ENOERR, done
 
     def viommu_cache_invalidate(
-        self, core: EmulatedIommufd, viommu: ViommuObject, array: UserArray
+        self, core: IommufdCore, viommu: ViommuObject, array: UserArray
     ) -> tuple[int, int]:
         """``mock_viommu_cache_invalidate`` (§5.2): whole-array copy, then in order."""
         if array.entry_num == 0 and array.type == uapi.IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST:
@@ -223,7 +221,7 @@ class MockDriver(IommuDriver):
     def hw_queue_supported(self, viommu: ViommuObject, queue_type: int) -> bool:
         return queue_type == uapi.IOMMU_HW_QUEUE_TYPE_SELFTEST
 
-    def hw_queue_init(self, core: EmulatedIommufd, viommu: ViommuObject, index: int) -> int:
+    def hw_queue_init(self, core: IommufdCore, viommu: ViommuObject, index: int) -> int:
         """``mock_hw_queue_init_phys``: bounded index, no reuse, ascending order."""
         if index >= uapi.IOMMU_TEST_HW_QUEUE_MAX:
             raise IoctlError(errno.EINVAL)
@@ -242,7 +240,7 @@ class MockDriver(IommuDriver):
 # ======================================================================================
 
 
-def test_cmd(core: EmulatedIommufd, call: Call[uapi.TestCmd]) -> int:
+def test_cmd(core: IommufdContext, call: Call[uapi.TestCmd]) -> int:
     """``iommufd_test``: dispatch on ``op``; unknown (or not emulated) ops EOPNOTSUPP."""
     cmd = call.cmd
     op = cmd.op
@@ -264,7 +262,7 @@ def test_cmd(core: EmulatedIommufd, call: Call[uapi.TestCmd]) -> int:
 test_cmd.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
-def _mock_domain(core: EmulatedIommufd, call: Call[uapi.TestCmd]) -> int:
+def _mock_domain(core: IommufdContext, call: Call[uapi.TestCmd]) -> int:
     """MOCK_DOMAIN(_FLAGS): create a mock device, bind it, attach it to ``id``."""
     cmd = call.cmd
     args = uapi.decode(uapi.TestMockDomain, cmd.payload)
@@ -294,7 +292,7 @@ def _mock_domain(core: EmulatedIommufd, call: Call[uapi.TestCmd]) -> int:
     return ENOERR
 
 
-def _stdev(core: EmulatedIommufd, stdev_id: int) -> DeviceObject:
+def _stdev(core: IommufdContext, stdev_id: int) -> DeviceObject:
     sobj = core.lookup(stdev_id)
     if not isinstance(sobj, SelftestObject):
         raise IoctlError(errno.ENOENT)
@@ -303,7 +301,7 @@ def _stdev(core: EmulatedIommufd, stdev_id: int) -> DeviceObject:
     return dev
 
 
-def _mock_domain_replace(core: EmulatedIommufd, call: Call[uapi.TestCmd]) -> int:
+def _mock_domain_replace(core: IommufdContext, call: Call[uapi.TestCmd]) -> int:
     """MOCK_DOMAIN_REPLACE: ``iommufd_device_replace(idev, pt_id)``; writes pt_id back."""
     cmd = call.cmd
     dev = _stdev(core, cmd.id)
@@ -319,14 +317,14 @@ def _mock_domain_replace(core: EmulatedIommufd, call: Call[uapi.TestCmd]) -> int
     return ENOERR
 
 
-def _mock_object(core: EmulatedIommufd, obj_id: int, kind: type[IommufdObject]) -> IommufdObject:
+def _mock_object(core: IommufdContext, obj_id: int, kind: type[IommufdObject]) -> IommufdObject:
     obj = core.lookup(obj_id)
     if not isinstance(obj, kind):
         raise IoctlError(errno.ENOENT)
     return obj
 
 
-def _md_check_iotlb(core: EmulatedIommufd, cmd: uapi.TestCmd) -> int:
+def _md_check_iotlb(core: IommufdContext, cmd: uapi.TestCmd) -> int:
     hwpt = _mock_object(core, cmd.id, HwptNestedObject)
     assert isinstance(hwpt, HwptNestedObject)
     if not isinstance(hwpt.data, MockNestedData):
@@ -337,7 +335,7 @@ def _md_check_iotlb(core: EmulatedIommufd, cmd: uapi.TestCmd) -> int:
     return ENOERR if hwpt.data.iotlb[check.id] == check.iotlb else errno.EINVAL
 
 
-def _dev_check_cache(core: EmulatedIommufd, cmd: uapi.TestCmd) -> int:
+def _dev_check_cache(core: IommufdContext, cmd: uapi.TestCmd) -> int:
     dev = _mock_object(core, cmd.id, DeviceObject)
     assert isinstance(dev, DeviceObject)
     if dev.mock_cache is None:
@@ -348,11 +346,11 @@ def _dev_check_cache(core: EmulatedIommufd, cmd: uapi.TestCmd) -> int:
     return ENOERR if dev.mock_cache[check.id] == check.cache else errno.EINVAL
 
 
-def _trigger_vevent(core: EmulatedIommufd, cmd: uapi.TestCmd) -> int:
+def _trigger_vevent(core: IommufdContext, cmd: uapi.TestCmd) -> int:
     args = uapi.decode(uapi.TestTriggerVevent, cmd.payload)
     dev = _mock_object(core, args.dev_id, DeviceObject)
     assert isinstance(dev, DeviceObject)
-    if dev.pdev.iommu != MOCK_IOMMU or not dev.vdevice_id:
+    if dev.pdev.iommu != HostIommu.SELFTEST or not dev.vdevice_id:
         return errno.ENOENT
     vdev = core.lookup(dev.vdevice_id)
     viommu = core.lookup(getattr(vdev, "viommu_id", 0))
@@ -361,7 +359,7 @@ def _trigger_vevent(core: EmulatedIommufd, cmd: uapi.TestCmd) -> int:
     return core.report_vevent(viommu, uapi.IOMMU_VEVENTQ_TYPE_SELFTEST, payload)
 
 
-def _trigger_iopf(core: EmulatedIommufd, cmd: uapi.TestCmd) -> int:
+def _trigger_iopf(core: IommufdContext, cmd: uapi.TestCmd) -> int:
     args = uapi.decode(uapi.TestTriggerIopf, cmd.payload)
     dev = _mock_object(core, args.dev_id, DeviceObject)
     assert isinstance(dev, DeviceObject)

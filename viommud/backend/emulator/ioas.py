@@ -1,0 +1,160 @@
+"""IOAS ioctls: IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP and IOMMU_IOAS_UNMAP (reference §1.2).
+
+Mirrors ``drivers/iommu/iommufd/ioas.c`` and the parts of ``io_pagetable.c`` behind it:
+IOVA allocation (``iopt_alloc_iova``), reserved ranges outside the domains' apertures,
+area insertion and whole-area unmapping with partial progress.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import replace
+
+from protocols import iommufd as uapi
+from viommud.backend.emulator.context import IommufdContext
+from viommud.backend.emulator.objects import Area, IoasObject
+from viommud.backend.emulator.usercopy import ENOERR, PAGE_SIZE, U64_MAX, Call, IoctlError
+
+__all__ = ["IoasIoctls"]
+
+MAP_FLAGS = (
+    uapi.IOMMU_IOAS_MAP_FIXED_IOVA | uapi.IOMMU_IOAS_MAP_WRITEABLE | uapi.IOMMU_IOAS_MAP_READABLE
+)
+MAP_PROT = uapi.IOMMU_IOAS_MAP_WRITEABLE | uapi.IOMMU_IOAS_MAP_READABLE
+
+
+def _roundup_pow2(value: int) -> int:
+    return 1 << (value - 1).bit_length()
+
+
+class IoasIoctls(IommufdContext):
+    """The IOAS handlers of ``EmulatedIommufd``."""
+
+    # -- IOMMU_IOAS_ALLOC (§1.2) -------------------------------------------------------------
+    def _ioctl_ioas_alloc(self, call: Call[uapi.IoasAlloc]) -> int:
+        if call.cmd.flags:
+            return errno.EOPNOTSUPP
+        ioas = self._insert(IoasObject)
+        return self._finish(call, replace(call.cmd, out_ioas_id=ioas.id), ioas)
+
+    def _reserved(self, ioas: IoasObject) -> list[tuple[int, int]]:
+        """The IOVA ranges outside the apertures of the IOAS's domains."""
+        out: list[tuple[int, int]] = []
+        for hwpt in self._domains(ioas):
+            start, end = self._drivers[hwpt.model].aperture
+            if start:
+                out.append((0, start - 1))
+            if end != U64_MAX:
+                out.append((end + 1, U64_MAX))
+        return out
+
+    def _alloc_iova(self, ioas: IoasObject, uptr: int, length: int, iopt_align: int) -> int:
+        """``iopt_alloc_iova``: the lowest fitting hole above PAGE_SIZE."""
+        if length == 0 or length >= U64_MAX // 2:
+            raise IoctlError(errno.EOVERFLOW)
+        align = _roundup_pow2(length)
+        if uptr:
+            align = min(align, uptr & -uptr)
+        if align < iopt_align:
+            raise IoctlError(errno.EINVAL)
+        page_offset = uptr % PAGE_SIZE
+        lo, hi = PAGE_SIZE, U64_MAX - PAGE_SIZE
+        start = ((lo + align - 1) & ~(align - 1)) | page_offset
+        if start > hi or hi - start < length - 1:
+            raise IoctlError(errno.ENOSPC)  # pragma: no cover - the span is 2^64 - 8 KiB
+        used = sorted([*self._reserved(ioas), *((a.iova, a.last) for a in ioas.areas)])
+        hole_start = lo
+        for first, last in [*used, (hi + 1, hi + 1)]:
+            if first > hole_start:
+                hole_last = min(first - 1, hi)
+                cand = ((hole_start + align - 1) & ~(align - 1)) | page_offset
+                if cand <= hole_last and hole_last - cand >= length - 1:
+                    return cand
+            hole_start = max(hole_start, last + 1)
+            if hole_start > hi:
+                break
+        raise IoctlError(errno.ENOSPC)
+
+    # -- IOMMU_IOAS_MAP ---------------------------------------------------------------------
+    def _ioctl_ioas_map(self, call: Call[uapi.IoasMap]) -> int:
+        cmd = call.cmd
+        if cmd.flags & ~MAP_FLAGS or cmd.reserved:
+            return errno.EOPNOTSUPP
+        if cmd.iova >= U64_MAX or cmd.length >= U64_MAX:
+            return errno.EOVERFLOW
+        if not cmd.flags & MAP_PROT:
+            return errno.EINVAL
+        ioas: IoasObject = self._get(cmd.ioas_id, IoasObject)
+        # iopt_alloc_user_pages / iopt_alloc_pages
+        if cmd.user_va + cmd.length > U64_MAX:
+            return errno.EOVERFLOW
+        if cmd.length == 0 or cmd.length > U64_MAX - PAGE_SIZE:
+            return errno.EINVAL
+        # iopt_alloc_area_pages
+        align = self._iova_alignment(ioas)
+        if cmd.length & (align - 1):
+            return errno.EINVAL
+        if cmd.flags & uapi.IOMMU_IOAS_MAP_FIXED_IOVA:
+            iova = cmd.iova
+            if iova & (align - 1):
+                return errno.EINVAL
+            last = iova + cmd.length - 1
+            if last > U64_MAX:
+                return errno.EOVERFLOW
+            if any(first <= last and iova <= end for first, end in self._reserved(ioas)):
+                return errno.EINVAL
+            if ioas.areas_in(iova, last):
+                return errno.EEXIST
+        else:
+            iova = self._alloc_iova(ioas, cmd.user_va, cmd.length, align)
+        # iopt_insert_area
+        if (cmd.user_va % PAGE_SIZE) & (align - 1):
+            return errno.EINVAL
+        # iopt_fill_domains_pages: pin the user pages when a domain needs them
+        if self._domains(ioas) and not self._pinnable(cmd.user_va, cmd.length):
+            return errno.EFAULT
+        area = Area(iova, cmd.length, cmd.user_va, cmd.flags & MAP_PROT)
+        ioas.insert(area)
+        if call.respond(replace(cmd, iova=iova)):
+            return errno.EFAULT  # pragma: no cover - respond cannot fault here
+        return ENOERR
+
+    # -- IOMMU_IOAS_UNMAP -------------------------------------------------------------------
+    def _ioctl_ioas_unmap(self, call: Call[uapi.IoasUnmap]) -> int:
+        cmd = call.cmd
+        ioas: IoasObject = self._get(cmd.ioas_id, IoasObject)
+        if cmd.iova == 0 and cmd.length == U64_MAX:
+            rc, unmapped = self._unmap_range(ioas, 0, U64_MAX)
+            if rc == errno.ENOENT:
+                rc = ENOERR  # unmapping everything of an empty IOAS succeeds
+        else:
+            if cmd.iova >= U64_MAX or cmd.length >= U64_MAX:
+                return errno.EOVERFLOW
+            if not cmd.length:
+                return errno.EINVAL
+            if cmd.iova + cmd.length - 1 > U64_MAX:
+                return errno.EOVERFLOW
+            rc, unmapped = self._unmap_range(ioas, cmd.iova, cmd.iova + cmd.length - 1)
+        if rc:
+            return rc
+        if call.respond(replace(cmd, length=unmapped)):
+            return errno.EFAULT  # pragma: no cover - respond cannot fault here
+        return ENOERR
+
+    def _unmap_range(self, ioas: IoasObject, start: int, last: int) -> tuple[int, int]:
+        """``iopt_unmap_iova_range``: whole areas only, lowest first; partial progress."""
+        unmapped = 0
+        while True:
+            found = ioas.areas_in(start, last)
+            if not found:
+                break
+            area = found[0]
+            if area.locks:
+                return errno.EBUSY, unmapped
+            if area.iova < start or area.last > last:
+                return errno.ENOENT, unmapped
+            ioas.remove(area)
+            for hwpt in self._domains(ioas):
+                self._drivers[hwpt.model].unmap_flush(self, hwpt, area.iova, area.last)
+            unmapped += area.length
+        return (ENOERR if unmapped else errno.ENOENT), unmapped

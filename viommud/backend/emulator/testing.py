@@ -1,0 +1,218 @@
+"""Test support for the emulated iommufd: inspection, cache filling and fault injection.
+
+Nothing here is part of the kernel being emulated: these helpers let a test see what the
+emulator did (the host command queues, the VT-d flushes, the caches and the journal of
+what each call removed from them), put entries in the caches as DMA would, and inject
+host-side errors and events. Each takes the ``EmulatedIommufd`` (any ``IommufdContext``)
+as its first argument and reads its state directly.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import replace
+
+from protocols import iommufd as uapi
+from protocols.models import HostIommu
+from viommud.backend.emulator.caches import (
+    AtcEntry,
+    CacheView,
+    ConfigEntry,
+    Removal,
+    TlbEntry,
+    granule_level_size,
+)
+from viommud.backend.emulator.context import IommufdContext
+from viommud.backend.emulator.intel import VtdFlush
+from viommud.backend.emulator.objects import (
+    DeviceObject,
+    HwptNestedObject,
+    VdeviceObject,
+    ViommuObject,
+)
+from viommud.backend.emulator.usercopy import PAGE_SIZE
+
+__all__ = [
+    "atc",
+    "bound_device",
+    "caches",
+    "clear_issued",
+    "dma",
+    "inject_cmdq_error",
+    "inject_event",
+    "issued",
+    "last_removed",
+    "mock_devices",
+    "populate_atc",
+    "populate_config",
+    "populate_iotlb",
+    "removals",
+    "tombstones",
+    "vtd_flushes",
+]
+
+
+def tombstones(be: IommufdContext) -> list[int]:
+    """IDs of vDEVICEs whose device went away: taken until close, but not objects."""
+    return sorted(be._tombstones)
+
+
+def issued(be: IommufdContext, iommu_id: str) -> list[bytes]:
+    """Commands that reached the host command queue of physical SMMU ``iommu_id``."""
+    return list(be._units[iommu_id].cmdq)
+
+
+def clear_issued(be: IommufdContext) -> None:
+    """Forget the host command queues and the VT-d flushes recorded so far."""
+    for unit in be._units.values():
+        unit.cmdq.clear()
+    be._vtd_flushes.clear()
+
+
+def vtd_flushes(be: IommufdContext) -> list[VtdFlush]:
+    """VT-d stage-1 invalidations carried out, in order."""
+    return list(be._vtd_flushes)
+
+
+def inject_cmdq_error(be: IommufdContext, iommu_id: str, err: int = errno.ETIMEDOUT) -> None:
+    """Make the next command-queue issue on ``iommu_id`` fail with ``err`` (§3.4)."""
+    be._units[iommu_id].pending_error = err
+
+
+def mock_devices(be: IommufdContext) -> dict[int, str]:
+    """Device object id -> device name of the selftest mock devices alive."""
+    return {
+        obj.id: obj.pdev.id
+        for obj in be._objects.values()
+        if isinstance(obj, DeviceObject) and obj.pdev.iommu == HostIommu.SELFTEST
+    }
+
+
+def caches(be: IommufdContext, iommu_id: str) -> CacheView:
+    """IOTLB and configuration cache of ``iommu_id`` and the ATCs of its devices."""
+    devices = sorted(d for d, p in be._pdevs.items() if p.iommu == iommu_id)
+    return be.cache_model.view(iommu_id, devices)
+
+
+def atc(be: IommufdContext, device: str) -> tuple[AtcEntry, ...]:
+    """The ATC / device TLB of host device ``device``."""
+    return tuple(be.cache_model.atc.get(device, ()))
+
+
+def populate_iotlb(be: IommufdContext, iommu_id: str, entry: TlbEntry) -> None:
+    """Put ``entry`` in the IOTLB of ``iommu_id`` (no check that DMA could make it)."""
+    if iommu_id not in be._units:
+        raise KeyError(iommu_id)
+    be.cache_model.add_iotlb(iommu_id, entry)
+
+
+def populate_atc(be: IommufdContext, device: str, entry: AtcEntry) -> None:
+    """Put ``entry`` in the ATC of ``device``; ValueError unless its ATS is enabled."""
+    dev = bound_device(be, device)
+    hwpt = be._objects.get(dev.hwpt_id) if dev.hwpt_id else None
+    if not be.driver(dev.pdev.iommu).ats_enabled(dev, hwpt):
+        raise ValueError(f"ATS is not enabled for {device}")
+    be.cache_model.add_atc(device, entry)
+
+
+def populate_config(be: IommufdContext, iommu_id: str, entry: ConfigEntry) -> None:
+    """Put ``entry`` in the configuration cache of ``iommu_id``."""
+    if iommu_id not in be._units:
+        raise KeyError(iommu_id)
+    be.cache_model.add_config(iommu_id, entry)
+
+
+def dma(
+    be: IommufdContext,
+    device: str,
+    iova: int,
+    *,
+    size: int = PAGE_SIZE,
+    granule: int = PAGE_SIZE,
+    asid: int = 0,
+    ssid: int | None = None,
+    walk: bool = True,
+    global_: bool = False,
+) -> list[TlbEntry | AtcEntry | ConfigEntry]:
+    """Fill the caches as a translated DMA of ``device`` at ``iova`` would.
+
+    The IOTLB gets a leaf entry of ``size`` (a page or block of the ``granule``) tagged
+    from the device's attachment (``asid`` is the guest's ASID for an SMMUv3 stage-1
+    STE; VT-d nested entries carry PASID 0), and with ``walk`` the walk-cache entries
+    of the table levels above it (levels 1 .. leaf-1); the ATC gets the translation
+    (with ``ssid`` as its PASID) when the device's ATS is enabled; the configuration
+    cache gets the STE (and the CD for a stage-1 STE) or the context and PASID
+    entries. Returns what was added; ValueError when such a DMA cannot be cached.
+    """
+    dev = bound_device(be, device)
+    if not dev.hwpt_id:
+        raise ValueError(f"{device} is not attached")
+    hwpt = be._objects[dev.hwpt_id]
+    driver = be.driver(dev.pdev.iommu)
+    tag, tlb_asid = driver.dma_tags(be, dev, hwpt, asid)
+    level = next((lvl for lvl in (3, 2, 1) if granule_level_size(granule, lvl) == size), None)
+    if level is None or granule not in (4096, 16384, 65536):
+        raise ValueError(f"{size:#x} is not a page or block size of a {granule:#x} granule")
+    unit = dev.pdev.iommu
+    added: list[TlbEntry | AtcEntry | ConfigEntry] = []
+    base = iova & ~(size - 1)
+    tlb = [TlbEntry(tag, tlb_asid, base, size, True, level, granule, global_)]
+    if walk:
+        for lvl in range(1, level):
+            region = granule_level_size(granule, lvl)
+            tlb.append(TlbEntry(tag, tlb_asid, iova & ~(region - 1), region, False, lvl, granule))
+    for entry in tlb:
+        be.cache_model.add_iotlb(unit, entry)
+        added.append(entry)
+    if driver.ats_enabled(dev, hwpt):
+        atc_entry = AtcEntry(base, size, ssid, global_)
+        be.cache_model.add_atc(dev.pdev.id, atc_entry)
+        added.append(atc_entry)
+    config: list[ConfigEntry] = []
+    if driver.model == HostIommu.ARM_SMMUV3:
+        config.append(ConfigEntry("ste", dev.pdev.sid))
+        if isinstance(hwpt, HwptNestedObject) and tlb_asid is not None:
+            config.append(ConfigEntry("cd", dev.pdev.sid, ssid or 0))
+    else:
+        config += [ConfigEntry("context", dev.pdev.sid), ConfigEntry("pasid", dev.pdev.sid)]
+    for centry in config:
+        be.cache_model.add_config(unit, centry)
+        added.append(centry)
+    return added
+
+
+def last_removed(be: IommufdContext) -> list[Removal]:
+    """Cache entries removed by the most recent ioctl / close_device / close."""
+    return be.cache_model.journal[be._mark :]
+
+
+def removals(be: IommufdContext) -> list[Removal]:
+    """Every cache entry removed so far, in order."""
+    return list(be.cache_model.journal)
+
+
+def inject_event(be: IommufdContext, device: str, record: bytes) -> int:
+    """A host SMMUv3 event record (32 bytes) for ``device``, forwarded as a vEVENT.
+
+    The StreamID field (evt[0] bits 63:32) is replaced by the vSID (§3.5). Returns 0,
+    ENOENT when the device has no vDEVICE, EOPNOTSUPP when its vIOMMU has no vEVENTQ
+    of type ARM_SMMUV3 (the event is dropped).
+    """
+    dev = bound_device(be, device)
+    if not dev.vdevice_id:
+        return errno.ENOENT
+    vdev = be._objects[dev.vdevice_id]
+    assert isinstance(vdev, VdeviceObject)
+    viommu = be._objects[vdev.viommu_id]
+    assert isinstance(viommu, ViommuObject)
+    evt = uapi.decode(uapi.VeventArmSmmuv3, record)
+    evt = replace(evt, evt0=(evt.evt0 & 0xFFFF_FFFF) | ((vdev.virt_id & 0xFFFF_FFFF) << 32))
+    return be.report_vevent(viommu, uapi.IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, bytes(uapi.encode(evt)))
+
+
+def bound_device(be: IommufdContext, device: str) -> DeviceObject:
+    """The DEVICE object of host device ``device``; ValueError when it is not bound."""
+    for obj in be._objects.values():
+        if isinstance(obj, DeviceObject) and obj.pdev.id == device:
+            return obj
+    raise ValueError(f"{device} is not bound to this iommufd")
