@@ -45,7 +45,7 @@ from typing import Any
 from protocols.models import HostIommu, ViommuModel
 from protocols.vtd import build_context_entry
 from viommud.host import HostConfig, PhysicalDevice, PhysicalIommu
-from viommud.importers import HostSpec, ImportLogError, ImportOptions
+from viommud.importers.options import HostSpec, ImportLogError, ImportOptions
 
 __all__ = ["Doorbell", "convert", "parse_smmuv3", "parse_vtd"]
 

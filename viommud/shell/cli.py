@@ -195,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return _status(args)
     if args.command == "import":
-        from viommud.importers import cli as import_cli  # noqa: PLC0415 - only for import
-
-        return import_cli(args)
+        return _import(args)
     return _health(args)
 
 
@@ -378,4 +376,38 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(reply, indent=None))
     else:
         print(render_status(reply))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    """``viommud import qemu-log LOG -o TRACE``: a QEMU trace log to a trace file."""
+    from viommud.importers import (  # noqa: PLC0415 - only for import
+        ImportLogError,
+        ImportOptions,
+        load_host_spec,
+        parse_attach,
+        qemu_log,
+        write_trace,
+    )
+
+    name = args.name or args.output.name.split(".")[0]
+    try:
+        options = ImportOptions(
+            model=args.model,
+            name=name,
+            viommu=args.viommu,
+            dw=args.dw,
+            synthesize=args.synthesize,
+            spec=load_host_spec(args.host) if args.host is not None else None,
+            extra_attach=[parse_attach(a) for a in args.attach],
+            ats=args.ats,
+        )
+        with args.log.open("r", encoding="utf-8", errors="replace") as log:
+            header, records = qemu_log.convert(log, options)
+        write_trace(args.output, header, records)
+    except (ImportLogError, OSError) as exc:
+        print(f"viommud: import: {exc}", file=sys.stderr)
+        return 2
+    cmds = sum(1 for r in records if r["op"] == "cmds")
+    print(f"{args.output}: {len(records)} records, {cmds} doorbells", file=sys.stderr)
     return 0
