@@ -15,15 +15,15 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from viommud import group_commit
 from viommud.backend.base import Backend
 from viommud.backend.calls import BackendCallError, CallLog, Iommufd
 from viommud.dispatcher import DispatchStats
+from viommud.group_commit import GroupCommit
 from viommud.models import (
-    GroupCommit,
     ModelContext,
     ModelError,
     RecordRefused,
-    Screened,
     Viommu,
     factories,
 )
@@ -110,65 +110,46 @@ class Session:
         return response
 
     def doorbells(self, viommu: str, doorbells: list[bytes]) -> list[DoorbellReply | Exception]:
-        """Group commit (docs/coalescing.md): consecutive doorbells of one vIOMMU that were
-        already waiting in the input. Each answer is the response ``doorbell`` would give, or
+        """Group commit (viommud.group_commit): consecutive doorbells of one vIOMMU that were
+        already waiting in the input. Each answer is the reply ``doorbell`` would give, or
         the RecordRefused it would raise. Runs of plain doorbells share host calls; each
-        run's calls return before any of its responses exists, so no sync completes early."""
-        instance: object = self.viommus.get(viommu)
-        if not getattr(instance, "group_commit", False):
+        run's calls return before any of its replies exists, so no sync completes early."""
+        instance = self.viommus.get(viommu)
+        if instance is None or not instance.group_commit:
             return [self._one(viommu, data) for data in doorbells]
-        instance = cast("GroupCommit", instance)  # what ``group_commit = True`` promises
-        screen = instance.screen(doorbells)
-        plain = screen.plain
-        out: list[DoorbellReply | Exception] = []
-        first, count = 0, len(doorbells)
-        while first < count:
-            if not plain[first]:
-                out.append(self._one(viommu, doorbells[first]))
-                first += 1
-                continue
-            stop = first + 1
-            while stop < count and plain[stop]:
-                stop += 1
-            out += self._commit(
-                instance, viommu, doorbells=doorbells, screen=screen, first=first, stop=stop
+        model = cast("GroupCommit", instance)  # what ``group_commit = True`` promises
+        verifier = self.verifier
+        if verifier is None:
+            return group_commit.run(
+                model, doorbells, lambda data: self._one(viommu, data), single=instance.doorbell
             )
-            first = stop
-        return out
+
+        def before(run: list[bytes]) -> None:  # the oracle sees a run as one doorbell
+            verifier.doorbell_begin(viommu, b"".join(run))
+
+        def after(replies: list[DoorbellReply]) -> None:
+            failed: set[int] = set()
+            offset = 0
+            for reply in replies:
+                failed.update(e.index + offset for e in reply.errors)
+                offset += reply.consumed
+            verifier.doorbell_end(viommu, failed)
+            self._log_missed(viommu)
+
+        return group_commit.run(
+            model,
+            doorbells,
+            lambda data: self._one(viommu, data),
+            single=instance.doorbell,
+            before=before,
+            after=after,
+        )
 
     def _one(self, viommu: str, data: bytes) -> DoorbellReply | Exception:
         try:
             return self.doorbell(viommu, data)
         except RecordRefused as exc:
             return exc
-
-    def _commit(
-        self,
-        instance: GroupCommit,
-        viommu: str,
-        *,
-        doorbells: list[bytes],
-        screen: Screened,
-        first: int,
-        stop: int,
-    ) -> list[DoorbellReply]:
-        run = doorbells[first:stop]
-        verifier = self.verifier
-        if verifier is not None:  # the oracle sees the run as one doorbell: its barriers
-            verifier.doorbell_begin(viommu, b"".join(run))  # complete when the calls return
-        responses = instance.commit(screen, first, stop)
-        if responses is None:  # a host call failed: one by one, for the guest's error index
-            single = self.viommus[viommu]
-            responses = [single.doorbell(data) for data in run]
-        if verifier is not None:
-            failed: set[int] = set()
-            offset = 0
-            for response in responses:
-                failed.update(e.index + offset for e in response.errors)
-                offset += response.consumed
-            verifier.doorbell_end(viommu, failed)
-            self._log_missed(viommu)
-        return responses
 
     def _log_missed(self, viommu: str) -> None:
         verifier = self.verifier

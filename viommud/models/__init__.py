@@ -64,6 +64,9 @@ class Viommu(Protocol):
         """A ``request`` record (virtio-iommu); raises RecordRefused on other models."""
         ...
 
+    #: True when the model also implements ``viommud.group_commit.GroupCommit``.
+    group_commit: ClassVar[bool]
+
     def kind_counts(self) -> dict[str, int]:
         """Commands seen, keyed ``model:NAME`` (docs/trace-format.md §3.2 ``by_kind``)."""
         ...
@@ -74,31 +77,6 @@ class Viommu(Protocol):
 
     def destroy(self) -> None:
         """Free everything this vIOMMU holds on the backend."""
-        ...
-
-
-class Screened(Protocol):
-    """The result of ``GroupCommit.screen``: which doorbells are plain."""
-
-    @property
-    def plain(self) -> list[bool]: ...
-
-
-class GroupCommit(Protocol):
-    """A model that can run consecutive *plain* doorbells (invalidations and barriers only,
-    none of them in error) with shared host calls (docs/coalescing.md, "Group commit").
-    Such a model sets the class attribute ``group_commit = True``: the session checks that
-    flag, not the protocol (an isinstance check on a Protocol costs microseconds)."""
-
-    group_commit: ClassVar[bool]
-
-    def screen(self, doorbells: list[bytes]) -> Screened:
-        """Which doorbells are plain; pass it back to ``commit``."""
-        ...
-
-    def commit(self, screen: Any, first: int, stop: int) -> list[DoorbellReply] | None:
-        """Doorbells ``first`` to ``stop - 1`` (all plain) at once: their responses, or None,
-        with nothing counted, when a host call failed."""
         ...
 
 
