@@ -41,7 +41,7 @@ def test_replay_json_report_and_files(tmp_path: Path, capsys: pytest.CaptureFixt
         report["backend"]["calls"]["IOMMU_HWPT_INVALIDATE"]
         <= report["baseline"]["invalidate_calls"]
     )
-    assert report["verify"] == {"enabled": False, "missed": 0, "over": 0}
+    assert report["verify"] == {"enabled": True, "missed": 0, "over": 0}  # on by default
     assert len(responses.read_text().splitlines()) == report["records"]
     assert len(calls.read_text().splitlines()) == sum(report["backend"]["calls"].values())
 
@@ -51,6 +51,14 @@ def test_replay_table(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "guest errors" in out
     assert "CERROR_ILL 21" in out
+    assert "missed 0, over 0" in out  # the oracle runs by default and says what it found
+
+
+def test_replay_no_verify(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(["replay", str(FIXTURES / "smmuv3-every-opcode.jsonl"), "--no-verify", "--json"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["verify"]["enabled"] is False
 
 
 @pytest.mark.parametrize(

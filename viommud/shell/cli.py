@@ -118,8 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "--verify",
-        action="store_true",
-        help="run the oracle: exit 1 if a barrier missed an invalidation (docs/oracle.md)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the oracle (default): exit 1 if a barrier missed an invalidation "
+        "(docs/oracle.md); --no-verify skips it",
     )
     rep.add_argument(
         "--group-commit",

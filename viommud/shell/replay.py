@@ -266,7 +266,10 @@ def render_table(report: dict[str, Any]) -> str:
         ("backend calls", calls),
         ("invalidate calls", f"{invalidates} vs baseline {baseline}{saved}"),
         ("invalidation entries", f"{backend['invalidation_entries']}"),
-        ("verify", "on" if verify["enabled"] else "off"),
+        (
+            "verify",
+            f"missed {verify['missed']}, over {verify['over']}" if verify["enabled"] else "off",
+        ),
         ("elapsed", f"{report['elapsed_s']:.3f} s  ({report['commands_per_s']:,.0f} commands/s)"),
     ]
     width = max(len(k) for k, _ in rows)
