@@ -52,10 +52,19 @@ from construct import (
 from protocols.boundary import flatten_words
 
 __all__ = [
+    "CERROR_ILL",
+    "CFGI_CD_OPS",
     "COMMANDS",
     "COMMAND_SIZE",
+    "FORWARDED_OPS",
+    "SID_OPS",
+    "SSEC_OPS",
     "STE",
     "STE_SIZE",
+    "TLBI_NH_OPS",
+    "TLBI_OPS",
+    "TLBI_RANGE_OPS",
+    "TLBI_VM_WIDE_OPS",
     "Opcode",
     "build_command",
     "build_ste",
@@ -65,6 +74,7 @@ __all__ = [
 
 COMMAND_SIZE = 16
 STE_SIZE = 64
+CERROR_ILL = "CERROR_ILL"  # SMMU_CMDQ_CONS.ERR = 1, an illegal command (smmuv3.md §2.3)
 
 
 class Opcode(enum.IntEnum):
@@ -107,6 +117,40 @@ class Opcode(enum.IntEnum):
     TLBI_SNH_ALL = 0x60
     DPTI_ALL = 0x70
     DPTI_PA = 0x73
+
+
+def _ops(*ops: Opcode) -> frozenset[int]:
+    return frozenset(int(op) for op in ops)
+
+
+# Opcode sets, as plain ints: fast paths test ``op in SET`` on the opcode byte, and an enum
+# member there would cost more than the test. Numpy tables are derived from these.
+
+#: Stage-1 TLB invalidations of the Non-secure EL1&0 regime (SMMUv3 §4.4.1): TLBI_NH_*.
+TLBI_NH_OPS = _ops(Opcode.TLBI_NH_ALL, Opcode.TLBI_NH_ASID, Opcode.TLBI_NH_VA, Opcode.TLBI_NH_VAA)
+#: The TLB invalidations a stage-1-only vSMMU forwards: TLBI_NH_* and TLBI_NSNH_ALL (which
+#: the kernel turns into TLBI_NH_ALL of the vIOMMU's VMID, iommufd.md §3.3).
+TLBI_OPS = TLBI_NH_OPS | _ops(Opcode.TLBI_NSNH_ALL)
+#: TLBIs that cover every stage-1 entry of the VM.
+TLBI_VM_WIDE_OPS = _ops(Opcode.TLBI_NH_ALL, Opcode.TLBI_NSNH_ALL)
+#: TLBIs by address, which may use the range encoding TG/NUM/SCALE/TTL (§4.4.1.1).
+TLBI_RANGE_OPS = _ops(Opcode.TLBI_NH_VA, Opcode.TLBI_NH_VAA)
+#: Configuration-cache invalidations of context descriptors (§4.3; smmuv3.md §1.3).
+CFGI_CD_OPS = _ops(Opcode.CFGI_CD, Opcode.CFGI_CD_ALL)
+#: Commands scoped by a StreamID, which the kernel translates vSID -> pSID (iommufd.md §3.3).
+SID_OPS = CFGI_CD_OPS | _ops(Opcode.ATC_INV)
+#: Every command the kernel's vIOMMU invalidation accepts (iommufd.md §3.3).
+FORWARDED_OPS = TLBI_OPS | SID_OPS
+#: Commands whose W0[10] is SSec, which must be 0 on the Non-secure queue (smmuv3.md §1.2).
+SSEC_OPS = CFGI_CD_OPS | _ops(
+    Opcode.PREFETCH_CONFIG,
+    Opcode.PREFETCH_ADDR,
+    Opcode.CFGI_STE,
+    Opcode.CFGI_STE_RANGE,
+    Opcode.CFGI_VMS_PIDM,
+    Opcode.RESUME,
+    Opcode.STALL_TERM,
+)
 
 
 # ---------------------------------------------------------------------------------------------

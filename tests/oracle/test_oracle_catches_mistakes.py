@@ -15,6 +15,7 @@ from bench.workloads import tlbi_range
 from protocols.smmuv3 import Opcode, build_command
 from tests.oracle.workload import SYNC, Rig, build, host
 from tests.replies import as_json
+from viommud.dispatcher import Outcome
 from viommud.dispatcher.smmuv3 import DispatchPolicy, SmmuDispatcher
 from viommud.dispatcher.smmuv3_coalesce import Entry
 from viommud.events import Event, GuestError, Invalidation
@@ -55,7 +56,7 @@ class CompletesEarly(SmmuDispatcher):
         if getattr(self, "_late", False):
             super()._flush(errors)
 
-    def run(self, events: list[object]) -> list[GuestError]:  # type: ignore[override]
+    def run(self, events: list[object]) -> Outcome:  # type: ignore[override]
         self._late = True
         self._flush([])  # last doorbell's work, now
         self._late = False
@@ -66,7 +67,7 @@ def with_dispatcher(rig: Rig, cls: type[SmmuDispatcher]) -> None:
     for instance in rig.session.viommus.values():
         assert isinstance(instance, SmmuV3Viommu)
         old = instance.dispatcher
-        instance.dispatcher = cls(old.frontend, old.topology, old.iommufd, old.stats, old.policy)
+        instance.dispatcher = cls(old.topology, old.iommufd, old.stats, old.policy)
 
 
 def workload(rig: Rig) -> None:

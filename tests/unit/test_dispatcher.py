@@ -10,7 +10,11 @@ from protocols import iommufd as uapi
 from protocols.smmuv3 import Opcode, build_command, parse_command
 from tests.replies import as_json
 from viommud.backend.emulator.kernel import EmulatedIommufd
+from viommud.dispatcher import NOTHING
+from viommud.dispatcher.smmuv3 import SmmuDispatcher
+from viommud.events import GuestError, StreamTableInvalidated
 from viommud.host import HostConfig
+from viommud.models.smmuv3 import SmmuV3Viommu
 from viommud.session import Session
 from viommud.trace import DeviceAttach, Ste, ViommuCreate
 
@@ -139,3 +143,46 @@ def test_session_close_frees_everything() -> None:
     assert backend.live_objects() != []
     session.close()
     assert backend.live_objects() == []
+
+
+def _dispatcher(session: Session) -> SmmuDispatcher:
+    instance = session.viommus["v"]
+    assert isinstance(instance, SmmuV3Viommu)
+    return instance.dispatcher
+
+
+def test_outcome_separates_host_refusals_from_the_frontends() -> None:
+    backend = CorruptingBackend(HOST)
+    session = session_with_device(backend)
+    instance = session.viommus["v"]
+    assert isinstance(instance, SmmuV3Viommu)
+    frontend = instance.frontend
+    frontend.receive_data(b"".join(tlbis(4)) + SYNC)
+    assert _dispatcher(session).run(frontend.events()) is NOTHING
+    commands = tlbis(4)
+    commands[1] = struct.pack("<QQ", 0x5F, 0)  # the frontend refuses it
+    frontend.receive_data(b"".join(commands) + SYNC)
+    backend.bad = 1  # the host refuses the entry of command 2 (the array skips command 1)
+    outcome = _dispatcher(session).run(frontend.events())
+    assert [(e.index, e.code) for e in outcome.errors] == [(1, "CERROR_ILL"), (2, "CERROR_ILL")]
+    assert outcome.host_errors == outcome.errors[1:]
+    assert frontend.error_counts == {"CERROR_ILL": 1}  # the dispatcher never told it
+
+
+def test_stream_table_invalidation_installs_the_stes_it_carries() -> None:
+    backend = EmulatedIommufd(HOST)
+    session = session_with_device(backend)
+    dispatcher = _dispatcher(session)
+    stage2 = struct.pack("<8Q", 0xD, 0, 0, 0, 0, 0, 0, 0)  # Config 0b110: refused
+    cfgi = build_command(Opcode.CFGI_STE_RANGE, range=31)
+    outcome = dispatcher.run([StreamTableInvalidated(0, 0, 0xFFFFFFFF, cfgi, ((8, stage2),))])
+    [error] = outcome.host_errors
+    assert isinstance(error, GuestError)
+    assert (error.index, error.code, error.raw) == (0, "CERROR_ILL", cfgi)
+    assert "stage 2" in error.reason
+    # vSIDs without a vDEVICE are skipped; an unchanged vSTE costs no call
+    assert dispatcher.run([StreamTableInvalidated(0, 0, 9, cfgi, ((3, stage2),))]) is NOTHING
+    assert dispatcher.run([StreamTableInvalidated(0, 8, 8, cfgi, ((8, vste(0x40000000)),))]) is (
+        NOTHING
+    )
+    assert session.drain_calls() == []

@@ -15,17 +15,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench import workloads
-from protocols.smmuv3 import Opcode, build_command
+from protocols.smmuv3 import TLBI_OPS, Opcode, build_command
 from tests.oracle.workload import SYNC, build, host
 from tests.replies import as_json, as_json_list
-from viommud.dispatcher.smmuv3 import SmmuDispatcher
+from viommud.dispatcher import Outcome
+from viommud.dispatcher.smmuv3 import BulkCoalescer, SmmuDispatcher
 from viommud.events import Barrier, GuestError, Invalidation
 from viommud.frontends.smmuv3.frontend import SmmuFeatures, SmmuV3Frontend
 from viommud.group_commit.smmuv3_coalesce import coalesce_tlb
-from viommud.group_commit.smmuv3_screen import PLAIN_TLB_OPS, screen
+from viommud.group_commit.smmuv3_screen import screen
 
 _QQ = struct.Struct("<QQ")
-_PLAIN_OPS = {int(op) for op in PLAIN_TLB_OPS} | {int(Opcode.CMD_SYNC)}
+_PLAIN_OPS = TLBI_OPS | {int(Opcode.CMD_SYNC)}
 
 
 # -- the screen agrees with the frontend ----------------------------------------------------
@@ -272,8 +273,10 @@ def test_failed_group_call_falls_back_and_reports_the_guest_command() -> None:
     seq = calls.seq
     original = SmmuDispatcher.run_plain
 
-    def fail_then_inject(self: SmmuDispatcher, commands: bytes, syncs: int) -> bool:
-        result = original(self, commands, syncs)  # consumes the first injected error
+    def fail_then_inject(
+        self: SmmuDispatcher, commands: bytes, syncs: int, bulk: BulkCoalescer
+    ) -> Outcome | None:
+        result = original(self, commands, syncs, bulk)  # consumes the first injected error
         rig.backend.inject_cmdq_error("smmu0", errno.ETIMEDOUT)  # the first single call fails
         return result
 

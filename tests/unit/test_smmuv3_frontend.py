@@ -109,6 +109,43 @@ def test_stream_table_invalidations(command: bytes, first: int, last: int) -> No
     assert run(command) == [StreamTableInvalidated(0, first, last, command)]
 
 
+def test_stream_table_invalidation_carries_the_written_stes_of_its_range() -> None:
+    frontend = SmmuV3Frontend()
+    stes = {sid: bytes([sid & 0xFF]) * 64 for sid in (0x10A, 0x108, 0x110, 7)}
+    for sid, ste in stes.items():
+        frontend.write_ste(sid, ste)
+    one = build_command(Opcode.CFGI_STE, sid=0x108, leaf=1)
+    unwritten = build_command(Opcode.CFGI_STE, sid=0x109, leaf=1)
+    span = build_command(Opcode.CFGI_STE_RANGE, sid=0x10B, range=1)  # 0x108..0x10B
+    every = build_command(Opcode.CFGI_STE_RANGE, range=31)
+    frontend.receive_data(one + unwritten + span + every)
+    assert [e.stes for e in frontend.events() if isinstance(e, StreamTableInvalidated)] == [
+        ((0x108, stes[0x108]),),
+        (),
+        ((0x108, stes[0x108]), (0x10A, stes[0x10A])),
+        tuple(sorted(stes.items())),
+    ]
+
+
+def test_host_failures_and_bulk_doorbells_reach_the_counters() -> None:
+    frontend = SmmuV3Frontend()
+    frontend.host_failed([GuestError(3, "CERROR_ILL", "host", b""), GuestError(5, "X", "", b"")])
+    assert frontend.error_counts == {"CERROR_ILL": 1, "X": 1}
+    tlbi = build_command(Opcode.TLBI_NH_ASID, asid=1)
+    alone = SmmuV3Frontend()
+    for doorbell in (tlbi + SYNC, tlbi + tlbi + SYNC):
+        alone.receive_data(doorbell)
+        alone.events()
+    bulk = SmmuV3Frontend()
+    bulk.took_plain(tlbi + SYNC + tlbi + tlbi + SYNC, 2, alone.last)
+    assert (bulk.kind_counts(), bulk.barriers, bulk.last) == (
+        alone.kind_counts(),
+        alone.barriers,
+        alone.last,
+    )
+    assert bulk.error_counts == {}
+
+
 def raw(w0: int, w1: int = 0) -> bytes:
     return struct.pack("<QQ", w0, w1)
 

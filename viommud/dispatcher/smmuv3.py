@@ -17,25 +17,33 @@ Plan for one doorbell (``SmmuDispatcher.run``):
   a CMD_SYNC between a step and a later step that depends on it (config before TLB before
   device TLB, e.g. TLBI + SYNC + ATC_INV), the pending work is sent before the later step
   is collected;
-* CFGI_STE / CFGI_STE_RANGE / CFGI_ALL are handled by the VMM (topology.install_ste); the
-  work collected before them is sent first, so host order follows guest order;
+* CFGI_STE / CFGI_STE_RANGE / CFGI_ALL are handled by the VMM: the vSTEs the event carries
+  (the guest's stream table as the frontend saw it) go to ``topology.install_ste`` for the
+  vSIDs that have a vDEVICE; the work collected before them is sent first, so host order
+  follows guest order;
 * CMD_SYNC is never forwarded;
 * a failed entry k becomes CERROR_ILL on the guest command that produced it. The ARM driver
   issues entries in groups of 63 and, on a bad entry, may not have issued the group's earlier
   entries although it counts them (iommufd.md §3.4), so everything from the start of that
   group is re-sent, minus the bad entry, until the call succeeds.
+
+``run`` returns an ``Outcome``: the frontend's refusals passed through and the host's
+refusals (``host_errors``), which the model hands to the frontend (``host_failed``); the
+dispatcher itself never sees a frontend.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from protocols import iommufd as uapi
-from protocols.smmuv3 import Opcode
+from protocols.smmuv3 import CERROR_ILL, Opcode
 from viommud.backend.calls import InvalidateResult, Iommufd
-from viommud.dispatcher import DispatchStats
+from viommud.dispatcher import NOTHING, DispatchStats, Outcome
 from viommud.dispatcher.smmuv3_coalesce import DEFAULT_FLOOD_PAGES, Entry, class_rank, coalesce
 from viommud.events import (
     Barrier,
@@ -45,14 +53,21 @@ from viommud.events import (
     Scope,
     StreamTableInvalidated,
 )
-from viommud.frontends.smmuv3.frontend import CERROR_ILL, SmmuV3Frontend
-from viommud.group_commit.smmuv3_coalesce import coalesce_tlb
 from viommud.topology import TopologyError
 from viommud.topology.smmuv3 import PiommuSlot, SmmuTopology
 
 ARM_ISSUE_GROUP = 63  # CMDQ_BATCH_ENTRIES - 1 commands per host CMD_SYNC (iommufd.md §3.4)
 ARM_ENTRY_LEN = 16
 _SYNC = np.uint64(Opcode.CMD_SYNC)
+
+U64 = npt.NDArray[np.uint64]
+
+
+class BulkCoalescer(Protocol):
+    """The coalescing rules vectorised over (W0, W1) rows of TLB invalidations
+    (``viommud.group_commit.smmuv3_coalesce.coalesce_tlb``), handed in by the model."""
+
+    def __call__(self, words: U64, *, flood_pages: int) -> U64: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +94,6 @@ class _Pending:
 
 @dataclass(slots=True)
 class SmmuDispatcher:
-    frontend: SmmuV3Frontend
     topology: SmmuTopology
     iommufd: Iommufd
     stats: DispatchStats
@@ -90,32 +104,36 @@ class SmmuDispatcher:
     _sealed: set[int] = field(default_factory=set)  # class ranks pending before a SYNC
     _open: set[int] = field(default_factory=set)  # class ranks pending since the last SYNC
 
-    def run(self, events: list[Event]) -> list[GuestError]:
-        """Execute one doorbell's events; returns the guest errors, in command order."""
-        errors: list[GuestError] = []
+    def run(self, events: list[Event]) -> Outcome:
+        """Execute one doorbell's events. The outcome's ``errors`` are the frontend's
+        refusals (its ``GuestError`` events) and the host's (``host_errors``), merged in
+        command order."""
+        refused: list[GuestError] = []
+        host: list[GuestError] = []  # what the host refused, as guest errors
         stats = self.stats
         self._broadcast = None  # config records may have changed the topology since
         for event in events:
             kind = type(event)
             if kind is Invalidation:
                 assert isinstance(event, Invalidation)
-                self._collect(event, errors)
+                self._collect(event, host)
             elif kind is Barrier:
                 stats.barriers += 1
                 self._sealed |= self._open
                 self._open = set()
             elif kind is StreamTableInvalidated:
                 assert isinstance(event, StreamTableInvalidated)
-                self._flush(errors)
-                self._install(event, errors)
+                self._flush(host)
+                self._install(event, host)
                 self._broadcast = None
             else:
                 assert isinstance(event, GuestError)
-                errors.append(event)
-        self._flush(errors)
-        if len(errors) > 1:
-            errors.sort(key=lambda e: e.index)
-        return errors
+                refused.append(event)
+        self._flush(host)
+        if not host:
+            return Outcome(tuple(refused)) if refused else NOTHING
+        host.sort(key=_by_index)  # stable: failures of one command keep their order
+        return Outcome(tuple(sorted(refused + host, key=_by_index)), tuple(host))
 
     # -- routing ------------------------------------------------------------------------
     def targets(self, inv: Invalidation) -> list[PiommuSlot]:
@@ -166,12 +184,14 @@ class SmmuDispatcher:
             bucket.entries.append(entry)
 
     # -- group commit -------------------------------------------------------------------
-    def run_plain(self, commands: bytes, syncs: int) -> bool:
+    def run_plain(self, commands: bytes, syncs: int, bulk: BulkCoalescer) -> Outcome | None:
         """Execute consecutive plain doorbells at once (viommud.group_commit.smmuv3_screen: TLB
         invalidations and ``syncs`` CMD_SYNCs, all valid): their TLB work goes out as one
-        call per vIOMMU object, and every sync among them completes when those calls return.
+        call per vIOMMU object, coalesced by ``bulk`` when there is enough of it, and every
+        sync among them completes when those calls return. A plain run has no error to
+        report: its outcome is empty.
 
-        Returns False when a host call fails, having counted nothing: the caller then runs
+        Returns None when a host call fails, having counted nothing: the caller then runs
         the doorbells one by one (``run``), which maps the failure to its guest command and
         re-sends what the failed call may have left undone (invalidations are idempotent)."""
         stats = self.stats
@@ -180,22 +200,22 @@ class SmmuDispatcher:
         targets = self.broadcast_targets()
         if work and targets:
             self.iommufd.log.barrier = stats.barriers + 1
-            array = self._plain_array(commands, work, syncs)
+            array = self._plain_array(commands, work, syncs, bulk)
             for slot in targets:
                 if self._invalidate(slot, array).errno:
-                    return False
+                    return None
             stats.forwarded += work
         stats.baseline_invalidate_calls += work * len(self.topology.slots)
         stats.barriers += syncs
-        return True
+        return NOTHING
 
-    def _plain_array(self, commands: bytes, work: int, syncs: int) -> bytes:
+    def _plain_array(self, commands: bytes, work: int, syncs: int, bulk: BulkCoalescer) -> bytes:
         """The entries of a run of plain doorbells: its TLB commands, coalesced when there
         are enough of them to pay for it (``DispatchPolicy.bulk_coalesce_min``)."""
         policy = self.policy
         if policy.coalesce and work >= policy.bulk_coalesce_min:
             words = np.frombuffer(commands, dtype="<u8").reshape(-1, 2)
-            send = coalesce_tlb(words, flood_pages=policy.flood_pages)  # syncs fold to one
+            send = bulk(words, flood_pages=policy.flood_pages)  # syncs fold to one
             send = send[(send[:, 0] & np.uint64(0xFF)) != _SYNC]  # ... dropped here, cheaply
             return np.ascontiguousarray(send, dtype="<u8").tobytes()
         if not syncs:
@@ -236,12 +256,13 @@ class SmmuDispatcher:
         )
 
     def _send(self, slot: PiommuSlot, entries: list[Entry], errors: list[GuestError]) -> None:
+        """Send ``entries`` in one call (more after a failure); ``errors`` gets the guest
+        error of each entry the host refused."""
         while entries:
             result = self._invalidate(slot, b"".join(e.raw for e in entries))
             if result.errno == 0:
                 return
             bad = min(result.done, len(entries) - 1)
-            self.frontend.record_error(CERROR_ILL)
             errors.append(
                 GuestError(
                     entries[bad].origin,
@@ -255,16 +276,22 @@ class SmmuDispatcher:
             entries = entries[certain:bad] + entries[bad + 1 :]
 
     def _install(self, event: StreamTableInvalidated, errors: list[GuestError]) -> None:
-        frontend = self.frontend
+        """Install the vSTEs the event carries, in vSID order. A vSID the guest never wrote
+        an STE for is not among them: nothing to read (QEMU does the same); one without a
+        vDEVICE has nothing to attach."""
+        topology = self.topology
+        vdevices = topology.vdevices
         failures: list[str] = []
-        for vdev in self.topology.vdevices_in(event.first, event.last):
-            ste = frontend.stream_table.get(vdev.vid)
-            if ste is None:
-                continue  # the guest never wrote this STE: nothing to read (QEMU does the same)
+        for vsid, ste in event.stes:
+            if vsid not in vdevices:
+                continue
             try:
-                self.topology.install_ste(vdev.vid, ste)
+                topology.install_ste(vsid, ste)
             except TopologyError as exc:
                 failures.append(str(exc))
         if failures:
-            frontend.record_error(CERROR_ILL)
             errors.append(GuestError(event.index, CERROR_ILL, "; ".join(failures), event.raw))
+
+
+def _by_index(error: GuestError) -> int:
+    return error.index

@@ -29,25 +29,13 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from protocols.smmuv3 import Opcode
+from protocols.smmuv3 import CFGI_CD_OPS, TLBI_OPS, TLBI_RANGE_OPS, TLBI_VM_WIDE_OPS, Opcode
 
 _CMD = struct.Struct("<QQ")
 # TLBI_NH_VA ops of one ASID beyond which a single TLBI_NH_ASID is cheaper: Linux's own
 # cut-over for SVA without RIL (CMDQ_MAX_TLBI_OPS = 1 << (PAGE_SHIFT - 3) = 512 for 4 KiB).
 DEFAULT_FLOOD_PAGES = 512
 
-_CONFIG_OPS = frozenset({Opcode.CFGI_CD, Opcode.CFGI_CD_ALL})
-_TLB_OPS = frozenset(
-    {
-        Opcode.TLBI_NH_ALL,
-        Opcode.TLBI_NH_ASID,
-        Opcode.TLBI_NH_VA,
-        Opcode.TLBI_NH_VAA,
-        Opcode.TLBI_NSNH_ALL,
-    }
-)
-_VM_WIDE = frozenset({Opcode.TLBI_NH_ALL, Opcode.TLBI_NSNH_ALL})
-_RANGE_OPS = frozenset({Opcode.TLBI_NH_VA, Opcode.TLBI_NH_VAA})
 _ADDR_MASK = 0xFFFFFFFFFFFFF000
 
 
@@ -74,9 +62,9 @@ class Entry:
 
 def class_rank(opcode: int) -> int:
     """0 config, 1 TLB, 2 device TLB: the order a guest's dependent steps must keep."""
-    if opcode in _CONFIG_OPS:
+    if opcode in CFGI_CD_OPS:
         return 0
-    if opcode in _TLB_OPS:
+    if opcode in TLBI_OPS:
         return 1
     return 2
 
@@ -92,10 +80,10 @@ def drop_duplicates(entries: Iterable[Entry]) -> list[Entry]:
 
 
 def drop_covered_by_vm_wide(entries: list[Entry]) -> list[Entry]:
-    wide = next((e for e in entries if e.opcode in _VM_WIDE), None)
+    wide = next((e for e in entries if e.opcode in TLBI_VM_WIDE_OPS), None)
     if wide is None:
         return entries
-    return [e for e in entries if e.opcode not in _TLB_OPS or e is wide]
+    return [e for e in entries if e.opcode not in TLBI_OPS or e is wide]
 
 
 def drop_covered_by_asid(entries: list[Entry]) -> list[Entry]:
@@ -157,7 +145,7 @@ def encode_range(
 
 def _range_key(e: Entry) -> tuple[int, int, int] | None:
     """(W0 without NUM/SCALE, W1 without the address) for a range TLBI with TG != 0."""
-    if e.opcode not in _RANGE_OPS:
+    if e.opcode not in TLBI_RANGE_OPS:
         return None
     w0, w1 = e.words
     if not (w1 >> 10) & 3:

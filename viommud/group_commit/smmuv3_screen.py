@@ -3,8 +3,8 @@
 ``screen(doorbells, features)`` decodes the commands of a list of doorbells with a few numpy
 operations over all of them, and marks each doorbell *plain* when:
 
-* every command is a TLB invalidation the vSMMU forwards unchanged (TLBI_NH_ALL,
-  TLBI_NH_ASID, TLBI_NH_VA, TLBI_NH_VAA, TLBI_NSNH_ALL) or a CMD_SYNC, and
+* every command is a TLB invalidation the vSMMU forwards unchanged (``TLBI_OPS``:
+  TLBI_NH_ALL, TLBI_NH_ASID, TLBI_NH_VA, TLBI_NH_VAA, TLBI_NSNH_ALL) or a CMD_SYNC, and
 * none of them breaks a rule the frontend checks (SMMUv3 §4.1.3): reserved bits (the same
   ``DEFINED`` masks), the range encodings of §4.4.1.1 (``SmmuV3Frontend._check_range``) and
   CMD_SYNC CS=0b11. None of these opcodes has an SSec bit.
@@ -24,28 +24,20 @@ from itertools import accumulate, pairwise
 import numpy as np
 import numpy.typing as npt
 
-from protocols.smmuv3 import Opcode
-from viommud.frontends.smmuv3.frontend import CMD_SIZE, SmmuFeatures
+from protocols.smmuv3 import COMMAND_SIZE, TLBI_OPS, TLBI_RANGE_OPS, Opcode
+from viommud.frontends.smmuv3.frontend import SmmuFeatures
 from viommud.guest.smmuv3 import COMMAND, DEFINED
 
 U64 = npt.NDArray[np.uint64]
 
-PLAIN_TLB_OPS = (
-    Opcode.TLBI_NH_ALL,
-    Opcode.TLBI_NH_ASID,
-    Opcode.TLBI_NH_VA,
-    Opcode.TLBI_NH_VAA,
-    Opcode.TLBI_NSNH_ALL,
-)
 _SYNC = int(Opcode.CMD_SYNC)  # ops are intp: compare with plain ints, not IntEnum members
-_VA, _VAA = int(Opcode.TLBI_NH_VA), int(Opcode.TLBI_NH_VAA)
 
 
 def _tables() -> tuple[npt.NDArray[np.bool_], U64, U64]:
     plain = np.zeros(256, dtype=np.bool_)
     reserved0 = np.full(256, 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)
     reserved1 = np.full(256, 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)
-    for op in (*PLAIN_TLB_OPS, Opcode.CMD_SYNC):
+    for op in (*TLBI_OPS, _SYNC):
         m0, m1 = DEFINED[op]
         plain[op] = True
         reserved0[op] = ~m0 & 0xFFFFFFFFFFFFFFFF
@@ -54,6 +46,8 @@ def _tables() -> tuple[npt.NDArray[np.bool_], U64, U64]:
 
 
 _PLAIN, _RESERVED0, _RESERVED1 = _tables()
+_RANGED = np.zeros(256, dtype=np.bool_)  # TLBI_RANGE_OPS, by opcode
+_RANGED[sorted(TLBI_RANGE_OPS)] = True
 _RESERVED = {int(op): (int(_RESERVED0[op]), int(_RESERVED1[op])) for op in np.flatnonzero(_PLAIN)}
 
 
@@ -72,7 +66,7 @@ class Screen:
 
     def commands(self, first: int, stop: int) -> bytes:
         """The commands of doorbells ``first`` to ``stop - 1``."""
-        return self.blob[self.starts[first] * CMD_SIZE : self.starts[stop] * CMD_SIZE]
+        return self.blob[self.starts[first] * COMMAND_SIZE : self.starts[stop] * COMMAND_SIZE]
 
 
 # Below this many commands a plain loop is faster than numpy's per-call overhead (a few
@@ -81,7 +75,7 @@ SMALL = 64
 
 
 def screen(doorbells: list[bytes], features: SmmuFeatures, *, small: int = SMALL) -> Screen:
-    counts = [len(d) // CMD_SIZE if d and not len(d) % CMD_SIZE else 0 for d in doorbells]
+    counts = [len(d) // COMMAND_SIZE if d and not len(d) % COMMAND_SIZE else 0 for d in doorbells]
     starts = [0, *accumulate(counts)]
     blob = b"".join(d for d, n in zip(doorbells, counts, strict=True) if n)
     if starts[-1] < small:
@@ -127,7 +121,7 @@ def _check_each(blob: bytes, features: SmmuFeatures) -> tuple[list[int], list[in
         elif op == _SYNC:
             syncs += 1
             bad += (w0 >> 12) & 3 == 3
-        elif op in (_VA, _VAA):
+        elif op in TLBI_RANGE_OPS:
             bad += refused[((w1 >> 8) & 0xF) << 1 | ((w0 >> 12) & 0x1F1F != 0)]
         bad_before.append(bad)
         syncs_before.append(syncs)
@@ -159,7 +153,5 @@ def _bad_range(
     """TLBI_NH_VA/VAA commands whose range encoding the frontend refuses."""
     sized = ((w0 >> np.uint64(12)) & np.uint64(0x1F1F)) != 0  # NUM W0[16:12], SCALE W0[24:20]
     key = (((w1 >> np.uint64(8)) & np.uint64(0xF)) << np.uint64(1)).astype(np.intp) | sized
-    refused: npt.NDArray[np.bool_] = _RANGE_REFUSED[features.ril][key] & (
-        (ops == _VA) | (ops == _VAA)
-    )
+    refused: npt.NDArray[np.bool_] = _RANGE_REFUSED[features.ril][key] & _RANGED[ops]
     return refused

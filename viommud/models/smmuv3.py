@@ -1,4 +1,10 @@
-"""The SMMUv3 vIOMMU model: CMDQ frontend + stream topology + per-doorbell dispatcher."""
+"""The SMMUv3 vIOMMU model: CMDQ frontend + stream topology + per-doorbell dispatcher.
+
+The one place that wires them: guest bytes go to the frontend, its events to the dispatcher,
+and the dispatcher's ``Outcome`` back to the guest (replies) and, for what the host refused,
+to the frontend (``host_failed``). Group commit takes plain doorbells through the screen,
+the dispatcher's ``run_plain`` and the frontend's ``took_plain``.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +14,19 @@ from itertools import pairwise
 from typing import Any, ClassVar
 
 from protocols.models import HostIommu, ViommuModel
+from protocols.smmuv3 import COMMAND_SIZE
 from viommud.dispatcher.smmuv3 import SmmuDispatcher
 from viommud.frontends.smmuv3.frontend import (
-    CMD_SIZE,
     DoorbellSummary,
     FrameError,
     SmmuFeatures,
     SmmuV3Frontend,
 )
+from viommud.group_commit.smmuv3_coalesce import coalesce_tlb
 from viommud.group_commit.smmuv3_screen import Screen
 from viommud.group_commit.smmuv3_screen import screen as screen_doorbells
 from viommud.guest.smmuv3 import COMMAND, kind_name
-from viommud.models import (
+from viommud.models.base import (
     ModelContext,
     ModelError,
     RecordRefused,
@@ -52,7 +59,7 @@ class SmmuV3Viommu:
             raise ModelError(str(exc)) from None
         frontend = SmmuV3Frontend(features)
         topology = SmmuTopology(record.viommu, record.iommus, ctx.host, ctx.iommufd)
-        dispatcher = SmmuDispatcher(frontend, topology, ctx.iommufd, ctx.stats)
+        dispatcher = SmmuDispatcher(topology, ctx.iommufd, ctx.stats)
         if ViommuModel.SMMUV3 in ctx.policies:
             dispatcher.policy = ctx.policies[ViommuModel.SMMUV3]
         log, debug = viommu_log(ctx, record.viommu)
@@ -78,7 +85,10 @@ class SmmuV3Viommu:
             frontend.receive_data(data)
         except FrameError as exc:
             raise RecordRefused(f"vIOMMU {self.name!r}: {exc}") from None
-        errors = self.dispatcher.run(frontend.events())
+        outcome = self.dispatcher.run(frontend.events())
+        if outcome.host_errors:
+            frontend.host_failed(outcome.host_errors)
+        errors = outcome.errors
         summary = frontend.last
         log = self.log
         if log is not None:
@@ -123,19 +133,15 @@ class SmmuV3Viommu:
         when a host call failed (the caller runs them one by one with ``doorbell``)."""
         commands = screen.commands(first, stop)
         syncs = screen.syncs[first:stop]
+        total_syncs = sum(syncs)
         calls = self.dispatcher.iommufd.log
         calls_before = calls.seq
         started = time.perf_counter()
-        if not self.dispatcher.run_plain(commands, sum(syncs)):
-            return None
-        frontend = self.frontend
-        opcodes = commands[::CMD_SIZE]  # W0[7:0] is each command's first byte
-        for op in set(opcodes):
-            frontend.opcode_counts[op] += opcodes.count(op)
-        frontend.barriers += sum(syncs)
+        if self.dispatcher.run_plain(commands, total_syncs, coalesce_tlb) is None:
+            return None  # a plain run's outcome is empty: nothing to hand the frontend
         starts = screen.starts[first : stop + 1]
         consumed = [b - a for a, b in pairwise(starts)]
-        frontend.last = DoorbellSummary(consumed[-1], syncs[-1])
+        self.frontend.took_plain(commands, total_syncs, DoorbellSummary(consumed[-1], syncs[-1]))
         log = self.log
         if log is not None:
             if self.debug:
@@ -153,8 +159,8 @@ class SmmuV3Viommu:
                 calls_before,
                 started,
                 doorbells=stop - first,
-                commands=len(opcodes),
-                syncs=sum(syncs),
+                commands=len(commands) // COMMAND_SIZE,
+                syncs=total_syncs,
             )
         return [DoorbellReply(n, s) for n, s in zip(consumed, syncs, strict=True)]
 
@@ -172,4 +178,4 @@ class SmmuV3Viommu:
 
 
 def _split(commands: bytes) -> list[bytes]:
-    return [commands[at : at + CMD_SIZE] for at in range(0, len(commands), CMD_SIZE)]
+    return [commands[at : at + COMMAND_SIZE] for at in range(0, len(commands), COMMAND_SIZE)]

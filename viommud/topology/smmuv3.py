@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
+from protocols.smmuv3 import CERROR_ILL
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
 from viommud.guest.smmuv3 import decode_ste
 from viommud.host import HostConfig
@@ -73,7 +74,7 @@ def derive_vste(ste: bytes) -> VsteKey:
         return VsteKey(StreamConfig.TRANSLATE, fields.d0 & STE0_MASK, fields.d1 & STE1_MASK)
     raise TopologyError(
         f"STE Config 0b{fields.config:03b} needs stage 2, which this vSMMU does not have",
-        "CERROR_ILL",
+        CERROR_ILL,
     )
 
 
@@ -125,9 +126,6 @@ class SmmuTopology:
     # -- lookups ------------------------------------------------------------------------
     def vdevice(self, vsid: int) -> VDevice | None:
         return self.vdevices.get(vsid)
-
-    def vdevices_in(self, first: int, last: int) -> list[VDevice]:
-        return [d for vid, d in sorted(self.vdevices.items()) if first <= vid <= last]
 
     # -- device_attach / device_detach --------------------------------------------------
     def attach(self, vid: int, device: str) -> VDevice:
@@ -232,7 +230,7 @@ class SmmuTopology:
                 )
             except BackendCallError as exc:
                 raise TopologyError(
-                    f"vSTE of vSID {vid} refused by the host: {exc.errno_name}", "CERROR_ILL"
+                    f"vSTE of vSID {vid} refused by the host: {exc.errno_name}", CERROR_ILL
                 ) from None
             shared = SharedHwpt(hwpt_id)
             slot.hwpts[key] = shared
@@ -243,7 +241,7 @@ class SmmuTopology:
                 del slot.hwpts[key]
                 self._try_destroy(slot.iommu, shared.hwpt_id)
             raise TopologyError(
-                f"attaching vSID {vid} to its nested HWPT failed: {exc.errno_name}", "CERROR_ILL"
+                f"attaching vSID {vid} to its nested HWPT failed: {exc.errno_name}", CERROR_ILL
             ) from None
         shared.users += 1
         if key.config is StreamConfig.TRANSLATE:

@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
-from protocols.smmuv3 import Opcode
+from protocols.smmuv3 import SID_OPS, TLBI_NH_OPS, TLBI_OPS, TLBI_RANGE_OPS, Opcode
 from viommud.backend.base import UserFault
 from viommud.backend.emulator.driver import KERNEL_PENDING, IommuDriver, IommufdCore
 from viommud.backend.emulator.objects import (
@@ -65,27 +65,19 @@ CMDQ_TLBI_0_VMID = 0xFFFF << 32
 CMDQ_CFGI_0_SID = 0xFFFF_FFFF << 32
 
 
-def _opcodes(*ops: Opcode) -> frozenset[int]:
-    return frozenset(int(op) for op in ops)
-
-
 # Opcodes the per-command walk tests, bound once as plain ints: looking an enum member up
-# inside that loop would cost more than the comparison it feeds.
+# inside that loop would cost more than the comparison it feeds. The sets are the
+# architecture's, from protocols/smmuv3.py.
 _TLBI_NH_ALL = int(Opcode.TLBI_NH_ALL)
 _TLBI_NSNH_ALL = int(Opcode.TLBI_NSNH_ALL)
 _ATC_INV = int(Opcode.ATC_INV)
-_TLBI_NH_OPS = _opcodes(
-    Opcode.TLBI_NH_ALL, Opcode.TLBI_NH_ASID, Opcode.TLBI_NH_VA, Opcode.TLBI_NH_VAA
-)
-_TLBI_NH_RANGE_OPS = _opcodes(Opcode.TLBI_NH_VA, Opcode.TLBI_NH_VAA)
-_SID_OPS = _opcodes(Opcode.ATC_INV, Opcode.CFGI_CD, Opcode.CFGI_CD_ALL)
 
 
 # The vectorised mainline walk (§3.3, §3.4): opcodes it converts (those whose rewrite is the
 # VMID alone and can never fail), indexed by the opcode byte.
 ARM_CMD_SIZE = 16  # struct iommu_viommu_arm_smmuv3_invalidate: two le64 words (§3.3)
 _VMID_OPS = np.zeros(256, dtype=np.bool_)
-_VMID_OPS[[*_TLBI_NH_OPS, _TLBI_NSNH_ALL]] = True
+_VMID_OPS[sorted(TLBI_OPS)] = True
 _LE64 = np.dtype("<u8")
 _CMD_BYTES = np.dtype((np.void, ARM_CMD_SIZE))  # one whole command, for .tolist() -> bytes
 _KEEP_ALL_BUT_VMID = np.uint64(~CMDQ_TLBI_0_VMID & U64_MAX)
@@ -360,9 +352,9 @@ class ArmSmmuV3Driver(IommuDriver):
         if op == _TLBI_NSNH_ALL:
             w0 = _TLBI_NH_ALL | (viommu.vmid << 32)
             w1 = 0
-        elif op in _TLBI_NH_OPS:
+        elif op in TLBI_NH_OPS:
             w0 = (w0 & ~CMDQ_TLBI_0_VMID) | (viommu.vmid << 32)
-        elif op in _SID_OPS:
+        elif op in SID_OPS:
             pdev = core.vsid_to_pdev(viommu, w0 >> 32)
             if pdev is None:
                 return None
@@ -381,7 +373,7 @@ class ArmSmmuV3Driver(IommuDriver):
         allowed = _STRICT_FIELDS.get(op)
         if allowed is None or w0 & ~allowed[0] or w1 & ~allowed[1]:
             return None
-        if op in _TLBI_NH_RANGE_OPS:
+        if op in TLBI_RANGE_OPS:
             tg = (w1 >> 10) & 0x3
             ttl = (w1 >> 8) & 0x3
             num_scale = w0 & _W0_NUM_SCALE

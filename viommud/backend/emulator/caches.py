@@ -68,6 +68,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from protocols.smmuv3 import TLBI_RANGE_OPS
+
 __all__ = [
     "ATC_SIZE_ALL",
     "AtcEntry",
@@ -278,7 +280,7 @@ class CacheModel:
             self.drop_iotlb(
                 unit, lambda e: e.tag == vmid and e.asid == asid and not e.global_, name
             )
-        elif op in (0x12, 0x13):  # TLBI_NH_VA, TLBI_NH_VAA
+        elif op in TLBI_RANGE_OPS:  # TLBI_NH_VA, TLBI_NH_VAA
             any_asid = op == 0x13
             self._tlbi_va(
                 unit,

@@ -4,7 +4,10 @@
 CMDQ_PROD write; ``next_event()`` returns the intermediate-form events (viommud.events) one
 by one, then ``NEED_DATA``. The frontend never calls a backend and never logs: it applies the
 guest-visible rules of the emulated SMMU and keeps the guest-visible state (the stream
-table contents the guest wrote, per-opcode counters).
+table contents the guest wrote, per-opcode and per-error counters). What the dispatcher
+needs of that state travels in the events: a ``StreamTableInvalidated`` carries the STEs of
+its range. Failures found downstream come back through one call, ``host_failed``; plain
+doorbells taken in bulk (group commit) are counted through ``took_plain``.
 
 Guest-visible rules (SMMUv3 §4.1.3 command errors, reference smmuv3.md §2.3):
 * CERROR_ILL for an unknown opcode, a command for a feature this vSMMU does not advertise,
@@ -20,10 +23,11 @@ Guest-visible rules (SMMUv3 §4.1.3 command errors, reference smmuv3.md §2.3):
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
-from protocols.smmuv3 import Opcode
+from protocols.smmuv3 import CERROR_ILL, COMMAND_SIZE, SSEC_OPS, STE_SIZE, Opcode
 from viommud.events import (
     Barrier,
     Cache,
@@ -37,26 +41,8 @@ from viommud.guest.smmuv3 import COMMAND, DEFINED, kind_name
 
 NEED_DATA: Final = None  # what next_event() returns once the doorbell is fully consumed
 
-CERROR_ILL = "CERROR_ILL"
-CMD_SIZE = 16
-STE_SIZE = 64
+
 ATC_INV_SIZE_ALL = 52
-
-
-# Opcodes whose W0[10] is SSec (must be 0 on the Non-secure queue).
-_HAS_SSEC = frozenset(
-    {
-        Opcode.PREFETCH_CONFIG,
-        Opcode.PREFETCH_ADDR,
-        Opcode.CFGI_STE,
-        Opcode.CFGI_STE_RANGE,
-        Opcode.CFGI_CD,
-        Opcode.CFGI_CD_ALL,
-        Opcode.CFGI_VMS_PIDM,
-        Opcode.RESUME,
-        Opcode.STALL_TERM,
-    }
-)
 
 _SYNC_DEFINED = DEFINED[Opcode.CMD_SYNC]
 
@@ -157,9 +143,9 @@ class SmmuV3Frontend:
     # -- sans-I/O verbs -----------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
         """Consume one doorbell's commands; events become available from next_event()."""
-        if len(data) % CMD_SIZE:
+        if len(data) % COMMAND_SIZE:
             raise FrameError(
-                f"a CMDQ doorbell is a whole number of {CMD_SIZE}-byte commands, "
+                f"a CMDQ doorbell is a whole number of {COMMAND_SIZE}-byte commands, "
                 f"got {len(data)} bytes",
                 bytes(data),
             )
@@ -196,9 +182,24 @@ class SmmuV3Frontend:
         self._events.clear()
         return out
 
-    def record_error(self, code: str) -> None:
-        """Count a guest-visible error found downstream (a failed host call)."""
-        self.error_counts[code] = self.error_counts.get(code, 0) + 1
+    def host_failed(self, errors: Iterable[GuestError]) -> None:
+        """Count the guest-visible errors the host caused (``Outcome.host_errors``): commands
+        this frontend let through that a host call then refused."""
+        counts = self.error_counts
+        for error in errors:
+            counts[error.code] = counts.get(error.code, 0) + 1
+
+    def took_plain(self, commands: bytes, syncs: int, last: DoorbellSummary) -> None:
+        """Count plain doorbells that were taken in bulk (viommud.group_commit.smmuv3_screen)
+        as ``receive_data`` would have counted them one by one: ``commands`` are theirs, back
+        to back (valid TLB invalidations and CMD_SYNCs only), ``syncs`` the CMD_SYNCs among
+        them, ``last`` the summary of the last doorbell."""
+        opcodes = commands[::COMMAND_SIZE]  # W0[7:0] is each command's first byte
+        counts = self.opcode_counts
+        for op in set(opcodes):
+            counts[op] += opcodes.count(op)
+        self.barriers += syncs
+        self.last = last
 
     def kind_counts(self) -> dict[str, int]:
         """Commands seen, keyed ``smmuv3:NAME`` as the replay report wants."""
@@ -206,7 +207,8 @@ class SmmuV3Frontend:
 
     # -- per-opcode rules ---------------------------------------------------------------
     def _illegal(self, index: int, w0: int, w1: int, reason: str) -> GuestError:
-        self.record_error(CERROR_ILL)
+        counts = self.error_counts
+        counts[CERROR_ILL] = counts.get(CERROR_ILL, 0) + 1
         return GuestError(index, CERROR_ILL, reason, COMMAND.pack(w0, w1))
 
     def _common_checks(self, index: int, w0: int, w1: int) -> GuestError | None:
@@ -226,7 +228,7 @@ class SmmuV3Frontend:
                 f"reserved bits set: W0 0x{w0 & ~m0 & 0xFFFFFFFFFFFFFFFF:016x} "
                 f"W1 0x{w1 & ~m1 & 0xFFFFFFFFFFFFFFFF:016x}",
             )
-        if opcode in _HAS_SSEC and w0 & (1 << 10):
+        if opcode in SSEC_OPS and w0 & (1 << 10):
             return self._illegal(index, w0, w1, "SSec=1 on the Non-secure command queue")
         return None
 
@@ -255,7 +257,9 @@ class SmmuV3Frontend:
         if error is not None:
             return error
         sid = w0 >> 32
-        return StreamTableInvalidated(index, sid, sid, COMMAND.pack(w0, w1))
+        ste = self.stream_table.get(sid)
+        stes = () if ste is None else ((sid, ste),)
+        return StreamTableInvalidated(index, sid, sid, COMMAND.pack(w0, w1), stes)
 
     def _on_cfgi_ste_range(self, index: int, w0: int, w1: int) -> Event | None:
         error = self._common_checks(index, w0, w1)
@@ -263,11 +267,12 @@ class SmmuV3Frontend:
             return error
         span_log2 = _field(w1, 0, 5) + 1  # §4.3.2: 2^(Range+1) STEs; Range=31 is CFGI_ALL
         if span_log2 >= 32:
-            return StreamTableInvalidated(index, 0, 0xFFFFFFFF, COMMAND.pack(w0, w1))
-        first = (w0 >> 32) & ~((1 << span_log2) - 1)
-        return StreamTableInvalidated(
-            index, first, first + (1 << span_log2) - 1, COMMAND.pack(w0, w1)
-        )
+            first, last = 0, 0xFFFFFFFF
+        else:
+            first = (w0 >> 32) & ~((1 << span_log2) - 1)
+            last = first + (1 << span_log2) - 1
+        stes = tuple(sorted((s, ste) for s, ste in self.stream_table.items() if first <= s <= last))
+        return StreamTableInvalidated(index, first, last, COMMAND.pack(w0, w1), stes)
 
     def _on_cfgi_cd(self, index: int, w0: int, w1: int) -> Event | None:
         error = self._common_checks(index, w0, w1)
