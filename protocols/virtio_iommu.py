@@ -60,6 +60,7 @@ from construct import (
 
 __all__ = [
     "CONFIG",
+    "CONFIG_BYPASS_OFFSET",
     "CONFIG_SIZE",
     "DRAFTS",
     "FAULT",
@@ -96,6 +97,7 @@ REQUESTQ = 0
 EVENTQ = 1
 
 CONFIG_SIZE = 40
+CONFIG_BYPASS_OFFSET = 36  # the one field a driver writes (F_BYPASS_CONFIG, §1.2)
 HEAD_SIZE = 4
 TAIL_SIZE = 4
 FAULT_SIZE = 24

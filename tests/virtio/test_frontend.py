@@ -21,7 +21,16 @@ from protocols.virtio_iommu import (
 )
 from tests.replies import as_json
 from viommud.events import Barrier, Cache, Invalidation, Scope
-from viommud.frontends.virtio.events import (
+from viommud.frontends.virtio.frontend import VirtioIommuFrontend
+from viommud.frontends.virtio.options import (
+    AttachSameDomain,
+    DevicePolicy,
+    EndpointInfo,
+    ResvRegion,
+    VirtioFeatures,
+)
+from viommud.frontends.virtio.request import Reply, RequestPendingError
+from viommud.virtio_state import (
     DomainCreated,
     DomainDestroyed,
     DomainKind,
@@ -31,16 +40,6 @@ from viommud.frontends.virtio.events import (
     TableAttached,
     TableInvalidation,
     Unmapped,
-)
-from viommud.frontends.virtio.frontend import (
-    AttachSameDomain,
-    DevicePolicy,
-    EndpointInfo,
-    Reply,
-    RequestPendingError,
-    ResvRegion,
-    VirtioFeatures,
-    VirtioIommuFrontend,
 )
 
 A, D, M, U, P = (

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from viommud.frontends.virtio.mappings import Mapping, MappingStore, SplitError
+from viommud.mappings import Mapping, MappingStore, SplitError
 
 U64_MAX = (1 << 64) - 1
 

@@ -14,8 +14,13 @@ for), so the plan covers one request:
   VT-d the domain's nested HWPT (``iommu_hwpt_vtd_s1_invalidate``; device TLBs follow);
   identical entries are sent once and a flood of page invalidations becomes a wider one;
 * a failed call maps to the guest status of the request (``errno_status``) and nothing
-  after it runs; the model then undoes the request's guest-visible effects and re-syncs the
-  host side of what it touched (``resync``).
+  after it runs: ``run`` returns an ``Outcome`` with one ``GuestError`` (index 0, ``code``
+  the status name). The model then has the frontend undo the request's guest-visible
+  effects and passes the resulting ``GuestView`` to ``resync``, which rebuilds the host side
+  of what the request touched.
+
+The dispatcher holds no frontend: what it needs of the guest-visible state travels in the
+events (``EndpointAttached.mappings``) or in the ``GuestView``.
 """
 
 from __future__ import annotations
@@ -26,27 +31,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocols import iommufd as uapi
+from protocols.models import HostIommu
 from protocols.smmuv3 import Opcode, build_command
 from protocols.virtio_iommu import RequestType, Status
 from viommud.backend.calls import BackendCallError, Iommufd
-from viommud.dispatcher import DispatchStats
-from viommud.events import Barrier, Cache, Invalidation, Scope
-from viommud.frontends.virtio.events import (
+from viommud.dispatcher import NOTHING, DispatchStats, Outcome
+from viommud.events import Barrier, Cache, GuestError, Invalidation, Scope
+from viommud.topology import TopologyError
+from viommud.topology.virtio import NotGuestRam, VirtioTopology
+from viommud.virtio_state import (
     DomainCreated,
     DomainDestroyed,
     EndpointAttached,
     EndpointDetached,
+    GuestView,
     Mapped,
     TableAttached,
     TableInvalidation,
     Unmapped,
     VirtioEvent,
 )
-from viommud.frontends.virtio.frontend import VirtioIommuFrontend
-from viommud.topology import TopologyError
-from viommud.topology.virtio import INTEL_VTD, NotGuestRam, VirtioTopology
 
-__all__ = ["Failure", "VirtioDispatcher", "errno_status"]
+__all__ = ["VirtioDispatcher", "errno_status", "host_failure"]
 
 ARM_ENTRY_LEN = 16
 VTD_ENTRY_LEN = 24
@@ -54,14 +60,6 @@ U64_MAX = (1 << 64) - 1
 ATC_SIZE_ALL = 52
 MAX_RANGE_COMMANDS = 8  # more TLBI range commands than this: one TLBI_NH_ASID instead
 _VTD_ENTRY = struct.Struct("<QQII")
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """A request the host refused: the guest status and why."""
-
-    status: Status
-    reason: str
 
 
 def errno_status(request_type: int, err: int, ioctl: str = "") -> Status:
@@ -110,19 +108,25 @@ class _Bucket:
             self.entries.append(entry)
 
 
+def host_failure(status: Status, reason: str) -> Outcome:
+    """The outcome of a request the host refused: one error, at index 0, named by its
+    virtio status (the frontend has not counted it yet)."""
+    error = GuestError(0, status.name, reason, b"")
+    return Outcome(errors=(error,), host_errors=(error,))
+
+
 @dataclass(slots=True)
 class VirtioDispatcher:
-    frontend: VirtioIommuFrontend
     topology: VirtioTopology
     iommufd: Iommufd
     stats: DispatchStats = field(default_factory=DispatchStats)
     touched_endpoints: set[int] = field(default_factory=set)
     touched_domains: set[int] = field(default_factory=set)
     _buckets: dict[tuple[str, int], _Bucket] = field(default_factory=dict)
-    _invalidates: int = 0  # INVALIDATE requests seen in this request (baseline)
 
-    def run(self, request_type: int, events: list[VirtioEvent]) -> Failure | None:
-        """Carry out one request's events; returns the failure, if the host refused."""
+    def run(self, request_type: int, events: list[VirtioEvent]) -> Outcome:
+        """Carry out one request's events (``request_type`` 0: a change that is not a
+        request); ``NOTHING``, or the host's refusal (``host_failure``)."""
         self.touched_endpoints.clear()
         self.touched_domains.clear()
         self._buckets.clear()
@@ -143,13 +147,13 @@ class VirtioDispatcher:
                 else:
                     self.apply(event)
         except BackendCallError as exc:
-            failure = Failure(errno_status(request_type, exc.errno, exc.ioctl), str(exc))
+            failure = host_failure(errno_status(request_type, exc.errno, exc.ioctl), str(exc))
         except NotGuestRam as exc:
-            failure = Failure(Status.FAULT, str(exc))
+            failure = host_failure(Status.FAULT, str(exc))
         except TopologyError as exc:
-            failure = Failure(Status.DEVERR, str(exc))
+            failure = host_failure(Status.DEVERR, str(exc))
         else:
-            return None
+            return NOTHING
         self._buckets.clear()
         if any(type(event) is Barrier for event in events):
             self.stats.barriers += 1  # the request still completes (with an error status)
@@ -159,7 +163,6 @@ class VirtioDispatcher:
     def apply(self, event: VirtioEvent) -> None:
         """One non-invalidation event on the host side (raises on a refused call)."""
         topology = self.topology
-        frontend = self.frontend
         if isinstance(event, Mapped):
             self.touched_domains.add(event.domain)
             topology.map(event.domain, event.mapping)
@@ -169,13 +172,9 @@ class VirtioDispatcher:
         elif isinstance(event, EndpointAttached):
             self.touched_endpoints.add(event.endpoint)
             self.touched_domains.add(event.domain)
-            domain = frontend.domains.get(event.domain)
-            topology.attach(
-                event.endpoint,
-                event.domain,
-                # the store itself: the replay builds one Mapping at a time, not a list
-                lambda: domain.mappings if domain is not None else (),
-            )
+            # the frontend's store itself: the replay builds one Mapping at a time
+            mappings = event.mappings
+            topology.attach(event.endpoint, event.domain, lambda: mappings)
         elif isinstance(event, EndpointDetached):
             self.touched_endpoints.add(event.endpoint)
             if event.domain is not None:
@@ -191,26 +190,28 @@ class VirtioDispatcher:
             self.touched_domains.add(event.domain)
             topology.table_attached(event.domain, event.table)
 
-    def resync(self) -> list[str]:
+    def resync(self, guest: GuestView) -> list[str]:
         """After the frontend undid a refused request: make the host match the guest-visible
-        state again for every domain and endpoint the request touched. Returns problems."""
-        frontend, topology = self.frontend, self.topology
+        state ``guest`` again for every domain and endpoint the request touched. Returns
+        problems."""
+        topology = self.topology
+        domains = guest.domains
         problems: list[str] = []
         for domain in sorted(self.touched_domains):
-            if domain not in frontend.domains and domain in topology.domains:
+            if domain not in domains and domain in topology.domains:
                 for vid in sorted(topology.domains[domain].endpoints):
                     self.touched_endpoints.add(vid)
                     _quietly(problems, lambda v=vid: topology.unattached(v, bypass=False))
                 _quietly(problems, lambda d=domain: topology.domain_destroyed(d))
-            elif domain in frontend.domains and domain not in topology.domains:
-                dom = frontend.domains[domain]
-                topology.domain_created(domain, dom.kind, dom.table)
+            elif domain in domains and domain not in topology.domains:
+                view = domains[domain]
+                topology.domain_created(domain, view.kind, view.table)
         for vid in sorted(self.touched_endpoints):
-            target = frontend.attached.get(vid)
+            target = guest.attached.get(vid)
             if target is None:
-                _quietly(problems, lambda v=vid: topology.unattached(v, frontend.bypass_active))
+                _quietly(problems, lambda v=vid: topology.unattached(v, guest.bypass))
             else:
-                dom = frontend.domains[target]
+                dom = domains[target]
                 _quietly(
                     problems,
                     lambda v=vid, t=target, d=dom: topology.attach(v, t, lambda: d.mappings),
@@ -236,7 +237,7 @@ class VirtioDispatcher:
         endpoints = topology.host_endpoints(domain)
         for _key, hwpt_id, iommu in nested:
             model = topology.host.iommu(iommu).model
-            if model == INTEL_VTD:
+            if model == HostIommu.INTEL_VTD:
                 bucket = self._bucket(
                     iommu,
                     "hwpt",

@@ -3,7 +3,8 @@
 This is what the daemon runs on every request. The readable specification is the construct
 declaration in ``protocols.virtio_iommu``; the formats below are written independently from
 it (from virtio-iommu.md §2 and §5), and a parity test proves both decode every request
-identically (``as_fields`` gives the construct helpers' flat dict).
+identically (``as_fields`` gives the construct helpers' flat dict). The numbers (request
+types, table formats) are the protocol module's enums.
 
 ``decode(raw, draft)`` returns one frozen dataclass per request type, ``Unknown`` for a type
 this device does not implement, or ``Malformed`` for a readable part of the wrong size. It
@@ -15,9 +16,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, fields
 
+from protocols.virtio_iommu import RequestType, TableFormat, TableFormatC
+
 __all__ = [
-    "ATTACH_TABLE",
-    "INVALIDATE",
     "KIND_NAMES",
     "ArmPgtTable",
     "ArmPstTable",
@@ -26,6 +27,7 @@ __all__ = [
     "AttachTable",
     "Decoded",
     "Detach",
+    "Invalidate",
     "InvalidateA",
     "InvalidateB",
     "InvalidateC",
@@ -33,32 +35,38 @@ __all__ = [
     "Map",
     "OpaqueTable",
     "Probe",
+    "Table",
     "Unknown",
     "Unmap",
     "VtdTable",
     "as_fields",
     "decode",
     "kind_name",
+    "request_type_of",
     "tail",
 ]
 
-ATTACH, DETACH, MAP, UNMAP, PROBE, ATTACH_TABLE, INVALIDATE = 1, 2, 3, 4, 5, 6, 7
+# head.type values (§2.1, §5) as module names: the comparisons below run per request
+ATTACH = RequestType.ATTACH
+DETACH = RequestType.DETACH
+MAP = RequestType.MAP
+UNMAP = RequestType.UNMAP
+PROBE = RequestType.PROBE
+ATTACH_TABLE = RequestType.ATTACH_TABLE
+INVALIDATE = RequestType.INVALIDATE
 
-KIND_NAMES: dict[int, str] = {
-    ATTACH: "ATTACH",
-    DETACH: "DETACH",
-    MAP: "MAP",
-    UNMAP: "UNMAP",
-    PROBE: "PROBE",
-    ATTACH_TABLE: "ATTACH_TABLE",
-    INVALIDATE: "INVALIDATE",
-}
+KIND_NAMES: dict[int, str] = {t: t.name for t in RequestType}
 
 
 def kind_name(request_type: int) -> str:
     """The report's name of a request type: ``ATTACH`` ... or ``type_0x09`` (docs/trace-format.md
     §3.2)."""
     return KIND_NAMES.get(request_type) or f"type_0x{request_type:02x}"
+
+
+def request_type_of(raw: bytes) -> int:
+    """``head.type`` of a request's readable part (§2.1); 0 for an empty one."""
+    return raw[0] if raw else 0
 
 
 # -- layouts (offsets in virtio-iommu.md §2 / §5) ------------------------------------------
@@ -252,7 +260,7 @@ def _size(request_type: int, draft: str) -> int:
     return _SIZES[request_type]
 
 
-_SIZES = {
+_SIZES: dict[int, int] = {
     ATTACH: _ATTACH.size,
     DETACH: _DETACH.size,
     MAP: _MAP.size,
@@ -300,20 +308,20 @@ def _attach_table(raw: bytes, draft: str) -> AttachTable:
     if draft == "C":
         _, domain, endpoint, fmt = _TABLE_C.unpack_from(raw)
         body = raw[_TABLE_C.size :]
-        if fmt == 1:
+        if fmt == TableFormatC.ARM_SMMU3:
             table = ArmSteTable(*_DESC_ARM.unpack(body))
-        elif fmt == 2:
+        elif fmt == TableFormatC.INTEL_PT:
             table = VtdTable(*_DESC_VTD.unpack(body))
         else:
             table = OpaqueTable(bytes(body))
         return AttachTable(domain, endpoint, fmt, table)
     _, domain, endpoint, fmt = _TABLE_AB.unpack_from(raw)
     body = raw[_TABLE_AB.size :]
-    if fmt == 2:
+    if fmt == TableFormat.ARM_SMMUV3_PST:
         table = ArmPstTable(*_PST_ARM.unpack(body))
-    elif fmt == 1:
+    elif fmt == TableFormat.ARM_LPAE:
         table = ArmPgtTable(*_PGT_ARM.unpack(body))
-    elif fmt == 4:
+    elif fmt == TableFormat.VTD:
         table = VtdTable(*_PGT_VTD.unpack(body))
     else:
         table = OpaqueTable(bytes(body))

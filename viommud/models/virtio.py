@@ -43,24 +43,23 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from protocols.models import ViommuModel
+from protocols.models import HostIommu, ViommuModel
 from protocols.virtio_iommu import ResvMemSubtype, Status
 from viommud.dispatcher.virtio import VirtioDispatcher
 from viommud.events import DeviceFault
-from viommud.frontends.virtio.events import VirtioEvent
-from viommud.frontends.virtio.frontend import (
+from viommud.frontends.virtio.frontend import VirtioIommuFrontend
+from viommud.frontends.virtio.options import (
     AttachSameDomain,
     DevicePolicy,
     EndpointInfo,
-    Reply,
     ResvRegion,
     VirtioFeatures,
-    VirtioIommuFrontend,
 )
-from viommud.guest.virtio import kind_name
-from viommud.models import (
+from viommud.frontends.virtio.request import Reply
+from viommud.guest.virtio import kind_name, request_type_of
+from viommud.models.base import (
     ModelContext,
     ModelError,
     RecordRefused,
@@ -69,13 +68,9 @@ from viommud.models import (
 )
 from viommud.replies import CONFIG_OK, ConfigReply, DoorbellReply, RequestReply
 from viommud.topology import TopologyError
-from viommud.topology.virtio import (
-    ARM_SMMUV3,
-    DEFAULT_GUEST_MEMORY,
-    INTEL_VTD,
-    VirtioTopology,
-)
+from viommud.topology.virtio import DEFAULT_GUEST_MEMORY, VirtioTopology
 from viommud.trace import DeviceAttach, DeviceDetach, Record, ViommuCreate
+from viommud.virtio_state import VirtioEvent
 
 __all__ = ["HOST_RESERVED", "VirtioOptions", "VirtioViommu"]
 
@@ -86,8 +81,8 @@ ARM_SW_MSI = (0x8000000, 0x80FFFFF)
 
 # What a host's physical IOMMU keeps for itself, per model (the kernel's reserved regions).
 HOST_RESERVED: dict[str, tuple[tuple[int, int], ...]] = {
-    ARM_SMMUV3: (ARM_SW_MSI,),
-    INTEL_VTD: (X86_MSI,),
+    HostIommu.ARM_SMMUV3: (ARM_SW_MSI,),
+    HostIommu.INTEL_VTD: (X86_MSI,),
 }
 
 _KEYS = frozenset(
@@ -331,6 +326,7 @@ class VirtioViommu:
     host_problems: int = 0
     iommus: frozenset[str] = frozenset()  # host IOMMUs it may span (empty: any)
     model: str = ViommuModel.VIRTIO_IOMMU
+    group_commit: ClassVar[bool] = False  # one request at a time: nothing to share
 
     @classmethod
     def create(cls, record: ViommuCreate, ctx: ModelContext) -> VirtioViommu:
@@ -339,7 +335,7 @@ class VirtioViommu:
         frontend = options.frontend()
         topology = VirtioTopology(record.viommu, ctx.host, ctx.iommufd)
         topology.place_guest_memory(options.guest_memory)
-        dispatcher = VirtioDispatcher(frontend, topology, ctx.iommufd, ctx.stats)
+        dispatcher = VirtioDispatcher(topology, ctx.iommufd, ctx.stats)
         log, debug = viommu_log(ctx, record.viommu)
         source = getattr(ctx.iommufd.backend, "drain_device_faults", None)
         instance = cls(
@@ -371,7 +367,7 @@ class VirtioViommu:
 
     def _device_attach(self, vid: int, device: str) -> None:
         frontend, topology = self.frontend, self.topology
-        if vid in frontend.endpoints:
+        if frontend.has_endpoint(vid):
             raise TopologyError(f"endpoint {vid} already exists")
         try:
             pdev = topology.host.device(device)
@@ -394,7 +390,7 @@ class VirtioViommu:
 
     def _device_detach(self, vid: int) -> None:
         frontend = self.frontend
-        if vid not in frontend.endpoints or vid in self.options.emulated_endpoints:
+        if not frontend.has_endpoint(vid) or vid in self.options.emulated_endpoints:
             raise TopologyError(f"endpoint {vid} is not attached")
         events = frontend.remove_endpoint(vid)
         try:
@@ -405,9 +401,9 @@ class VirtioViommu:
 
     def _apply(self, events: list[VirtioEvent]) -> None:
         """Host side of a change that is not a request (no status to report: raise)."""
-        failure = self.dispatcher.run(0, events)
-        if failure is not None:
-            raise TopologyError(failure.reason)
+        outcome = self.dispatcher.run(0, events)
+        if outcome.errors:
+            raise TopologyError(outcome.errors[0].reason)
 
     # -- requests -------------------------------------------------------------------------
     def doorbell(self, data: bytes) -> DoorbellReply:
@@ -432,19 +428,21 @@ class VirtioViommu:
         calls.barrier = dispatcher.stats.barriers + 1
         calls_before = calls.seq
         frontend.receive_request(data, writable)
-        request_type = data[0] if data else 0
+        request_type = request_type_of(data)
         try:
-            failure = dispatcher.run(request_type, frontend.events())
+            outcome = dispatcher.run(request_type, frontend.events())
         except Exception:
             # a bug, not a guest or host condition: answer DEVERR, keep the device usable
             frontend.complete(Status.DEVERR, "internal error")
-            dispatcher.resync()
+            dispatcher.resync(frontend.guest_view())
             raise
-        if failure is None:
+        if not outcome.host_errors:
             reply = frontend.complete()
         else:
-            reply = frontend.complete(failure.status, failure.reason)
-            problems = dispatcher.resync()
+            # the host refused: the frontend undoes the request and answers its status
+            error = outcome.host_errors[0]
+            reply = frontend.complete(Status[error.code], error.reason)
+            problems = dispatcher.resync(frontend.guest_view())
             if problems:
                 self.host_problems += len(problems)
                 if self.log is not None:

@@ -1,5 +1,8 @@
 """The mappings of one virtio-iommu domain: disjoint inclusive intervals, O(log n) each way.
 
+A core value module: the frontend keeps each domain's ``MappingStore`` (the guest-visible
+state), and the topology replays a store into a new IOAS, so both layers import it.
+
 A *mapping* is the region one MAP request created (virtio-iommu.md §2.5): ``[start, end]``
 (inclusive, as on the wire) translating to ``phys + (addr - start)`` with the MAP flags.
 Mappings of a domain never overlap, so sorting them by ``start`` also sorts them by ``end``

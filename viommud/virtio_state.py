@@ -1,28 +1,37 @@
-"""What the virtio-iommu frontend asks the host side to do, as plain values.
+"""virtio-iommu state as values: domain kinds, guest tables, the frontend's events, snapshots.
 
-A request that passes every guest-visible check yields a short list of these, ending with a
-``Barrier`` (the request's completion). They are ordered so that the step that can fail on
-the host comes before the steps that cannot be undone: an endpoint moving to another domain
-is ``EndpointAttached(previous=old)`` (an atomic replace on the host) *before*
-``DomainDestroyed(old)``. Invalidations travel in the shared intermediate form
-(``viommud.events.Invalidation``) wrapped with the domain they target.
+A core value module (the frontend produces these, the topology and the dispatcher consume
+them), so no layer has to import another one's internals.
+
+Events: a request that passes every guest-visible check yields a short list of them, ending
+with a ``Barrier`` (the request's completion; virtio-iommu.md §2.1). They are ordered so
+that the step that can fail on the host comes before the steps that cannot be undone: an
+endpoint moving to another domain is ``EndpointAttached(previous=old)`` (an atomic replace
+on the host) *before* ``DomainDestroyed(old)``. Invalidations travel in the shared
+intermediate form (``viommud.events.Invalidation``) wrapped with the domain they target.
+
+Snapshots: after the host refused a request and the frontend undid it, ``GuestView`` is
+what the host side must match again (the dispatcher's re-sync).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Iterable
+from collections.abc import Mapping as ReadOnlyDict
+from dataclasses import dataclass, field
 
 from viommud.events import Barrier, Invalidation
-from viommud.frontends.virtio.mappings import Mapping
+from viommud.mappings import Mapping
 
 __all__ = [
-    "Barrier",
     "DomainCreated",
     "DomainDestroyed",
     "DomainKind",
+    "DomainView",
     "EndpointAttached",
     "EndpointDetached",
+    "GuestView",
     "Mapped",
     "TableAttached",
     "TableConfig",
@@ -36,13 +45,13 @@ class DomainKind(enum.Enum):
     """What a domain translates with."""
 
     MAPPING = "mapping"  # MAP/UNMAP: the device keeps the page table (an IOAS on the host)
-    BYPASS = "bypass"  # ATTACH_F_BYPASS: identity, every access allowed
-    TABLE = "table"  # ATTACH_TABLE: the guest's own stage-1 table (a nested HWPT)
+    BYPASS = "bypass"  # ATTACH_F_BYPASS: identity, every access allowed (§2.2)
+    TABLE = "table"  # ATTACH_TABLE: the guest's own stage-1 table (a nested HWPT, §5)
 
 
 @dataclass(frozen=True, slots=True)
 class TableConfig:
-    """A guest table handed over with ATTACH_TABLE, reduced to what the host needs.
+    """A guest table handed over with ATTACH_TABLE (§5), reduced to what the host needs.
 
     ``model`` is the host IOMMU model that can walk it. Arm: the first two STE words
     (S1-translate, the CD table pointer; EATS left for the host side to decide per device
@@ -56,6 +65,9 @@ class TableConfig:
     vtd_flags: int = 0
     pgtbl_addr: int = 0
     addr_width: int = 0
+
+
+# -- events (frontend -> dispatcher) -----------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +87,18 @@ class DomainDestroyed:
 @dataclass(frozen=True, slots=True)
 class EndpointAttached:
     """``endpoint`` now translates through ``domain``; ``previous`` is the domain it left
-    (None when it was unattached)."""
+    (None when it was unattached).
+
+    ``mappings`` are the domain's mappings, for the host to replay when this endpoint is
+    the domain's first host device: the frontend's store itself, read while the request is
+    dispatched (no copy), and left out of comparisons (it is the domain's content, not part
+    of what happened).
+    """
 
     endpoint: int
     domain: int
     previous: int | None = None
+    mappings: Iterable[Mapping] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,3 +151,26 @@ VirtioEvent = (
     | TableInvalidation
     | Barrier
 )
+
+
+# -- snapshot (frontend -> dispatcher, after a refused request) ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DomainView:
+    """One guest domain as the host must build it; ``mappings`` is the frontend's store,
+    read at once (not a copy)."""
+
+    kind: DomainKind
+    table: TableConfig | None
+    mappings: Iterable[Mapping]
+
+
+@dataclass(frozen=True, slots=True)
+class GuestView:
+    """The guest-visible state the host side re-syncs to: every domain, every attached
+    endpoint (endpoint -> domain) and whether unattached endpoints are in bypass (§1.3)."""
+
+    domains: ReadOnlyDict[int, DomainView]
+    attached: ReadOnlyDict[int, int]
+    bypass: bool
