@@ -32,7 +32,7 @@ from typing import Any
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
-from protocols.smmuv3 import Opcode, build_command
+from protocols.smmuv3 import CFGI_CD_OPS, Opcode, build_command
 from protocols.virtio_iommu import RequestType, Status
 from viommud.backend.calls import BackendCallError, Iommufd
 from viommud.dispatcher import NOTHING, DispatchStats, Outcome
@@ -92,6 +92,14 @@ def errno_status(request_type: int, err: int, ioctl: str = "") -> Status:
     return Status.DEVERR
 
 
+# Ordering steps of one request's host work (``VirtioDispatcher._flush``).
+STEP_CONFIG, STEP_TLB, STEP_ATC = 0, 1, 2
+_ARM_STEP = [STEP_TLB] * 256
+for _op in CFGI_CD_OPS:
+    _ARM_STEP[_op] = STEP_CONFIG
+_ARM_STEP[Opcode.ATC_INV] = STEP_ATC
+
+
 @dataclass(slots=True)
 class _Bucket:
     """Entries for one backend object at this barrier."""
@@ -101,11 +109,15 @@ class _Bucket:
     object_id: int
     data_type: int
     entry_len: int
-    entries: list[bytes] = field(default_factory=list)
+    # entries per ordering step: configuration, then TLB, then ATC (see ``_flush``)
+    steps: tuple[list[bytes], list[bytes], list[bytes]] = field(
+        default_factory=lambda: ([], [], [])
+    )
 
-    def add(self, entry: bytes) -> None:
-        if entry not in self.entries:
-            self.entries.append(entry)
+    def add(self, entry: bytes, step: int) -> None:
+        entries = self.steps[step]
+        if entry not in entries:
+            entries.append(entry)
 
 
 def host_failure(status: Status, reason: str) -> Outcome:
@@ -131,6 +143,7 @@ class VirtioDispatcher:
         self.touched_domains.clear()
         self._buckets.clear()
         invalidated = False
+        counted = False  # this request's barrier was counted
         try:
             for event in events:
                 if type(event) is TableInvalidation:
@@ -139,6 +152,7 @@ class VirtioDispatcher:
                     invalidated = True
                 elif type(event) is Barrier:
                     self.stats.barriers += 1
+                    counted = True
                     if invalidated:
                         self.stats.forwarded += 1
                         if self._buckets:
@@ -155,7 +169,7 @@ class VirtioDispatcher:
         else:
             return NOTHING
         self._buckets.clear()
-        if any(type(event) is Barrier for event in events):
+        if not counted and any(type(event) is Barrier for event in events):
             self.stats.barriers += 1  # the request still completes (with an error status)
         return failure
 
@@ -246,7 +260,7 @@ class VirtioDispatcher:
                     VTD_ENTRY_LEN,
                 )
                 for entry in vtd_entries(inv):
-                    bucket.add(entry)
+                    bucket.add(entry, STEP_TLB)
                 continue
             viommu_id = topology.viommu_id(iommu)
             assert viommu_id is not None
@@ -263,26 +277,34 @@ class VirtioDispatcher:
                 [ep.vid for ep in on_unit if ep.vdevice],
                 {ep.vid for ep in on_unit if ep.pdev.ats},
             ):
-                bucket.add(entry)
+                bucket.add(entry, _ARM_STEP[entry[0]])
 
     def _flush(self) -> None:
-        for bucket in self._buckets.values():
-            if not bucket.entries:
-                continue
-            result = self.iommufd.invalidate(
-                bucket.iommu,
-                object_kind=bucket.kind,
-                object_id=bucket.object_id,
-                data_type=bucket.data_type,
-                entry_len=bucket.entry_len,
-                entries=bucket.entries,
-            )
-            if result.errno:
-                raise BackendCallError(
-                    "IOMMU_HWPT_INVALIDATE",
-                    result.errno,
-                    {"object_id": bucket.object_id, "done": result.done},
+        """Send the collected entries. The kernel issues the entries of one
+        ``IOMMU_HWPT_INVALIDATE`` call with no sync between them, so work that must be
+        ordered goes in separate calls, each returning before the next is made: every
+        object's configuration invalidations (CFGI_CD*), then its TLB invalidations, then its
+        ATC invalidations (the vSVA invalidate's order: a TLB refill must not use a stale
+        CD, an ATC must not refill from a stale IOTLB)."""
+        for step in (STEP_CONFIG, STEP_TLB, STEP_ATC):
+            for bucket in self._buckets.values():
+                entries = bucket.steps[step]
+                if not entries:
+                    continue
+                result = self.iommufd.invalidate(
+                    bucket.iommu,
+                    object_kind=bucket.kind,
+                    object_id=bucket.object_id,
+                    data_type=bucket.data_type,
+                    entry_len=bucket.entry_len,
+                    entries=entries,
                 )
+                if result.errno:
+                    raise BackendCallError(
+                        "IOMMU_HWPT_INVALIDATE",
+                        result.errno,
+                        {"object_id": bucket.object_id, "done": result.done},
+                    )
         self._buckets.clear()
 
 
