@@ -165,7 +165,7 @@ def test_coalesce_tlb_covers_every_command_and_never_grows(
         assert out == [_QQ.unpack(build_command(Opcode.TLBI_NSNH_ALL))]
 
 
-def test_coalesce_tlb_merges_touching_ranges_and_promotes_floods() -> None:
+def test_coalesce_tlb_merges_touching_ranges_and_widens_floods() -> None:
     touching = [*workloads.tlbi_range(5, 0x100, 8), *workloads.tlbi_range(5, 0x108, 8)]
     words = np.frombuffer(b"".join(touching), dtype="<u8").reshape(-1, 2)
     out = coalesce_tlb(words)
@@ -173,7 +173,12 @@ def test_coalesce_tlb_merges_touching_ranges_and_promotes_floods() -> None:
     flood = [c for page in range(0, 1200, 4) for c in workloads.tlbi_range(7, page * 3, 4)]
     words = np.frombuffer(b"".join(flood), dtype="<u8").reshape(-1, 2)
     out = coalesce_tlb(words, flood_pages=512)
-    assert [(int(a) & 0xFF, int(a) >> 48) for a, _ in out] == [(Opcode.TLBI_NH_ASID, 7)]
+    # widened to the VM (global entries included), never narrowed to TLBI_NH_ASID(7)
+    assert [int(a) & 0xFF for a, _ in out] == [Opcode.TLBI_NH_ALL]
+    # an ASID invalidation never covers a VA one: both go out
+    pair = [build_command(Opcode.TLBI_NH_ASID, asid=7), *workloads.tlbi_range(7, 0x40, 1)]
+    words = np.frombuffer(b"".join(pair), dtype="<u8").reshape(-1, 2)
+    assert len(coalesce_tlb(words)) == 2
 
 
 # -- sessions: grouped answers equal one-by-one answers -------------------------------------

@@ -9,11 +9,11 @@ from protocols.smmuv3 import Opcode, build_command, parse_command
 from viommud.dispatcher.smmuv3_coalesce import (
     Entry,
     coalesce,
-    drop_covered_by_asid,
     drop_covered_by_device_wide,
     drop_covered_by_vm_wide,
     drop_duplicates,
     encode_range,
+    merge_atc,
     merge_ranges,
     order_by_class,
     promote_floods,
@@ -53,11 +53,13 @@ def test_vm_wide_covers_every_tlbi_but_not_device_work() -> None:
     assert raws(out) == [atc, nsnh]
 
 
-def test_asid_covers_its_own_ranges_only() -> None:
+def test_asid_never_covers_a_va_invalidation() -> None:
+    """TLBI_NH_ASID spares global (nG=0) entries; TLBI_NH_VA removes them whatever their
+    ASID. So an NH_VA beside an NH_ASID of its ASID must still be sent."""
     asid1 = build_command(Opcode.TLBI_NH_ASID, asid=1)
-    vaa = build_command(Opcode.TLBI_NH_VAA, num=0, scale=1, leaf=1, ttl=3, tg=1, addr=5)
-    out = drop_covered_by_asid(entries(va(1, 5), va(2, 5), asid1, vaa))
-    assert raws(out) == [va(2, 5), asid1, vaa]
+    out = coalesce(entries(asid1, va(1, 5)))
+    assert va(1, 5) in raws(out)
+    assert asid1 in raws(out)
 
 
 def test_device_wide_config_and_atc() -> None:
@@ -105,12 +107,45 @@ def test_encode_range_covers_exactly_and_avoids_the_reserved_encoding() -> None:
     assert (w0 >> 12) & 31 == 1
 
 
-def test_flood_of_pages_becomes_one_asid_invalidation() -> None:
+def test_flood_of_pages_becomes_one_vm_wide_invalidation() -> None:
+    """A flood is widened to the VM's TLBI_NH_ALL (global entries included), never narrowed
+    to TLBI_NH_ASID; device work is untouched."""
     many = [va(3, 2 * i) for i in range(600)]
-    out = promote_floods(entries(*many, va(4, 1)), threshold=512)
-    assert raws(out) == [build_command(Opcode.TLBI_NH_ASID, asid=3), va(4, 1)]
+    atc = build_command(Opcode.ATC_INV, sid=2, size=52)
+    out = promote_floods(entries(*many, va(4, 1), atc), threshold=512)
+    assert raws(out) == [build_command(Opcode.TLBI_NH_ALL), atc]
     assert out[0].origin == 0
     assert promote_floods(entries(*many[:100]), threshold=512) == entries(*many[:100])
+
+
+def atc_inv(sid: int, page: int, log2: int, *, ssid: int | None = None) -> bytes:
+    pasid = {"ssv": 1, "ssid": ssid} if ssid is not None else {}
+    return build_command(Opcode.ATC_INV, sid=sid, size=log2, addr=page, **pasid)
+
+
+def atc_pages(items: list[Entry]) -> set[tuple[int, int, int]]:
+    """(sid, ssid or -1, page) triples the ATC_INVs of ``items`` cover (§4.5.1)."""
+    out: set[tuple[int, int, int]] = set()
+    for e in items:
+        f = parse_command(e.raw)
+        n = 1 << f["size"]
+        first = f["addr"] & ~(n - 1)
+        ssid = f["ssid"] if f["ssv"] else -1
+        out |= {(f["sid"], ssid, p) for p in range(first, first + n)}
+    return out
+
+
+def test_adjacent_atc_invalidations_of_one_device_and_pasid_merge() -> None:
+    items = entries(*(atc_inv(7, p, 0, ssid=1) for p in range(8, 16)), atc_inv(7, 8, 0))
+    out = merge_atc(items)
+    assert atc_pages(out) == atc_pages(items)  # exactly the same pages, no more
+    # pages 8..15 of (7, PASID 1) are one aligned 8-page block; the no-PASID one stays apart
+    assert sorted(raws(out)) == sorted([atc_inv(7, 8, 3, ssid=1), atc_inv(7, 8, 0)])
+
+
+def test_atc_merge_keeps_devices_pasids_and_gaps_apart() -> None:
+    items = entries(atc_inv(7, 8, 0, ssid=1), atc_inv(7, 10, 0, ssid=1), atc_inv(8, 9, 0))
+    assert merge_atc(items) == items
 
 
 def test_order_by_class_config_tlb_device() -> None:
@@ -126,23 +161,33 @@ PAGE_SETS = st.lists(
 )
 
 
-def pages_of(items: list[Entry]) -> set[tuple[int, int]]:
-    """(asid, page) pairs a list of NH_VA / NH_ASID entries invalidates (ASID = all pages)."""
-    out: set[tuple[int, int]] = set()
+def pages_of(items: list[Entry]) -> set[tuple[str, int, int]]:
+    """What a list of TLBIs invalidates: ("ng", asid, page) for non-global entries and
+    ("g", 0, page) for global ones. NH_VA(a, p) removes ("ng", a, p) and ("g", 0, p);
+    NH_ASID(a) removes ("ng", a, *) only; NH_ALL removes everything (pages 0..1023)."""
+    out: set[tuple[str, int, int]] = set()
     for e in items:
         f = parse_command(e.raw)
-        if f["opcode"] == Opcode.TLBI_NH_ASID:
-            out |= {(f["asid"], p) for p in range(1024)}
+        if f["opcode"] == Opcode.TLBI_NH_ALL:
+            out |= {(k, a, p) for k in ("ng", "g") for a in range(4) for p in range(1024)}
+            out |= {("g", 0, p) for p in range(1024)}
+        elif f["opcode"] == Opcode.TLBI_NH_ASID:
+            out |= {("ng", f["asid"], p) for p in range(1024)}
         else:
             n = (f["num"] + 1) << f["scale"]
-            out |= {(f["asid"], p) for p in range(f["addr"], f["addr"] + n)}
+            out |= {("ng", f["asid"], p) for p in range(f["addr"], f["addr"] + n)}
+            out |= {("g", 0, p) for p in range(f["addr"], f["addr"] + n)}
     return out
 
 
 @settings(max_examples=200)
 @given(PAGE_SETS, st.integers(1, 600))
 def test_coalesce_never_covers_less(spec: list[tuple[int, int, int]], threshold: int) -> None:
-    items = entries(*(va(asid, page, n) for asid, page, n in spec))
+    asids = {asid for asid, _page, _n in spec}
+    items = entries(
+        *(va(asid, page, n) for asid, page, n in spec),
+        *(build_command(Opcode.TLBI_NH_ASID, asid=a) for a in sorted(asids) if a % 2),
+    )
     out = coalesce(items, flood_pages=threshold)
     assert pages_of(out) >= pages_of(items)
     assert len(out) <= max(len(items), 1) or not items

@@ -12,13 +12,20 @@ Each rule is a small function from entries to entries (DESIGN.md point 4):
 * ``drop_duplicates``: byte-identical commands.
 * ``drop_covered_by_vm_wide``: TLBI_NH_ALL / TLBI_NSNH_ALL (both become NH_ALL with the
   vIOMMU's VMID in the kernel) make every other TLBI of the call redundant.
-* ``drop_covered_by_asid``: TLBI_NH_ASID(a) makes TLBI_NH_VA(a, ...) redundant.
 * ``drop_covered_by_device_wide``: CFGI_CD_ALL(sid) covers CFGI_CD(sid, *); an ATC_INV of a
   whole ATC without PASID (SSV=0, Size=52) covers every ATC_INV of that stream.
 * ``merge_ranges``: range TLBIs (TG != 0) of the same ASID, leaf, granule and TTL whose page
   ranges overlap or touch become one range, re-encoded as RIL commands.
+* ``merge_atc``: ATC_INVs of one (stream, substream) whose aligned blocks overlap or touch
+  become the fewest aligned blocks covering exactly their union, when that is fewer.
 * ``promote_floods``: when the TLBI_NH_VA work of one ASID spans more than ``threshold``
-  pages, one TLBI_NH_ASID replaces it (docs/coalescing.md discusses the threshold).
+  pages, one VMID-wide TLBI_NH_ALL replaces the call's TLBIs (docs/coalescing.md discusses
+  the threshold).
+
+What no rule does: TLBI_NH_ASID(a) does not cover TLBI_NH_VA(a, va). An ASID invalidation
+spares global entries (nG=0, SMMUv3 §3.17.3 / Arm ARM "TLBI ASIDE1"), which a VA invalidation
+removes whatever their ASID; so NH_VA is kept beside NH_ASID, and a flood is widened to the
+VMID-wide NH_ALL (global entries included), never narrowed to NH_ASID.
 * ``order_by_class``: config, then TLB, then device-TLB work; device work sorted by stream
   and substream so it collapses per device.
 """
@@ -37,6 +44,7 @@ _CMD = struct.Struct("<QQ")
 DEFAULT_FLOOD_PAGES = 512
 
 _ADDR_MASK = 0xFFFFFFFFFFFFF000
+_VMID_FIELD = 0xFFFF << 32
 
 
 @dataclass(slots=True)
@@ -84,13 +92,6 @@ def drop_covered_by_vm_wide(entries: list[Entry]) -> list[Entry]:
     if wide is None:
         return entries
     return [e for e in entries if e.opcode not in TLBI_OPS or e is wide]
-
-
-def drop_covered_by_asid(entries: list[Entry]) -> list[Entry]:
-    asids = {e.words[0] >> 48 for e in entries if e.opcode == Opcode.TLBI_NH_ASID}
-    if not asids:
-        return entries
-    return [e for e in entries if not (e.opcode == Opcode.TLBI_NH_VA and e.words[0] >> 48 in asids)]
 
 
 def drop_covered_by_device_wide(entries: list[Entry]) -> list[Entry]:
@@ -201,6 +202,9 @@ def merge_ranges(entries: list[Entry]) -> list[Entry]:
 
 
 def promote_floods(entries: list[Entry], threshold: int = DEFAULT_FLOOD_PAGES) -> list[Entry]:
+    """More than ``threshold`` pages of TLBI_NH_VA for one ASID: the call's TLBIs become one
+    TLBI_NH_ALL of the VM (with the VMID field of the first flooded command; the kernel
+    rewrites it anyway). Not NH_ASID: that would spare the global entries NH_VA removes."""
     pages: dict[int, int] = {}
     for e in entries:
         if e.opcode == Opcode.TLBI_NH_VA:
@@ -209,16 +213,72 @@ def promote_floods(entries: list[Entry], threshold: int = DEFAULT_FLOOD_PAGES) -
     flooded = {asid for asid, n in pages.items() if n > threshold}
     if not flooded:
         return entries
-    out: list[Entry] = []
-    done: set[int] = set()
+    first = next(
+        e for e in entries if e.opcode == Opcode.TLBI_NH_VA and e.words[0] >> 48 in flooded
+    )
+    origin = min(e.origin for e in entries if e.opcode in TLBI_OPS)
+    wide = Entry(_CMD.pack(Opcode.TLBI_NH_ALL | (first.words[0] & _VMID_FIELD), 0), origin)
+    return [wide, *(e for e in entries if e.opcode not in TLBI_OPS)]
+
+
+def _atc_block(e: Entry) -> tuple[tuple[int, int], int, int]:
+    """((W0 without opcode bits kept: SID, SSID, SSV, Global), first page, page count) of an
+    ATC_INV: 2**Size pages aligned at Address (SMMUv3 §4.5.1)."""
+    w0, w1 = e.words
+    size = w1 & 0x3F
+    pages = 1 << min(size, 52)
+    first = ((w1 & _ADDR_MASK) >> 12) & ~(pages - 1)
+    return (w0, w1 & 0xFFF & ~0x3F), first, pages
+
+
+def _aligned_blocks(first: int, end: int) -> list[tuple[int, int]]:
+    """The fewest aligned power-of-two blocks that cover exactly [first, end): (page, log2)."""
+    out = []
+    page = first
+    while page < end:
+        log2 = (page & -page).bit_length() - 1 if page else 52
+        while log2 and page + (1 << log2) > end:
+            log2 -= 1
+        out.append((page, log2))
+        page += 1 << log2
+    return out
+
+
+def merge_atc(entries: list[Entry]) -> list[Entry]:
+    groups: dict[tuple[int, int], list[Entry]] = {}
     for e in entries:
-        if e.opcode == Opcode.TLBI_NH_VA and (asid := e.words[0] >> 48) in flooded:
-            if asid not in done:
-                done.add(asid)
-                vmid = e.words[0] & (0xFFFF << 32)
-                out.append(Entry(_CMD.pack(Opcode.TLBI_NH_ASID | vmid | asid << 48, 0), e.origin))
+        if e.opcode == Opcode.ATC_INV:
+            groups.setdefault(_atc_block(e)[0], []).append(e)
+    if all(len(g) < 2 for g in groups.values()):
+        return entries
+    replaced: dict[int, list[Entry]] = {}
+    dropped: set[int] = set()
+    for (w0, w1_low), group in groups.items():
+        if len(group) < 2:
             continue
-        out.append(e)
+        spans = sorted((*_atc_block(e)[1:], e.origin) for e in group)
+        merged: list[list[int]] = []  # [first, end, origin]
+        for first, count, origin in spans:
+            if merged and first <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], first + count)
+                merged[-1][2] = min(merged[-1][2], origin)
+            else:
+                merged.append([first, first + count, origin])
+        new = [
+            Entry(_CMD.pack(w0, w1_low | (page << 12) & _ADDR_MASK | log2), origin)
+            for first, end, origin in merged
+            for page, log2 in _aligned_blocks(first, end)
+        ]
+        if len(new) >= len(group):
+            continue  # no shorter: keep the guest's own commands
+        replaced[id(group[0])] = new
+        dropped.update(id(e) for e in group)
+    out: list[Entry] = []
+    for e in entries:
+        if id(e) in replaced:
+            out += replaced[id(e)]
+        elif id(e) not in dropped:
+            out.append(e)
     return out
 
 
@@ -239,9 +299,8 @@ def coalesce(entries: list[Entry], *, flood_pages: int = DEFAULT_FLOOD_PAGES) ->
         return entries  # nothing to fold with, and one entry needs no order
     out = drop_duplicates(entries)
     out = drop_covered_by_vm_wide(out)
-    out = drop_covered_by_asid(out)
     out = drop_covered_by_device_wide(out)
     out = merge_ranges(out)
+    out = merge_atc(out)
     out = promote_floods(out, flood_pages)
-    out = drop_covered_by_asid(out)
     return order_by_class(out)

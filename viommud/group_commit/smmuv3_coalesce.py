@@ -8,10 +8,10 @@ the order that lets the cheap ones spare the costly ones:
 
 * ``TLBI_NH_ALL`` / ``TLBI_NSNH_ALL`` covers every other TLBI: it alone is sent;
 * when the TLBI_NH_VA work of one ASID asks for more than ``flood_pages`` pages, one
-  ``TLBI_NH_ASID`` replaces it (pages counted as asked for: the one difference from the
-  per-doorbell rule, which counts them after merging);
+  VMID-wide ``TLBI_NH_ALL`` replaces every TLBI (pages counted as asked for: the one
+  difference from the per-doorbell rule, which counts them after merging). Never
+  ``TLBI_NH_ASID``: it spares global entries, which NH_VA removes;
 * byte-identical commands are sent once;
-* ``TLBI_NH_ASID(a)`` covers ``TLBI_NH_VA(a, ...)``;
 * range TLBIs (TG != 0) of one ASID/VMID word, leaf, TTL and granule whose page ranges
   overlap or touch become one span, re-encoded as RIL commands when that is shorter.
 
@@ -31,11 +31,10 @@ U64 = npt.NDArray[np.uint64]
 _ADDR_MASK = np.uint64(0xFFFFFFFFFFFFF000)
 _NUM_SCALE = np.uint64(0x1F << 12 | 0x1F << 20)
 # Opcodes as numpy scalars: comparing an array with an IntEnum member is much slower.
-_NH_ALL, _NH_ASID, _NH_VA, _NH_VAA, _NSNH_ALL = (
+_NH_ALL, _NH_VA, _NH_VAA, _NSNH_ALL = (
     np.uint64(op)
     for op in (
         Opcode.TLBI_NH_ALL,
-        Opcode.TLBI_NH_ASID,
         Opcode.TLBI_NH_VA,
         Opcode.TLBI_NH_VAA,
         Opcode.TLBI_NSNH_ALL,
@@ -53,38 +52,31 @@ def coalesce_tlb(words: U64, *, flood_pages: int = DEFAULT_FLOOD_PAGES) -> U64:
     wide = np.flatnonzero((ops == _NH_ALL) | (ops == _NSNH_ALL))
     if len(wide):
         return words[wide[:1]]
-    words = _promote_floods(words, flood_pages)
-    words = _unique(words)
-    words = _drop_covered_by_asid(words)
-    return _merge_ranges(words)
+    flood = _flood(words, flood_pages)
+    if flood is not None:
+        return flood
+    return _merge_ranges(_unique(words))
 
 
-def _promote_floods(words: U64, threshold: int) -> U64:
-    """TLBI_NH_VA work of an ASID asking for more than ``threshold`` pages becomes one
-    TLBI_NH_ASID. Pages count as the guest asked for them (a page asked twice counts twice,
-    as operations count in Linux's own cut-over), so floods are found before the costlier
-    rules run, and their commands never reach them."""
+def _flood(words: U64, threshold: int) -> U64 | None:
+    """One TLBI_NH_ALL of the VM (the VMID field of the first flooded command) when the
+    TLBI_NH_VA work of some ASID asks for more than ``threshold`` pages, else None. Pages
+    count as the guest asked for them (a page asked twice counts twice, as operations count
+    in Linux's own cut-over), so floods are found before the costlier rules run."""
     w0, w1 = words[:, 0], words[:, 1]
     va = (w0 & _OP_MASK) == _NH_VA
     if not va.any():
-        return words
+        return None
     asids = (w0[va] >> np.uint64(48)).astype(np.intp)
     ranged = ((w1[va] >> np.uint64(10)) & np.uint64(3)) != 0
     _tg, first, end = _range_fields(words[va])
     pages = np.where(ranged, end - first, np.uint64(1)).astype(np.float64)
     is_flooded = np.bincount(asids, weights=pages) > threshold  # indexed by ASID
-    flooded = np.flatnonzero(is_flooded)
-    if not len(flooded):
-        return words
-    drop = va.copy()
-    drop[va] = is_flooded[asids]
-    first_rows = np.flatnonzero(drop)
-    promoted = []
-    for asid in flooded.tolist():  # the VMID field of the ASID's first command, as the rule says
-        row = int(first_rows[(w0[first_rows] >> np.uint64(48)) == asid][0])
-        vmid = int(w0[row]) & (0xFFFF << 32)
-        promoted.append((Opcode.TLBI_NH_ASID | vmid | asid << 48, 0))
-    return np.concatenate((words[~drop], np.array(promoted, dtype=np.uint64)))
+    if not is_flooded.any():
+        return None
+    row = int(np.flatnonzero(va)[np.flatnonzero(is_flooded[asids])[0]])
+    vmid = int(w0[row]) & (0xFFFF << 32)
+    return np.array([(Opcode.TLBI_NH_ALL | vmid, 0)], dtype=np.uint64)
 
 
 def _unique(words: U64) -> U64:
@@ -97,19 +89,6 @@ def _unique(words: U64) -> U64:
     if not repeat.any():
         return words
     kept: U64 = words[np.sort(order[~repeat])]
-    return kept
-
-
-def _drop_covered_by_asid(words: U64) -> U64:
-    w0 = words[:, 0]
-    ops = w0 & _OP_MASK
-    by_asid = ops == _NH_ASID
-    if not by_asid.any():
-        return words
-    asid = (w0 >> np.uint64(48)).astype(np.intp)
-    flushed = np.zeros(1 << 16, dtype=np.bool_)  # by ASID: a TLBI_NH_ASID is in the set
-    flushed[asid[by_asid]] = True
-    kept: U64 = words[~(flushed[asid] & (ops == _NH_VA))]
     return kept
 
 
