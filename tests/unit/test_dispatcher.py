@@ -186,3 +186,24 @@ def test_stream_table_invalidation_installs_the_stes_it_carries() -> None:
         NOTHING
     )
     assert session.drain_calls() == []
+
+
+def test_a_global_entry_never_survives_an_asid_and_a_va_invalidation() -> None:
+    """[TLBI_NH_ASID(1), TLBI_NH_VA(1, va)]: the ASID one spares global entries, the VA one
+    removes them, so coalescing must keep the VA one (the emulator's cache model decides)."""
+    from viommud.backend.emulator import testing
+
+    backend = EmulatedIommufd(HOST)
+    session = session_with_device(backend)
+    session.drain_calls()
+    testing.dma(backend, "0000:01:00.0", 0x5000, asid=1, global_=True, walk=False)
+    testing.dma(backend, "0000:01:00.0", 0x9000, asid=1, walk=False)
+    doorbell = (
+        build_command(Opcode.TLBI_NH_ASID, asid=1)
+        + build_command(Opcode.TLBI_NH_VA, asid=1, addr=0x5000 >> 12, leaf=1)
+        + SYNC
+    )
+    assert as_json(session.doorbell("v", doorbell))["errors"] == []
+    left = testing.caches(backend, "smmu0").iotlb
+    assert not [e for e in left if e.iova == 0x5000], left  # the global entry is gone
+    assert not [e for e in left if e.iova == 0x9000], left  # and the ASID's own entry
