@@ -27,11 +27,17 @@ Only the helpers at the bottom (``parse_descriptor``, ``build_descriptor``,
 ``parse_context_entry``, ``build_context_entry``, ``build_scalable_context_entry``,
 ``parse_pasid_entry``, ``build_pasid_entry``) should be used by other code: they exchange
 plain ``dict[str, int]``, never a ``construct.Container``.
+
+What a first-stage PASID entry becomes on the host is declared here too, once: ``struct
+iommu_hwpt_vtd_s1`` (the nested HWPT's data) and ``struct iommu_hwpt_vtd_s1_invalidate`` (the
+entries of an ``IOMMU_HWPT_INVALIDATE`` on it), with the flag bits and the ``struct`` format
+the daemon packs them with (``VTD_S1_STRUCT``).
 """
 
 from __future__ import annotations
 
 import enum
+import struct
 from typing import Any
 
 from construct import (
@@ -40,6 +46,7 @@ from construct import (
     ByteSwapped,
     Const,
     ConstructError,
+    Int32ul,
     Int64ul,
     Padding,
     Struct,
@@ -52,10 +59,26 @@ __all__ = [
     "DESCRIPTORS",
     "DESCRIPTORS_256",
     "DESCRIPTOR_SIZES",
+    "ICE",
+    "IOMMU_HWPT_VTD_S1_INVALIDATE_LAYOUT",
+    "IOMMU_HWPT_VTD_S1_LAYOUT",
+    "IOMMU_VTD_INV_FLAGS_LEAF",
+    "IOMMU_VTD_S1_EAFE",
+    "IOMMU_VTD_S1_FLAGS",
+    "IOMMU_VTD_S1_SRE",
+    "IOMMU_VTD_S1_WPE",
+    "IQE",
+    "ITE",
     "LEGACY_CONTEXT_ENTRY",
     "PASID_ENTRY",
     "PASID_ENTRY_SIZE",
+    "PGTT_FIRST_STAGE",
+    "PGTT_PASS_THROUGH",
     "SCALABLE_CONTEXT_ENTRY",
+    "VTD_INV_ALL_PAGES",
+    "VTD_S1_ADDR_WIDTH",
+    "VTD_S1_SIZE",
+    "VTD_S1_STRUCT",
     "DescType",
     "build_context_entry",
     "build_descriptor",
@@ -69,6 +92,11 @@ __all__ = [
 DESCRIPTOR_SIZES = (16, 32)  # 128-bit and 256-bit queues
 CONTEXT_ENTRY_SIZES = (16, 32)  # legacy and scalable-mode context entries
 PASID_ENTRY_SIZE = 64
+
+# Invalidation-queue errors the guest sees in FSTS_REG, by their bit names (docs/vtd.md, "IQE").
+IQE = "IQE"  # invalidation queue error: a descriptor the hardware refuses
+ITE = "ITE"  # invalidation time-out error (device-TLB invalidations)
+ICE = "ICE"  # invalidation completion error (device-TLB invalidations)
 
 
 class DescType(enum.IntEnum):
@@ -416,6 +444,49 @@ PASID_ENTRY = (
 )
 
 _RAW_PASID_WORDS = ("qw3", "qw4", "qw5", "qw6", "qw7")
+
+PGTT_FIRST_STAGE = 1  # PASID entry PGTT (VT-d §9.6): first-stage translation
+PGTT_PASS_THROUGH = 4  # PGTT: pass-through
+
+
+# ---------------------------------------------------------------------------------------------
+# A first-stage PASID entry on the host: the nested HWPT's data and its invalidation entries
+# (iommufd.md §1.5, §4.1, §4.2). The flags are the PASID entry's qw2 bits SRE, EAFE and WPE.
+
+IOMMU_VTD_S1_SRE = 1 << 0  # supervisor requests (PASID entry SRE, qw2[0])
+IOMMU_VTD_S1_EAFE = 1 << 1  # extended accessed flag (PASID entry EAFE, qw2[7])
+IOMMU_VTD_S1_WPE = 1 << 2  # write protect (PASID entry WPE, qw2[4])
+IOMMU_VTD_S1_FLAGS = IOMMU_VTD_S1_SRE | IOMMU_VTD_S1_EAFE | IOMMU_VTD_S1_WPE
+VTD_S1_ADDR_WIDTH = 48  # addr_width of a 4-level first stage (PASID entry FLPM = 0)
+IOMMU_VTD_INV_FLAGS_LEAF = 1 << 0  # only leaf entries changed (the guest's IH)
+VTD_INV_ALL_PAGES = (1 << 64) - 1  # npages of an invalidation of the whole address space
+
+IOMMU_HWPT_VTD_S1_LAYOUT = (
+    Struct(
+        "flags" / Int64ul * "IOMMU_VTD_S1_SRE | IOMMU_VTD_S1_EAFE | IOMMU_VTD_S1_WPE",
+        "pgtbl_addr" / Int64ul * "guest stage-1 root (GPA): FLPTPTR, or a legacy SLPTPTR",
+        "addr_width" / Int32ul * "input address width in bits: 39, 48 or 57",
+        "reserved" / Int32ul * "__reserved: not checked at allocation, maybe at attach",
+    )
+    * "struct iommu_hwpt_vtd_s1, 24 bytes, min_len 24 (iommufd.md §1.5, §4.1)"
+)
+
+IOMMU_HWPT_VTD_S1_INVALIDATE_LAYOUT = (
+    Struct(
+        "addr" / Int64ul * "start, 4 KiB aligned",
+        "npages" / Int64ul * "4 KiB pages; VTD_INV_ALL_PAGES (U64_MAX) = everything",
+        "flags" / Int32ul * "bit0 IOMMU_VTD_INV_FLAGS_LEAF",
+        "reserved" / Int32ul * "__reserved: non-zero gives EOPNOTSUPP",
+    )
+    * "struct iommu_hwpt_vtd_s1_invalidate, 24 bytes (iommufd.md §4.2)"
+)
+
+#: Both layouts as the daemon packs them: two u64 then two u32, little-endian.
+VTD_S1_STRUCT = struct.Struct("<QQII")
+VTD_S1_SIZE = VTD_S1_STRUCT.size
+for _layout in (IOMMU_HWPT_VTD_S1_LAYOUT, IOMMU_HWPT_VTD_S1_INVALIDATE_LAYOUT):
+    if _layout.sizeof() != VTD_S1_SIZE:
+        raise AssertionError("VTD_S1_STRUCT does not match the iommu_hwpt_vtd_s1 layouts")
 
 
 # ---------------------------------------------------------------------------------------------

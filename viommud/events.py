@@ -8,7 +8,13 @@ backends whose uAPI takes guest commands verbatim (the ARM vIOMMU invalidation a
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from viommud.guest.vtd import PasidEntry, VtdContext
 
 
 class Cache(enum.Flag):
@@ -52,13 +58,18 @@ class Invalidation:
 
 @dataclass(frozen=True, slots=True)
 class StreamTableInvalidated:
-    """SMMUv3 CFGI_STE / CFGI_STE_RANGE / CFGI_ALL: the VMM re-reads the vSTEs of the
-    stream IDs ``first``..``last`` (inclusive) as the hardware would at this point."""
+    """SMMUv3 CFGI_STE / CFGI_STE_RANGE / CFGI_ALL (SMMUv3 §4.3): the VMM re-reads the vSTEs
+    of the stream IDs ``first``..``last`` (inclusive) as the hardware would at this point.
+
+    ``stes`` is what that read finds: ``(vSID, 64-byte guest STE)`` for every vSID of the
+    range whose STE the guest has written, in vSID order, as the frontend saw it when it
+    took the command."""
 
     index: int
     first: int
     last: int
     raw: bytes = b""
+    stes: tuple[tuple[int, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,29 +128,45 @@ class DomainInvalidation:
     raw: bytes = b""
 
 
+def _no_entries() -> Mapping[Any, Any]:
+    return _NO_ENTRIES
+
+
+_NO_ENTRIES: Mapping[Any, Any] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class ContextCacheInvalidated:
     """VT-d context-cache invalidation: the VMM re-reads the context entries of the source
     IDs ``s`` with ``s & mask == sid & mask`` (``mask == 0``: every source ID), and the
     PASID entries they lead to, as the hardware would at this point. ``domain`` is the DID of
-    a domain-selective request (informational: it is handled as global, as QEMU does)."""
+    a domain-selective request (informational: it is handled as global, as QEMU does).
+
+    ``contexts`` (source ID -> context entry) and ``pasids`` ((source ID, PASID) -> PASID
+    entry) are the guest's entries as the frontend held them at this point, decoded, the
+    ones the guest never wrote left out; read-only snapshots the frontend never changes."""
 
     index: int
     sid: int = 0
     mask: int = 0
     domain: int | None = None
     raw: bytes = b""
+    contexts: Mapping[int, VtdContext] = field(default_factory=_no_entries)
+    pasids: Mapping[tuple[int, int], PasidEntry] = field(default_factory=_no_entries)
 
 
 @dataclass(frozen=True, slots=True)
 class PasidCacheInvalidated:
     """VT-d PASID-cache invalidation: re-read the PASID entries it covers. ``domain`` None
-    means global; with ``pasid`` None, every PASID of ``domain`` (domain-selective)."""
+    means global; with ``pasid`` None, every PASID of ``domain`` (domain-selective).
+    ``pasids`` is the guest's PASID entries at this point, as in ``ContextCacheInvalidated``
+    (all of them: the entry a device reads is named by its cached context entry)."""
 
     index: int
     domain: int | None = None
     pasid: int | None = None
     raw: bytes = b""
+    pasids: Mapping[tuple[int, int], PasidEntry] = field(default_factory=_no_entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,3 +181,8 @@ class StatusWrite:
 
 
 Event = Invalidation | StreamTableInvalidated | Barrier | GuestError
+
+#: What the VT-d frontend emits: the shared events plus the VT-d ones.
+VtdEvent = (
+    Event | DomainInvalidation | ContextCacheInvalidated | PasidCacheInvalidated | StatusWrite
+)

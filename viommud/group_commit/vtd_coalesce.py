@@ -29,14 +29,16 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from protocols import iommufd as uapi
+from protocols.vtd import IOMMU_VTD_INV_FLAGS_LEAF, VTD_INV_ALL_PAGES, VTD_S1_SIZE
 from viommud.group_commit.vtd_screen import FULL_PAGES
 
 I64 = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]
 Spans = tuple[I64, I64, Bools]  # start, end, leaf
 
-_U64_MAX = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+_ALL_PAGES = np.uint64(VTD_INV_ALL_PAGES)
+_WORDS = 3  # an entry as u64 words: addr, npages, then flags and __reserved as one word
+assert VTD_S1_SIZE == _WORDS * 8
 
 
 def coalesce(start: I64, end: I64, leaf: Bools) -> Spans:
@@ -109,12 +111,13 @@ def aligned_blocks(start: int, end: int) -> list[tuple[int, int]]:
 
 def pack(start: I64, end: I64, leaf: Bools) -> bytes:
     """``iommu_hwpt_vtd_s1_invalidate`` entries (iommufd.md §4.2): ``addr``, ``npages``,
-    then ``flags`` (LEAF) and ``__reserved`` (0) as one little-endian word; the whole space
-    is ``addr 0, npages U64_MAX``."""
-    entries = np.empty((len(start), 3), dtype="<u8")
+    then ``flags`` (LEAF) and ``__reserved`` (0) as one little-endian word (the layout of
+    ``protocols.vtd.IOMMU_HWPT_VTD_S1_INVALIDATE_LAYOUT``); the whole space is ``addr 0,
+    npages VTD_INV_ALL_PAGES``."""
+    entries = np.empty((len(start), _WORDS), dtype="<u8")
     whole = (start == 0) & (end >= FULL_PAGES)
     first = start.astype(np.uint64)
     entries[:, 0] = first << np.uint64(12)
-    entries[:, 1] = np.where(whole, _U64_MAX, end.astype(np.uint64) - first)
-    entries[:, 2] = np.where(leaf, uapi.IOMMU_VTD_INV_FLAGS_LEAF, 0)
+    entries[:, 1] = np.where(whole, _ALL_PAGES, end.astype(np.uint64) - first)
+    entries[:, 2] = np.where(leaf, IOMMU_VTD_INV_FLAGS_LEAF, 0)
     return entries.tobytes()

@@ -22,7 +22,7 @@ holds it to the frontend on random doorbells of both widths.
 
 The screen also decodes, as arrays, what the frontend's events would carry for each
 invalidation (domain, PASID, page span, IH; device, PASID, span): ``plain_work`` hands a run's
-share to ``VtdDispatcher.run_plain``; ``status_writes`` gives the completions of its waits.
+share to ``vtd_plan.plan_run``; ``status_writes`` gives the completions of its waits.
 
 numpy's fixed cost per operation outweighs its speed on a handful of descriptors, and a
 socket read often brings only one or two doorbells: below ``SMALL`` descriptors a scratch
@@ -39,13 +39,12 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols.vtd import DescType
-from viommud.events import GuestError, StatusWrite
+from viommud.events import GuestError, StatusWrite, VtdEvent
 from viommud.frontends.vtd.frontend import (
     MAMV,
     RESERVED,
     WAIT_PD,
     FrameError,
-    VtdEvent,
     VtdFeatures,
     VtdFrontend,
 )

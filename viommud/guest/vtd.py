@@ -17,6 +17,8 @@ import struct
 from dataclasses import dataclass
 from operator import attrgetter
 
+from protocols.vtd import IOMMU_VTD_S1_EAFE, IOMMU_VTD_S1_SRE, IOMMU_VTD_S1_WPE
+
 __all__ = [
     "DEFINED",
     "FIELDS",
@@ -27,6 +29,7 @@ __all__ = [
     "LegacyContext",
     "PasidEntry",
     "ScalableContext",
+    "VtdContext",
     "context_entry_fields",
     "decode_context_entry",
     "decode_fields",
@@ -306,15 +309,23 @@ class PasidEntry:
 
     @property
     def s1_flags(self) -> int:
-        """``iommu_hwpt_vtd_s1.flags``: bit0 SRE, bit1 EAFE, bit2 WPE (iommufd.md §1.5)."""
-        return int(self.sre) | int(self.eafe) << 1 | int(self.wpe) << 2
+        """``iommu_hwpt_vtd_s1.flags`` for this entry's SRE, EAFE, WPE (iommufd.md §1.5)."""
+        return (
+            (IOMMU_VTD_S1_SRE if self.sre else 0)
+            | (IOMMU_VTD_S1_EAFE if self.eafe else 0)
+            | (IOMMU_VTD_S1_WPE if self.wpe else 0)
+        )
+
+
+VtdContext = LegacyContext | ScalableContext
+"""A decoded context entry: its size says its mode."""
 
 
 _LEGACY_RSVD = (0xFF0, 0xFFFF_FFFF_FF00_0080)
 _SCALABLE_RSVD = (0x1E0, 0xFFFF_FFFF_FFE0_0000)
 
 
-def decode_context_entry(raw: bytes | bytearray | memoryview) -> LegacyContext | ScalableContext:
+def decode_context_entry(raw: bytes | bytearray | memoryview) -> VtdContext:
     """Decode a context entry; its size says its mode (16 legacy, 32 scalable)."""
     size = _size(raw)
     if size == QW2.size:

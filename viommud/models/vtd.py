@@ -1,5 +1,10 @@
 """The Intel VT-d vIOMMU model: queued-invalidation frontend + context/PASID topology +
-per-wait dispatcher."""
+per-wait dispatcher.
+
+The one place they meet: the frontend's events go to the dispatcher, the dispatcher's
+``Outcome`` comes back as the reply, and the IQEs the host caused reach the frontend through
+``host_failed``. Group commit: vtd_screen screens, vtd_plan plans against the topology, the
+dispatcher carries the plan out, and the frontend counts the run through ``took_in_bulk``."""
 
 from __future__ import annotations
 
@@ -17,10 +22,11 @@ from viommud.frontends.vtd.frontend import (
     VtdFeatures,
     VtdFrontend,
 )
+from viommud.group_commit.vtd_plan import plan_run
 from viommud.group_commit.vtd_screen import Screen, nothing_plain, plain_work, status_writes
 from viommud.group_commit.vtd_screen import screen as screen_doorbells
-from viommud.guest.vtd import kind_name
-from viommud.models import (
+from viommud.guest.vtd import descriptor_type, kind_name
+from viommud.models.base import (
     ModelContext,
     ModelError,
     RecordRefused,
@@ -53,7 +59,7 @@ class VtdViommu:
             raise ModelError(str(exc)) from None
         frontend = VtdFrontend(features)
         topology = VtdTopology(record.viommu, record.iommus, ctx.host, ctx.iommufd)
-        dispatcher = VtdDispatcher(frontend, topology, ctx.iommufd, ctx.stats)
+        dispatcher = VtdDispatcher(topology, ctx.iommufd, ctx.stats)
         log, debug = viommu_log(ctx, record.viommu)
         return cls(record.viommu, frontend, topology, dispatcher, log, debug)
 
@@ -80,7 +86,9 @@ class VtdViommu:
             frontend.receive_data(data)
         except FrameError as exc:
             raise RecordRefused(f"vIOMMU {self.name!r}: {exc}") from None
-        result = dispatcher.run(frontend.events())
+        outcome = dispatcher.run(frontend.events())
+        if outcome.host_errors:
+            frontend.host_failed(outcome.host_errors)
         summary = frontend.last
         log = self.log
         if log is not None:
@@ -92,18 +100,18 @@ class VtdViommu:
                     log.debug(
                         "descriptor_decoded",
                         index=index,
-                        kind=kind_name((qw0 & 0xF) | ((qw0 >> 5) & 0x70)),
+                        kind=kind_name(descriptor_type(qw0)),
                         raw_hex=raw.hex(),
                     )
             log.info(
                 "batch_forwarded",
                 commands=summary.consumed,
                 syncs=summary.syncs,
-                errors=len(result.errors),
+                errors=len(outcome.errors),
                 backend_calls=calls.seq - calls_before,
                 device_tlb_elided=dispatcher.elided - elided_before,
             )
-            for error in result.errors:
+            for error in outcome.errors:
                 log.warning(
                     "guest_error",
                     index=error.index,
@@ -114,13 +122,13 @@ class VtdViommu:
         return DoorbellReply(
             summary.consumed,
             summary.syncs,
-            tuple(CommandError(e.index, e.code, e.reason) for e in result.errors),
-            tuple(result.status_writes),
+            tuple(CommandError(e.index, e.code, e.reason) for e in outcome.errors),
+            outcome.status_writes,
         )
 
     # -- group commit (docs/coalescing.md, "Group commit") --------------------------------
     def screen(self, doorbells: list[bytes]) -> Screen:
-        """Which of these doorbells are plain (bulk.screen) — the ones ``commit`` takes. A
+        """Which of these doorbells are plain (vtd_screen.screen) — the ones ``commit`` takes. A
         lone doorbell has nothing to share: it takes the per-doorbell path."""
         features = self.frontend.features
         if len(doorbells) < 2:
@@ -140,15 +148,14 @@ class VtdViommu:
         calls = dispatcher.iommufd.log
         calls_before = calls.seq
         started = time.perf_counter()
-        if not dispatcher.run_plain(plain_work(screen, first, stop), sum(syncs)):
+        plan = plan_run(self.topology, plain_work(screen, first, stop))
+        if dispatcher.run_plain(plan, sum(syncs)) is None:
             return None
-        frontend = self.frontend
-        for kind, count in screen.kind_counts(first, stop).items():
-            frontend.type_counts[kind] += count
-        frontend.barriers += sum(syncs)
         starts = screen.starts
         consumed = [starts[k + 1] - starts[k] for k in range(first, stop)]
-        frontend.last = DoorbellSummary(consumed[-1], syncs[-1])
+        self.frontend.took_in_bulk(
+            screen.kind_counts(first, stop), sum(syncs), DoorbellSummary(consumed[-1], syncs[-1])
+        )
         log = self.log
         if log is not None:
             if self.debug:

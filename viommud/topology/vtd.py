@@ -24,23 +24,25 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import struct
 from collections import deque
 from dataclasses import dataclass, field
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
+from protocols.vtd import (
+    IQE,
+    PGTT_FIRST_STAGE,
+    PGTT_PASS_THROUGH,
+    VTD_S1_ADDR_WIDTH,
+    VTD_S1_STRUCT,
+)
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
-from viommud.guest.vtd import LegacyContext, PasidEntry, ScalableContext
+from viommud.guest.vtd import LegacyContext, PasidEntry, VtdContext
 from viommud.host import HostConfig
 from viommud.topology import TopologyError
 
-IQE = "IQE"
 FULL_END = 1 << 64  # exclusive end of the whole 64-bit address space
 HISTORY = 64  # host flushes remembered per HWPT for the device-TLB elision rule
-PGTT_FIRST_STAGE = 1
-PGTT_PASS_THROUGH = 4
-_VTD_S1 = struct.Struct("<QQII")  # struct iommu_hwpt_vtd_s1
 
 
 class Mode(enum.Enum):
@@ -53,14 +55,15 @@ class Mode(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class S1Config:
-    """A guest stage-1 configuration: the ``iommu_hwpt_vtd_s1`` the kernel takes."""
+    """A guest stage-1 configuration: the ``iommu_hwpt_vtd_s1`` the kernel takes
+    (``protocols.vtd.IOMMU_HWPT_VTD_S1_LAYOUT``)."""
 
     flags: int  # IOMMU_VTD_S1_SRE / EAFE / WPE
     pgtbl_addr: int  # guest-physical address of the stage-1 root
     addr_width: int
 
     def pack(self) -> bytes:
-        return _VTD_S1.pack(self.flags, self.pgtbl_addr, self.addr_width, 0)
+        return VTD_S1_STRUCT.pack(self.flags, self.pgtbl_addr, self.addr_width, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +115,8 @@ def pasid_binding(entry: PasidEntry | None, rid_pasid: int) -> Binding:
         return Binding(Mode.BLOCKED, entry.did, why=f"PGTT {entry.pgtt} is not supported")
     if entry.flpm != 0:
         return Binding(Mode.BLOCKED, entry.did, why="5-level first stage is not supported")
-    return Binding(Mode.NESTED, entry.did, rid_pasid, S1Config(entry.s1_flags, entry.flptptr, 48))
+    s1 = S1Config(entry.s1_flags, entry.flptptr, VTD_S1_ADDR_WIDTH)
+    return Binding(Mode.NESTED, entry.did, rid_pasid, s1)
 
 
 @dataclass(slots=True)
@@ -165,7 +169,7 @@ class VtdDevice:
     joined: int = 0  # topology clock when it joined ``hwpt``
     attached: bool = True  # False while blocked (detached from every HWPT)
     # The context cache and PASID cache of this device, as the VMM last read them.
-    context: LegacyContext | ScalableContext | None = None
+    context: VtdContext | None = None
     pasid_entry: PasidEntry | None = None
 
     @property

@@ -5,7 +5,10 @@
 intermediate-form events (viommud.events) one by one, then ``NEED_DATA``. The frontend never
 calls a backend and never logs. It applies the guest-visible rules of QEMU's intel-iommu
 (vtd.md §2.3, §4) and keeps the guest-visible state: the context and PASID-table entries the
-guest wrote, per-type counters.
+guest wrote (decoded by viommud.guest.vtd, and lent to the events of context- and
+PASID-cache invalidations as read-only snapshots), per-type and per-error counters. A host
+failure reaches it through one call, ``host_failed``; plain doorbells a group commit carried
+out without it, through ``took_in_bulk``.
 
 Guest-visible rules (IQE = invalidation queue error, at the descriptor's index):
 * an unknown type (the 7-bit ``qw0[3:0] | qw0[11:9] << 4``): IQE;
@@ -28,42 +31,58 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar, Final
 
-from protocols.vtd import DescType
+from protocols.vtd import CONTEXT_ENTRY_SIZES, ICE, IQE, ITE, PASID_ENTRY_SIZE, DescType
 from viommud.events import (
     Barrier,
     Cache,
     ContextCacheInvalidated,
     DomainInvalidation,
-    Event,
     GuestError,
     Invalidation,
     PasidCacheInvalidated,
     Scope,
     StatusWrite,
+    VtdEvent,
 )
-from viommud.guest.vtd import descriptor_type, kind_name
+from viommud.guest.vtd import (
+    PasidEntry,
+    VtdContext,
+    decode_context_entry,
+    decode_pasid_entry,
+    descriptor_type,
+    kind_name,
+)
+
+__all__ = [
+    "CONTEXT_ENTRY_SIZES",
+    "ICE",
+    "IQE",
+    "ITE",
+    "NEED_DATA",
+    "PASID_ENTRY_SIZE",
+    "DoorbellSummary",
+    "FrameError",
+    "VtdEvent",
+    "VtdFeatures",
+    "VtdFrontend",
+    "device_tlb_span",
+    "iotlb_span",
+]
 
 NEED_DATA: Final = None  # what next_event() returns once the doorbell is fully consumed
 
-IQE = "IQE"
-ITE = "ITE"
-ICE = "ICE"
 PAGE_SHIFT = 12
 MAMV = 18  # CAP.MAMV as QEMU advertises it: page-selective IOTLB AM <= 18
 ADDR_BITS = 52  # an address field / mask of 52 bits or more covers the whole 64-bit space
-CONTEXT_ENTRY_SIZES = (16, 32)
-PASID_ENTRY_SIZE = 64
 U64 = (1 << 64) - 1
 
 _ALL = U64
 
-#: What this frontend emits: the shared events plus the VT-d-specific ones.
-VtdEvent = (
-    Event | DomainInvalidation | ContextCacheInvalidated | PasidCacheInvalidated | StatusWrite
-)
 _PASID_TYPES = frozenset({DescType.P_IOTLB_INV, DescType.PC_INV, DescType.P_DEV_TLB_INV})
 WAIT_PD = 1 << 7  # the wait descriptor's PD bit, qw0[7] (valid with ECAP.PDS only)
 
@@ -156,7 +175,7 @@ class VtdFrontend:
     """One vIOMMU's invalidation queue, as the guest sees it."""
 
     features: VtdFeatures = field(default_factory=VtdFeatures)
-    # Guest memory the VMM reads at context- and PASID-cache invalidations.
+    # Guest memory the VMM reads at context- and PASID-cache invalidations, as written.
     context_table: dict[int, bytes] = field(default_factory=dict)  # source ID -> entry
     pasid_table: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (sid, pasid)
     # Descriptors seen per type (all of them, good or bad) and errors per code.
@@ -165,6 +184,12 @@ class VtdFrontend:
     barriers: int = 0
     last: DoorbellSummary = field(default_factory=DoorbellSummary)
     _events: deque[VtdEvent] = field(default_factory=deque)
+    # The two tables decoded. Once an event holds a view of one (``_lent_*``), the next
+    # write copies it first, so what an event holds never changes (copy on write).
+    _contexts: dict[int, VtdContext] = field(default_factory=dict)
+    _pasids: dict[tuple[int, int], PasidEntry] = field(default_factory=dict)
+    _lent_contexts: Mapping[int, VtdContext] | None = None
+    _lent_pasids: Mapping[tuple[int, int], PasidEntry] | None = None
 
     model: ClassVar[str] = "vtd"
 
@@ -174,12 +199,30 @@ class VtdFrontend:
         if len(data) not in CONTEXT_ENTRY_SIZES:
             raise FrameError(f"a context entry is 16 or 32 bytes, got {len(data)}", data)
         self.context_table[sid] = bytes(data)
+        if self._lent_contexts is not None:
+            self._contexts, self._lent_contexts = dict(self._contexts), None
+        self._contexts[sid] = decode_context_entry(data)
 
     def write_pasid_entry(self, sid: int, pasid: int, data: bytes) -> None:
         """The guest wrote ``data`` as the PASID-table entry of ``(sid, pasid)``."""
         if len(data) != PASID_ENTRY_SIZE:
             raise FrameError(f"a PASID entry is {PASID_ENTRY_SIZE} bytes, got {len(data)}", data)
         self.pasid_table[(sid, pasid)] = bytes(data)
+        if self._lent_pasids is not None:
+            self._pasids, self._lent_pasids = dict(self._pasids), None
+        self._pasids[(sid, pasid)] = decode_pasid_entry(data)
+
+    def _context_snapshot(self) -> Mapping[int, VtdContext]:
+        lent = self._lent_contexts
+        if lent is None:
+            lent = self._lent_contexts = MappingProxyType(self._contexts)
+        return lent
+
+    def _pasid_snapshot(self) -> Mapping[tuple[int, int], PasidEntry]:
+        lent = self._lent_pasids
+        if lent is None:
+            lent = self._lent_pasids = MappingProxyType(self._pasids)
+        return lent
 
     # -- sans-I/O verbs -----------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -237,9 +280,25 @@ class VtdFrontend:
         self._events.clear()
         return out
 
-    def record_error(self, code: str) -> None:
-        """Count a guest-visible error found downstream (a failed host call)."""
-        self.error_counts[code] = self.error_counts.get(code, 0) + 1
+    def host_failed(self, errors: Iterable[GuestError]) -> None:
+        """Count the guest-visible errors the host caused (``Outcome.host_errors``: IQE at
+        the descriptor whose host call failed); the reply carries them to the guest."""
+        counts = self.error_counts
+        for error in errors:
+            counts[error.code] = counts.get(error.code, 0) + 1
+
+    def took_in_bulk(
+        self, kind_counts: Mapping[int, int], waits: int, last: DoorbellSummary
+    ) -> None:
+        """Plain doorbells a group commit carried out without this frontend
+        (viommud.group_commit.vtd_screen decoded them): count their descriptors per type
+        (``kind_counts``) and their ``waits`` as ``receive_data`` would have, and keep
+        ``last``, the summary of the last of them."""
+        counts = self.type_counts
+        for kind, count in kind_counts.items():
+            counts[kind] += count
+        self.barriers += waits
+        self.last = last
 
     def kind_counts(self) -> dict[str, int]:
         """Descriptors seen, keyed ``vtd:NAME`` as the replay report wants."""
@@ -247,7 +306,7 @@ class VtdFrontend:
 
     # -- per-type rules (each returns True for a completed wait) -------------------------
     def _iqe(self, index: int, raw: bytes, reason: str) -> bool:
-        self.record_error(IQE)
+        self.error_counts[IQE] = self.error_counts.get(IQE, 0) + 1
         self._events.append(GuestError(index, IQE, reason, bytes(raw)))
         return False
 
@@ -257,13 +316,20 @@ class VtdFrontend:
             return self._iqe(index, raw, "context-cache invalidation with granularity 0")
         if g == 3:  # device-selective: SID under the function mask FM
             ignored = (0, 0b100, 0b110, 0b111)[_bits(qw0, 48, 2)]
-            event = ContextCacheInvalidated(
-                index, _bits(qw0, 32, 16), 0xFFFF & ~ignored, None, bytes(raw)
-            )
+            sid, mask, domain = _bits(qw0, 32, 16), 0xFFFF & ~ignored, None
         else:  # global, or domain-selective (handled as global, as QEMU does)
-            domain = _bits(qw0, 16, 16) if g == 2 else None
-            event = ContextCacheInvalidated(index, 0, 0, domain, bytes(raw))
-        self._events.append(event)
+            sid, mask, domain = 0, 0, _bits(qw0, 16, 16) if g == 2 else None
+        self._events.append(
+            ContextCacheInvalidated(
+                index,
+                sid,
+                mask,
+                domain,
+                bytes(raw),
+                self._context_snapshot(),
+                self._pasid_snapshot(),
+            )
+        )
         return False
 
     def _on_iotlb(self, index: int, qw0: int, qw1: int, raw: bytes) -> bool:
@@ -334,10 +400,11 @@ class VtdFrontend:
         did, pasid = _bits(qw0, 16, 16), _bits(qw0, 32, 20)
         if g == 2:
             return self._iqe(index, raw, "PASID-cache invalidation with granularity 2")
+        pasids = self._pasid_snapshot()
         if g == 3:
-            event = PasidCacheInvalidated(index, None, None, bytes(raw))
+            event = PasidCacheInvalidated(index, None, None, bytes(raw), pasids)
         else:
-            event = PasidCacheInvalidated(index, did, pasid if g == 1 else None, bytes(raw))
+            event = PasidCacheInvalidated(index, did, pasid if g == 1 else None, bytes(raw), pasids)
         self._events.append(event)
         return False
 
