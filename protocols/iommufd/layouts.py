@@ -186,26 +186,6 @@ IOMMU_VIOMMU_ARM_SMMUV3_INVALIDATE_LAYOUT = (
     * "struct iommu_viommu_arm_smmuv3_invalidate, 16 bytes (iommufd.md §2.1, §3.3)"
 )
 
-IOMMU_HWPT_VTD_S1_LAYOUT = (
-    Struct(
-        "flags" / Int64ul * "bit0 SRE, bit1 EAFE, bit2 WPE",
-        "pgtbl_addr" / Int64ul * "guest stage-1 root (GPA)",
-        "addr_width" / Int32ul,
-        "reserved" / Int32ul * "__reserved: not checked at allocation, maybe at attach",
-    )
-    * "struct iommu_hwpt_vtd_s1, 24 bytes, min_len 24 (iommufd.md §1.5, §4.1)"
-)
-
-IOMMU_HWPT_VTD_S1_INVALIDATE_LAYOUT = (
-    Struct(
-        "addr" / Int64ul * "start, 4 KiB aligned",
-        "npages" / Int64ul * "4 KiB pages; U64_MAX = everything",
-        "flags" / Int32ul * "bit0 IOMMU_VTD_INV_FLAGS_LEAF",
-        "reserved" / Int32ul * "__reserved: non-zero gives EOPNOTSUPP",
-    )
-    * "struct iommu_hwpt_vtd_s1_invalidate, 24 bytes (iommufd.md §4.2)"
-)
-
 IOMMU_HW_INFO_VTD_LAYOUT = (
     Struct(
         "flags" / Int32ul * "bit0 IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17",

@@ -99,11 +99,12 @@ INVALIDATE_DATA_NAMES: dict[int, str] = {
     IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: "VIOMMU_ARM_SMMUV3",
 }
 
-# iommu_hwpt_vtd_s1 flags (iommufd.md §1.5) and invalidation flags (§4.2)
-IOMMU_VTD_S1_SRE = 1 << 0
-IOMMU_VTD_S1_EAFE = 1 << 1
-IOMMU_VTD_S1_WPE = 1 << 2
-IOMMU_VTD_INV_FLAGS_LEAF = 1 << 0
+# iommu_hwpt_vtd_s1 flags (iommufd.md §1.5) and invalidation flags (§4.2), declared in
+# protocols/vtd.py with the structure they belong to.
+from protocols.vtd import IOMMU_VTD_INV_FLAGS_LEAF as IOMMU_VTD_INV_FLAGS_LEAF  # noqa: E402, PLC0414 - re-exported
+from protocols.vtd import IOMMU_VTD_S1_EAFE as IOMMU_VTD_S1_EAFE  # noqa: E402, PLC0414 - re-exported
+from protocols.vtd import IOMMU_VTD_S1_SRE as IOMMU_VTD_S1_SRE  # noqa: E402, PLC0414 - re-exported
+from protocols.vtd import IOMMU_VTD_S1_WPE as IOMMU_VTD_S1_WPE  # noqa: E402, PLC0414 - re-exported
 
 # enum iommu_hw_info_type (iommufd.md §1.3)
 IOMMU_HW_INFO_TYPE_NONE = 0

@@ -23,8 +23,6 @@ from protocols.iommufd.layouts import (
     IOMMU_HWPT_PAGE_RESPONSE_LAYOUT,
     IOMMU_HWPT_PGFAULT_LAYOUT,
     IOMMU_HWPT_SELFTEST_LAYOUT,
-    IOMMU_HWPT_VTD_S1_INVALIDATE_LAYOUT,
-    IOMMU_HWPT_VTD_S1_LAYOUT,
     IOMMU_IOAS_ALLOC_LAYOUT,
     IOMMU_IOAS_MAP_LAYOUT,
     IOMMU_IOAS_UNMAP_LAYOUT,
@@ -48,6 +46,11 @@ from protocols.iommufd.layouts import (
     VFIO_DEVICE_ATTACH_IOMMUFD_PT_LAYOUT,
     VFIO_DEVICE_BIND_IOMMUFD_LAYOUT,
     VFIO_DEVICE_DETACH_IOMMUFD_PT_LAYOUT,
+)
+from protocols.vtd import (
+    IOMMU_HWPT_VTD_S1_INVALIDATE_LAYOUT,
+    IOMMU_HWPT_VTD_S1_LAYOUT,
+    VTD_S1_STRUCT,
 )
 
 # --------------------------------------------------------------------------------------
@@ -78,7 +81,7 @@ _VIOMMU_ALLOC = struct.Struct("<IIIIIIIIQ")
 _VDEVICE_ALLOC = struct.Struct("<IIIIQ")
 _HWPT_INVALIDATE = struct.Struct("<IIQIIII")
 _TWO_U64 = struct.Struct("<QQ")
-_VTD_S1 = struct.Struct("<QQII")
+_VTD_S1 = VTD_S1_STRUCT
 _VFIO_BIND = struct.Struct("<IIiI")
 _VFIO_FOUR_U32 = struct.Struct("<IIII")
 
