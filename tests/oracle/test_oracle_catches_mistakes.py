@@ -56,11 +56,11 @@ class CompletesEarly(SmmuDispatcher):
         if getattr(self, "_late", False):
             super()._flush(errors)
 
-    def run(self, events: list[object]) -> Outcome:  # type: ignore[override]
+    def run(self, events: list[Event]) -> Outcome:
         self._late = True
         self._flush([])  # last doorbell's work, now
         self._late = False
-        return super().run(events)  # type: ignore[arg-type]
+        return super().run(events)
 
 
 def with_dispatcher(rig: Rig, cls: type[SmmuDispatcher]) -> None:

@@ -1,17 +1,21 @@
 """The verification oracle (DESIGN.md point 6; the model is written down in docs/oracle.md).
 
-It watches a session from two sides and never looks at the dispatcher's plan:
+It watches a session from two sides and shares no code with what it checks: it reads the
+guest's bytes through the construct declarations of ``protocols/`` and keeps its own model
+of the architecture (tests/oracle/test_independence.py holds it to that).
 
-* the guest side (one ``GuestModel`` per vIOMMU, per model) turns the guest's own commands
-  into ``Need`` values: cache contents that must be gone when a given barrier completes;
-* the host side (``HostModel``, per model) turns each backend call, as logged, into
+* the guest side (``SmmuGuest``, ``VtdGuest``: one per vIOMMU) turns the guest's own
+  commands into ``Need`` values: cache contents that must be gone when a given barrier
+  completes;
+* the host side (``SmmuHost``, ``VtdHost``) turns each backend call, as logged, into
   ``Removal`` values: what that call removed from the emulated hardware's caches.
 
 At the end of every doorbell (when its barriers are reported complete) each need whose
 barrier fell in that doorbell must be covered by removals issued after the need arose:
 same cache and place, compatible tags, and an address range inside the union of theirs.
-A need left uncovered counts as ``missed``; a removal that served no need counts as
-``over``.
+A need may also say that parts of its range became stale at different times (a VT-d
+device-TLB need): each part then counts the removals issued since its own time. A need left
+uncovered counts as ``missed``; a removal that served no need counts as ``over``.
 """
 
 from __future__ import annotations
@@ -68,39 +72,48 @@ def applies(removal: Removal, need: Need) -> bool:
     return removal.level in (0, need.level)
 
 
-def covered(need: Need, removals: list[Removal]) -> bool:
-    """Whether the union of the applicable removals' ranges contains the need's range."""
-    spans = sorted((r.lo, r.hi) for r in removals if applies(r, need) and r.hi > need.lo)
-    reach = need.lo
-    for lo, hi in spans:
-        if lo > reach:
+def covered(
+    need: Need, removals: list[Removal], lo: int | None = None, hi: int | None = None
+) -> bool:
+    """Whether the union of the applicable removals' ranges contains ``[lo, hi)`` (the
+    need's whole range by default)."""
+    lo = need.lo if lo is None else lo
+    hi = need.hi if hi is None else hi
+    spans = sorted((r.lo, r.hi) for r in removals if applies(r, need) and r.hi > lo)
+    reach = lo
+    for start, end in spans:
+        if start > reach:
             break
-        reach = max(reach, hi)
-        if reach >= need.hi:
+        reach = max(reach, end)
+        if reach >= hi:
             return True
-    return reach >= need.hi
+    return reach >= hi
 
 
 def overlaps(removal: Removal, need: Need) -> bool:
     return applies(removal, need) and removal.lo < need.hi and need.lo < removal.hi
 
 
+Piece = tuple[int, int, int]  # (lo, hi, since): part of a need's range and when it went stale
+
+
 @dataclass(slots=True)
 class _Open:
     need: Need
-    since: int  # removals with a sequence number above this one count
+    pieces: tuple[Piece, ...]  # removals with a sequence number above ``since`` count
 
 
 KEEP_PER_PLACE = 1024  # removals remembered per cache place (needs look back this far)
+KEEP_FULL = 16  # whole-space removals remembered per cache place, however old
 
 
 @dataclass(slots=True)
 class Ledger:
     """Needs waiting for their barrier, removals since, and the running verdict.
 
-    Removals are kept per (cache, place), the last ``KEEP_PER_PLACE`` of each: a need may
-    look back to before its own doorbell (a VT-d device-TLB need counts removals since the
-    IOTLB invalidation that made it necessary)."""
+    Removals are kept per (cache, place): the last ``KEEP_PER_PLACE`` of each, and the last
+    ``KEEP_FULL`` whole-space ones however old. A need may look back to before its own
+    doorbell (a VT-d device-TLB need counts removals since its range last went stale)."""
 
     missed: int = 0
     over: int = 0
@@ -108,6 +121,9 @@ class Ledger:
     _open: list[_Open] = field(default_factory=list)  # needs whose barrier has not come
     _due: list[_Open] = field(default_factory=list)  # needs whose barrier is this doorbell
     _by_place: dict[tuple[str, tuple[Any, ...]], list[tuple[int, Removal]]] = field(
+        default_factory=dict
+    )
+    _full: dict[tuple[str, tuple[Any, ...]], list[tuple[int, Removal]]] = field(
         default_factory=dict
     )
     _fresh: list[tuple[Removal, int]] = field(default_factory=list)  # this doorbell's
@@ -122,6 +138,11 @@ class Ledger:
         history.append((self._seq, removal))
         if len(history) > 2 * KEEP_PER_PLACE:
             del history[:KEEP_PER_PLACE]
+        if removal.lo == 0 and removal.hi >= FULL[1]:
+            fulls = self._full.setdefault(key, [])
+            fulls.append((self._seq, removal))
+            if len(fulls) > KEEP_FULL:
+                del fulls[0]
         self._fresh.append((removal, self._seq if entry is None else entry))
 
     def new_entry(self) -> int:
@@ -132,8 +153,11 @@ class Ledger:
         """A doorbell starts: needs raised from now on see only removals issued after."""
         return self._seq
 
-    def need(self, need: Need, since: int, *, due: bool) -> None:
-        (self._due if due else self._open).append(_Open(need, since))
+    def need(self, need: Need, since: int, *, due: bool, pieces: tuple[Piece, ...] = ()) -> None:
+        """Raise ``need``: removals after ``since`` count, or per part of its range after
+        the part's own time when ``pieces`` (which then cover the need's range) are given."""
+        item = _Open(need, pieces or ((need.lo, need.hi, since),))
+        (self._due if due else self._open).append(item)
 
     def barrier_reached(self) -> None:
         """Every open need's barrier has come (a sync later in the same doorbell)."""
@@ -144,13 +168,18 @@ class Ledger:
         """The doorbell's barriers are reported complete: judge what was due."""
         for item in self._due:
             need = item.need
-            history = self._by_place.get((need.cache, need.place), [])
-            # History is in sequence order: only its tail is newer than the need.
-            window = [r for _, r in history[bisect_right(history, item.since, key=_seq) :]]
-            if not covered(need, window):
-                self.missed += 1
-                if len(self.missed_needs) < 100:
-                    self.missed_needs.append(need)
+            key = (need.cache, need.place)
+            history = self._by_place.get(key, [])
+            fulls = self._full.get(key, [])
+            for lo, hi, since in item.pieces:
+                # History is in sequence order: only its tail is newer than the piece.
+                window = [r for _, r in history[bisect_right(history, since, key=_seq) :]]
+                window += [r for seq, r in fulls if seq > since]
+                if not covered(need, window, lo, hi):
+                    self.missed += 1
+                    if len(self.missed_needs) < 100:
+                        self.missed_needs.append(need)
+                    break
         live: dict[tuple[str, tuple[Any, ...]], list[Need]] = {}
         for item in (*self._due, *self._open):  # a removal only serves needs of its place
             live.setdefault((item.need.cache, item.need.place), []).append(item.need)

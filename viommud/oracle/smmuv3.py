@@ -1,81 +1,116 @@
 """The oracle's SMMUv3 models: what the guest asked for, and what a host call removed.
 
+Both sides read commands and STEs through the construct declarations of ``protocols.smmuv3``
+(Arm IHI 0070 §4 commands, §5.2 STE), never through the daemon's decoders.
+
 Guest side (``SmmuGuest``, one per vSMMU): the guest's devices, the STEs it wrote and, from
-its CFGI_STE commands, which devices translate through stage 1; then per command:
+its CFGI_STE / CFGI_STE_RANGE commands (§4.3.1, §4.3.2), the STE each device translates
+with: Config 0b101 with V=1 is stage-1 translation (§5.2, STE.Config); EATS 0b01 enables ATS
+(§5.2, STE.EATS). Then per command the daemon did not refuse:
 
-* TLBI_NH_VA / NH_VAA / NH_ASID / NH_ALL / NSNH_ALL: the IOTLB of every physical SMMU where a
-  device of this vSMMU has translated through stage 1 must lose the matching entries;
-* ATC_INV: the device's ATC (if the device has ATS and its vSTE enabled it, EATS=1);
-* CFGI_CD / CFGI_CD_ALL: the configuration cache entries of that device's CDs (once the
-  device has had a stage-1 vSTE).
+* TLBI_NH_VA / NH_VAA / NH_ASID / NH_ALL / NSNH_ALL (§4.4): the IOTLB of every physical
+  SMMU where a device of this vSMMU has translated through stage 1 must lose the matching
+  entries;
+* ATC_INV (§4.5): the device's ATC (if the device has ATS and its vSTE enabled it, EATS=1);
+* CFGI_CD / CFGI_CD_ALL (§4.3.3, §4.3.4): the configuration cache entries of that device's
+  CDs (once the device has had a stage-1 vSTE).
 
-Commands the vSMMU refused (their index is in the response's errors) ask for nothing.
+A refused command (its index is in the response's errors) asks for nothing: the guest was
+told it did not complete.
 
 Host side (``SmmuHost``): the objects behind the ids in the call log (bound devices,
 vIOMMU objects and their physical SMMU, vDEVICEs), and per ``IOMMU_HWPT_INVALIDATE`` on an
 ARM vIOMMU the entries the kernel really issued: all of them on success; on failure at entry
-k only the groups of 63 before k's group (iommufd.md §3.4).
+k only the groups of 63 before k's group (iommufd.md §3.4). The entries are SMMUv3 commands
+too, read the same way.
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocols.smmuv3 import Opcode
-from viommud.guest.smmuv3 import decode_ste
+from protocols.smmuv3 import COMMAND_SIZE, STE_SIZE, Opcode, parse_command, parse_ste
 from viommud.host import HostConfig
 from viommud.oracle import CONFIG, DEVTLB, FULL, IOTLB, Ledger, Need, Removal
 
-_CMD = struct.Struct("<QQ")
-_ADDR = 0xFFFFFFFFFFFFF000
+PAGE_SHIFT = 12
+ATC_SIZE_ALL = 52  # ATC_INV Size >= 52: the whole ATC (§4.5)
+STE_CONFIG_S1 = 0b101  # STE.Config: stage 1 translates, stage 2 bypass (§5.2)
+STE_EATS_FULL = 0b01  # STE.EATS: full ATS (§5.2)
+_CACHE_LIMIT = 1 << 14  # decoded commands remembered (a guest reuses few distinct ones)
+
+_TLBI_ALL = (Opcode.TLBI_NH_ALL, Opcode.TLBI_NSNH_ALL)
+_DEVICE_OPS = (Opcode.ATC_INV, Opcode.CFGI_CD, Opcode.CFGI_CD_ALL)
+
+_commands: dict[bytes, dict[str, int]] = {}
+_stes: dict[bytes, dict[str, int]] = {}
 
 
-def tlb_span(w0: int, w1: int) -> tuple[int, int, bool, int]:
-    """(lo, hi, leaf_only, level) of a TLBI_NH_VA / NH_VAA (SMMUv3 §4.4.1)."""
-    tg = (w1 >> 10) & 3
-    addr = w1 & _ADDR
-    leaf = bool(w1 & 1)
-    level = (w1 >> 8) & 3
-    if tg == 0:
+def command(raw: bytes) -> dict[str, int]:
+    """The fields of one 16-byte command (``protocols.smmuv3.parse_command``), memoized."""
+    fields = _commands.get(raw)
+    if fields is None:
+        if len(_commands) >= _CACHE_LIMIT:
+            _commands.clear()
+        fields = _commands[raw] = parse_command(raw)
+    return fields
+
+
+def ste(raw: bytes) -> dict[str, int]:
+    """The fields of a 64-byte STE (``protocols.smmuv3.parse_ste``), memoized."""
+    fields = _stes.get(raw)
+    if fields is None:
+        if len(_stes) >= _CACHE_LIMIT:
+            _stes.clear()
+        fields = _stes[raw] = parse_ste(raw)
+    return fields
+
+
+def tlb_span(f: dict[str, int]) -> tuple[int, int, bool, int]:
+    """(lo, hi, leaf_only, level) of a TLBI_NH_VA / NH_VAA (§4.4.1): TG=0 names the entries
+    that hold Address; otherwise (NUM+1) * 2^SCALE granules of 2^(10 + 2*TG) bytes from it,
+    with TTL as the level hint."""
+    addr = f["addr"] << PAGE_SHIFT
+    leaf = bool(f["leaf"])
+    if f["tg"] == 0:
         return addr, addr + 1, leaf, 0  # every entry that contains this address
-    granule = 1 << (tg * 2 + 10)
-    pages = (((w0 >> 12) & 0x1F) + 1) << ((w0 >> 20) & 0x1F)
-    return addr, addr + pages * granule, leaf, level
+    granule = 1 << (f["tg"] * 2 + 10)
+    pages = (f["num"] + 1) << f["scale"]
+    return addr, addr + pages * granule, leaf, f["ttl"]
 
 
-def tlb_effect(w0: int, w1: int, place: tuple[Any, ...]) -> Need | None:
+def tlb_effect(f: dict[str, int], place: tuple[Any, ...]) -> Need | None:
     """The IOTLB entries a TLBI command covers, at ``place`` (None for other opcodes)."""
-    op = w0 & 0xFF
-    if op in (Opcode.TLBI_NH_ALL, Opcode.TLBI_NSNH_ALL):
+    op = f["opcode"]
+    if op in _TLBI_ALL:
         return Need(IOTLB, place, None, *FULL)
     if op == Opcode.TLBI_NH_ASID:
-        return Need(IOTLB, place, w0 >> 48, *FULL)
+        return Need(IOTLB, place, f["asid"], *FULL)
     if op in (Opcode.TLBI_NH_VA, Opcode.TLBI_NH_VAA):
-        lo, hi, leaf, level = tlb_span(w0, w1)
-        tag = (w0 >> 48) if op == Opcode.TLBI_NH_VA else None
+        lo, hi, leaf, level = tlb_span(f)
+        tag = f["asid"] if op == Opcode.TLBI_NH_VA else None
         return Need(IOTLB, place, tag, lo, hi, leaf, level)
     return None
 
 
-def atc_span(w1: int) -> tuple[int, int]:
-    size = w1 & 0x3F
-    if size >= 52:
+def atc_span(f: dict[str, int]) -> tuple[int, int]:
+    """ATC_INV (§4.5): 2^Size pages holding Address, aligned to that size; Size 52 = all."""
+    if f["size"] >= ATC_SIZE_ALL:
         return FULL
-    span = 1 << (12 + size)
-    lo = (w1 & _ADDR) & ~(span - 1)
+    span = 1 << (PAGE_SHIFT + f["size"])
+    lo = (f["addr"] << PAGE_SHIFT) & ~(span - 1)
     return lo, lo + span
 
 
-def device_effect(w0: int, w1: int, device: str) -> Need | None:
+def device_effect(f: dict[str, int], device: str) -> Need | None:
     """The ATC or config entries an ATC_INV / CFGI_CD(_ALL) covers for ``device``."""
-    op = w0 & 0xFF
+    op = f["opcode"]
     if op == Opcode.ATC_INV:
-        tag = (w0 >> 12) & 0xFFFFF if w0 & (1 << 11) else None
-        return Need(DEVTLB, (device,), tag, *atc_span(w1))
+        tag = f["ssid"] if f["ssv"] else None
+        return Need(DEVTLB, (device,), tag, *atc_span(f))
     if op == Opcode.CFGI_CD:
-        return Need(CONFIG, (device,), (w0 >> 12) & 0xFFFFF, *FULL)
+        return Need(CONFIG, (device,), f["ssid"], *FULL)
     if op == Opcode.CFGI_CD_ALL:
         return Need(CONFIG, (device,), None, *FULL)
     return None
@@ -116,56 +151,62 @@ class SmmuGuest:
         self.devices.pop(vid, None)
 
     def write_ste(self, vsid: int, data: bytes) -> None:
-        self.stes[vsid] = data
+        self.stes[vsid] = bytes(data)
 
     def begin(self, data: bytes) -> None:
-        self._doorbell = data
+        self._doorbell = bytes(data)
         self._since = self.ledger.begin()
 
     def end(self, refused: set[int]) -> None:
         ledger = self.ledger
-        for index, (w0, w1) in enumerate(_CMD.iter_unpack(self._doorbell)):
+        data = self._doorbell
+        for index in range(len(data) // COMMAND_SIZE):
             if index in refused:
                 continue
-            op = w0 & 0xFF
+            f = command(data[index * COMMAND_SIZE : (index + 1) * COMMAND_SIZE])
+            op = f["opcode"]
             if op == Opcode.CMD_SYNC:
                 ledger.barrier_reached()
             elif op == Opcode.CFGI_STE:
-                self._reread(w0 >> 32, w0 >> 32)
-            elif op == Opcode.CFGI_STE_RANGE:
-                span = 1 << ((w1 & 0x1F) + 1)
-                first = (w0 >> 32) & ~(span - 1)
+                self._reread(f["sid"], f["sid"])
+            elif op == Opcode.CFGI_STE_RANGE:  # 2^(Range+1) StreamIDs; Range 31: all
+                span = 1 << (f["range"] + 1)
+                first = f["sid"] & ~(span - 1)
                 self._reread(first, first + span - 1)
             else:
-                for need in self._needs(w0, w1, f"{self.name}[{index}] 0x{op:02x}"):
+                for need in self._needs(f, f"{self.name}[{index}] 0x{op:02x}"):
                     ledger.need(need, self._since, due=False)
         ledger.settle()
 
     def _reread(self, first: int, last: int) -> None:
         for vid, dev in self.devices.items():
-            if first <= vid <= last and vid in self.stes:
-                ste = decode_ste(self.stes[vid])
-                dev.s1 = ste.v and ste.config == 0b101
-                dev.ats_on = dev.s1 and dev.ats and ste.eats == 1
+            raw = self.stes.get(vid)
+            if first <= vid <= last and raw is not None:
+                if len(raw) != STE_SIZE:
+                    dev.s1 = dev.ats_on = False  # not an STE: nothing translates with it
+                    continue
+                entry = ste(raw)
+                dev.s1 = entry["v"] == 1 and entry["config"] == STE_CONFIG_S1
+                dev.ats_on = dev.s1 and dev.ats and entry["eats"] == STE_EATS_FULL
                 if dev.s1:
                     dev.s1_ever = True
                     self.s1_iommus.add(dev.iommu)
 
-    def _needs(self, w0: int, w1: int, origin: str) -> list[Need]:
-        op = w0 & 0xFF
-        if op in (Opcode.ATC_INV, Opcode.CFGI_CD, Opcode.CFGI_CD_ALL):
-            dev = self.devices.get(w0 >> 32)
+    def _needs(self, f: dict[str, int], origin: str) -> list[Need]:
+        op = f["opcode"]
+        if op in _DEVICE_OPS:
+            dev = self.devices.get(f["sid"])
             if dev is None:
                 return []
             if op == Opcode.ATC_INV and not dev.ats_on:
                 return []  # no ATS, no ATC to clean
             if op != Opcode.ATC_INV and not dev.s1_ever:
                 return []  # no stage 1, no CDs cached
-            need = device_effect(w0, w1, dev.device)
+            need = device_effect(f, dev.device)
             return [] if need is None else [_named(need, origin)]
         needs = []
         for iommu in sorted(self.s1_iommus):
-            need = tlb_effect(w0, w1, (self.name, iommu))
+            need = tlb_effect(f, (self.name, iommu))
             if need is not None:
                 needs.append(_named(need, origin))
         return needs
@@ -221,12 +262,11 @@ class SmmuHost:
         entries = call["entries"]
         done = len(entries) if not err else call["entry_num"] - call["entry_num"] % 63
         for raw in entries[:done]:
-            w0, w1 = _CMD.unpack(bytes.fromhex(raw)[:16].ljust(16, b"\0"))
-            op = w0 & 0xFF
-            if op in (Opcode.ATC_INV, Opcode.CFGI_CD, Opcode.CFGI_CD_ALL):
-                device = self.vsids.get((viommu_id, w0 >> 32))
-                need = None if device is None else device_effect(w0, w1, device)
+            f = command(bytes.fromhex(raw)[:COMMAND_SIZE].ljust(COMMAND_SIZE, b"\0"))
+            if f["opcode"] in _DEVICE_OPS:
+                device = self.vsids.get((viommu_id, f["sid"]))
+                need = None if device is None else device_effect(f, device)
             else:
-                need = tlb_effect(w0, w1, owner)
+                need = tlb_effect(f, owner)
             if need is not None:
                 self.ledger.remove(as_removal(need))
