@@ -34,9 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "viommud.frontends": {"protocols", "viommud.guest"} | VALUES,
     "viommud.backend": {"protocols", "viommud.host"},
     "viommud.topology": {"protocols", "viommud.guest"} | VALUES | BACKEND_API,
-    "viommud.dispatcher": {"protocols", "viommud.guest", "viommud.topology"}
-    | VALUES
-    | BACKEND_API,
+    "viommud.dispatcher": {"protocols", "viommud.guest", "viommud.topology"} | VALUES | BACKEND_API,
     "viommud.oracle": {"protocols", "viommud.host", "viommud.trace"},
 }
 # The oracle must stay independent of what it checks.
@@ -61,7 +59,9 @@ def module_name(path: Path) -> str:
 
 def imports(path: Path) -> Iterator[str]:
     tree = ast.parse(path.read_text(), str(path))
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    package = (
+        module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    )
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
