@@ -34,6 +34,7 @@ from protocols import iommufd as uapi
 from protocols.models import HostIommu
 from protocols.smmuv3 import CFGI_CD_OPS, Opcode, build_command
 from protocols.virtio_iommu import RequestType, Status
+from protocols.vtd import IOMMU_VTD_INV_FLAGS_LEAF, VTD_INV_ALL_PAGES
 from viommud.backend.calls import BackendCallError, Iommufd
 from viommud.dispatcher import NOTHING, DispatchStats, Outcome
 from viommud.events import Barrier, Cache, GuestError, Invalidation, Scope
@@ -56,7 +57,6 @@ __all__ = ["VirtioDispatcher", "errno_status", "host_failure"]
 
 ARM_ENTRY_LEN = 16
 VTD_ENTRY_LEN = 24
-U64_MAX = (1 << 64) - 1
 ATC_SIZE_ALL = 52
 MAX_RANGE_COMMANDS = 8  # more TLBI range commands than this: one TLBI_NH_ASID instead
 _VTD_ENTRY = struct.Struct("<QQII")
@@ -324,9 +324,9 @@ def vtd_entries(inv: Invalidation) -> list[bytes]:
         first = inv.addr & ~0xFFF
         last = inv.addr + inv.size - 1
         npages = ((last - first) >> 12) + 1
-        flags = uapi.IOMMU_VTD_INV_FLAGS_LEAF if inv.leaf else 0
+        flags = IOMMU_VTD_INV_FLAGS_LEAF if inv.leaf else 0
         return [_VTD_ENTRY.pack(first, npages, flags, 0)]
-    return [_VTD_ENTRY.pack(0, U64_MAX, 0, 0)]
+    return [_VTD_ENTRY.pack(0, VTD_INV_ALL_PAGES, 0, 0)]
 
 
 def arm_entries(inv: Invalidation, vsids: list[int], ats: set[int]) -> list[bytes]:

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
+from protocols.vtd import IOMMU_VTD_INV_FLAGS_LEAF, VTD_INV_ALL_PAGES
 from viommud.backend.emulator.caches import vtd_psi_mask
 from viommud.backend.emulator.driver import IommuDriver, IommufdCore
 from viommud.backend.emulator.objects import (
@@ -26,7 +27,6 @@ from viommud.backend.emulator.objects import (
 from viommud.backend.emulator.usercopy import (
     ENOERR,
     PAGE_SIZE,
-    U64_MAX,
     IoctlError,
     UserArray,
     UserData,
@@ -135,9 +135,9 @@ class IntelVtdDriver(IommuDriver):
                 )
             except IoctlError as exc:
                 return exc.errno, done
-            if inv.flags & ~uapi.IOMMU_VTD_INV_FLAGS_LEAF or inv.reserved:
+            if inv.flags & ~IOMMU_VTD_INV_FLAGS_LEAF or inv.reserved:
                 return errno.EOPNOTSUPP, done
-            if inv.addr % PAGE_SIZE or (inv.npages == U64_MAX and inv.addr):
+            if inv.addr % PAGE_SIZE or (inv.npages == VTD_INV_ALL_PAGES and inv.addr):
                 return errno.EINVAL, done
             core.record_vtd_flush(hwpt, inv)
             done += 1
