@@ -150,40 +150,25 @@ def test_render_table_without_clients() -> None:
     assert "live objects none" in text
 
 
-class _Model:
-    name = "v9"
-    model = "toy"
+def test_describe_viommu_reads_the_models_status() -> None:
+    """``Viommu.status`` (typed, from the topology) is what ``viommud status`` shows: the
+    nesting parent and nested HWPT per unit, and each device's HWPT."""
+    from tests.vtd.harness import A, Vm, first_stage, scalable
+    from tests.vtd.harness import T as Desc
 
-    def __init__(self, topology: object) -> None:
-        self.topology = topology
-
-    def kind_counts(self) -> dict[str, int]:
-        return {"toy:A": 2, "toy:B": 1}
-
-    def error_counts(self) -> dict[str, int]:
-        return {"BAD": 1}
-
-
-class _Hooked(_Model):
-    def status(self) -> dict[str, object]:
-        return {"vdevices": [{"vid": 1}], "hwpts": 7}
-
-
-class _OddSlot:
-    def __init__(self) -> None:
-        self.hwpts = {"key": object()}  # values without a hwpt_id
-
-
-def test_describe_viommu_uses_a_models_hook_or_survives_odd_shapes() -> None:
-    hooked = describe_viommu(_Hooked(None))
-    assert hooked == {
-        "name": "v9",
-        "model": "toy",
-        "commands": 3,
-        "errors": 1,
-        "vdevices": [{"vid": 1}],
-        "hwpts": 7,
-    }
-    odd = describe_viommu(_Model(type("T", (), {"slots": {"p0": _OddSlot()}})()))
-    assert odd == {"name": "v9", "model": "toy", "commands": 3, "errors": 1}
-    assert describe_viommu(_Model(None))["commands"] == 3
+    vm = Vm(dw=256)
+    vm.attach(A)
+    vm.context(A, scalable())
+    vm.pasid(A, first_stage(2, 0x40000000))
+    vm.run(vm.d(Desc.CC_INV, g=3, sid=A), vm.wait())
+    shown = describe_viommu(vm.viommu)
+    assert shown["name"] == "v"
+    assert shown["model"] == "vtd"
+    assert shown["commands"] == 2
+    [unit] = shown["piommus"]
+    assert unit["viommu_id"] is None  # VT-d makes no iommufd vIOMMU object
+    assert unit["s2_hwpt_id"] is not None
+    assert unit["nested_hwpts"] == [vm.hwpt_of(A)]
+    assert shown["hwpts"] == 2
+    [device] = shown["vdevices"]
+    assert (device["vid"], device["hwpt_id"]) == (A, vm.hwpt_of(A))

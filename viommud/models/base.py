@@ -13,6 +13,7 @@ from viommud.backend.calls import CallLog, Iommufd
 from viommud.dispatcher import DispatchStats
 from viommud.host import HostConfig
 from viommud.replies import ConfigReply, DoorbellReply, RequestReply
+from viommud.topology import TopologyStatus
 from viommud.trace import Record, ViommuCreate
 
 
@@ -67,6 +68,10 @@ class Viommu(Protocol):
 
     def error_counts(self) -> dict[str, int]:
         """Guest-visible errors by code (docs/trace-format.md §3.2 ``by_code``)."""
+        ...
+
+    def status(self) -> TopologyStatus:
+        """What the vIOMMU holds on the host, for ``viommud status``."""
         ...
 
     def destroy(self) -> None:

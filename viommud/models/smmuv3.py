@@ -35,6 +35,7 @@ from viommud.models.base import (
     viommu_log,
 )
 from viommud.replies import CONFIG_OK, CommandError, ConfigReply, DoorbellReply, RequestReply
+from viommud.topology import TopologyStatus
 from viommud.topology.smmuv3 import SmmuTopology
 from viommud.trace import DeviceAttach, DeviceDetach, Record, Ste, ViommuCreate
 
@@ -172,6 +173,9 @@ class SmmuV3Viommu:
 
     def error_counts(self) -> dict[str, int]:
         return dict(self.frontend.error_counts)
+
+    def status(self) -> TopologyStatus:
+        return self.topology.describe()
 
     def destroy(self) -> None:
         self.topology.destroy()

@@ -67,7 +67,7 @@ from viommud.models.base import (
     viommu_log,
 )
 from viommud.replies import CONFIG_OK, ConfigReply, DoorbellReply, RequestReply
-from viommud.topology import TopologyError
+from viommud.topology import TopologyError, TopologyStatus
 from viommud.topology.virtio import DEFAULT_GUEST_MEMORY, VirtioTopology
 from viommud.trace import DeviceAttach, DeviceDetach, Record, ViommuCreate
 from viommud.virtio_state import VirtioEvent
@@ -523,6 +523,9 @@ class VirtioViommu:
         """Device reset (``system``: system reset, which also restores ``bypass``)."""
         frontend = self.frontend
         self._apply(frontend.system_reset() if system else frontend.reset())
+
+    def status(self) -> TopologyStatus:
+        return self.topology.describe()
 
     def destroy(self) -> None:
         self.topology.destroy()

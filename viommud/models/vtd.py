@@ -35,6 +35,7 @@ from viommud.models.base import (
     viommu_log,
 )
 from viommud.replies import CONFIG_OK, CommandError, ConfigReply, DoorbellReply, RequestReply
+from viommud.topology import TopologyStatus
 from viommud.topology.vtd import VtdTopology
 from viommud.trace import ContextEntry, DeviceAttach, DeviceDetach, PasidEntry, Record, ViommuCreate
 
@@ -192,6 +193,9 @@ class VtdViommu:
 
     def error_counts(self) -> dict[str, int]:
         return dict(self.frontend.error_counts)
+
+    def status(self) -> TopologyStatus:
+        return self.topology.describe()
 
     def destroy(self) -> None:
         self.topology.destroy()

@@ -13,9 +13,11 @@ by guest ID, ``slots`` per physical IOMMU), and from the backend's live objects.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from viommud.models import Viommu
 
 
 def _add(into: dict[str, int], other: dict[str, int]) -> None:
@@ -122,64 +124,35 @@ def count_kinds(objects: list[tuple[int, str]]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def describe_viommu(instance: Any) -> dict[str, Any]:
-    """One live vIOMMU: name, model, command/error counts, vdevices and HWPTs."""
-    out: dict[str, Any] = {
-        "name": str(instance.name),
+def describe_viommu(instance: Viommu) -> dict[str, Any]:
+    """One live vIOMMU: name, model, command/error counts, its physical IOMMUs with their
+    objects, and its devices (``Viommu.status``)."""
+    held = instance.status()
+    return {
+        "name": instance.name,
         "model": str(instance.model),
         "commands": sum(instance.kind_counts().values()),
         "errors": sum(instance.error_counts().values()),
-    }
-    hook = getattr(instance, "status", None)
-    if callable(hook):
-        out.update(hook())
-        return out
-    # A topology of another shape is left out: name, model and counts are still right.
-    with contextlib.suppress(AttributeError, TypeError, ValueError):
-        out.update(_describe_topology(getattr(instance, "topology", None)))
-    return out
-
-
-def _describe_topology(topology: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    slots = getattr(topology, "slots", None)
-    hwpt_of: dict[tuple[str, Any], int] = {}
-    if isinstance(slots, dict):
-        described: list[dict[str, Any]] = []
-        hwpts = 0
-        for iommu, slot in sorted(slots.items()):
-            nested = getattr(slot, "hwpts", {})
-            for key, shared in nested.items():
-                hwpt_of[(iommu, key)] = int(shared.hwpt_id)
-            hwpts += 1 + len(nested)  # the nesting parent plus the nested ones
-            described.append(
-                {
-                    "iommu": str(iommu),
-                    "viommu_id": getattr(slot, "viommu_id", None),
-                    "s2_hwpt_id": getattr(slot, "s2_hwpt_id", None),
-                    "nested_hwpts": sorted(int(s.hwpt_id) for s in nested.values()),
-                }
-            )
-        out["piommus"] = described
-        out["hwpts"] = hwpts
-    vdevices = getattr(topology, "vdevices", None)
-    if isinstance(vdevices, dict):
-        out["vdevices"] = [
-            _describe_vdevice(vid, v, hwpt_of) for vid, v in sorted(vdevices.items())
-        ]
-    return out
-
-
-def _describe_vdevice(vid: Any, vdev: Any, hwpt_of: dict[tuple[str, Any], int]) -> dict[str, Any]:
-    bound = getattr(vdev, "bound", None)
-    iommu = getattr(bound, "iommu", None)
-    key = getattr(vdev, "vste", None)
-    return {
-        "vid": vid,
-        "device": getattr(bound, "name", None),
-        "iommu": iommu,
-        "vdevice_id": getattr(vdev, "vdevice_id", None),
-        "hwpt_id": hwpt_of.get((str(iommu), key)) if key is not None else None,
+        "piommus": [
+            {
+                "iommu": p.iommu,
+                "viommu_id": p.viommu_id,
+                "s2_hwpt_id": p.s2_hwpt_id,
+                "nested_hwpts": list(p.nested_hwpts),
+            }
+            for p in held.piommus
+        ],
+        "hwpts": held.hwpts,
+        "vdevices": [
+            {
+                "vid": v.vid,
+                "device": v.device,
+                "iommu": v.iommu,
+                "vdevice_id": v.vdevice_id,
+                "hwpt_id": v.hwpt_id,
+            }
+            for v in held.vdevices
+        ],
     }
 
 

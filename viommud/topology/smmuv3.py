@@ -26,7 +26,7 @@ from protocols.smmuv3 import CERROR_ILL
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
 from viommud.guest.smmuv3 import decode_ste
 from viommud.host import HostConfig
-from viommud.topology import TopologyError
+from viommud.topology import PiommuStatus, TopologyError, TopologyStatus, VdeviceStatus
 
 # QEMU's masks on the vSTE before IOMMU_HWPT_ALLOC (smmuv3.md §3.2): D0 keeps V, Config,
 # S1Fmt, bits [55:6] and S1CDMax; D1 keeps S1DSS, S1CIR, S1COR, S1CSH, S1STALLD and EATS.
@@ -197,6 +197,36 @@ class SmmuTopology:
             fd.destroy(slot.iommu, slot.viommu_id)
             fd.destroy(slot.iommu, slot.s2_hwpt_id)
             del self.slots[slot.iommu]
+
+    def describe(self) -> TopologyStatus:
+        """The backend objects this vIOMMU holds, for ``viommud status``."""
+        hwpt_of = {
+            (slot.iommu, key): shared.hwpt_id
+            for slot in self.slots.values()
+            for key, shared in slot.hwpts.items()
+        }
+        return TopologyStatus(
+            piommus=tuple(
+                PiommuStatus(
+                    slot.iommu,
+                    slot.viommu_id,
+                    slot.s2_hwpt_id,
+                    tuple(sorted(s.hwpt_id for s in slot.hwpts.values())),
+                )
+                for _, slot in sorted(self.slots.items())
+            ),
+            vdevices=tuple(
+                VdeviceStatus(
+                    vid,
+                    v.bound.name,
+                    v.iommu,
+                    v.vdevice_id,
+                    hwpt_of.get((v.iommu, v.vste)) if v.vste is not None else None,
+                )
+                for vid, v in sorted(self.vdevices.items())
+            ),
+            hwpts=sum(1 + len(slot.hwpts) for slot in self.slots.values()),
+        )
 
     def destroy(self) -> None:
         """Free everything this vIOMMU holds on the backend."""

@@ -39,7 +39,7 @@ from protocols.virtio_iommu import MapFlag
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
 from viommud.host import HostConfig, PhysicalDevice
 from viommud.mappings import Mapping
-from viommud.topology import TopologyError
+from viommud.topology import PiommuStatus, TopologyError, TopologyStatus, VdeviceStatus
 from viommud.virtio_state import DomainKind, TableConfig
 
 __all__ = [
@@ -593,6 +593,41 @@ class VirtioTopology:
         self.memory = GuestMemory(tuple(placed))
 
     # -- teardown ---------------------------------------------------------------------------
+    def describe(self) -> TopologyStatus:
+        """The backend objects this vIOMMU holds, for ``viommud status``: per physical IOMMU
+        its vIOMMU object (vSVA) and HWPTs, per endpoint the HWPT it is attached to."""
+        hwpt_kinds = ("paging", "nested", "identity")
+        iommus = sorted({o.iommu for o in self.objects.values() if o.iommu is not None})
+        piommus = []
+        for iommu in iommus:
+            viommu = self.objects.get(("viommu", iommu))
+            hwpts = sorted(
+                o.id for k, o in self.objects.items() if k[0] in hwpt_kinds and o.iommu == iommu
+            )
+            piommus.append(
+                PiommuStatus(iommu, viommu.id if viommu is not None else None, None, tuple(hwpts))
+            )
+        vdevices = []
+        for vid, ep in sorted(self.endpoints.items()):
+            on = self.objects.get(ep.on) if ep.on is not None and ep.on[0] in hwpt_kinds else None
+            vdev = self.objects.get(("vdevice", vid))
+            vdevices.append(
+                VdeviceStatus(
+                    vid,
+                    ep.bound.name,
+                    ep.iommu,
+                    vdev.id if vdev is not None else None,
+                    on.id
+                    if on is not None and ep.on is not None and ep.on[0] in hwpt_kinds
+                    else None,
+                )
+            )
+        return TopologyStatus(
+            tuple(piommus),
+            tuple(vdevices),
+            sum(1 for k in self.objects if k[0] in hwpt_kinds),
+        )
+
     def destroy(self) -> None:
         """Free everything: detach and unbind every device, then the objects left."""
         for vid in sorted(self.endpoints):

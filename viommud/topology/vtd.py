@@ -39,7 +39,7 @@ from protocols.vtd import (
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
 from viommud.guest.vtd import LegacyContext, PasidEntry, VtdContext
 from viommud.host import HostConfig
-from viommud.topology import TopologyError
+from viommud.topology import PiommuStatus, TopologyError, TopologyStatus, VdeviceStatus
 
 FULL_END = 1 << 64  # exclusive end of the whole 64-bit address space
 HISTORY = 64  # host flushes remembered per HWPT for the device-TLB elision rule
@@ -273,6 +273,32 @@ class VtdTopology:
         if not slot.devices:
             fd.destroy(slot.iommu, slot.parent_hwpt_id)
             del self.slots[slot.iommu]
+
+    def describe(self) -> TopologyStatus:
+        """The backend objects this vIOMMU holds, for ``viommud status`` (VT-d makes no
+        iommufd vIOMMU object: its nested HWPTs hang off the nesting parent)."""
+        return TopologyStatus(
+            piommus=tuple(
+                PiommuStatus(
+                    slot.iommu,
+                    None,
+                    slot.parent_hwpt_id,
+                    tuple(sorted(s.hwpt_id for s in slot.hwpts.values())),
+                )
+                for _, slot in sorted(self.slots.items())
+            ),
+            vdevices=tuple(
+                VdeviceStatus(
+                    vid,
+                    d.bound.name,
+                    d.bound.iommu,
+                    None,
+                    d.hwpt.hwpt_id if d.hwpt is not None else None,
+                )
+                for vid, d in sorted(self.vdevices.items())
+            ),
+            hwpts=sum(1 + len(slot.hwpts) for slot in self.slots.values()),
+        )
 
     def destroy(self) -> None:
         """Free everything this vIOMMU holds on the backend."""
