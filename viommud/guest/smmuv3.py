@@ -16,6 +16,8 @@ import struct
 from dataclasses import dataclass
 from operator import attrgetter
 
+from protocols.smmuv3 import Opcode
+
 __all__ = [
     "COMMAND",
     "DEFINED",
@@ -56,41 +58,9 @@ class Field:
 # ---------------------------------------------------------------------------------------------
 # Opcodes (smmuv3.md §1.1)
 
+# The report's names ("CMD_" + the spec's mnemonic, SMMUv3 §4.1), from protocols.smmuv3.
 OPCODE_NAMES: dict[int, str] = {
-    0x01: "CMD_PREFETCH_CONFIG",
-    0x02: "CMD_PREFETCH_ADDR",
-    0x03: "CMD_CFGI_STE",
-    0x04: "CMD_CFGI_STE_RANGE",
-    0x05: "CMD_CFGI_CD",
-    0x06: "CMD_CFGI_CD_ALL",
-    0x07: "CMD_CFGI_VMS_PIDM",
-    0x10: "CMD_TLBI_NH_ALL",
-    0x11: "CMD_TLBI_NH_ASID",
-    0x12: "CMD_TLBI_NH_VA",
-    0x13: "CMD_TLBI_NH_VAA",
-    0x18: "CMD_TLBI_EL3_ALL",
-    0x1A: "CMD_TLBI_EL3_VA",
-    0x20: "CMD_TLBI_EL2_ALL",
-    0x21: "CMD_TLBI_EL2_ASID",
-    0x22: "CMD_TLBI_EL2_VA",
-    0x23: "CMD_TLBI_EL2_VAA",
-    0x28: "CMD_TLBI_S12_VMALL",
-    0x2A: "CMD_TLBI_S2_IPA",
-    0x30: "CMD_TLBI_NSNH_ALL",
-    0x40: "CMD_ATC_INV",
-    0x41: "CMD_PRI_RESP",
-    0x44: "CMD_RESUME",
-    0x45: "CMD_STALL_TERM",
-    0x46: "CMD_SYNC",
-    0x50: "CMD_TLBI_S_EL2_ALL",
-    0x51: "CMD_TLBI_S_EL2_ASID",
-    0x52: "CMD_TLBI_S_EL2_VA",
-    0x53: "CMD_TLBI_S_EL2_VAA",
-    0x58: "CMD_TLBI_S_S12_VMALL",
-    0x5A: "CMD_TLBI_S_S2_IPA",
-    0x60: "CMD_TLBI_SNH_ALL",
-    0x70: "CMD_DPTI_ALL",
-    0x73: "CMD_DPTI_PA",
+    int(op): op.name if op.name.startswith("CMD_") else f"CMD_{op.name}" for op in Opcode
 }
 
 

@@ -30,7 +30,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocols.smmuv3 import COMMAND_SIZE, STE_SIZE, Opcode, parse_command, parse_ste
+from protocols.smmuv3 import (
+    COMMAND_SIZE,
+    SID_OPS,
+    STE_SIZE,
+    TLBI_RANGE_OPS,
+    TLBI_VM_WIDE_OPS,
+    Opcode,
+    parse_command,
+    parse_ste,
+)
 from viommud.host import HostConfig
 from viommud.oracle import CONFIG, DEVTLB, FULL, IOTLB, Ledger, Need, Removal
 
@@ -40,8 +49,6 @@ STE_CONFIG_S1 = 0b101  # STE.Config: stage 1 translates, stage 2 bypass (§5.2)
 STE_EATS_FULL = 0b01  # STE.EATS: full ATS (§5.2)
 _CACHE_LIMIT = 1 << 14  # decoded commands remembered (a guest reuses few distinct ones)
 
-_TLBI_ALL = (Opcode.TLBI_NH_ALL, Opcode.TLBI_NSNH_ALL)
-_DEVICE_OPS = (Opcode.ATC_INV, Opcode.CFGI_CD, Opcode.CFGI_CD_ALL)
 
 _commands: dict[bytes, dict[str, int]] = {}
 _stes: dict[bytes, dict[str, int]] = {}
@@ -83,11 +90,11 @@ def tlb_span(f: dict[str, int]) -> tuple[int, int, bool, int]:
 def tlb_effect(f: dict[str, int], place: tuple[Any, ...]) -> Need | None:
     """The IOTLB entries a TLBI command covers, at ``place`` (None for other opcodes)."""
     op = f["opcode"]
-    if op in _TLBI_ALL:
+    if op in TLBI_VM_WIDE_OPS:
         return Need(IOTLB, place, None, *FULL)
     if op == Opcode.TLBI_NH_ASID:
         return Need(IOTLB, place, f["asid"], *FULL)
-    if op in (Opcode.TLBI_NH_VA, Opcode.TLBI_NH_VAA):
+    if op in TLBI_RANGE_OPS:
         lo, hi, leaf, level = tlb_span(f)
         tag = f["asid"] if op == Opcode.TLBI_NH_VA else None
         return Need(IOTLB, place, tag, lo, hi, leaf, level)
@@ -194,7 +201,7 @@ class SmmuGuest:
 
     def _needs(self, f: dict[str, int], origin: str) -> list[Need]:
         op = f["opcode"]
-        if op in _DEVICE_OPS:
+        if op in SID_OPS:
             dev = self.devices.get(f["sid"])
             if dev is None:
                 return []
@@ -263,7 +270,7 @@ class SmmuHost:
         done = len(entries) if not err else call["entry_num"] - call["entry_num"] % 63
         for raw in entries[:done]:
             f = command(bytes.fromhex(raw)[:COMMAND_SIZE].ljust(COMMAND_SIZE, b"\0"))
-            if f["opcode"] in _DEVICE_OPS:
+            if f["opcode"] in SID_OPS:
                 device = self.vsids.get((viommu_id, f["sid"]))
                 need = None if device is None else device_effect(f, device)
             else:

@@ -68,7 +68,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from protocols.smmuv3 import TLBI_RANGE_OPS
+from protocols.smmuv3 import TLBI_RANGE_OPS, Opcode
 
 __all__ = [
     "ATC_SIZE_ALL",
@@ -456,18 +456,4 @@ def vtd_psi_mask(start: int, last: int) -> tuple[int, int | None]:
     return start & ~((PAGE << mask) - 1), mask
 
 
-_SMMU_NAMES = {
-    0x03: "CFGI_STE",
-    0x04: "CFGI_STE_RANGE",
-    0x05: "CFGI_CD",
-    0x06: "CFGI_CD_ALL",
-    0x10: "TLBI_NH_ALL",
-    0x11: "TLBI_NH_ASID",
-    0x12: "TLBI_NH_VA",
-    0x13: "TLBI_NH_VAA",
-    0x28: "TLBI_S12_VMALL",
-    0x2A: "TLBI_S2_IPA",
-    0x30: "TLBI_NSNH_ALL",
-    0x40: "ATC_INV",
-    0x46: "CMD_SYNC",
-}
+_SMMU_NAMES = {int(op): op.name for op in Opcode}
