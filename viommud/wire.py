@@ -21,6 +21,25 @@ _CMDS_OK = struct.Struct("<II")  # protocols.frames.CmdsOk
 _STATUS_WRITE = struct.Struct("<IQI")  # protocols.frames.StatusWrite
 _CMDS_OK_FRAME = struct.Struct("<BBHIIII")  # header + CmdsOk in one pack (the hot reply)
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+MAX_JSON_DEPTH: Final = 32  # containers inside containers in a JSON payload from a client
+
+
+def _deeper_than(payload: bytes, value: Any, limit: int) -> bool:
+    """Whether ``value`` (parsed from ``payload``) nests more than ``limit`` containers.
+
+    Linear: when the payload holds at most ``limit`` brackets nothing can nest deeper and
+    the parsed value is not walked at all; otherwise it is walked once, without recursion."""
+    if not isinstance(value, (dict, list)) or payload.count(b"[") + payload.count(b"{") <= limit:
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, (dict, list)):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 class WireError(ValueError):
@@ -37,12 +56,27 @@ class Frame:
     seq: int
     payload: bytes
 
-    def json(self) -> Any:
-        """The payload as JSON; raises WireError when it is not."""
+    def json(self, *, max_depth: int | None = None) -> Any:
+        """The payload as JSON; raises WireError when it is not.
+
+        Nesting deeper than the interpreter can parse is refused the same way, and so is
+        nesting deeper than ``max_depth`` containers when given (the daemon passes
+        ``MAX_JSON_DEPTH`` for what clients send; docs/protocol.md §8)."""
+        payload = self.payload
         try:
-            return json.loads(self.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WireError(f"frame payload is not valid JSON: {exc}", self.payload[:64]) from None
+            value = json.loads(payload)
+        except RecursionError:
+            value, deep = None, True
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+            raise WireError(f"frame payload is not valid JSON: {exc}", payload[:64]) from None
+        else:
+            deep = max_depth is not None and _deeper_than(payload, value, max_depth)
+        if deep:
+            limit = f" (at most {max_depth} levels)" if max_depth is not None else ""
+            raise WireError(
+                f"frame payload is not valid JSON: nested too deeply{limit}", payload[:64]
+            )
+        return value
 
     def response(self) -> Any:
         """A reply's body as JSON: CMDS_OK / CMDS_OK_WRITES expand to the response they
@@ -82,7 +116,9 @@ class FrameDecoder:
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self._buffer = bytearray()
-        self._max_payload = max_payload
+        # The largest payload a header may announce; the daemon keeps it small until the
+        # HELLO is accepted (docs/protocol.md §1) and may change it between frames.
+        self.max_payload = max_payload
         self._eof = False
 
     def receive_data(self, data: bytes) -> None:
@@ -109,9 +145,9 @@ class FrameDecoder:
             raise WireError(f"unknown frame type 0x{frame_type:02x}", bytes(buffer[:HEADER_SIZE]))
         if flags:
             raise WireError(f"reserved frame flags 0x{flags:04x}", bytes(buffer[:HEADER_SIZE]))
-        if length > self._max_payload:
+        if length > self.max_payload:
             raise WireError(
-                f"frame payload of {length} bytes exceeds the limit of {self._max_payload}",
+                f"frame payload of {length} bytes exceeds the limit of {self.max_payload}",
                 bytes(buffer[:HEADER_SIZE]),
             )
         end = HEADER_SIZE + length
@@ -135,7 +171,7 @@ class FrameDecoder:
         out: list[tuple[int, str, bytes]] = []
         names: dict[bytes, str] = {}
         at, size = 0, len(buffer)
-        unpack, limit = _HEADER.unpack_from, self._max_payload
+        unpack, limit = _HEADER.unpack_from, self.max_payload
         while size - at >= HEADER_SIZE:
             version, kind, flags, seq, length = unpack(buffer, at)
             if version != PROTOCOL_VERSION or kind != frame_type or flags or length > limit:

@@ -1,6 +1,10 @@
 """Command line: ``viommud serve``, ``viommud replay``, ``viommud health``, ``viommud status``.
 
-``main(argv)`` returns the exit status, so tests call it directly.
+``main(argv)`` returns the exit status, so tests call it directly. The global options
+(``--log-level``, ``--log-format``) may come before or after the subcommand. A reader that
+goes away early (``viommud status --json | head -c 10``) ends the command quietly with
+status 1, as the Python documentation recommends for SIGPIPE (signal module, "Note on
+SIGPIPE").
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from viommud import __version__
 from viommud.backend.select import BACKENDS, BackendUnavailable, backend_factory
 from viommud.host import HostConfig, HostConfigError
 from viommud.shell import logs, systemd
-from viommud.shell.client import ClientError, health
+from viommud.shell.client import DEFAULT_TIMEOUT, ClientError, health, timeouts
 from viommud.shell.client import status as fetch_status
 from viommud.shell.endpoints import (
     EndpointError,
@@ -37,24 +41,48 @@ from viommud.trace import TraceError, TraceReader
 DEFAULT_SOCKET = os.environ.get("VIOMMUD_SOCKET", "/run/viommud/viommud.sock")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="viommud", description="VMM-side virtual-IOMMU emulator daemon"
-    )
-    parser.add_argument("--version", action="version", version=f"viommud {__version__}")
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The options every subcommand takes, before or after its name. The subcommands'
+    copies default to SUPPRESS, so that one given before the name is not reset."""
     parser.add_argument(
         "--log-level",
         choices=sorted(logs.LEVELS),
+        default=default,
         help="default: info for serve, warning otherwise ($VIOMMUD_LOG_LEVEL)",
     )
     parser.add_argument(
         "--log-format",
         choices=("json", "console", "auto"),
+        default=default,
         help="default: console on a TTY, json elsewhere ($VIOMMUD_LOG_FORMAT)",
     )
+
+
+def _seconds(text: str) -> float:
+    """A ``--timeout`` value: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="viommud", description="VMM-side virtual-IOMMU emulator daemon"
+    )
+    parser.add_argument("--version", action="version", version=f"viommud {__version__}")
+    _global_options(parser, None)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the daemon on a Unix socket")
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, parents=[common])
+
+    serve = add("serve", "run the daemon on a Unix socket")
     serve.add_argument("--socket", default=DEFAULT_SOCKET, help=f"default {DEFAULT_SOCKET}")
     serve.add_argument("--socket-mode", default="0600", help="permissions of the socket (octal)")
     serve.add_argument(
@@ -103,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9708)",
     )
 
-    rep = sub.add_parser("replay", help="replay a trace and print the replay report")
+    rep = add("replay", "replay a trace and print the replay report")
     rep.add_argument("trace", type=Path)
     rep.add_argument("--socket", help="replay through this daemon (default: an embedded one)")
     rep.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -131,17 +159,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--token-file", type=Path, help="token for a tcp:// --socket")
     rep.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"--socket: give up when connecting, or getting HELLO answered, takes longer "
+        f"(default {DEFAULT_TIMEOUT:g})",
+    )
+    rep.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         help="progress bar on stderr (default: when stderr is a terminal)",
     )
 
-    hc = sub.add_parser("health", help="exit 0 if the daemon answers HELLO")
+    hc = add("health", "exit 0 if the daemon answers HELLO")
     hc.add_argument("--socket", default=DEFAULT_SOCKET, help="a path or tcp://ADDR:PORT")
-    hc.add_argument("--timeout", type=float, default=2.0)
+    hc.add_argument("--timeout", type=_seconds, default=2.0, metavar="SECONDS")
     hc.add_argument("--token-file", type=Path, help="token for a tcp:// --socket")
 
-    imp = sub.add_parser("import", help="turn a QEMU trace log into a v1 trace file")
+    imp = add("import", "turn a QEMU trace log into a v1 trace file")
     imp.add_argument("format", choices=["qemu-log"], help="what LOG is")
     imp.add_argument("log", type=Path)
     imp.add_argument("-o", "--output", type=Path, required=True, help="TRACE.jsonl[.gz|.xz]")
@@ -171,15 +207,31 @@ def _parser() -> argparse.ArgumentParser:
         help="add the context entries / STEs the log cannot show (docs/vtd.md)",
     )
 
-    st = sub.add_parser("status", help="show a running daemon's clients, vIOMMUs and counters")
+    st = add("status", "show a running daemon's clients, vIOMMUs and counters")
     st.add_argument("--socket", default=DEFAULT_SOCKET, help="a path or tcp://ADDR:PORT")
     st.add_argument("--json", action="store_true", help="print the STATUS reply as JSON")
-    st.add_argument("--timeout", type=float, default=5.0)
+    st.add_argument("--timeout", type=_seconds, default=5.0, metavar="SECONDS")
     st.add_argument("--token-file", type=Path, help="token for a tcp:// --socket")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            code = _main(argv)
+        finally:  # also after argparse's --help / --version, which exit
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        # The reader of stdout went away: nothing more to say. stdout now points at
+        # /dev/null so that the interpreter's final flush cannot fail again.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         logs.configure(
@@ -319,7 +371,11 @@ def _replay(args: argparse.Namespace) -> int:
         print(f"viommud: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     try:
-        with _maybe_open(args.responses) as responses, _maybe_open(args.calls) as calls:
+        with (
+            timeouts(args.timeout),
+            _maybe_open(args.responses) as responses,
+            _maybe_open(args.calls) as calls,
+        ):
             if args.socket:
                 result = asyncio.run(
                     replay(

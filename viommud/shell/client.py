@@ -2,18 +2,39 @@
 
 A target is a Unix socket path or ``tcp://ADDR:PORT`` (viommud.shell.endpoints); TCP listeners
 need the daemon's token, which the client presents in HELLO and STATUS.
+
+Connecting and the HELLO exchange are bounded in time (``timeout``; the CLI's ``--timeout``),
+so a socket that accepts and never answers — something that is not viommud — is an error
+naming the target, never a hang. Every error names the target.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from protocols.frames import PROTOCOL_VERSION, FrameType
 from viommud import __version__, wire
 from viommud.shell.endpoints import EndpointError, is_tcp, parse_tcp
+
+DEFAULT_TIMEOUT = 10.0  # seconds to connect, and again to get the HELLO answered
+
+_timeout: ContextVar[float] = ContextVar("viommud_client_timeout", default=DEFAULT_TIMEOUT)
+
+
+@contextlib.contextmanager
+def timeouts(seconds: float) -> Iterator[None]:
+    """Clients connected inside this block (and the tasks it starts) wait at most
+    ``seconds`` to connect and to get their HELLO answered (the CLI's ``--timeout``)."""
+    token = _timeout.set(seconds)
+    try:
+        yield
+    finally:
+        _timeout.reset(token)
 
 
 class ClientError(Exception):
@@ -22,28 +43,46 @@ class ClientError(Exception):
 
 class Client:
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str | None = None
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        token: str | None = None,
+        *,
+        target: str = "the daemon",
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._decoder = wire.FrameDecoder()
         self._seq = 0
         self.token = token
+        self.target = target  # the path or tcp:// address, for error messages
+        self.timeout = timeout
 
     @classmethod
-    async def connect(cls, socket_path: str | Path, *, token: str | None = None) -> Client:
-        """Connect to a Unix socket path or a ``tcp://ADDR:PORT`` target."""
+    async def connect(
+        cls, socket_path: str | Path, *, token: str | None = None, wait: float | None = None
+    ) -> Client:
+        """Connect to a Unix socket path or a ``tcp://ADDR:PORT`` target within ``wait``
+        seconds (default: the enclosing ``timeouts()`` block's, else ``DEFAULT_TIMEOUT``);
+        the client's HELLO gets as long again."""
+        target = str(socket_path)
+        if wait is None:
+            wait = _timeout.get()
         try:
-            if is_tcp(socket_path):
-                address = parse_tcp(str(socket_path))
-                reader, writer = await asyncio.open_connection(address.host, address.port)
-            else:
-                reader, writer = await asyncio.open_unix_connection(str(socket_path))
+            async with asyncio.timeout(wait):
+                if is_tcp(target):
+                    address = parse_tcp(target)
+                    reader, writer = await asyncio.open_connection(address.host, address.port)
+                else:
+                    reader, writer = await asyncio.open_unix_connection(target)
         except EndpointError as exc:
             raise ClientError(str(exc)) from None
+        except TimeoutError:
+            raise ClientError(f"cannot connect to {target}: no answer within {wait:g} s") from None
         except OSError as exc:
-            raise ClientError(f"cannot connect to {socket_path}: {exc.strerror or exc}") from None
-        return cls(reader, writer, token)
+            raise ClientError(f"cannot connect to {target}: {exc.strerror or exc}") from None
+        return cls(reader, writer, token, target=target, timeout=wait)
 
     def next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -56,7 +95,7 @@ class Client:
         try:
             await self._writer.drain()
         except ConnectionError as exc:
-            raise ClientError(f"connection lost: {exc}") from None
+            raise ClientError(f"connection to {self.target} lost: {exc}") from None
 
     async def receive(self) -> wire.Frame:
         """The next reply frame."""
@@ -64,15 +103,15 @@ class Client:
             try:
                 frame = self._decoder.next_frame()
             except wire.WireError as exc:
-                raise ClientError(f"bad reply from the daemon: {exc}") from None
+                raise ClientError(f"bad reply from {self.target}: {exc}") from None
             if frame is not None:
                 return frame
             try:
                 data = await self._reader.read(256 * 1024)
             except ConnectionError as exc:
-                raise ClientError(f"connection lost: {exc}") from None
+                raise ClientError(f"connection to {self.target} lost: {exc}") from None
             if not data:
-                raise ClientError("the daemon closed the connection")
+                raise ClientError(f"{self.target} closed the connection")
             self._decoder.receive_data(data)
 
     async def request(self, frame_type: int, obj: Any) -> wire.Frame:
@@ -82,24 +121,31 @@ class Client:
         return await self.receive()
 
     async def hello(self, **fields: Any) -> dict[str, Any]:
+        """Exchange HELLO; ClientError when it is refused or not answered within
+        ``self.timeout`` seconds."""
         if self.token is not None:
             fields.setdefault("token", self.token)
-        reply = await self.request(
-            FrameType.HELLO,
-            {"protocol": PROTOCOL_VERSION, "client": f"viommud-client/{__version__}", **fields},
-        )
-        body = reply.json()
-        if reply.type == FrameType.ERROR:
-            raise ClientError(f"the daemon refused the session: {body.get('error')}")
+        hello = {"protocol": PROTOCOL_VERSION, "client": f"viommud-client/{__version__}", **fields}
+        try:
+            async with asyncio.timeout(self.timeout):
+                reply = await self.request(FrameType.HELLO, hello)
+        except TimeoutError:
+            raise ClientError(
+                f"no answer to HELLO from {self.target} within {self.timeout:g} s "
+                "(is a viommud serving there?)"
+            ) from None
+        body = _body(reply, self.target)
+        if reply.type == FrameType.ERROR and isinstance(body, dict):
+            raise ClientError(f"{self.target} refused the session: {body.get('error')}")
         if reply.type != FrameType.HELLO_OK or not isinstance(body, dict):
-            raise ClientError(f"unexpected reply 0x{reply.type:02x} to HELLO")
+            raise ClientError(f"unexpected reply 0x{reply.type:02x} to HELLO from {self.target}")
         return body
 
     async def stats(self) -> dict[str, Any]:
         reply = await self.request(FrameType.STATS, {})
-        body = reply.json()
+        body = _body(reply, self.target)
         if reply.type != FrameType.STATS_OK or not isinstance(body, dict):
-            raise ClientError(f"unexpected reply to STATS: {body}")
+            raise ClientError(f"unexpected reply to STATS from {self.target}: {body}")
         return body
 
     async def status(self) -> dict[str, Any]:
@@ -107,11 +153,11 @@ class Client:
         reply = await self.request(
             FrameType.STATUS, {"token": self.token} if self.token is not None else {}
         )
-        body = reply.json()
+        body = _body(reply, self.target)
         if reply.type == FrameType.ERROR and isinstance(body, dict):
-            raise ClientError(f"the daemon refused STATUS: {body.get('error')}")
+            raise ClientError(f"{self.target} refused STATUS: {body.get('error')}")
         if reply.type != FrameType.STATUS_OK or not isinstance(body, dict):
-            raise ClientError(f"unexpected reply 0x{reply.type:02x} to STATUS")
+            raise ClientError(f"unexpected reply 0x{reply.type:02x} to STATUS from {self.target}")
         return body
 
     async def close(self) -> None:
@@ -120,11 +166,19 @@ class Client:
             await self._writer.wait_closed()
 
 
+def _body(reply: wire.Frame, target: str) -> Any:
+    """A reply's JSON body; ClientError naming ``target`` when it is not JSON."""
+    try:
+        return reply.json()
+    except wire.WireError as exc:
+        raise ClientError(f"bad reply from {target}: {exc}") from None
+
+
 async def health(socket_path: str | Path, wait: float = 2.0, *, token: str | None = None) -> str:
     """Connect and exchange HELLO (probe); returns the server's name or raises ClientError."""
     try:
         async with asyncio.timeout(wait):
-            client = await Client.connect(socket_path, token=token)
+            client = await Client.connect(socket_path, token=token, wait=wait)
             try:
                 reply = await client.hello(probe=True, client="viommud-health")
             finally:
@@ -140,7 +194,7 @@ async def status(
     """The STATUS of the daemon at ``socket_path``; raises ClientError."""
     try:
         async with asyncio.timeout(wait):
-            client = await Client.connect(socket_path, token=token)
+            client = await Client.connect(socket_path, token=token, wait=wait)
             try:
                 return await client.status()
             finally:

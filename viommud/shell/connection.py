@@ -12,13 +12,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from protocols.frames import PROTOCOL_VERSION, FrameType
+from protocols.frames import MAX_PAYLOAD, PROTOCOL_VERSION, FrameType
 from viommud import __version__, wire
 from viommud.backend.base import Backend
 from viommud.host import HostConfig, HostConfigError
 from viommud.replies import DoorbellReply
 from viommud.session import RecordRefused, Session
 from viommud.shell.endpoints import token_matches
+from viommud.shell.logs import clip
 from viommud.shell.replies import encode_doorbell, encode_error, encode_response
 from viommud.shell.status import backend_objects, count_kinds, describe_viommu
 from viommud.trace import Request, TraceError, parse_record
@@ -27,6 +28,14 @@ if TYPE_CHECKING:
     from viommud.shell.metrics import Metrics
 
 BackendFactory = Callable[[HostConfig], Backend]
+
+# Before a session exists only HELLO and STATUS are taken, and those are small: a longer
+# frame is refused from its header (docs/protocol.md §1). The host a HELLO may describe is
+# bounded too, so that checking it stays cheap (docs/protocol.md §2).
+MAX_HELLO_PAYLOAD = 1024 * 1024
+MAX_HOST_IOMMUS = 256
+MAX_HOST_DEVICES = 1024
+_HELLO_NAMES = ("client", "trace", "vm")  # optional strings, for logs and status
 
 
 class _Fatal(Exception):  # noqa: N818 - control flow: reply with a fatal ERROR, then close
@@ -57,7 +66,7 @@ class Connection:
         self.compact_writes = False  # CMDS_OK_WRITES for clean VT-d doorbells
         self.group_commit = False
         self.session: Session | None = None
-        self.decoder = wire.FrameDecoder()
+        self.decoder = wire.FrameDecoder(max_payload=MAX_HELLO_PAYLOAD)
         self.closing = False
         self.transport = transport  # "unix" or "tcp"
         self.peer = peer
@@ -68,6 +77,7 @@ class Connection:
         self.connected_at = time.monotonic()
         self.trace = ""
         self.vm = ""
+        self.viommu: str | None = None  # the vIOMMU being worked on, for backend_error
 
     def receive(self, data: bytes) -> bytes:
         """Feed bytes from the peer; returns the reply bytes to send."""
@@ -91,7 +101,7 @@ class Connection:
             try:
                 out.append(self._dispatch(frame))
             except _Fatal as exc:
-                self.log.warning("protocol_error", error=str(exc), seq=frame.seq)
+                self.log.warning("protocol_error", error=clip(str(exc), 512), seq=frame.seq)
                 out.append(encode_error(frame.seq, str(exc), fatal=True))
                 self.closing = True
             except wire.WireError as exc:
@@ -115,6 +125,7 @@ class Connection:
             datas.append(data)
         try:
             for viommu, (slots, datas) in by_viommu.items():
+                self.viommu = viommu
                 answers = session.doorbells(viommu, datas)
                 for i, answer in zip(slots, answers, strict=True):
                     seq = run[i][0]
@@ -158,6 +169,7 @@ class Connection:
             metrics = self.metrics
             started = time.perf_counter() if metrics is not None else 0.0
             viommu, data = frame.guest_data()
+            self.viommu = viommu
             try:
                 reply = self._doorbell_reply(frame.seq, session.doorbell(viommu, data))
             except RecordRefused as exc:
@@ -167,7 +179,8 @@ class Connection:
             return reply
         if kind == FrameType.RECORD:
             try:
-                record = parse_record(0, frame.json())
+                record = parse_record(0, frame.json(max_depth=wire.MAX_JSON_DEPTH))
+                self.viommu = getattr(record, "viommu", None)
                 response = session.handle(record)
             except TraceError as exc:
                 return encode_error(frame.seq, exc.message, fatal=False)
@@ -178,6 +191,7 @@ class Connection:
             metrics = self.metrics
             started = time.perf_counter() if metrics is not None else 0.0
             viommu, data = frame.guest_data()
+            self.viommu = viommu
             try:
                 response = session.handle(Request(0, viommu, data))
             except RecordRefused as exc:
@@ -194,16 +208,21 @@ class Connection:
         if self.session is not None:
             raise _Fatal("HELLO was already exchanged")
         try:
-            hello = frame.json()
+            hello = frame.json(max_depth=wire.MAX_JSON_DEPTH)
         except wire.WireError as exc:
             raise _Fatal(f"bad HELLO: {exc}") from None
         if not isinstance(hello, dict):
             raise _Fatal("HELLO payload must be a JSON object")
-        if hello.get("protocol") != PROTOCOL_VERSION:
+        protocol = hello.get("protocol")
+        if protocol != PROTOCOL_VERSION or isinstance(protocol, bool):
             raise _Fatal(
-                f"client speaks protocol {hello.get('protocol')!r}, this daemon {PROTOCOL_VERSION}"
+                f"client speaks protocol {clip(repr(protocol), 32)}, this daemon {PROTOCOL_VERSION}"
             )
         self._authenticate(hello.get("token"))
+        names = {key: hello.get(key) for key in _HELLO_NAMES}
+        for key, value in names.items():
+            if value is not None and not isinstance(value, str):
+                raise _Fatal(f"bad HELLO: {key!r} must be a string")
         reply: dict[str, Any] = {
             "protocol": PROTOCOL_VERSION,
             "server": f"viommud/{__version__}",
@@ -216,10 +235,11 @@ class Connection:
         backend = self.factory(host)
         reply["backend"] = backend.name
         reply["host"] = host.to_json()
-        self.trace = str(hello.get("trace", ""))
-        # Every later line of this session names its VM (HELLO "vm", else the trace name).
-        self.vm = str(hello.get("vm") or self.trace)
-        self.log = self.log.bind(vm=self.vm)
+        self.trace = names["trace"] or ""
+        # Every later line of this session names its VM (HELLO "vm", else the trace name),
+        # cut short on the log: the client chose it.
+        self.vm = names["vm"] or self.trace
+        self.log = self.log.bind(vm=clip(self.vm))
         # Compact replies (CMDS_OK) only for clients that asked and need no call log.
         self.compact = bool(hello.get("compact")) and not hello.get("calls")
         self.compact_writes = self.compact and bool(hello.get("compact_writes"))
@@ -233,15 +253,21 @@ class Connection:
             log=self.log,
         )
         self.session.calls.on_error = self._backend_error
+        self.decoder.max_payload = MAX_PAYLOAD  # the session may send large doorbells now
         self.log.info(
             "session_started",
-            client_name=str(hello.get("client", "")),
-            trace=self.trace,
+            client_name=clip(names["client"] or ""),
+            trace=clip(self.trace),
         )
         return wire.encode_json(FrameType.HELLO_OK, frame.seq, reply)
 
     def _host_for(self, requested: Any) -> HostConfig:
         wanted: HostConfig | None = None
+        if isinstance(requested, dict):  # HostConfig.from_json's checks grow with n²
+            for key, limit in (("iommus", MAX_HOST_IOMMUS), ("devices", MAX_HOST_DEVICES)):
+                items = requested.get(key)
+                if isinstance(items, list) and len(items) > limit:
+                    raise _Fatal(f"bad host in HELLO: more than {limit} host.{key}")
         if requested is not None:
             try:
                 wanted = HostConfig.from_json(requested)
@@ -260,7 +286,9 @@ class Connection:
         return self.fixed_host
 
     def _backend_error(self, ioctl: str, errno_name: str, piommu: str | None) -> None:
-        self.log.warning("backend_error", ioctl=ioctl, errno=errno_name, piommu=piommu)
+        self.log.warning(
+            "backend_error", ioctl=ioctl, errno=errno_name, piommu=piommu, viommu=self.viommu
+        )
 
     def _authenticate(self, presented: Any) -> None:
         if self.authenticated:
@@ -273,7 +301,7 @@ class Connection:
     def _status(self, frame: wire.Frame) -> bytes:
         if not self.authenticated:
             try:
-                body = frame.json() if frame.payload else {}
+                body = frame.json(max_depth=wire.MAX_JSON_DEPTH) if frame.payload else {}
             except wire.WireError as exc:
                 raise _Fatal(f"bad STATUS: {exc}") from None
             self._authenticate(body.get("token") if isinstance(body, dict) else None)
@@ -309,6 +337,7 @@ class Connection:
         if session is None:
             return None
         self.session = None
+        self.viommu = None  # teardown failures name their vIOMMU themselves
         report = session.report()  # commands and errors, while its vIOMMUs are still there
         session.close()
         report["backend"] = session.report()["backend"]  # with the teardown calls

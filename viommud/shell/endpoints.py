@@ -100,7 +100,14 @@ def token_file_is_private(path: str | Path) -> bool:
 
 
 def token_matches(expected: str, presented: object) -> bool:
-    """Constant-time comparison of the presented token with the expected one."""
+    """Constant-time comparison of the presented token with the expected one.
+
+    Anything but a string of UTF-8-encodable characters is simply a wrong token: JSON lets a
+    client send a lone surrogate (``"\\ud800"``), which no token file can hold."""
     if not isinstance(presented, str):
         return False
-    return hmac.compare_digest(expected.encode(), presented.encode())
+    try:
+        candidate = presented.encode()
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(expected.encode(), candidate)

@@ -3,7 +3,8 @@
 Events are snake_case facts (``client_connected``, ``batch_forwarded``, ``guest_error`` …)
 with bound context (``client``, ``vm``, ``viommu``); JSON lines on stderr by default, console
 rendering when stderr is a terminal or ``--log-format console``. The vocabulary (every event
-and key) is in docs/operations.md §5, and a test keeps it complete.
+and key) is in docs/operations.md §5, and a test keeps it complete. Strings a client chose
+(its VM, trace and client names) go through ``clip`` before they are bound to lines.
 """
 
 from __future__ import annotations
@@ -83,6 +84,18 @@ def configure(
 
 def _passthrough(_logger: Any, _name: str, event: Any) -> Any:
     return event
+
+
+CLIP = 128  # characters of a client-chosen string on a log line
+
+
+def clip(text: str, limit: int = CLIP) -> str:
+    """``text`` cut to at most ``limit`` characters, the cut marked ``…(+N)`` (N characters
+    dropped), so a client's 64 KB name cannot blow up every log line it is bound to."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - len(f"…(+{len(text)})"), 0)
+    return f"{text[:keep]}…(+{len(text) - keep})"
 
 
 def get_logger(**context: Any) -> Any:

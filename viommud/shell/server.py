@@ -7,6 +7,9 @@ disconnected; its session is closed, which frees everything it held on the backe
 clients are not affected. SIGTERM/SIGINT (or an injected trigger) stop the server
 gracefully: no new connections, running ones get ``grace`` seconds, then are cancelled.
 
+The Unix socket is never taken from a daemon that still answers on it (``AlreadyServingError``);
+a stale one is replaced, and a bind failure names its path or address (docs/operations.md §1).
+
 Listeners: the Unix socket (always, unless systemd hands sockets over: viommud.shell.systemd), TCP
 addresses when asked for (each needs the shared token in HELLO; created inside a named
 network namespace through viommud.shell.netlink when asked). A STATUS frame is answered without
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import itertools
 import os
@@ -42,6 +46,17 @@ if TYPE_CHECKING:
     from viommud.shell.metrics import Metrics  # imported when --metrics asks for it
 
 READ_CHUNK = 256 * 1024
+
+
+class AlreadyServingError(OSError):
+    """Another daemon answers on the Unix socket path this one was asked to serve on."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(errno.EADDRINUSE, f"another viommud is serving on {path}")
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class Server:
@@ -126,23 +141,35 @@ class Server:
 
     async def _start_unix(self) -> None:
         path = self.socket_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_socket():
-            path.unlink()  # a stale socket from a previous run
-        old_umask = os.umask(0o177)
         try:
-            server = await asyncio.start_unix_server(self._accept, path=str(path))
-        finally:
-            os.umask(old_umask)
-        self._servers.append(server)
-        self._bound_unix = True
-        path.chmod(self.mode)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_socket():
+                if _answers(path):
+                    raise AlreadyServingError(path)  # never take a live daemon's socket away
+                path.unlink(missing_ok=True)  # a stale socket from a previous run
+            old_umask = os.umask(0o177)
+            try:
+                server = await asyncio.start_unix_server(self._accept, path=str(path))
+            finally:
+                os.umask(old_umask)
+            self._servers.append(server)
+            self._bound_unix = True
+            path.chmod(self.mode)
+        except AlreadyServingError:
+            raise
+        except OSError as exc:
+            raise _naming(exc, path) from None
         self.listeners.append({"kind": "unix", "address": str(path)})
         self.log.info("server_started", socket=str(path), mode=oct(self.mode))
+        if self.mode & 0o002:
+            self.log.warning("socket_world_writable", path=str(path), mode=oct(self.mode))
 
     async def _start_tcp(self, address: TcpAddress) -> None:
         if self.netns is None:
-            sock = bind_tcp(address)
+            try:
+                sock = bind_tcp(address)
+            except OSError as exc:
+                raise _naming(exc, f"tcp://{address}") from None
         else:
             from viommud.shell import netlink  # noqa: PLC0415 - pyroute2 only when asked for
 
@@ -307,12 +334,12 @@ class Server:
                 if not data:
                     break
         except (ConnectionResetError, BrokenPipeError) as exc:
-            log.info("client_lost", error=str(exc))
+            connection.log.info("client_lost", error=str(exc))
         except asyncio.CancelledError:
-            log.warning("client_cancelled")
+            connection.log.warning("client_cancelled")
             raise
         except Exception:
-            log.exception("client_failed")
+            connection.log.exception("client_failed")
         finally:
             try:
                 report = connection.close()
@@ -326,7 +353,35 @@ class Server:
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()
-            log.info("client_disconnected")
+            connection.log.info("client_disconnected")  # with the session's vm, if it had one
+
+
+def _answers(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``; False for a stale
+    socket file (connection refused) or one that vanished. Never blocks: a listener whose
+    backlog is full counts as alive."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except BlockingIOError:
+        return True
+    except OSError as exc:
+        raise _naming(exc, path) from None
+    finally:
+        probe.close()
+    return True
+
+
+def _naming(exc: OSError, where: str | Path) -> OSError:
+    """``exc`` with the path or address it is about, when it does not name one already."""
+    if exc.filename is not None or str(where) in str(exc):
+        return exc
+    if exc.errno is None:  # e.g. "AF_UNIX path too long"
+        return OSError(f"{exc}: {str(where)!r}")
+    return type(exc)(exc.errno, exc.strerror, str(where))
 
 
 def _sockname(sock: socket.socket) -> str:
