@@ -7,7 +7,7 @@ client's host is part of it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from protocols.models import CONFIGURABLE_HOST_IOMMUS
@@ -37,18 +37,21 @@ class PhysicalDevice:
 class HostConfig:
     iommus: tuple[PhysicalIommu, ...]
     devices: tuple[PhysicalDevice, ...]
+    # Lookups by id (built once: a host of thousands of devices is checked in linear time).
+    _iommus: dict[str, PhysicalIommu] = field(init=False, repr=False, compare=False)
+    _devices: dict[str, PhysicalDevice] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_iommus", {x.id: x for x in self.iommus})
+        object.__setattr__(self, "_devices", {x.id: x for x in self.devices})
 
     def iommu(self, iommu_id: str) -> PhysicalIommu:
-        for item in self.iommus:
-            if item.id == iommu_id:
-                return item
-        raise KeyError(iommu_id)
+        """The physical IOMMU ``iommu_id``; KeyError when the host has none."""
+        return self._iommus[iommu_id]
 
     def device(self, device_id: str) -> PhysicalDevice:
-        for item in self.devices:
-            if item.id == device_id:
-                return item
-        raise KeyError(device_id)
+        """The physical device ``device_id``; KeyError when the host has none."""
+        return self._devices[device_id]
 
     @classmethod
     def from_json(cls, obj: Any) -> HostConfig:
@@ -60,6 +63,7 @@ class HostConfig:
         if not isinstance(iommus_raw, list) or not isinstance(devices_raw, list):
             raise HostConfigError("host.iommus and host.devices must be lists")
         iommus: list[PhysicalIommu] = []
+        iommu_ids: set[str] = set()  # sets, not scans: validation stays linear in the host
         for i, item in enumerate(iommus_raw):
             if not isinstance(item, dict):
                 raise HostConfigError(f"host.iommus[{i}] must be an object")
@@ -70,10 +74,13 @@ class HostConfig:
                 raise HostConfigError(
                     f"host.iommus[{i}].model must be one of {', '.join(IOMMU_MODELS)}"
                 )
-            if any(x.id == iid for x in iommus):
+            if iid in iommu_ids:
                 raise HostConfigError(f"host.iommus: duplicate id {iid!r}")
+            iommu_ids.add(iid)
             iommus.append(PhysicalIommu(iid, str(model)))
         devices: list[PhysicalDevice] = []
+        device_ids: set[str] = set()
+        sids: set[tuple[str, int]] = set()
         for i, item in enumerate(devices_raw):
             if not isinstance(item, dict):
                 raise HostConfigError(f"host.devices[{i}] must be an object")
@@ -85,16 +92,18 @@ class HostConfig:
             )
             if not isinstance(did, str) or not did:
                 raise HostConfigError(f"host.devices[{i}].id must be a non-empty string")
-            if not any(x.id == iommu for x in iommus):
+            if iommu not in iommu_ids:
                 raise HostConfigError(f"host.devices[{i}].iommu {iommu!r} is not a host iommu")
             if not isinstance(sid, int) or isinstance(sid, bool) or not 0 <= sid < 2**32:
                 raise HostConfigError(f"host.devices[{i}].sid must be an integer in [0, 2^32)")
             if not isinstance(ats, bool):
                 raise HostConfigError(f"host.devices[{i}].ats must be a boolean")
-            if any(x.id == did for x in devices):
+            if did in device_ids:
                 raise HostConfigError(f"host.devices: duplicate id {did!r}")
-            if any(x.iommu == iommu and x.sid == sid for x in devices):
+            if (str(iommu), sid) in sids:
                 raise HostConfigError(f"host.devices[{i}]: sid {sid} already used on {iommu}")
+            device_ids.add(did)
+            sids.add((str(iommu), sid))
             devices.append(PhysicalDevice(did, str(iommu), sid, ats))
         return cls(tuple(iommus), tuple(devices))
 
