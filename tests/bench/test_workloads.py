@@ -24,7 +24,7 @@ from viommud.trace import Cmds, Request, parse_record
 
 # Loaded by name, not imported: the workloads import fixtures/generate_*.py as
 # ``fixtures.generate_*``, and mypy, which checks fixtures/ as top-level modules, must not
-# follow them there (tests/vtd/test_replay.py loads the generators the same way).
+# follow them there (tests/models/test_vtd_replay.py loads the generators the same way).
 throughput: Any = importlib.import_module("bench.throughput")
 transport: Any = importlib.import_module("bench.transport")
 workloads_virtio: Any = importlib.import_module("bench.workloads_virtio")

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from protocols.vtd import DescType
 from tests.conftest import FIXTURES
+from tests.models.vtd_harness import HOST, PAGE, A, B, N, Vm, first_stage, legacy, scalable
 from tests.replies import as_json
-from tests.vtd.harness import HOST, PAGE, A, B, N, Vm, first_stage, legacy, scalable
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.oracle import FULL
 from viommud.oracle.vtd import (

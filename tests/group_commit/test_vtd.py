@@ -23,8 +23,8 @@ from structlog.testing import capture_logs
 
 from protocols import iommufd as uapi
 from protocols.vtd import build_descriptor
+from tests.models.vtd_harness import HOST, A, B, N, R, T, Vm, entry, first_stage, legacy, scalable
 from tests.replies import as_json, as_json_list
-from tests.vtd.harness import HOST, A, B, N, R, T, Vm, entry, first_stage, legacy, scalable
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.dispatcher.vtd import VtdDispatcher
 from viommud.events import DomainInvalidation, GuestError, Invalidation, StatusWrite

@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 from protocols.frames import FrameType
 from tests.conftest import FIXTURES
-from tests.ops.conftest import TOKEN, loopback, running, without_timing
+from tests.shell.conftest import TOKEN, loopback, running, without_timing
 from viommud.shell.cli import main
 from viommud.shell.client import Client, ClientError, health
 from viommud.shell.endpoints import TcpAddress

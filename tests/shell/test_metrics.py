@@ -10,8 +10,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import FIXTURES
-from tests.ops.conftest import loopback, running
-from tests.ops.test_status import hold_a_session
+from tests.shell.conftest import loopback, running
+from tests.shell.test_status import hold_a_session
 from viommud.shell.metrics import Metrics
 from viommud.shell.replay import replay
 from viommud.shell.status import Snapshot, Totals

@@ -15,7 +15,7 @@ import pytest
 
 from protocols.virtio_iommu import RequestType, build_request, parse_properties
 from tests.conftest import FIXTURES, Daemon
-from tests.virtio.replaying import GEN, replay_file, replay_records, tail
+from tests.models.virtio_replaying import GEN, replay_file, replay_records, tail
 
 CASES = [
     pytest.param(number, step, id=f"{group.name.split()[0]}-{step:02d}")

@@ -17,8 +17,8 @@ import pytest
 
 from protocols.virtio_iommu import FaultFlag, FaultReason, RequestType, build_request, parse_fault
 from tests.conftest import Daemon
+from tests.models.virtio_replaying import GEN, replay_records
 from tests.replies import as_json
-from tests.virtio.replaying import GEN, replay_records
 from viommud.backend.base import Backend
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.events import DeviceFault

@@ -11,7 +11,7 @@ import pytest
 
 from protocols.frames import FrameType
 from tests.conftest import FIXTURES
-from tests.ops.conftest import running
+from tests.shell.conftest import running
 from viommud import wire
 from viommud.shell.cli import main
 from viommud.shell.client import Client, status
@@ -153,8 +153,8 @@ def test_render_table_without_clients() -> None:
 def test_describe_viommu_reads_the_models_status() -> None:
     """``Viommu.status`` (typed, from the topology) is what ``viommud status`` shows: the
     nesting parent and nested HWPT per unit, and each device's HWPT."""
-    from tests.vtd.harness import A, Vm, first_stage, scalable
-    from tests.vtd.harness import T as Desc
+    from tests.models.vtd_harness import A, Vm, first_stage, scalable
+    from tests.models.vtd_harness import T as Desc
 
     vm = Vm(dw=256)
     vm.attach(A)

@@ -22,8 +22,8 @@ from protocols import iommufd as uapi
 from protocols.smmuv3 import Opcode, parse_command
 from protocols.virtio_iommu import RequestType, build_request
 from tests.conftest import FIXTURES, Daemon
+from tests.models.virtio_replaying import GEN, replay_file, replay_records
 from tests.replies import as_json
-from tests.virtio.replaying import GEN, replay_file, replay_records
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.backend.emulator.objects import IoasObject
 from viommud.backend.emulator.usermem import EmulatedMemory

@@ -18,8 +18,8 @@ import pytest
 
 from protocols.virtio_iommu import parse_config
 from tests.conftest import FIXTURES, Daemon
+from tests.models.virtio_replaying import GEN, replay_file, replay_records, tail
 from tests.replies import as_json
-from tests.virtio.replaying import GEN, replay_file, replay_records, tail
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.host import HostConfig
 from viommud.session import Session

@@ -9,8 +9,7 @@ import struct
 import pytest
 
 from protocols import iommufd as uapi
-from tests.replies import as_json
-from tests.vtd.harness import (
+from tests.models.vtd_harness import (
     HOST,
     PAGE,
     A,
@@ -26,6 +25,7 @@ from tests.vtd.harness import (
     legacy,
     scalable,
 )
+from tests.replies import as_json
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.dispatcher.vtd import device_tlb_is_redundant
 from viommud.session import Session

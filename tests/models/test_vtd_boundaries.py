@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 
 from protocols import vtd as spec
-from tests.vtd.harness import PAGE, A, T, Vm, first_stage, legacy, scalable
-from tests.vtd.test_dispatcher import failing_vm
+from tests.dispatcher.test_vtd import failing_vm
+from tests.models.vtd_harness import PAGE, A, T, Vm, first_stage, legacy, scalable
 from viommud.dispatcher import NOTHING, Outcome
 from viommud.dispatcher.vtd import VtdDispatcher
 from viommud.events import (
