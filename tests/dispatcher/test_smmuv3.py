@@ -9,6 +9,7 @@ from typing import Any
 from protocols import iommufd as uapi
 from protocols.smmuv3 import Opcode, build_command, parse_command
 from tests.replies import as_json
+from viommud.backend.emulator import testing
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.dispatcher import NOTHING
 from viommud.dispatcher.smmuv3 import SmmuDispatcher
@@ -87,7 +88,7 @@ def test_one_call_per_doorbell_and_syncs_share_it() -> None:
 def test_failed_entry_becomes_cerror_on_its_command_and_the_group_is_resent() -> None:
     backend = CorruptingBackend(HOST)
     session = session_with_device(backend)
-    backend.clear_issued()
+    testing.clear_issued(backend)
     commands = tlbis(70)
     backend.bad = 65
     answer = as_json(session.doorbell("v", b"".join(commands) + SYNC))
@@ -98,7 +99,11 @@ def test_failed_entry_becomes_cerror_on_its_command_and_the_group_is_resent() ->
     # Entries 63..64 were counted by the kernel but sit in the group it never issued.
     assert second["entries"] == [c.hex() for c in commands[63:65] + commands[66:]]
     assert (second["errno"], second["entry_num"]) == (0, 6)
-    reached = [parse_command(c)["addr"] for c in backend.issued("smmu0") if c[0] != Opcode.CMD_SYNC]
+    reached = [
+        parse_command(c)["addr"]
+        for c in testing.issued(backend, "smmu0")
+        if c[0] != Opcode.CMD_SYNC
+    ]
     assert sorted(reached) == [0x1000 + 2 * i for i in range(70) if i != 65]
     assert session.report()["errors"] == {"total": 1, "by_code": {"CERROR_ILL": 1}}
 
@@ -191,8 +196,6 @@ def test_stream_table_invalidation_installs_the_stes_it_carries() -> None:
 def test_a_global_entry_never_survives_an_asid_and_a_va_invalidation() -> None:
     """[TLBI_NH_ASID(1), TLBI_NH_VA(1, va)]: the ASID one spares global entries, the VA one
     removes them, so coalescing must keep the VA one (the emulator's cache model decides)."""
-    from viommud.backend.emulator import testing
-
     backend = EmulatedIommufd(HOST)
     session = session_with_device(backend)
     session.drain_calls()

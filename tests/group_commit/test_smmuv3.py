@@ -18,6 +18,7 @@ from bench import workloads
 from protocols.smmuv3 import TLBI_OPS, Opcode, build_command
 from tests.oracle.workload import SYNC, build, host
 from tests.replies import as_json, as_json_list
+from viommud.backend.emulator import testing
 from viommud.dispatcher import Outcome
 from viommud.dispatcher.smmuv3 import BulkCoalescer, SmmuDispatcher
 from viommud.events import Barrier, GuestError, Invalidation
@@ -269,11 +270,11 @@ def test_group_of_strict_doorbells_is_one_call_per_psmmu() -> None:
 def test_failed_group_call_falls_back_and_reports_the_guest_command() -> None:
     doorbells = [b"".join([*workloads.tlbi_range(1, 16 * i, 4), SYNC]) for i in range(10)]
     rig = build(host(1, 2, False), {"v": ["smmu0"]}, ats=False)
-    rig.backend.inject_cmdq_error("smmu0", errno.ETIMEDOUT)  # the group call fails ...
+    testing.inject_cmdq_error(rig.backend, "smmu0", errno.ETIMEDOUT)  # the group call fails ...
     answers = as_json_list(rig.session.doorbells("v", doorbells))
     assert all(isinstance(a, dict) and a["errors"] == [] for a in answers)  # ... one by one
     assert rig.session.report()["verify"]["missed"] == 0
-    rig.backend.inject_cmdq_error("smmu0", errno.ETIMEDOUT)
+    testing.inject_cmdq_error(rig.backend, "smmu0", errno.ETIMEDOUT)
     calls = rig.session.calls
     seq = calls.seq
     original = SmmuDispatcher.run_plain
@@ -282,7 +283,9 @@ def test_failed_group_call_falls_back_and_reports_the_guest_command() -> None:
         self: SmmuDispatcher, commands: bytes, syncs: int, bulk: BulkCoalescer
     ) -> Outcome | None:
         result = original(self, commands, syncs, bulk)  # consumes the first injected error
-        rig.backend.inject_cmdq_error("smmu0", errno.ETIMEDOUT)  # the first single call fails
+        testing.inject_cmdq_error(
+            rig.backend, "smmu0", errno.ETIMEDOUT
+        )  # the first single call fails
         return result
 
     SmmuDispatcher.run_plain = fail_then_inject  # type: ignore[method-assign]

@@ -24,6 +24,7 @@ from protocols.virtio_iommu import RequestType, build_request
 from tests.conftest import FIXTURES, Daemon
 from tests.models.virtio_replaying import GEN, replay_file, replay_records
 from tests.replies import as_json
+from viommud.backend.emulator import testing
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.backend.emulator.objects import IoasObject
 from viommud.backend.emulator.usermem import EmulatedMemory
@@ -330,11 +331,11 @@ async def test_vsva_arm_and_vtd_objects_and_entries(daemon: Daemon, tmp_path: Pa
         1,
     )
     [backend] = daemon.backends
-    issued = backend.issued("smmu0")
+    issued = testing.issued(backend, "smmu0")
     cfgi = {parse_command(c)["sid"] for c in issued if c[0] == Opcode.CFGI_CD}
     atc = {parse_command(c)["sid"] for c in issued if c[0] == Opcode.ATC_INV}
     assert (cfgi, atc) == ({0x300, 0x400}, {0x300})  # the kernel wrote the physical SIDs
-    flushes = backend.vtd_flushes()
+    flushes = testing.vtd_flushes(backend)
     assert [(f.addr, f.npages, f.leaf) for f in flushes] == [(0x7F0000400000, 512, True)]
 
 

@@ -22,7 +22,7 @@ from protocols.frames import FrameType
 from protocols.smmuv3 import Opcode, build_command
 from viommud import wire
 from viommud.backend.base import Backend
-from viommud.backend.emulator import EmulatedIommufd
+from viommud.backend.emulator import EmulatedIommufd, testing
 from viommud.host import HostConfig
 from viommud.shell import connection as connection_module
 from viommud.shell.connection import MAX_HELLO_PAYLOAD, Connection
@@ -196,7 +196,7 @@ def test_backend_errors_name_the_vm_and_the_viommu() -> None:
     sync = build_command(Opcode.CMD_SYNC)
     cfgi = build_command(Opcode.CFGI_STE, sid=8, leaf=1) + sync  # the guest installs the STE
     assert replies(conn.receive(wire.encode_guest_data(FrameType.CMDS, 8, "v", cfgi)))
-    made[0].inject_cmdq_error("smmu0", errno.EIO)
+    testing.inject_cmdq_error(made[0], "smmu0", errno.EIO)
     doorbell = build_command(Opcode.TLBI_NH_ASID, asid=1) + sync
     with capture_logs() as logs:
         conn.receive(wire.encode_guest_data(FrameType.CMDS, 9, "v", doorbell))

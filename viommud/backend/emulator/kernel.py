@@ -39,14 +39,13 @@ from typing import Any
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
 from viommud.backend.base import UserMemory
-from viommud.backend.emulator import testing
 from viommud.backend.emulator.arm_smmuv3 import ArmSmmuV3Driver
 from viommud.backend.emulator.context import DeviceFile
 from viommud.backend.emulator.device import DeviceIoctls
 from viommud.backend.emulator.driver import KERNEL_MAINLINE, IommuDriver
 from viommud.backend.emulator.eventq import EventqIoctls
 from viommud.backend.emulator.hw_pagetable import HwptIoctls
-from viommud.backend.emulator.intel import IntelVtdDriver, VtdFlush
+from viommud.backend.emulator.intel import IntelVtdDriver
 from viommud.backend.emulator.ioas import IoasIoctls
 from viommud.backend.emulator.selftest import MockDriver, test_cmd
 from viommud.backend.emulator.usercopy import ENOERR, Call, IoctlError, copy_cmd_from_user
@@ -197,22 +196,6 @@ class EmulatedIommufd(IoasIoctls, HwptIoctls, ViommuIoctls, EventqIoctls, Device
         if self._event_files.pop(fd, None) is not None:
             return
         self.close_device(fd)
-
-    # -- test hooks still called as methods by tests outside tests/backend ------------------
-    # (tests/unit/test_dispatcher.py, tests/unit/test_group_commit.py,
-    # tests/virtio/test_backend_paths.py). They forward to ``testing``; drop them once those
-    # call sites use testing.issued(...) and friends.
-    def issued(self, iommu_id: str) -> list[bytes]:
-        return testing.issued(self, iommu_id)
-
-    def clear_issued(self) -> None:
-        testing.clear_issued(self)
-
-    def vtd_flushes(self) -> list[VtdFlush]:
-        return testing.vtd_flushes(self)
-
-    def inject_cmdq_error(self, iommu_id: str, err: int = errno.ETIMEDOUT) -> None:
-        testing.inject_cmdq_error(self, iommu_id, err)
 
     # -- dispatch -------------------------------------------------------------------------
     def _iommufd_ioctl(self, request: int, arg: bytearray) -> int:
