@@ -163,6 +163,33 @@ def _pages(e: Entry) -> tuple[int, int]:
     return (w1 & _ADDR_MASK) >> granule_log2, count
 
 
+def _union(spans: list[tuple[int, int, int]]) -> list[list[int]]:
+    """Sorted (first, count, origin) spans as [first, end, origin] runs, overlapping or
+    touching spans joined (a run keeps the lowest origin of its spans)."""
+    merged: list[list[int]] = []
+    for first, count, origin in spans:
+        if merged and first <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], first + count)
+            merged[-1][2] = min(merged[-1][2], origin)
+        else:
+            merged.append([first, first + count, origin])
+    return merged
+
+
+def _splice(
+    entries: list[Entry], replaced: dict[int, list[Entry]], dropped: set[int]
+) -> list[Entry]:
+    """``entries`` with each replaced group's new entries where its first entry stood and
+    the rest of the group dropped."""
+    out: list[Entry] = []
+    for e in entries:
+        if id(e) in replaced:
+            out += replaced[id(e)]
+        elif id(e) not in dropped:
+            out.append(e)
+    return out
+
+
 def merge_ranges(entries: list[Entry]) -> list[Entry]:
     groups: dict[tuple[int, int, int], list[Entry]] = {}
     for e in entries:
@@ -177,13 +204,7 @@ def merge_ranges(entries: list[Entry]) -> list[Entry]:
         if len(group) < 2:
             continue
         spans = sorted((*_pages(e), e.origin) for e in group)
-        merged: list[list[int]] = []  # [first, end, origin]
-        for first, count, origin in spans:
-            if merged and first <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], first + count)
-                merged[-1][2] = min(merged[-1][2], origin)
-            else:
-                merged.append([first, first + count, origin])
+        merged = _union(spans)
         new: list[Entry] = []
         for first, end, origin in merged:
             words = encode_range(w0_base, w1_low, first, end - first, tg)
@@ -192,13 +213,7 @@ def merge_ranges(entries: list[Entry]) -> list[Entry]:
             continue  # the union encodes no shorter: keep the guest's own commands
         replaced[id(group[0])] = new
         dropped.update(id(e) for e in group)
-    out: list[Entry] = []
-    for e in entries:
-        if id(e) in replaced:
-            out += replaced[id(e)]
-        elif id(e) not in dropped:
-            out.append(e)
-    return out
+    return _splice(entries, replaced, dropped)
 
 
 def promote_floods(entries: list[Entry], threshold: int = DEFAULT_FLOOD_PAGES) -> list[Entry]:
@@ -257,13 +272,7 @@ def merge_atc(entries: list[Entry]) -> list[Entry]:
         if len(group) < 2:
             continue
         spans = sorted((*_atc_block(e)[1:], e.origin) for e in group)
-        merged: list[list[int]] = []  # [first, end, origin]
-        for first, count, origin in spans:
-            if merged and first <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], first + count)
-                merged[-1][2] = min(merged[-1][2], origin)
-            else:
-                merged.append([first, first + count, origin])
+        merged = _union(spans)
         new = [
             Entry(_CMD.pack(w0, w1_low | (page << 12) & _ADDR_MASK | log2), origin)
             for first, end, origin in merged
@@ -273,13 +282,7 @@ def merge_atc(entries: list[Entry]) -> list[Entry]:
             continue  # no shorter: keep the guest's own commands
         replaced[id(group[0])] = new
         dropped.update(id(e) for e in group)
-    out: list[Entry] = []
-    for e in entries:
-        if id(e) in replaced:
-            out += replaced[id(e)]
-        elif id(e) not in dropped:
-            out.append(e)
-    return out
+    return _splice(entries, replaced, dropped)
 
 
 def order_by_class(entries: list[Entry]) -> list[Entry]:
