@@ -120,7 +120,7 @@ class SmmuV3Viommu:
         return DoorbellReply(
             summary.consumed,
             summary.syncs,
-            tuple(CommandError(e.index, e.code, e.reason) for e in errors),
+            tuple(CommandError(e.index, e.code, e.reason) for e in errors) if errors else (),
         )
 
     # -- group commit (docs/coalescing.md, "Group commit") --------------------------------

@@ -123,7 +123,9 @@ class VtdViommu:
         return DoorbellReply(
             summary.consumed,
             summary.syncs,
-            tuple(CommandError(e.index, e.code, e.reason) for e in outcome.errors),
+            tuple(CommandError(e.index, e.code, e.reason) for e in outcome.errors)
+            if outcome.errors
+            else (),
             outcome.status_writes,
         )
 
