@@ -120,21 +120,20 @@ class Session:
         model = cast("GroupCommit", instance)  # what ``group_commit = True`` promises
         verifier = self.verifier
         if verifier is None:
-            return group_commit.run(
-                model, doorbells, lambda data: self._one(viommu, data), single=instance.doorbell
-            )
+            before = after = None
+        else:
 
-        def before(run: list[bytes]) -> None:  # the oracle sees a run as one doorbell
-            verifier.doorbell_begin(viommu, b"".join(run))
+            def before(run: list[bytes]) -> None:  # the oracle sees a run as one doorbell
+                verifier.doorbell_begin(viommu, b"".join(run))
 
-        def after(replies: list[DoorbellReply]) -> None:
-            failed: set[int] = set()
-            offset = 0
-            for reply in replies:
-                failed.update(e.index + offset for e in reply.errors)
-                offset += reply.consumed
-            verifier.doorbell_end(viommu, failed)
-            self._log_missed(viommu)
+            def after(replies: list[DoorbellReply]) -> None:
+                failed: set[int] = set()
+                offset = 0
+                for reply in replies:
+                    failed.update(e.index + offset for e in reply.errors)
+                    offset += reply.consumed
+                verifier.doorbell_end(viommu, failed)
+                self._log_missed(viommu)
 
         return group_commit.run(
             model,

@@ -32,11 +32,12 @@ from typing import Any
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
-from protocols.smmuv3 import CFGI_CD_OPS, Opcode, build_command
+from protocols.smmuv3 import Opcode, build_command
 from protocols.virtio_iommu import RequestType, Status
 from protocols.vtd import IOMMU_VTD_INV_FLAGS_LEAF, VTD_INV_ALL_PAGES
 from viommud.backend.calls import BackendCallError, Iommufd
 from viommud.dispatcher import NOTHING, DispatchStats, Outcome
+from viommud.dispatcher.smmuv3_coalesce import class_rank
 from viommud.events import Barrier, Cache, GuestError, Invalidation, Scope
 from viommud.topology import TopologyError
 from viommud.topology.virtio import NotGuestRam, VirtioTopology
@@ -92,12 +93,9 @@ def errno_status(request_type: int, err: int, ioctl: str = "") -> Status:
     return Status.DEVERR
 
 
-# Ordering steps of one request's host work (``VirtioDispatcher._flush``).
+# Ordering steps of one request's host work (``VirtioDispatcher._flush``): the SMMUv3
+# coalescer's class ranks (``class_rank``: 0 configuration, 1 TLB, 2 device TLB).
 STEP_CONFIG, STEP_TLB, STEP_ATC = 0, 1, 2
-_ARM_STEP = [STEP_TLB] * 256
-for _op in CFGI_CD_OPS:
-    _ARM_STEP[_op] = STEP_CONFIG
-_ARM_STEP[Opcode.ATC_INV] = STEP_ATC
 
 
 @dataclass(slots=True)
@@ -280,7 +278,7 @@ class VirtioDispatcher:
                 [ep.vid for ep in on_unit if ep.vdevice],
                 {ep.vid for ep in on_unit if ep.pdev.ats},
             ):
-                bucket.add(entry, _ARM_STEP[entry[0]])
+                bucket.add(entry, class_rank(entry[0]))
 
     def _flush(self) -> None:
         """Send the collected entries. The kernel issues the entries of one

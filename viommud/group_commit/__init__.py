@@ -44,7 +44,6 @@ class GroupCommit(Protocol):
 Answer = DoorbellReply | Exception
 OneByOne = Callable[[bytes], Answer]
 """The per-doorbell path: a reply, or the RecordRefused it raised."""
-RunHook = Callable[[list[bytes], list[DoorbellReply] | None], None]
 
 
 def run(
