@@ -1,4 +1,5 @@
-"""Helpers for the operations tests: a daemon with TCP, token and metrics, in this process."""
+"""Helpers for the shell tests: a daemon with TCP, token and metrics, in this process, and the
+frames of a byte stream."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from viommud import wire
 from viommud.shell.endpoints import TcpAddress
 from viommud.shell.server import Server
 
@@ -35,3 +37,13 @@ def loopback() -> TcpAddress:
 
 def without_timing(report: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in report.items() if k not in ("elapsed_s", "commands_per_s")}
+
+
+def replies(data: bytes) -> list[wire.Frame]:
+    """Every whole frame in ``data`` (what a Connection answered), in order."""
+    decoder = wire.FrameDecoder()
+    decoder.receive_data(data)
+    out = []
+    while (frame := decoder.next_frame()) is not None:
+        out.append(frame)
+    return out

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols.frames import FrameType
+from tests.shell.conftest import replies
 from viommud import wire
 from viommud.backend.select import emulated_backend
 from viommud.shell.connection import Connection
@@ -61,15 +62,6 @@ json_frames = st.builds(
         max_size=5,
     ),
 )
-
-
-def replies(data: bytes) -> list[wire.Frame]:
-    decoder = wire.FrameDecoder()
-    decoder.receive_data(data)
-    out = []
-    while (frame := decoder.next_frame()) is not None:
-        out.append(frame)
-    return out
 
 
 @settings(max_examples=150, deadline=None)

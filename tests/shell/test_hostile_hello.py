@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from protocols.frames import FrameType
 from protocols.smmuv3 import Opcode, build_command
+from tests.shell.conftest import replies
 from viommud import wire
 from viommud.backend.base import Backend
 from viommud.backend.emulator import EmulatedIommufd, testing
@@ -45,15 +46,6 @@ def connection(**options: Any) -> tuple[Connection, list[EmulatedIommufd]]:
 
     log = structlog.get_logger("viommud").bind(client=1)
     return Connection(1, factory, None, log, **options), made
-
-
-def replies(data: bytes) -> list[wire.Frame]:
-    decoder = wire.FrameDecoder()
-    decoder.receive_data(data)
-    out = []
-    while (frame := decoder.next_frame()) is not None:
-        out.append(frame)
-    return out
 
 
 def hello(**fields: Any) -> bytes:
