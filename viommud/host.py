@@ -12,8 +12,6 @@ from typing import Any
 
 from protocols.models import CONFIGURABLE_HOST_IOMMUS
 
-IOMMU_MODELS = CONFIGURABLE_HOST_IOMMUS
-
 
 class HostConfigError(ValueError):
     """The host description is malformed or inconsistent."""
@@ -70,9 +68,9 @@ class HostConfig:
             iid, model = item.get("id"), item.get("model")
             if not isinstance(iid, str) or not iid:
                 raise HostConfigError(f"host.iommus[{i}].id must be a non-empty string")
-            if model not in IOMMU_MODELS:
+            if model not in CONFIGURABLE_HOST_IOMMUS:
                 raise HostConfigError(
-                    f"host.iommus[{i}].model must be one of {', '.join(IOMMU_MODELS)}"
+                    f"host.iommus[{i}].model must be one of {', '.join(CONFIGURABLE_HOST_IOMMUS)}"
                 )
             if iid in iommu_ids:
                 raise HostConfigError(f"host.iommus: duplicate id {iid!r}")

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from protocols.models import ViommuModel
 from viommud.host import HostConfig, HostConfigError
 
-VIOMMU_MODELS = ("smmuv3", "vtd", "virtio-iommu")
+_VIOMMU_MODELS = tuple(ViommuModel)  # what a viommu_create record may name
 
 
 class TraceError(ValueError):
@@ -191,8 +192,8 @@ def parse_record(line: int, obj: Any) -> Record:
         return Request(line, f.text("viommu"), f.hexbytes("data"))
     if op == "viommu_create":
         model = f.text("model")
-        if model not in VIOMMU_MODELS:
-            raise TraceError(line, f"'model' must be one of {', '.join(VIOMMU_MODELS)}")
+        if model not in _VIOMMU_MODELS:
+            raise TraceError(line, f"'model' must be one of {', '.join(_VIOMMU_MODELS)}")
         iommus = obj.get("iommus")
         if not isinstance(iommus, list) or not all(isinstance(x, str) for x in iommus):
             raise TraceError(line, "'iommus' must be a list of host iommu ids")
