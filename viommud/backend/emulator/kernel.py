@@ -1,8 +1,8 @@
 """An emulated iommufd: the kernel's /dev/iommu nested uAPI, errno for errno.
 
-Reference: ``/work/shared/reference/iommufd.md`` ("§n" below). The model is mainline Linux
-as described there (``kernel="pending"`` switches to the queued for-next behaviour of §2.7
-and §3.6, see docs/backend.md).
+Reference: the Linux iommufd uAPI and drivers/iommu/iommufd/ ("§n" below: the numbering
+listed in docs/backend.md). The model is mainline Linux (``kernel="pending"`` switches to
+the queued for-next behaviour of §2.7 and §3.6, see docs/backend.md).
 
 This module mirrors the entry points of ``drivers/iommu/iommufd/main.c``: the fd table
 (the iommufd, VFIO device cdevs, event fds), the ioctl dispatch tables per file kind and
