@@ -10,9 +10,10 @@ holds the target. The per-driver data of a nested domain (``ArmNestedData``,
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+from sortedcontainers import SortedList
 
 from protocols import iommufd as uapi
 from viommud.host import PhysicalDevice
@@ -90,33 +91,43 @@ class Area:
 
 @dataclass(eq=False, slots=True)
 class IoasObject(IommufdObject):
-    """An IO address space (the stage-2 / host IOVA space, §1.2) and its areas."""
+    """An IO address space (the stage-2 / host IOVA space, §1.2) and its areas.
+
+    The kernel keeps areas in an interval tree; here a sorted list of start IOVAs (a
+    ``SortedList``: O(log n) insert and delete, where a plain list moves every later entry)
+    and a dict from start to area, since areas never overlap.
+    """
 
     KIND: ClassVar[str] = "IOAS"
     id: int
-    areas: list[Area] = field(default_factory=list)  # sorted by iova, never overlapping
-    _starts: list[int] = field(default_factory=list)  # areas[i].iova, for bisection
+    _starts: SortedList[int] = field(default_factory=SortedList)
+    _by_start: dict[int, Area] = field(default_factory=dict)
+
+    @property
+    def areas(self) -> list[Area]:
+        """Every area, lowest IOVA first (O(n): for inspection and whole-IOAS checks)."""
+        by_start = self._by_start
+        return [by_start[start] for start in self._starts]
 
     def areas_in(self, first: int, last: int) -> list[Area]:
         """The areas meeting ``[first, last]``, lowest first (O(log n + found)): areas do
         not overlap, so sorted by start they are sorted by end as well."""
-        areas = self.areas
-        hi = bisect.bisect_right(self._starts, last)
+        starts, by_start = self._starts, self._by_start
+        hi = starts.bisect_right(last)
         lo = hi
-        while lo and areas[lo - 1].last >= first:
+        while lo and by_start[starts[lo - 1]].last >= first:
             lo -= 1
-        return areas[lo:hi]
+        return [by_start[start] for start in starts[lo:hi]]
 
     def insert(self, area: Area) -> None:
-        index = bisect.bisect_right(self._starts, area.iova)
-        self._starts.insert(index, area.iova)
-        self.areas.insert(index, area)
+        assert area.iova not in self._by_start
+        self._starts.add(area.iova)
+        self._by_start[area.iova] = area
 
     def remove(self, area: Area) -> None:
-        index = bisect.bisect_left(self._starts, area.iova)
-        assert self.areas[index] is area
-        del self._starts[index]
-        del self.areas[index]
+        assert self._by_start.get(area.iova) is area
+        self._starts.remove(area.iova)
+        del self._by_start[area.iova]
 
 
 @dataclass(frozen=True, eq=False, slots=True)
