@@ -15,7 +15,8 @@ commands each, --quick about 20,000):
 * ``virtio-map-unmap``: virtio-iommu under the DMA API: MAP per segment, UNMAP per buffer,
   one request (one REQUEST frame) each (bench/workloads_virtio.py);
 * ``vtd-legacy-strict-ats`` (only when asked for with --workload): the VT-d guest in legacy
-  mode, where every map is flushed too (caching mode).
+  mode, where every map is flushed too (caching mode); its second-level tables are never
+  nested, so its devices are blocked and nothing reaches the backend (docs/vtd.md).
 
 A command is an SMMUv3 command, a VT-d descriptor or a virtio-iommu request. The set-up
 (vIOMMU, devices, their STEs / context and PASID entries / PROBE and ATTACH) is sent first

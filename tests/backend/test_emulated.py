@@ -189,7 +189,9 @@ class Rig:
         return self.hwpt(dev, viommu, 0, ARM_DATA, cmd(ste0, ste1))
 
     def vtd_nested(self, dev: int, parent: int, **s1: int) -> tuple[int, int]:
-        data = bytes(uapi.encode(uapi.HwptVtdS1(**s1)))
+        """A VTD_S1 nested HWPT; a 4-level first stage (48 bits, the width the kernel
+        accepts at attach) unless ``s1`` says otherwise."""
+        data = bytes(uapi.encode(uapi.HwptVtdS1(**{"addr_width": 48, **s1})))
         return self.hwpt(dev, parent, 0, VTD_DATA, data)
 
     def viommu(self, dev: int, hwpt: int, vtype: int = 1, **kw: int) -> tuple[int, int]:

@@ -35,12 +35,13 @@ from viommud.trace import DeviceAttach, ViommuCreate, ViommuDestroy
 IOVA = PAGE << 12
 
 
-def legacy_vm(*binds: tuple[int, int, int]) -> Vm:
-    """A 128-bit-queue vIOMMU with devices bound through legacy context entries."""
-    vm = Vm(dw=128)
+def nested_vm(*binds: tuple[int, int, int]) -> Vm:
+    """A 256-bit-queue (scalable-mode) vIOMMU with devices bound through first-stage
+    RID_PASID entries: each ``(sid, did, table)`` a nested HWPT."""
+    vm = Vm(dw=256)
     vm.attach(*(sid for sid, _, _ in binds))
     for sid, did, table in binds:
-        vm.bind_legacy(sid, did, table)
+        vm.bind_first_stage(sid, did, table)
     return vm
 
 
@@ -49,7 +50,7 @@ def legacy_vm(*binds: tuple[int, int, int]) -> Vm:
 
 
 def test_each_granularity_becomes_its_entry() -> None:
-    vm = legacy_vm((A, 1, 0x1000000))
+    vm = nested_vm((A, 1, 0x1000000))
     hwpt = vm.hwpt_of(A)
     assert invalidations(vm.run(vm.d(T.IOTLB_INV, g=1), vm.wait())) == [(hwpt, [entry()])]
     assert invalidations(vm.run(vm.d(T.IOTLB_INV, g=2, did=1), vm.wait())) == [(hwpt, [entry()])]
@@ -88,15 +89,30 @@ def test_pasid_based_iotlb_reaches_the_pasid_bound_hwpt() -> None:
     assert invalidations(vm.run(vm.d(T.IOTLB_INV, g=2, did=2), vm.wait())) == [(hwpt, [entry()])]
 
 
-def test_legacy_bindings_ignore_pasid_based_iotlb() -> None:
-    vm = Vm(dw=256)
-    vm.attach(A)
-    vm.bind_legacy(A, 1, 0x1000000)
-    assert vm.run(vm.d(T.P_IOTLB_INV, g=2, did=1, pasid=0), vm.wait()) == []
+def test_legacy_translating_entries_are_never_nested() -> None:
+    # A legacy TT=0/1 entry names a second-level table, which the host cannot nest (its
+    # nested format is first-stage only): the device is blocked, nothing is allocated, and
+    # no IOTLB-class or device-TLB invalidation of its domain has anything to reach.
+    for tt in (0, 1):
+        vm = Vm(dw=256)
+        vm.attach(A)
+        vm.context(A, legacy(1, 0x1000000, tt=tt))
+        calls = vm.run(vm.d(T.CC_INV, g=3, sid=A), vm.wait())
+        assert ioctls(calls) == ["VFIO_DEVICE_DETACH_IOMMUFD_PT"]
+        assert not vm.viommu.topology.vdevices[A].attached
+        assert vm.hwpt_of(A) is None
+        for desc in (
+            vm.d(T.IOTLB_INV, g=2, did=1),
+            vm.d(T.IOTLB_INV, g=1),
+            vm.d(T.P_IOTLB_INV, g=2, did=1, pasid=0),
+            vm.d(T.DEV_TLB_INV, sid=A, addr=PAGE),
+        ):
+            assert vm.run(desc, vm.wait()) == []
+        assert vm.report()["baseline"]["invalidate_calls"] == 0
 
 
 def test_one_call_per_hwpt_per_doorbell() -> None:
-    vm = legacy_vm((A, 1, 0x1000000), (B, 2, 0x2000000))
+    vm = nested_vm((A, 1, 0x1000000), (B, 2, 0x2000000))
     calls = vm.run(
         vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE),
         vm.d(T.IOTLB_INV, g=3, did=2, addr=PAGE),
@@ -114,7 +130,7 @@ def test_one_call_per_hwpt_per_doorbell() -> None:
 
 
 def test_entries_fold_into_covering_ones() -> None:
-    vm = legacy_vm((A, 1, 0x1000000))
+    vm = nested_vm((A, 1, 0x1000000))
     hwpt = vm.hwpt_of(A)
     psi = vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE)
     psi_leaf = vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE, ih=1)
@@ -135,7 +151,7 @@ def test_entries_fold_into_covering_ones() -> None:
 
 
 def test_equal_domain_and_stage_1_share_one_hwpt() -> None:
-    vm = legacy_vm((A, 7, 0x1000000), (B, 7, 0x1000000))
+    vm = nested_vm((A, 7, 0x1000000), (B, 7, 0x1000000))
     assert vm.hwpt_of(A) == vm.hwpt_of(B) is not None
     calls = vm.run(vm.d(T.IOTLB_INV, g=2, did=7), vm.wait())
     assert invalidations(calls) == [(vm.hwpt_of(A), [entry()])]
@@ -144,7 +160,7 @@ def test_equal_domain_and_stage_1_share_one_hwpt() -> None:
 
 
 def test_different_stage_1_or_unit_means_another_hwpt() -> None:
-    vm = legacy_vm((A, 7, 0x1000000), (B, 7, 0x2000000), (R, 7, 0x1000000))
+    vm = nested_vm((A, 7, 0x1000000), (B, 7, 0x2000000), (R, 7, 0x1000000))
     assert len({vm.hwpt_of(A), vm.hwpt_of(B), vm.hwpt_of(R)}) == 3
     calls = vm.run(vm.d(T.IOTLB_INV, g=2, did=7), vm.wait())
     assert [c["iommu"] for c in calls] == ["dmar0", "dmar0", "dmar1"]
@@ -154,18 +170,29 @@ def test_hwpt_alloc_carries_the_stage_1_configuration() -> None:
     vm = Vm(dw=256)
     vm.attach(A)
     vm.context(A, scalable(rid_pasid=3))
-    vm.pasid(A, first_stage(4, 0x7654000, sre=1, wpe=1, eafe=1), pasid=3)
+    vm.pasid(A, first_stage(4, 0x7654000, wpe=1), pasid=3)
     vm.session.drain_calls()
     calls = vm.run(vm.d(T.CC_INV, g=1), vm.wait())
     [alloc] = [c for c in calls if c["ioctl"] == "IOMMU_HWPT_ALLOC"]
     assert alloc["args"]["data_type"] == uapi.IOMMU_HWPT_DATA_VTD_S1
-    assert alloc["args"]["data"] == S1Config(0b111, 0x7654000, 48).pack().hex()
-    legacy_alloc = Vm(dw=128)
-    legacy_alloc.attach(A)
-    legacy_alloc.context(A, legacy(1, 0x1234000, aw=1))
-    calls = legacy_alloc.run(legacy_alloc.d(T.CC_INV, g=1), legacy_alloc.wait())
-    [alloc] = [c for c in calls if c["ioctl"] == "IOMMU_HWPT_ALLOC"]
-    assert alloc["args"]["data"] == struct.pack("<QQII", 0, 0x1234000, 39, 0).hex()
+    assert alloc["args"]["data"] == S1Config(0b100, 0x7654000, 48).pack().hex()
+    # SRE and EAFE pass through as QEMU derives them; this host unit has neither ECAP.SRS
+    # nor ECAP.EAFS, so the kernel refuses the attach (intel_pasid_setup_nested: EINVAL).
+    for flag, bit in (("sre", 0b001), ("eafe", 0b010)):
+        vm.pasid(A, first_stage(4, 0x7654000, **{flag: 1}), pasid=3)
+        vm.session.drain_calls()
+        response = vm.doorbell(vm.d(T.PC_INV, g=1, did=4, pasid=3), vm.wait())
+        [error] = response["errors"]
+        assert "VFIO_DEVICE_ATTACH_IOMMUFD_PT failed (EINVAL)" in error["reason"]
+        calls = vm.session.drain_calls()
+        [alloc] = [c for c in calls if c["ioctl"] == "IOMMU_HWPT_ALLOC"]
+        assert alloc["args"]["data"] == S1Config(bit, 0x7654000, 48).pack().hex()
+    # A legacy entry allocates nothing: its second-level table is never handed over.
+    legacy_vm = Vm(dw=128)
+    legacy_vm.attach(A)
+    legacy_vm.context(A, legacy(1, 0x1234000, aw=1))
+    calls = legacy_vm.run(legacy_vm.d(T.CC_INV, g=1), legacy_vm.wait())
+    assert "IOMMU_HWPT_ALLOC" not in ioctls(calls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +204,7 @@ def devtlb(vm: Vm, sid: int, addr: int = PAGE, s: int = 0) -> bytes:
 
 
 def test_elided_when_covered_in_the_same_doorbell() -> None:
-    vm = legacy_vm((A, 1, 0x1000000), (B, 1, 0x1000000))
+    vm = nested_vm((A, 1, 0x1000000), (B, 1, 0x1000000))
     calls = vm.run(
         vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE, ih=1), devtlb(vm, A), devtlb(vm, B), vm.wait()
     )
@@ -186,7 +213,7 @@ def test_elided_when_covered_in_the_same_doorbell() -> None:
 
 
 def test_elided_when_covered_in_an_earlier_doorbell() -> None:
-    vm = legacy_vm((A, 1, 0x1000000))
+    vm = nested_vm((A, 1, 0x1000000))
     vm.run(vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE, am=3), vm.wait())
     assert vm.run(devtlb(vm, A, PAGE + 1, s=1), vm.wait()) == []  # 4 pages inside the 8
     vm.run(vm.d(T.IOTLB_INV, g=2, did=1), vm.wait())
@@ -194,13 +221,13 @@ def test_elided_when_covered_in_an_earlier_doorbell() -> None:
 
 
 def test_elided_after_a_device_tlb_of_its_own_was_forwarded() -> None:
-    vm = legacy_vm((A, 1, 0x1000000))
+    vm = nested_vm((A, 1, 0x1000000))
     assert vm.run(devtlb(vm, A), vm.wait()) != []
     assert vm.run(devtlb(vm, A), vm.wait()) == []
 
 
 def test_devices_without_host_atc_or_nested_hwpt_cost_nothing() -> None:
-    vm = legacy_vm((N, 1, 0x1000000))
+    vm = nested_vm((N, 1, 0x1000000))
     vm.attach(A)  # never bound: on the nesting parent
     assert vm.run(devtlb(vm, N), devtlb(vm, A), devtlb(vm, 0x99), vm.wait()) == []
     assert vm.session.stats.dropped == 1  # 0x99: no such device
@@ -210,19 +237,19 @@ def test_devices_without_host_atc_or_nested_hwpt_cost_nothing() -> None:
 
 
 def test_forwarded_without_a_covering_iotlb_invalidation() -> None:
-    vm = legacy_vm((A, 1, 0x1000000))
+    vm = nested_vm((A, 1, 0x1000000))
     calls = vm.run(devtlb(vm, A), vm.wait())
     assert invalidations(calls) == [(vm.hwpt_of(A), [entry(IOVA, 1, True)])]
 
 
 def test_forwarded_when_wider_than_the_iotlb_invalidation() -> None:
-    vm = legacy_vm((A, 1, 0x1000000))
+    vm = nested_vm((A, 1, 0x1000000))
     calls = vm.run(vm.d(T.IOTLB_INV, g=3, did=1, addr=PAGE), devtlb(vm, A, PAGE, s=1), vm.wait())
     assert invalidations(calls) == [(vm.hwpt_of(A), [entry(IOVA, 1), entry(IOVA, 2, True)])]
 
 
 def test_forwarded_when_the_flush_was_in_another_domain() -> None:
-    vm = legacy_vm((A, 1, 0x1000000), (B, 2, 0x2000000))
+    vm = nested_vm((A, 1, 0x1000000), (B, 2, 0x2000000))
     calls = vm.run(vm.d(T.IOTLB_INV, g=3, did=2, addr=PAGE), devtlb(vm, A), vm.wait())
     assert invalidations(calls) == [
         (vm.hwpt_of(B), [entry(IOVA, 1)]),
@@ -231,18 +258,18 @@ def test_forwarded_when_the_flush_was_in_another_domain() -> None:
 
 
 def test_forwarded_when_the_device_moved_since_the_flush() -> None:
-    vm = legacy_vm((A, 1, 0x1000000))
+    vm = nested_vm((A, 1, 0x1000000))
     vm.run(vm.d(T.IOTLB_INV, g=2, did=1), vm.wait())
-    vm.bind_legacy(A, 1, 0x3000000)  # a new stage 1: a new HWPT
+    vm.bind_first_stage(A, 1, 0x3000000)  # a new stage 1: a new HWPT
     calls = vm.run(devtlb(vm, A), vm.wait())
     assert invalidations(calls) == [(vm.hwpt_of(A), [entry(IOVA, 1, True)])]
 
 
 def test_forwarded_for_a_device_that_joined_a_shared_hwpt_after_the_flush() -> None:
-    vm = legacy_vm((A, 1, 0x1000000))
+    vm = nested_vm((A, 1, 0x1000000))
     vm.run(vm.d(T.IOTLB_INV, g=2, did=1), vm.wait())
     vm.attach(B)
-    vm.bind_legacy(B, 1, 0x1000000)
+    vm.bind_first_stage(B, 1, 0x1000000)
     assert vm.hwpt_of(A) == vm.hwpt_of(B)
     assert vm.run(devtlb(vm, A), vm.wait()) == []
     assert invalidations(vm.run(devtlb(vm, B), vm.wait())) == [
@@ -296,12 +323,12 @@ def test_legacy_context_entries() -> None:
     assert vm.run(vm.d(T.CC_INV, g=1), vm.wait()) == []  # nothing written: left alone
     vm.context(A, legacy(1, 0x1000000, tt=2))
     assert ioctls(vm.run(vm.d(T.CC_INV, g=1), vm.wait())) == []  # pass-through: stays
-    vm.context(A, legacy(1, 0x1000000))
+    vm.context(A, legacy(1, 0x1000000))  # a second-level table: blocked, never nested
     calls = vm.run(vm.d(T.CC_INV, g=3, sid=A), vm.wait())
-    assert ioctls(calls) == ["IOMMU_HWPT_ALLOC", "VFIO_DEVICE_ATTACH_IOMMUFD_PT"]
+    assert ioctls(calls) == ["VFIO_DEVICE_DETACH_IOMMUFD_PT"]
     vm.context(A, legacy(1, 0x1000000, tt=2))
     calls = vm.run(vm.d(T.CC_INV, g=3, sid=A), vm.wait())
-    assert ioctls(calls) == ["VFIO_DEVICE_ATTACH_IOMMUFD_PT", "IOMMU_DESTROY"]
+    assert ioctls(calls) == ["VFIO_DEVICE_ATTACH_IOMMUFD_PT"]
     assert calls[0]["args"]["pt_id"] == parent
     for bad in (
         legacy(1, 0x1000000, p=0),
@@ -314,22 +341,23 @@ def test_legacy_context_entries() -> None:
         assert ioctls(calls) in (["VFIO_DEVICE_DETACH_IOMMUFD_PT"], [])
         assert not vm.viommu.topology.vdevices[A].attached
     vm.context(A, legacy(1, 0x1000000))
-    calls = vm.run(vm.d(T.CC_INV, g=3, sid=A), vm.wait())
-    assert ioctls(calls) == ["IOMMU_HWPT_ALLOC", "VFIO_DEVICE_ATTACH_IOMMUFD_PT"]
+    assert vm.run(vm.d(T.CC_INV, g=3, sid=A), vm.wait()) == []  # stays blocked
+    assert not vm.viommu.topology.vdevices[A].attached
 
 
 def test_function_mask_and_domain_selective_coverage() -> None:
-    vm = Vm(dw=128)
+    vm = Vm(dw=256)
     vm.attach(A, B)  # 00:02.0 and 00:03.0
-    vm.context(A, legacy(1, 0x1000000))
-    vm.context(B, legacy(1, 0x1000000))
+    for sid in (A, B):
+        vm.context(sid, scalable())
+        vm.pasid(sid, first_stage(1, 0x1000000))
     vm.run(vm.d(T.CC_INV, g=3, sid=0x17, fm=3), vm.wait())  # 0x10-0x17: A only
     assert vm.hwpt_of(A) is not None
     assert vm.hwpt_of(B) is None
     vm.run(vm.d(T.CC_INV, g=3, sid=0x1C, fm=1), vm.wait())  # 0x18 and 0x1c
     assert vm.hwpt_of(B) == vm.hwpt_of(A)
-    vm.context(A, legacy(1, 0x1000000, p=0))
-    vm.context(B, legacy(1, 0x1000000, p=0))
+    vm.context(A, scalable(p=0))
+    vm.context(B, scalable(p=0))
     vm.run(vm.d(T.CC_INV, g=2, did=99), vm.wait())  # domain-selective = global (QEMU)
     assert vm.hwpt_of(A) is None
     assert vm.hwpt_of(B) is None
@@ -435,7 +463,7 @@ def failing_vm() -> tuple[Vm, FailingBackend]:
     backend = FailingBackend(HOST)
     vm = Vm(dw=128, backend=backend)
     vm.attach(A)
-    vm.bind_legacy(A, 1, 0x1000000)
+    vm.bind_first_stage(A, 1, 0x1000000)
     return vm, backend
 
 
@@ -505,9 +533,10 @@ def test_a_failed_flush_forgets_earlier_cover() -> None:
 
 def test_failed_hwpt_alloc_is_iqe_at_the_context_invalidation() -> None:
     backend = FailingBackend(HOST)
-    vm = Vm(dw=128, backend=backend)
+    vm = Vm(dw=256, backend=backend)
     vm.attach(A)
-    vm.context(A, legacy(1, 0x1000000))
+    vm.context(A, scalable())
+    vm.pasid(A, first_stage(1, 0x1000000))
     backend.alloc_errno = errno.ENOMEM
     response = as_json(vm.doorbell(vm.d(T.IEC_INV), vm.d(T.CC_INV, g=3, sid=A), vm.wait()))
     [error] = response["errors"]
@@ -525,7 +554,7 @@ def test_failed_hwpt_alloc_is_iqe_at_the_context_invalidation() -> None:
 
 
 def test_detach_and_destroy_free_everything() -> None:
-    vm = legacy_vm((A, 1, 0x1000000), (B, 1, 0x1000000), (R, 2, 0x2000000))
+    vm = nested_vm((A, 1, 0x1000000), (B, 1, 0x1000000), (R, 2, 0x2000000))
     shared = vm.hwpt_of(A)
     assert vm.detach(A) == {"ok": True}
     assert vm.backend.lookup(shared or 0) is not None  # B still uses it

@@ -84,7 +84,9 @@ def test_the_dispatcher_holds_no_frontend_and_returns_an_outcome() -> None:
     [error] = outcome.errors
     assert (error.index, error.code, outcome.host_errors) == (1, "IQE", ())
     assert outcome.status_writes == (StatusWrite(2, 0x100, 5),)
-    assert vm.hwpt_of(A) is not None  # bound from the entry the event carried
+    vdev = vm.viommu.topology.vdevices[A]
+    assert vdev.binding is not None  # read from the entry the event carried: a legacy
+    assert not vdev.attached  # second-level table, so A is blocked
     assert dispatcher.run([]) is NOTHING
 
 

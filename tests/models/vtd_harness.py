@@ -124,7 +124,16 @@ class Vm:
         return self.session.drain_calls()
 
     def bind_legacy(self, sid: int, did: int, table: int, **fields: int) -> None:
+        """A legacy context entry read at a device-selective context-cache invalidation
+        (translating ones block the device: docs/vtd.md, "Legacy mode")."""
         self.context(sid, legacy(did, table, **fields))
+        self.run(self.d(T.CC_INV, g=3, sid=sid), self.wait())
+
+    def bind_first_stage(self, sid: int, did: int, table: int, **fields: int) -> None:
+        """A scalable-mode context entry and its RID_PASID entry with a first-stage table
+        (PGTT=1), read at a device-selective context-cache invalidation: a nested HWPT."""
+        self.context(sid, scalable())
+        self.pasid(sid, first_stage(did, table, **fields))
         self.run(self.d(T.CC_INV, g=3, sid=sid), self.wait())
 
     # -- what happened ------------------------------------------------------------------

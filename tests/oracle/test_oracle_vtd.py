@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from protocols.vtd import DescType
 from tests.conftest import FIXTURES
-from tests.models.vtd_harness import HOST, PAGE, A, B, N, Vm, first_stage, legacy, scalable
+from tests.models.vtd_harness import HOST, PAGE, A, B, N, Vm, first_stage, scalable
 from tests.replies import as_json
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.oracle import FULL
@@ -61,7 +61,32 @@ def oracle_of(vm: Vm) -> VtdGuest:
     return guest
 
 
-@pytest.mark.parametrize("trace", VTD_TRACES, ids=lambda p: p.name)
+# The daemon blocks legacy TT=0/1 devices (their second-level tables are never nested,
+# docs/vtd.md "Legacy mode"); the oracle's guest model still treats them as nested, so it
+# expects flushes no host object can take. These fail until viommud/oracle/vtd.py models
+# legacy translating entries as blocked; strict, so the fix shows up as XPASS.
+ORACLE_LEGACY_GAP = {
+    "vtd-guest-errors.jsonl",
+    "vtd-legacy-domain.jsonl",
+    "vtd-linux61-strict-ats-excerpt.jsonl.xz",
+}
+
+
+@pytest.mark.parametrize(
+    "trace",
+    [
+        pytest.param(
+            t,
+            marks=pytest.mark.xfail(
+                strict=True, reason="oracle models legacy TT=0/1 as nested (see above)"
+            ),
+        )
+        if t.name in ORACLE_LEGACY_GAP
+        else t
+        for t in VTD_TRACES
+    ],
+    ids=lambda p: p.name,
+)
 def test_bundled_vtd_traces_verify_clean(trace: Path) -> None:
     assert verify(trace) == {"missed": 0, "over": 0}
 
@@ -75,19 +100,20 @@ def test_device_tlb_elided_without_cover_is_missed(monkeypatch: pytest.MonkeyPat
 # -- the context cache: a device-selective invalidation refreshes only what it covers -------
 
 
-def _legacy_pair(vm: Vm) -> None:
-    """A and B get legacy entries of domain 7; only A's source ID is invalidated (FM=3
+def _first_stage_pair(vm: Vm) -> None:
+    """A and B get first-stage entries of domain 7; only A's source ID is invalidated (FM=3
     covers 0x10-0x17, and B is 0x18)."""
     vm.attach(A, B)
     vm.run(vm.d(T.CC_INV, g=1), vm.wait())  # nothing written yet: nothing moves
-    vm.context(A, legacy(7, 0x2000_0000))
-    vm.context(B, legacy(7, 0x2000_0000))
+    for sid in (A, B):
+        vm.context(sid, scalable())
+        vm.pasid(sid, first_stage(7, 0x2000_0000))
     vm.run(vm.d(T.CC_INV, g=3, sid=A, fm=3), vm.wait())
 
 
 def test_device_selective_context_invalidation_moves_only_what_it_covers() -> None:
-    vm = Vm(verify=True)
-    _legacy_pair(vm)
+    vm = Vm(dw=256, verify=True)
+    _first_stage_pair(vm)
     guest = oracle_of(vm)
     assert guest.devices[A].translation.mode == NESTED
     assert guest.devices[B].translation.mode == UNTRANSLATED  # its entry was never read
@@ -107,8 +133,8 @@ def test_a_context_invalidation_the_daemon_ignores_is_missed(
     monkeypatch.setattr(
         "viommud.dispatcher.vtd.VtdDispatcher._context_invalidated", lambda *_a, **_k: None
     )
-    vm = Vm(verify=True)
-    _legacy_pair(vm)  # the daemon leaves A on the nesting parent: no HWPT to flush
+    vm = Vm(dw=256, verify=True)
+    _first_stage_pair(vm)  # the daemon leaves A on the nesting parent: no HWPT to flush
     vm.run(vm.d(T.IOTLB_INV, g=3, did=7, addr=PAGE), vm.wait())
     assert verdict(vm)["missed"] == 1
 

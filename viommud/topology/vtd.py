@@ -81,14 +81,20 @@ class Binding:
 
 
 BLOCKED_NOT_PRESENT = Binding(Mode.BLOCKED, why="not present")
+LEGACY_SECOND_LEVEL = "legacy second-level table: not nestable, no shadow without guest memory"
 
 
 def legacy_binding(ctx: LegacyContext) -> Binding:
     """The binding a legacy-mode context entry asks for (VT-d §9.3).
 
-    The entry's second-level table is what the guest translates IOVAs with; viommud hands it
-    to the host as the stage 1 of a nested HWPT (the host's nesting parent supplies GPA ->
-    HPA). This vIOMMU supports 39- and 48-bit guest address widths (SAGAW, as QEMU)."""
+    TT=2 is pass-through (the unit's nesting parent: GPA = IOVA). TT=0/1 name a
+    second-level table, which the host cannot take: its only nested format is the
+    first-stage one (``IOMMU_HWPT_DATA_VTD_S1``; a second-level PTE's bits 0/1 are read and
+    write, a first-stage PTE's bit 0 is present and bit 2 user). QEMU keeps such a device on
+    its default stage-2 HWPT and shadows the guest's table into that HWPT's IOAS at each
+    IOTLB invalidation, which needs the guest's page-table memory; a trace does not carry
+    it. So the device is blocked: it never translates more than the guest programmed and
+    holds no stale translation (docs/vtd.md, "Legacy mode")."""
     if not ctx.present:
         return BLOCKED_NOT_PRESENT
     if ctx.reserved:
@@ -99,7 +105,7 @@ def legacy_binding(ctx: LegacyContext) -> Binding:
         return Binding(Mode.BLOCKED, ctx.did, why="reserved translation type TT=3")
     if ctx.aw not in (1, 2):
         return Binding(Mode.BLOCKED, ctx.did, why=f"address width AW={ctx.aw} not supported")
-    return Binding(Mode.NESTED, ctx.did, None, S1Config(0, ctx.slptptr, 30 + 9 * ctx.aw))
+    return Binding(Mode.BLOCKED, ctx.did, why=LEGACY_SECOND_LEVEL)
 
 
 def pasid_binding(entry: PasidEntry | None, rid_pasid: int) -> Binding:

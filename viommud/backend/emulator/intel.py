@@ -15,7 +15,12 @@ from typing import ClassVar
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
-from protocols.vtd import IOMMU_VTD_INV_FLAGS_LEAF, VTD_INV_ALL_PAGES
+from protocols.vtd import (
+    IOMMU_VTD_INV_FLAGS_LEAF,
+    IOMMU_VTD_S1_EAFE,
+    IOMMU_VTD_S1_SRE,
+    VTD_INV_ALL_PAGES,
+)
 from viommud.backend.emulator.caches import vtd_psi_mask
 from viommud.backend.emulator.driver import IommuDriver, IommufdCore
 from viommud.backend.emulator.objects import (
@@ -35,7 +40,7 @@ from viommud.backend.emulator.usercopy import (
 )
 from viommud.host import PhysicalDevice
 
-__all__ = ["VTD_CAP_MAMV", "VTD_HW_INFO", "IntelVtdDriver", "VtdFlush"]
+__all__ = ["VTD_CAP_MAMV", "VTD_HW_INFO", "IntelVtdDriver", "VtdFlush", "nested_setup_errno"]
 
 # GET_HW_INFO register values of the emulated units (see NOTES in kernel.py)
 VTD_CAP_MAMV = 18
@@ -69,6 +74,37 @@ VTD_HW_INFO = uapi.HwInfoVtd(
 )
 
 
+# Register bits the nested path reads (Linux include/linux/intel-iommu.h / intel/iommu.h)
+ECAP_NEST = 1 << 26  # ecap_nest: nested translation (nested_supported)
+ECAP_SRS = 1 << 31  # ecap_srs: supervisor requests
+ECAP_EAFS = 1 << 34  # ecap_eafs: extended accessed flag
+CAP_FL5LP = 1 << 60  # cap_fl5lp_support: 5-level first stage
+ADDR_WIDTH_4LEVEL = 48
+ADDR_WIDTH_5LEVEL = 57
+
+
+def nested_setup_errno(s1: uapi.HwptVtdS1, hw: uapi.HwInfoVtd) -> int:
+    """The checks ``intel_pasid_setup_nested`` makes on the stage-1 configuration when a
+    device attaches to a nested domain, in the kernel's order; ENOERR if it passes.
+
+    * ``addr_width`` 48 (4-level), or 57 with CAP.FL5LP; anything else: EINVAL;
+    * ``IOMMU_VTD_S1_SRE`` without ECAP.SRS: EINVAL;
+    * ``IOMMU_VTD_S1_EAFE`` without ECAP.EAFS: EINVAL.
+
+    Nothing else is checked: unknown flag bits and ``__reserved`` are neither refused at
+    allocation nor at attach, and WPE is used only together with SRE."""
+    if s1.addr_width == ADDR_WIDTH_5LEVEL:
+        if not hw.cap_reg & CAP_FL5LP:
+            return errno.EINVAL
+    elif s1.addr_width != ADDR_WIDTH_4LEVEL:
+        return errno.EINVAL
+    if s1.flags & IOMMU_VTD_S1_SRE and not hw.ecap_reg & ECAP_SRS:
+        return errno.EINVAL
+    if s1.flags & IOMMU_VTD_S1_EAFE and not hw.ecap_reg & ECAP_EAFS:
+        return errno.EINVAL
+    return ENOERR
+
+
 @dataclass(frozen=True, slots=True)
 class VtdFlush:
     """One VT-d stage-1 invalidation that was carried out (§4.2, §4.3)."""
@@ -85,11 +121,12 @@ class IntelVtdDriver(IommuDriver):
 
     model: ClassVar[str] = HostIommu.INTEL_VTD
     has_domain_alloc_nested: ClassVar[bool] = True
+    regs: ClassVar[uapi.HwInfoVtd] = VTD_HW_INFO  # every emulated unit's CAP / ECAP
 
     def hw_info(self, core: IommufdCore, dev: DeviceObject, in_type: int) -> tuple[int, bytes]:
         if in_type not in (uapi.IOMMU_HW_INFO_TYPE_NONE, uapi.IOMMU_HW_INFO_TYPE_INTEL_VTD):
             raise IoctlError(errno.EOPNOTSUPP)
-        return uapi.IOMMU_HW_INFO_TYPE_INTEL_VTD, bytes(uapi.encode(VTD_HW_INFO))
+        return uapi.IOMMU_HW_INFO_TYPE_INTEL_VTD, bytes(uapi.encode(self.regs))
 
     def domain_alloc_nested(
         self,
@@ -100,6 +137,8 @@ class IntelVtdDriver(IommuDriver):
         data: UserData,
     ) -> uapi.HwptVtdS1:
         # intel_iommu_domain_alloc_nested (§4.1)
+        if not self.regs.ecap_reg & ECAP_NEST:
+            raise IoctlError(errno.EOPNOTSUPP)  # nested_supported()
         if flags & ~uapi.IOMMU_HWPT_ALLOC_PASID:
             raise IoctlError(errno.EOPNOTSUPP)  # pragma: no cover - the core refuses first
         if data.type != uapi.IOMMU_HWPT_DATA_VTD_S1:
@@ -114,7 +153,12 @@ class IntelVtdDriver(IommuDriver):
         return True  # identical emulated units: any VT-d domain fits any VT-d device
 
     def attach_nested(self, core: IommufdCore, dev: DeviceObject, hwpt: HwptNestedObject) -> int:
-        return ENOERR
+        # intel_nested_attach_dev: the width check against the parent's AGAW and
+        # paging_domain_compatible always pass between identical units; then
+        # intel_pasid_setup_nested checks the stage-1 configuration. On failure the core
+        # puts the device back where it was (iommu_group_replace_domain).
+        assert isinstance(hwpt.data, uapi.HwptVtdS1)
+        return nested_setup_errno(hwpt.data, self.regs)
 
     def hwpt_cache_invalidate(
         self, core: IommufdCore, hwpt: HwptNestedObject, array: UserArray
