@@ -139,7 +139,6 @@ class Session:
             model,
             doorbells,
             lambda data: self._one(viommu, data),
-            single=instance.doorbell,
             before=before,
             after=after,
         )

@@ -32,6 +32,7 @@ its events are the run's work (``Screen.events``).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -175,6 +176,13 @@ class Screen:
     def rows(self, first: int, stop: int) -> tuple[int, int]:
         """The row span of doorbells ``first`` to ``stop - 1``."""
         return self.starts[first], self.starts[stop]
+
+    def descriptor(self, row: int) -> bytes:
+        """The bytes of the descriptor at ``row``."""
+        k = bisect_right(self.starts, row) - 1
+        size = self.desc_size
+        at = (row - self.starts[k]) * size
+        return self.doorbells[k][at : at + size]
 
     def kinds(self, k: int) -> list[int]:
         """The descriptor types of doorbell ``k`` (none when it owns no rows)."""
