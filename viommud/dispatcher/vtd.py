@@ -56,6 +56,7 @@ from viommud.backend.calls import InvalidateResult, Iommufd
 from viommud.dispatcher import NOTHING, DispatchStats, Outcome
 from viommud.events import (
     Barrier,
+    CompletionInterrupt,
     ContextCacheInvalidated,
     DomainInvalidation,
     GuestError,
@@ -228,6 +229,7 @@ class VtdDispatcher:
         """Execute one doorbell's events: its errors in descriptor order (the frontend's
         and the host's), the IQEs the host caused, and its status writes in order."""
         writes: list[StatusWrite] = []
+        interrupts: list[int] = []
         self._errors = {}
         self._host_errors = []
         self._raw = {}
@@ -243,6 +245,8 @@ class VtdDispatcher:
                 stats.barriers += 1  # completes with the doorbell's calls (see the plan)
             elif isinstance(event, StatusWrite):
                 writes.append(event)
+            elif isinstance(event, CompletionInterrupt):
+                interrupts.append(event.index)
             elif isinstance(event, ContextCacheInvalidated):
                 self._flush()
                 self._context_invalidated(event)
@@ -253,13 +257,14 @@ class VtdDispatcher:
                 self._errors.setdefault(event.index, event)
         self._flush()
         errors = self._errors
-        if not errors and not writes:
+        if not errors and not writes and not interrupts:
             return NOTHING
         host = self._host_errors
         return Outcome(
             tuple(errors[index] for index in sorted(errors)),
             tuple(sorted(host, key=attrgetter("index"))),
             tuple(writes),
+            tuple(interrupts),
         )
 
     # -- collecting ---------------------------------------------------------------------

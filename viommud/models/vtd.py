@@ -24,7 +24,13 @@ from viommud.frontends.vtd.frontend import (
     VtdFrontend,
 )
 from viommud.group_commit.vtd_plan import plan_run
-from viommud.group_commit.vtd_screen import Screen, nothing_plain, plain_work, status_writes
+from viommud.group_commit.vtd_screen import (
+    Screen,
+    interrupts,
+    nothing_plain,
+    plain_work,
+    status_writes,
+)
 from viommud.group_commit.vtd_screen import screen as screen_doorbells
 from viommud.guest.vtd import descriptor_type, kind_name
 from viommud.models.base import (
@@ -128,6 +134,7 @@ class VtdViommu:
             if outcome.errors
             else (),
             outcome.status_writes,
+            outcome.interrupts,
         )
 
     # -- group commit (docs/coalescing.md, "Group commit") --------------------------------
@@ -200,9 +207,10 @@ class VtdViommu:
                     raw_hex=error.raw.hex(),
                 )
         writes = status_writes(screen, first, stop)
+        raised = interrupts(screen, first, stop)
         return [
-            DoorbellReply(n, s, tuple(e), tuple(StatusWrite(i, a, d) for i, a, d in w))
-            for n, s, e, w in zip(consumed, syncs, errors, writes, strict=True)
+            DoorbellReply(n, s, tuple(e), tuple(StatusWrite(i, a, d) for i, a, d in w), tuple(r))
+            for n, s, e, w, r in zip(consumed, syncs, errors, writes, raised, strict=True)
         ]
 
     def request(self, data: bytes) -> RequestReply:
