@@ -56,7 +56,10 @@ class SmmuV3Viommu:
     def create(cls, record: ViommuCreate, ctx: ModelContext) -> SmmuV3Viommu:
         check_host_iommus(record, ctx, HostIommu.ARM_SMMUV3)
         try:
-            features = SmmuFeatures.from_options(record.options)
+            options = dict(record.options)
+            if ctx.compat is not None:
+                options.setdefault("compat", ctx.compat)
+            features = SmmuFeatures.from_options(options)
         except ValueError as exc:
             raise ModelError(str(exc)) from None
         frontend = SmmuV3Frontend(features)
