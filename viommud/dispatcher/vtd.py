@@ -233,6 +233,7 @@ class VtdDispatcher:
         self._errors = {}
         self._host_errors = []
         self._raw = {}
+        self._failed = []
         stats = self.stats
         for event in events:
             if isinstance(event, DomainInvalidation):
