@@ -81,8 +81,9 @@ CmdsOkWrites = Struct(
     "writes" / GreedyRange(StatusWrite),  # as many as the payload holds, in order
 )
 CmdsOkWrites.__doc__ = (
-    "docs/protocol.md §2: the compact answer to a VT-d CMDS whose response has no errors and "
-    "only status writes besides the counts (to clients whose HELLO asked for compact_writes)."
+    "docs/protocol.md §2: the compact answer to a VT-d CMDS whose response has no errors, "
+    "no completion interrupts and only status writes besides the counts (to clients whose "
+    "HELLO asked for compact_writes)."
 )
 
 Frame = Struct(

@@ -180,9 +180,23 @@ class StatusWrite:
     data: int
 
 
+@dataclass(frozen=True, slots=True)
+class CompletionInterrupt:
+    """A VT-d wait descriptor with IF=1 at ``index`` completed (VT-d §6.5.2.8): the hardware
+    sets ICS.IWC and, when IWC was clear, signals the invalidation completion event as
+    IECTL says (IM set: only IECTL.IP). Reported with the doorbell, as status writes are."""
+
+    index: int
+
+
 Event = Invalidation | StreamTableInvalidated | Barrier | GuestError
 
 #: What the VT-d frontend emits: the shared events plus the VT-d ones.
 VtdEvent = (
-    Event | DomainInvalidation | ContextCacheInvalidated | PasidCacheInvalidated | StatusWrite
+    Event
+    | DomainInvalidation
+    | ContextCacheInvalidated
+    | PasidCacheInvalidated
+    | StatusWrite
+    | CompletionInterrupt
 )

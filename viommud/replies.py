@@ -29,12 +29,16 @@ class DoorbellReply:
     ``consumed`` commands were taken off the queue, ``syncs`` barriers completed.
     ``status_writes`` is None for models whose barriers write nothing the guest reads
     (SMMUv3); for VT-d it lists the wait descriptors' status writes, in order (maybe none).
+    ``interrupts`` (VT-d): the indices of the completed wait descriptors with IF=1, in
+    order — each sets ICS.IWC and, when IWC was clear, raises the invalidation completion
+    event (VT-d §6.5.2.8; docs/trace-format.md §4).
     """
 
     consumed: int
     syncs: int
     errors: tuple[CommandError, ...] = ()
     status_writes: tuple[StatusWrite, ...] | None = None
+    interrupts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

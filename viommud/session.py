@@ -57,6 +57,7 @@ class Session:
         verify: bool = False,
         log: Any = None,
         policies: dict[str, Any] | None = None,
+        compat: str | None = None,
     ) -> None:
         self.backend = backend
         self.calls = CallLog(keep=keep_calls)
@@ -70,7 +71,9 @@ class Session:
         self._retired_kinds: dict[str, int] = {}
         self._retired_errors: dict[str, int] = {}
         self.log = log
-        self._context = ModelContext(backend.host, self.iommufd, self.stats, log, policies or {})
+        self._context = ModelContext(
+            backend.host, self.iommufd, self.stats, log, policies or {}, compat
+        )
         self.closed = False
 
     # -- records --------------------------------------------------------------------------
@@ -139,7 +142,6 @@ class Session:
             model,
             doorbells,
             lambda data: self._one(viommu, data),
-            single=instance.doorbell,
             before=before,
             after=after,
         )

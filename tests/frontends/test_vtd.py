@@ -11,6 +11,7 @@ from protocols.vtd import DescType, build_descriptor
 from viommud.events import (
     Barrier,
     Cache,
+    CompletionInterrupt,
     ContextCacheInvalidated,
     DomainInvalidation,
     GuestError,
@@ -208,10 +209,12 @@ def test_wait_forms() -> None:
         Barrier(0),
         StatusWrite(0, 0x4000, 2),
         Barrier(1),
+        CompletionInterrupt(1),
         Barrier(2),
         Barrier(3),
         Barrier(4),
         StatusWrite(4, 0x1234 << 2, 0xDEADBEEF),
+        CompletionInterrupt(4),
     ]
     assert (fe.last.consumed, fe.last.syncs, fe.barriers) == (5, 5, 5)
 
@@ -344,7 +347,7 @@ def test_doorbell_must_be_whole_descriptors() -> None:
 def test_events_drains() -> None:
     fe = frontend()
     fe.receive_data(d(T.INV_WAIT, if_=1))
-    assert fe.events() == [Barrier(0)]
+    assert fe.events() == [Barrier(0), CompletionInterrupt(0)]
     assert fe.events() == []
 
 

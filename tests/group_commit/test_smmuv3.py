@@ -4,7 +4,6 @@ answers exactly as one that runs them one by one, with nothing missed and fewer 
 
 from __future__ import annotations
 
-import errno
 import random
 import struct
 from typing import Any
@@ -19,8 +18,6 @@ from protocols.smmuv3 import TLBI_OPS, Opcode, build_command
 from tests.oracle.workload import SYNC, build, host
 from tests.replies import as_json, as_json_list
 from viommud.backend.emulator import testing
-from viommud.dispatcher import Outcome
-from viommud.dispatcher.smmuv3 import BulkCoalescer, SmmuDispatcher
 from viommud.events import Barrier, GuestError, Invalidation
 from viommud.frontends.smmuv3.frontend import SmmuFeatures, SmmuV3Frontend
 from viommud.group_commit.smmuv3_coalesce import coalesce_tlb
@@ -267,43 +264,37 @@ def test_group_of_strict_doorbells_is_one_call_per_psmmu() -> None:
     assert report["verify"]["missed"] == 0
 
 
-def test_failed_group_call_falls_back_and_reports_the_guest_command() -> None:
-    doorbells = [b"".join([*workloads.tlbi_range(1, 16 * i, 4), SYNC]) for i in range(10)]
+def _is_nh_all(entry: bytes) -> bool:
+    return entry[0] == Opcode.TLBI_NH_ALL
+
+
+def test_failed_coalesced_group_call_reports_the_first_command_and_resends_the_rest() -> None:
+    """300 strict unmaps of one ASID flood into one TLBI_NH_ALL: when the host refuses it,
+    the first TLB command of the run (whose origin the promoted entry takes, as per
+    doorbell) gets CERROR_ILL and every other command is re-sent as the guest wrote it."""
+    doorbells = [b"".join([*workloads.tlbi_range(1, 4 * i, 2), SYNC]) for i in range(300)]
     rig = build(host(1, 2, False), {"v": ["smmu0"]}, ats=False)
-    testing.inject_cmdq_error(rig.backend, "smmu0", errno.ETIMEDOUT)  # the group call fails ...
-    answers = as_json_list(rig.session.doorbells("v", doorbells))
-    assert all(isinstance(a, dict) and a["errors"] == [] for a in answers)  # ... one by one
-    assert rig.session.report()["verify"]["missed"] == 0
-    testing.inject_cmdq_error(rig.backend, "smmu0", errno.ETIMEDOUT)
+    fault = testing.inject_invalidate_error(rig.backend, "smmu0", _is_nh_all)
     calls = rig.session.calls
     seq = calls.seq
-    original = SmmuDispatcher.run_plain
-
-    def fail_then_inject(
-        self: SmmuDispatcher, commands: bytes, syncs: int, bulk: BulkCoalescer
-    ) -> Outcome | None:
-        result = original(self, commands, syncs, bulk)  # consumes the first injected error
-        testing.inject_cmdq_error(
-            rig.backend, "smmu0", errno.ETIMEDOUT
-        )  # the first single call fails
-        return result
-
-    SmmuDispatcher.run_plain = fail_then_inject  # type: ignore[method-assign]
-    try:
-        answers = as_json_list(rig.session.doorbells("v", doorbells))
-    finally:
-        SmmuDispatcher.run_plain = original  # type: ignore[method-assign]
+    answers = as_json_list(rig.session.doorbells("v", doorbells))
+    assert fault.hits == 1
     assert isinstance(answers[0], dict)
     assert answers[0]["errors"] == [
         {
             "index": 0,
             "code": "CERROR_ILL",
-            "reason": "host IOMMU_HWPT_INVALIDATE failed on this command (errno 110)",
+            "reason": "host IOMMU_HWPT_INVALIDATE failed on this command (errno 5)",
         }
     ]
     assert all(isinstance(a, dict) and a["errors"] == [] for a in answers[1:])
-    assert calls.seq - seq == 1 + 10  # the failed group call, then one call per doorbell
-    assert rig.session.report()["verify"]["missed"] == 0
+    assert calls.seq - seq == 2  # the failed call, then the rest as written in one call
+    resent = rig.session.drain_calls()[-1]
+    assert resent["entry_num"] == 300 - 1
+    assert resent["errno"] == 0
+    report = rig.session.report()
+    assert report["errors"]["by_code"] == {"CERROR_ILL": 1}
+    assert report["verify"]["missed"] == 0
 
 
 def test_refused_doorbells_in_a_group_keep_their_place() -> None:

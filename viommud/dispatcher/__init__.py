@@ -31,13 +31,16 @@ class Outcome:
     already refused (passed through) and those the host refused (``host_errors``, the part
     the frontend has not counted yet and learns through its one ``host_failed`` call).
     ``status_writes``: completions the guest observes in memory (VT-d wait descriptors with
-    SW=1), in order. A virtio-iommu request that failed on the host has one error at index 0
-    whose ``code`` is the virtio status name.
+    SW=1), in order; ``interrupts``: the indices of the VT-d wait descriptors with IF=1
+    that completed (each a completion interrupt, ``events.CompletionInterrupt``). A
+    virtio-iommu request that failed on the host has one error at index 0 whose ``code`` is
+    the virtio status name.
     """
 
     errors: tuple[GuestError, ...] = ()
     host_errors: tuple[GuestError, ...] = ()
     status_writes: tuple[StatusWrite, ...] = ()
+    interrupts: tuple[int, ...] = ()
 
 
 NOTHING = Outcome()

@@ -44,7 +44,13 @@ from protocols import iommufd as uapi
 from protocols.smmuv3 import CERROR_ILL, Opcode
 from viommud.backend.calls import InvalidateResult, Iommufd
 from viommud.dispatcher import NOTHING, DispatchStats, Outcome
-from viommud.dispatcher.smmuv3_coalesce import DEFAULT_FLOOD_PAGES, Entry, class_rank, coalesce
+from viommud.dispatcher.smmuv3_coalesce import (
+    DEFAULT_FLOOD_PAGES,
+    Entry,
+    class_rank,
+    coalesce,
+    plain_entries,
+)
 from viommud.events import (
     Barrier,
     Event,
@@ -103,6 +109,7 @@ class SmmuDispatcher:
     _broadcast: list[PiommuSlot] | None = None  # TLBI targets, valid until the STEs change
     _sealed: set[int] = field(default_factory=set)  # class ranks pending before a SYNC
     _open: set[int] = field(default_factory=set)  # class ranks pending since the last SYNC
+    _written: list[Entry] | None = None  # the commands ``_send``'s entries were coalesced from
 
     def run(self, events: list[Event]) -> Outcome:
         """Execute one doorbell's events. The outcome's ``errors`` are the frontend's
@@ -184,30 +191,36 @@ class SmmuDispatcher:
             bucket.entries.append(entry)
 
     # -- group commit -------------------------------------------------------------------
-    def run_plain(self, commands: bytes, syncs: int, bulk: BulkCoalescer) -> Outcome | None:
+    def run_plain(self, commands: bytes, syncs: int, bulk: BulkCoalescer) -> Outcome:
         """Execute consecutive plain doorbells at once (viommud.group_commit.smmuv3_screen: TLB
         invalidations and ``syncs`` CMD_SYNCs, all valid): their TLB work goes out as one
         call per vIOMMU object, coalesced by ``bulk`` when there is enough of it, and every
-        sync among them completes when those calls return. A plain run has no error to
-        report: its outcome is empty.
+        sync among them completes when those calls return.
 
-        Returns None when a host call fails, having counted nothing: the caller then runs
-        the doorbells one by one (``run``), which maps the failure to its guest command and
-        re-sends what the failed call may have left undone (invalidations are idempotent)."""
+        A host failure is handled as ``_send`` handles one for a doorbell: CERROR_ILL on the
+        guest command that produced the entry the kernel names, the rest of the call re-sent
+        until it succeeds. The outcome's errors index the run's ``commands`` (rows, syncs
+        included); the model splits them among its doorbells."""
         stats = self.stats
         work = len(commands) // ARM_ENTRY_LEN - syncs
         self._broadcast = None  # config records may have changed the topology since
         targets = self.broadcast_targets()
+        host: list[GuestError] = []
         if work and targets:
             self.iommufd.log.barrier = stats.barriers + 1
             array = self._plain_array(commands, work, syncs, bulk)
             for slot in targets:
-                if self._invalidate(slot, array).errno:
-                    return None
+                result = self._invalidate(slot, array)
+                if result.errno:
+                    entries, written = plain_entries(commands, array)
+                    self._retry(slot, entries, result, host, written)
             stats.forwarded += work
         stats.baseline_invalidate_calls += work * len(self.topology.slots)
         stats.barriers += syncs
-        return NOTHING
+        if not host:
+            return NOTHING
+        host.sort(key=_by_index)
+        return Outcome(tuple(host), tuple(host))
 
     def _plain_array(self, commands: bytes, work: int, syncs: int, bulk: BulkCoalescer) -> bytes:
         """The entries of a run of plain doorbells: its TLB commands, coalesced when there
@@ -241,7 +254,9 @@ class SmmuDispatcher:
                 if policy.coalesce
                 else bucket.entries
             )
+            self._written = bucket.entries
             self._send(bucket.slot, entries, errors)
+        self._written = None
         self._pending.clear()
 
     def _invalidate(self, slot: PiommuSlot, array: bytes) -> InvalidateResult:
@@ -256,24 +271,49 @@ class SmmuDispatcher:
         )
 
     def _send(self, slot: PiommuSlot, entries: list[Entry], errors: list[GuestError]) -> None:
-        """Send ``entries`` in one call (more after a failure); ``errors`` gets the guest
-        error of each entry the host refused."""
-        while entries:
+        """Send ``entries`` (``_written``, coalesced) in one call (more after a failure);
+        ``errors`` gets the guest error of each entry the host refused."""
+        if entries:
             result = self._invalidate(slot, b"".join(e.raw for e in entries))
-            if result.errno == 0:
-                return
+            if result.errno:
+                self._retry(slot, entries, result, errors, self._written)
+
+    def _retry(
+        self,
+        slot: PiommuSlot,
+        entries: list[Entry],
+        result: InvalidateResult,
+        errors: list[GuestError],
+        written: list[Entry] | None = None,
+    ) -> None:
+        """After the call of ``entries`` failed with ``result``: CERROR_ILL on the guest
+        command of the entry the kernel names (``entry_num``), then what it may have left
+        undone re-sent, until a call succeeds. ``written`` are the guest's commands as
+        written, before coalescing: when coalescing changed them, a failed entry may have
+        stood for several commands (a merged range, a promoted flood) or covered commands
+        it replaced, so after the first failure every command but the one reported is
+        re-sent as written."""
+        while result.errno:
             bad = min(result.done, len(entries) - 1)
+            origin = entries[bad].origin
             errors.append(
                 GuestError(
-                    entries[bad].origin,
+                    origin,
                     CERROR_ILL,
                     f"host IOMMU_HWPT_INVALIDATE failed on this command (errno {result.errno})",
                     entries[bad].raw,
                 )
             )
-            # Entries of the group holding the bad one may not have reached the hardware.
-            certain = bad - bad % ARM_ISSUE_GROUP
-            entries = entries[certain:bad] + entries[bad + 1 :]
+            if written is not None and [e.raw for e in written] != [e.raw for e in entries]:
+                entries = [e for e in written if e.origin != origin]
+            else:
+                # Entries of the group holding the bad one may not have reached the hardware.
+                certain = bad - bad % ARM_ISSUE_GROUP
+                entries = entries[certain:bad] + entries[bad + 1 :]
+            written = None
+            if not entries:
+                return
+            result = self._invalidate(slot, b"".join(e.raw for e in entries))
 
     def _install(self, event: StreamTableInvalidated, errors: list[GuestError]) -> None:
         """Install the vSTEs the event carries, in vSID order. A vSID the guest never wrote

@@ -307,3 +307,39 @@ def coalesce(entries: list[Entry], *, flood_pages: int = DEFAULT_FLOOD_PAGES) ->
     out = merge_atc(out)
     out = promote_floods(out, flood_pages)
     return order_by_class(out)
+
+
+def plain_entries(commands: bytes, array: bytes) -> tuple[list[Entry], list[Entry]]:
+    """The entries of a group commit's call (``array``: the TLB commands of the run's
+    ``commands``, maybe coalesced by the vectorised rules) with the origin the per-doorbell
+    rules would give each — the row in ``commands`` of the guest command that produced it:
+    a command sent as written is its own (first) row; a VMID-wide TLBI_NH_ALL that is no
+    guest command (a promoted flood) the first TLB command's; a merged range the lowest row
+    of the spans it joins — and the run's TLB commands as written, each with its row.
+    Worked out only when a call fails."""
+    rows = [commands[at : at + 16] for at in range(0, len(commands), 16)]
+    written = [Entry(raw, row) for row, raw in enumerate(rows) if raw[0] != Opcode.CMD_SYNC]
+    first: dict[bytes, int] = {}
+    ranges: dict[tuple[int, int, int], list[tuple[int, int, int]]] = {}
+    for entry in written:
+        first.setdefault(entry.raw, entry.origin)
+        key = _range_key(entry)
+        if key is not None:
+            ranges.setdefault(key, []).append((*_pages(entry), entry.origin))
+    lowest = written[0].origin if written else 0
+    out: list[Entry] = []
+    for at in range(0, len(array), 16):
+        raw = array[at : at + 16]
+        origin = first.get(raw)
+        if origin is None:
+            origin = lowest
+            sent = Entry(raw, 0)
+            key = _range_key(sent)
+            if key is not None:
+                page = _pages(sent)[0]
+                for lo, end, low in _union(sorted(ranges.get(key, []))):
+                    if lo <= page < end:
+                        origin = low
+                        break
+        out.append(Entry(raw, origin))
+    return out, written

@@ -40,8 +40,8 @@ call.
 from __future__ import annotations
 
 import errno as errno_mod
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from operator import attrgetter
 
 from protocols import iommufd as uapi
@@ -56,6 +56,7 @@ from viommud.backend.calls import InvalidateResult, Iommufd
 from viommud.dispatcher import NOTHING, DispatchStats, Outcome
 from viommud.events import (
     Barrier,
+    CompletionInterrupt,
     ContextCacheInvalidated,
     DomainInvalidation,
     GuestError,
@@ -180,14 +181,27 @@ class _DeviceTlb:
     end: int
 
 
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """What a planned call of a group commit stands for, worked out only when it fails:
+    ``sent`` the descriptors it carries out (screen row, start, end in bytes, LEAF; a
+    device-TLB invalidation counts as a LEAF span) and ``elided`` the device-TLB
+    invalidations the plan elided on its HWPT (row, start, end)."""
+
+    sent: list[tuple[int, int, int, bool]]
+    elided: list[tuple[int, int, int]]
+
+
 @dataclass(slots=True)
 class PlainPlan:
     """A run of plain doorbells, planned (viommud.group_commit.vtd_plan): the calls to make
-    and, once they have all succeeded, the flush histories to keep (recorded at ``clock``,
-    the tick of the run's calls) and what to count."""
+    and, once they have returned, the flush histories to keep (recorded at ``clock``, the
+    tick of the run's calls) and what to count; per HWPT, how to find what a failed call
+    stood for (``provenance``)."""
 
     clock: int
     sends: list[tuple[SharedHwpt, bytes]] = field(default_factory=list)
+    provenance: dict[int, Callable[[], Provenance]] = field(default_factory=dict)
     histories: list[tuple[SharedHwpt, FlushHistory]] = field(default_factory=list)
     baseline: int = 0
     forwarded: int = 0
@@ -209,14 +223,17 @@ class VtdDispatcher:
     _errors: dict[int, GuestError] = field(default_factory=dict)
     _host_errors: list[GuestError] = field(default_factory=list)
     _first_barrier: int = 0  # barrier number the pending work belongs to
+    _failed: list[tuple[int, int, int]] = field(default_factory=list)  # HWPT, failed span
 
     def run(self, events: Iterable[VtdEvent]) -> Outcome:
         """Execute one doorbell's events: its errors in descriptor order (the frontend's
         and the host's), the IQEs the host caused, and its status writes in order."""
         writes: list[StatusWrite] = []
+        interrupts: list[int] = []
         self._errors = {}
         self._host_errors = []
         self._raw = {}
+        self._failed = []
         stats = self.stats
         for event in events:
             if isinstance(event, DomainInvalidation):
@@ -229,6 +246,8 @@ class VtdDispatcher:
                 stats.barriers += 1  # completes with the doorbell's calls (see the plan)
             elif isinstance(event, StatusWrite):
                 writes.append(event)
+            elif isinstance(event, CompletionInterrupt):
+                interrupts.append(event.index)
             elif isinstance(event, ContextCacheInvalidated):
                 self._flush()
                 self._context_invalidated(event)
@@ -239,13 +258,14 @@ class VtdDispatcher:
                 self._errors.setdefault(event.index, event)
         self._flush()
         errors = self._errors
-        if not errors and not writes:
+        if not errors and not writes and not interrupts:
             return NOTHING
         host = self._host_errors
         return Outcome(
             tuple(errors[index] for index in sorted(errors)),
             tuple(sorted(host, key=attrgetter("index"))),
             tuple(writes),
+            tuple(interrupts),
         )
 
     # -- collecting ---------------------------------------------------------------------
@@ -329,19 +349,31 @@ class VtdDispatcher:
     def _send(self, batch: Batch) -> None:
         hwpt = batch.hwpt
         entries = batch.entries
-        topology = self.topology
-        while entries:
-            result = self._invalidate(hwpt, b"".join(e.pack() for e in entries))
-            if result.errno == 0:
-                clock = topology.tick()
-                for entry in entries:
-                    hwpt.flushes.record(clock, entry.start, entry.end)
+        if not entries:
+            return
+        result = self._invalidate(hwpt, b"".join(e.pack() for e in entries))
+        if result.errno:
+            entries = self._retry(hwpt, entries, result)
+            if not entries:
                 return
+        clock = self.topology.tick()
+        for entry in entries:
+            hwpt.flushes.record(clock, entry.start, entry.end)
+
+    def _retry(
+        self, hwpt: SharedHwpt, entries: list[_Entry], result: InvalidateResult
+    ) -> list[_Entry]:
+        """After the call of ``entries`` failed with ``result``: IQE at the guest descriptor
+        of the entry the kernel names (the earliest, when several were folded into it),
+        then the entries after it and the other descriptors folded into it sent again,
+        until a call succeeds. Returns the entries of that call ([] when none was left)."""
+        while result.errno:
             # Some guest change may now be in no host flush: forget what earlier flushes
             # covered, so device-TLB invalidations are sent again until new flushes cover them.
             hwpt.flushes = FlushHistory()
             done = min(result.done, len(entries) - 1)
             bad = entries[done]
+            self._failed.append((hwpt.hwpt_id, bad.start, bad.end))
             first, rest = bad.origins[0], bad.origins[1:]
             self._fail(
                 first,
@@ -350,36 +382,60 @@ class VtdDispatcher:
             )
             retry = [_Entry(bad.start, bad.end, bad.leaf, rest)] if rest else []
             entries = retry + entries[done + 1 :]
+            if not entries:
+                return []
+            result = self._invalidate(hwpt, b"".join(e.pack() for e in entries))
+        return entries
 
     # -- group commit -------------------------------------------------------------------
-    def run_plain(self, plan: PlainPlan, waits: int) -> Outcome | None:
+    def run_plain(self, plan: PlainPlan, waits: int, raw: Callable[[int], bytes]) -> Outcome:
         """Execute a run of consecutive plain doorbells at once, as planned by
         viommud.group_commit.vtd_plan from this dispatcher's topology: one call per nested
         HWPT for all of them, every one of the run's ``waits`` completing when those calls
-        have returned. Plain doorbells hold no error and no configuration change, so the
-        outcome is empty (their status writes are the screen's).
+        (and any re-sends) have returned. Plain doorbells hold no error of their own and no
+        configuration change (their status writes are the screen's).
 
-        Returns None when a host call fails, having counted and recorded nothing: the caller
-        then runs the doorbells one by one (``run``), which maps the failure to its guest
-        descriptor and sends the rest again (invalidations are idempotent)."""
+        A host failure is handled as ``_send`` handles one for a doorbell: IQE at the
+        descriptor whose entry the kernel names (screen rows here; the model splits them
+        among its doorbells, ``raw`` gives a row's bytes), the rest re-sent; a device-TLB
+        invalidation the plan elided on the HWPT over the failed entry's range is sent on
+        its own, and the HWPT forgets its earlier flushes."""
         stats = self.stats
+        self._errors, self._host_errors, self._raw, self._failed = {}, [], {}, []
         if plan.sends:
             assert plan.clock == self.topology.clock + 1, "planned against another topology"
             self.iommufd.log.barrier = stats.barriers + 1
+        failed: dict[int, tuple[SharedHwpt, Provenance]] = {}
         for hwpt, array in plan.sends:
             result = self._invalidate(hwpt, array)
             if result.errno:
-                return None
+                made = plan.provenance[hwpt.hwpt_id]()
+                failed[hwpt.hwpt_id] = (hwpt, made)
+                self._retry(hwpt, _entries_of(array, made), result)
         if plan.sends:
             self.topology.tick()  # the clock the plan recorded its flushes at
         for hwpt, history in plan.histories:
-            hwpt.flushes = history
+            hwpt.flushes = FlushHistory() if hwpt.hwpt_id in failed else history
         stats.baseline_invalidate_calls += plan.baseline
         stats.forwarded += plan.forwarded
         stats.dropped += plan.dropped
         stats.barriers += waits
         self.elided += plan.elided
-        return NOTHING
+        if not failed:
+            return NOTHING
+        bad = self._failed
+        for hwpt, made in failed.values():
+            batch = Batch(hwpt)
+            spans = [(lo, hi) for hwpt_id, lo, hi in bad if hwpt_id == hwpt.hwpt_id]
+            for row, start, end in made.elided:
+                if any(start < hi and lo < end for lo, hi in spans):
+                    self.elided -= 1
+                    stats.forwarded += 1
+                    batch.add(start, end, True, row)
+            self._send(batch)
+        host = sorted(self._host_errors, key=attrgetter("index"))
+        errors = tuple(replace(e, raw=raw(e.index)) for e in host)
+        return Outcome(errors, errors)
 
     def _fail(self, index: int, reason: str) -> None:
         if index in self._errors:
@@ -475,3 +531,19 @@ def _present(entry: PasidEntry | None) -> PasidEntry | None:
 
 def _errno_name(err: int) -> str:
     return errno_mod.errorcode.get(err, str(err))
+
+
+def _entries_of(array: bytes, made: Provenance) -> list[_Entry]:
+    """The entries of a group commit's failed call with the descriptors each stands for:
+    those whose span it covers, as ``Batch`` folds them (or, for a block of a merged span,
+    meets), earliest first."""
+    out: list[_Entry] = []
+    for addr, npages, flags, _ in VTD_S1_STRUCT.iter_unpack(array):
+        end = FULL_END if npages == VTD_INV_ALL_PAGES else addr + (npages << 12)
+        entry = _Entry(addr, end, bool(flags & IOMMU_VTD_INV_FLAGS_LEAF), [])
+        origins = [row for row, lo, hi, leaf in made.sent if entry.covers(lo, hi, leaf)]
+        if not origins:
+            origins = [row for row, lo, hi, _ in made.sent if lo < end and addr < hi]
+        entry.origins = sorted(set(origins)) or [min(row for row, *_ in made.sent)]
+        out.append(entry)
+    return out

@@ -5,10 +5,12 @@ with ``group_commit = True`` on its class (the ``Viommu`` protocol declares the 
 Protocol ``isinstance`` check would cost microseconds per doorbell). ``run`` is the whole
 mode: it splits the waiting doorbells into runs of *plain* ones (TLB-class invalidations and
 barriers only, none in error), commits each run with shared host calls, and sends the
-others, and any run whose host call failed, down the per-doorbell path — so a failure
-reaches the guest at its own command's index, exactly as without group commit.
-Screens and bulk coalescers per model: ``smmuv3_screen``, ``smmuv3_coalesce``,
-``vtd_screen``, ``vtd_coalesce``. docs/coalescing.md, "Group commit".
+others down the per-doorbell path. A host failure inside a run is handled by the run's own
+dispatcher exactly as the per-doorbell path handles one (the guest command that produced the
+entry the kernel names gets the error, the rest is re-sent), so it reaches the guest in the
+reply of the doorbell holding that command. Screens and bulk coalescers per model:
+``smmuv3_screen``, ``smmuv3_coalesce``, ``vtd_screen``, ``vtd_coalesce``.
+docs/coalescing.md, "Group commit".
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ class GroupCommit(Protocol):
         """Which doorbells are plain; pass it back to ``commit``."""
         ...
 
-    def commit(self, screen: Any, first: int, stop: int) -> list[DoorbellReply] | None:
-        """Doorbells ``first`` to ``stop - 1`` (all plain) at once: their replies, or None,
-        with nothing counted, when a host call failed."""
+    def commit(self, screen: Any, first: int, stop: int) -> list[DoorbellReply]:
+        """Doorbells ``first`` to ``stop - 1`` (all plain) at once: their replies, built once
+        every host call of the run (re-sends after a failure included) has returned."""
         ...
 
 
@@ -51,12 +53,10 @@ def run(
     doorbells: list[bytes],
     one: OneByOne,
     *,
-    single: Callable[[bytes], DoorbellReply],
     before: Callable[[list[bytes]], None] | None = None,
     after: Callable[[list[DoorbellReply]], None] | None = None,
 ) -> list[Answer]:
-    """Every doorbell's answer, in order. ``one`` answers a doorbell that is not plain;
-    ``single`` re-runs a plain doorbell alone when its run's shared call failed; ``before``
+    """Every doorbell's answer, in order. ``one`` answers a doorbell that is not plain; ``before``
     and ``after`` bracket each committed run (the oracle sees a run as one doorbell whose
     barriers complete when its calls return)."""
     screen = model.screen(doorbells)
@@ -75,8 +75,6 @@ def run(
         if before is not None:
             before(batch)
         replies = model.commit(screen, first, stop)
-        if replies is None:  # a host call failed: one by one, for the guest's error index
-            replies = [single(data) for data in batch]
         if after is not None:
             after(replies)
         out += replies

@@ -15,8 +15,8 @@ the order that lets the cheap ones spare the costly ones:
 * range TLBIs (TG != 0) of one ASID/VMID word, leaf, TTL and granule whose page ranges
   overlap or touch become one span, re-encoded as RIL commands when that is shorter.
 
-No origin is tracked: when a group call fails, the doorbells are replayed one by one through
-the per-doorbell dispatcher, which maps the failure to its guest command.
+No origin is tracked here: when a group call fails, the dispatcher works out which guest
+command each sent entry stands for (``dispatcher.smmuv3_coalesce.plain_entries``).
 """
 
 from __future__ import annotations

@@ -19,12 +19,19 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-from viommud.dispatcher.vtd import Batch, PlainPlan, device_tlb_is_redundant, device_tlb_target
+from viommud.dispatcher.vtd import (
+    Batch,
+    PlainPlan,
+    Provenance,
+    device_tlb_is_redundant,
+    device_tlb_target,
+)
 from viommud.events import DomainInvalidation, Invalidation, VtdEvent
 from viommud.frontends.vtd.frontend import PAGE_SHIFT
 from viommud.group_commit.vtd_coalesce import I64, Bools, coalesce, pack
@@ -34,17 +41,50 @@ from viommud.topology.vtd import FULL_END, HISTORY, FlushHistory, SharedHwpt, Vt
 __all__ = ["plan_run"]
 
 
-def plan_run(topology: VtdTopology, work: PlainWork | list[list[VtdEvent]]) -> PlainPlan:
+def plan_run(
+    topology: VtdTopology, work: PlainWork | list[list[VtdEvent]], rows: list[int]
+) -> PlainPlan:
     """The plan of a run of plain doorbells on ``topology``: ``work`` is the run as arrays (a
     large screen; coalesced by vtd_coalesce) or as the frontend's events per doorbell (a
-    small one; folded as ``Batch`` folds). Its flushes are recorded at the clock the run's
-    calls will tick the topology to."""
+    small one; folded as ``Batch`` folds), ``rows`` the screen row of each doorbell's first
+    descriptor (a failure is reported by row). Its flushes are recorded at the clock the
+    run's calls will tick the topology to."""
     plan = PlainPlan(topology.clock + 1)
     if isinstance(work, PlainWork):
         _plan_bulk(topology, work, plan)
     else:
-        _plan_events(topology, work, plan)
+        _plan_events(topology, work, plan, rows)
     return plan
+
+
+def _bytes(start: I64, end: I64) -> tuple[list[int], list[int]]:
+    """Page spans as byte spans (``FULL_PAGES`` and beyond: ``FULL_END``)."""
+    return (
+        [a << PAGE_SHIFT for a in start.tolist()],
+        [FULL_END if b >= FULL_PAGES else b << PAGE_SHIFT for b in end.tolist()],
+    )
+
+
+def _known(made: Provenance) -> Callable[[], Provenance]:
+    return lambda: made
+
+
+def _bulk_provenance(
+    tlb: tuple[I64, I64, I64, Bools], dev: tuple[I64, I64, I64], kept: Bools
+) -> Callable[[], Provenance]:
+    """What a bulk-planned call stands for (``Provenance``), from the run's arrays."""
+
+    def made() -> Provenance:
+        rows, start, end, leaf = tlb
+        sent = list(zip(rows.tolist(), *_bytes(start, end), leaf.tolist(), strict=True))
+        d_rows, d_start, d_end = dev
+        forwarded = zip(d_rows[kept].tolist(), *_bytes(d_start[kept], d_end[kept]), strict=True)
+        sent += [(row, lo, hi, True) for row, lo, hi in forwarded]
+        gone = ~kept
+        elided = zip(d_rows[gone].tolist(), *_bytes(d_start[gone], d_end[gone]), strict=True)
+        return Provenance(sorted(sent), list(elided))
+
+    return made
 
 
 @dataclass(slots=True)
@@ -104,15 +144,24 @@ def _plan_bulk(topology: VtdTopology, work: PlainWork, plan: PlainPlan) -> None:
                 np.concatenate((spans[2], np.ones(len(sent), dtype=np.bool_))),
             )
             plan.sends.append((run.hwpt, pack(*spans)))
+            plan.provenance[run.hwpt.hwpt_id] = _bulk_provenance(
+                (tlb.row[t], tlb.start[t], tlb.end[t], tlb.leaf[t]),
+                (dev.row[d], dev.start[d], dev.end[d]),
+                kept,
+            )
 
 
-def _plan_events(topology: VtdTopology, doorbells: list[list[VtdEvent]], plan: PlainPlan) -> None:
+def _plan_events(
+    topology: VtdTopology, doorbells: list[list[VtdEvent]], plan: PlainPlan, rows: list[int]
+) -> None:
     """``_plan_bulk`` for a few doorbells, from the frontend's events: routed as
     ``_collect`` and ``_collect_device_tlb`` route them, replayed doorbell by doorbell
     (``_replay_doorbell``), and each HWPT's entries folded into one ``Batch``."""
     reach: dict[tuple[int | None, int | None], tuple[list[SharedHwpt], int]] = {}
     work: dict[int, tuple[SharedHwpt, dict[int, _DoorbellWork]]] = {}
+    origin: dict[tuple[int, int], tuple[list[int], list[int]]] = {}  # (HWPT, k) -> rows
     for k, events in enumerate(doorbells):
+        base = rows[k]
         for event in events:
             if type(event) is DomainInvalidation:
                 key = (event.domain, event.pasid)
@@ -125,6 +174,7 @@ def _plan_events(topology: VtdTopology, doorbells: list[list[VtdEvent]], plan: P
                 end = event.addr + event.size if event.size else FULL_END
                 for hwpt in hwpts:
                     _work_of(work, hwpt, k)[0].append((event.addr, end, event.leaf))
+                    origin.setdefault((hwpt.hwpt_id, k), ([], []))[0].append(base + event.index)
             elif type(event) is Invalidation:
                 assert event.device is not None
                 vdev = topology.vdevice(event.device)
@@ -136,22 +186,31 @@ def _plan_events(topology: VtdTopology, doorbells: list[list[VtdEvent]], plan: P
                     continue
                 end = event.addr + event.size if event.size else FULL_END
                 _work_of(work, target, k)[1].append((event.addr, end, vdev.joined))
+                origin.setdefault((target.hwpt_id, k), ([], []))[1].append(base + event.index)
     clock = plan.clock
     for hwpt, per_doorbell in work.values():
         history = FlushHistory(hwpt.flushes.full, deque(hwpt.flushes.recent, HISTORY))
         batch = Batch(hwpt)  # what the run sends to this HWPT
-        for tlb, device_tlbs in per_doorbell.values():
+        made = Provenance([], [])
+        for k, (tlb, device_tlbs) in per_doorbell.items():
             sent = _replay_doorbell(hwpt, history, clock, tlb, device_tlbs)
-            for start, end, leaf in tlb:
+            tlb_rows, dev_rows = origin[hwpt.hwpt_id, k]
+            for (start, end, leaf), row in zip(tlb, tlb_rows, strict=True):
                 batch.add(start, end, leaf, 0)
-            for (start, end, _), keep in zip(device_tlbs, sent, strict=True):
+                made.sent.append((row, start, end, leaf))
+            for (start, end, _), keep, row in zip(device_tlbs, sent, dev_rows, strict=True):
                 if keep:
                     batch.add(start, end, True, 0)
+                    made.sent.append((row, start, end, True))
+                else:
+                    made.elided.append((row, start, end))
             plan.forwarded += sum(sent)
             plan.elided += len(sent) - sum(sent)
         plan.histories.append((hwpt, history))
         if batch.entries:
             plan.sends.append((hwpt, batch.pack()))
+            made.sent.sort()
+            plan.provenance[hwpt.hwpt_id] = _known(made)
 
 
 def _plain_targets(topology: VtdTopology, work: PlainWork, plan: PlainPlan) -> dict[int, _HwptRun]:

@@ -32,6 +32,7 @@ its events are the run's work (``Screen.events``).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -39,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols.vtd import DescType
-from viommud.events import GuestError, StatusWrite, VtdEvent
+from viommud.events import CompletionInterrupt, GuestError, StatusWrite, VtdEvent
 from viommud.frontends.vtd.frontend import (
     MAMV,
     RESERVED,
@@ -175,6 +176,13 @@ class Screen:
     def rows(self, first: int, stop: int) -> tuple[int, int]:
         """The row span of doorbells ``first`` to ``stop - 1``."""
         return self.starts[first], self.starts[stop]
+
+    def descriptor(self, row: int) -> bytes:
+        """The bytes of the descriptor at ``row``."""
+        k = bisect_right(self.starts, row) - 1
+        size = self.desc_size
+        at = (row - self.starts[k]) * size
+        return self.doorbells[k][at : at + size]
 
     def kinds(self, k: int) -> list[int]:
         """The descriptor types of doorbell ``k`` (none when it owns no rows)."""
@@ -357,4 +365,26 @@ def status_writes(screen: Screen, first: int, stop: int) -> list[list[tuple[int,
         doorbell.tolist(), index.tolist(), addr.tolist(), data.tolist(), strict=True
     ):
         out[k].append((i, a, d))
+    return out
+
+
+def interrupts(screen: Screen, first: int, stop: int) -> list[list[int]]:
+    """Per doorbell ``first`` to ``stop - 1`` (all plain): the index of each wait with IF=1
+    (qw0 bit 4), in order — the completion interrupts its reply reports (VT-d §6.5.2.8)."""
+    if screen.bulk is None:
+        assert screen.events is not None
+        return [
+            [e.index for e in events if type(e) is CompletionInterrupt]
+            for events in screen.events[first:stop]
+        ]
+    lo, hi = screen.rows(first, stop)
+    words, kinds = screen.bulk.words[lo:hi], screen.bulk.kinds[lo:hi]
+    rows = np.flatnonzero((kinds == _WAIT) & ((words[:, 0] & 0x10) != 0))
+    out: list[list[int]] = [[] for _ in range(stop - first)]
+    if not len(rows):
+        return out
+    starts = np.asarray(screen.starts[first:stop], dtype=np.int64) - lo
+    doorbell = np.searchsorted(starts, rows, side="right") - 1
+    for k, i in zip(doorbell.tolist(), (rows - starts[doorbell]).tolist(), strict=True):
+        out[k].append(i)
     return out

@@ -9,6 +9,7 @@ the dispatcher's ``run_plain`` and the frontend's ``took_plain``.
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, ClassVar
@@ -55,7 +56,10 @@ class SmmuV3Viommu:
     def create(cls, record: ViommuCreate, ctx: ModelContext) -> SmmuV3Viommu:
         check_host_iommus(record, ctx, HostIommu.ARM_SMMUV3)
         try:
-            features = SmmuFeatures.from_options(record.options)
+            options = dict(record.options)
+            if ctx.compat is not None:
+                options.setdefault("compat", ctx.compat)
+            features = SmmuFeatures.from_options(options)
         except ValueError as exc:
             raise ModelError(str(exc)) from None
         frontend = SmmuV3Frontend(features)
@@ -128,21 +132,27 @@ class SmmuV3Viommu:
         """Which of these doorbells are plain (bulk.screen) — the ones ``commit`` takes."""
         return screen_doorbells(doorbells, self.frontend.features)
 
-    def commit(self, screen: Screen, first: int, stop: int) -> list[DoorbellReply] | None:
+    def commit(self, screen: Screen, first: int, stop: int) -> list[DoorbellReply]:
         """Plain doorbells ``first`` to ``stop - 1`` of ``screen`` at once: their TLB work in
-        one call per vIOMMU object, then each one's response. None, with nothing counted,
-        when a host call failed (the caller runs them one by one with ``doorbell``)."""
+        one call per vIOMMU object, then each one's response. A host failure is CERROR_ILL
+        in the reply of the doorbell whose command produced the failed entry, at that
+        command's index, as ``doorbell`` reports it (docs/coalescing.md)."""
         commands = screen.commands(first, stop)
         syncs = screen.syncs[first:stop]
         total_syncs = sum(syncs)
         calls = self.dispatcher.iommufd.log
         calls_before = calls.seq
         started = time.perf_counter()
-        if self.dispatcher.run_plain(commands, total_syncs, coalesce_tlb) is None:
-            return None  # a plain run's outcome is empty: nothing to hand the frontend
-        starts = screen.starts[first : stop + 1]
+        outcome = self.dispatcher.run_plain(commands, total_syncs, coalesce_tlb)
+        starts = [at - screen.starts[first] for at in screen.starts[first : stop + 1]]
         consumed = [b - a for a, b in pairwise(starts)]
         self.frontend.took_plain(commands, total_syncs, DoorbellSummary(consumed[-1], syncs[-1]))
+        errors: list[list[CommandError]] = [[] for _ in consumed]
+        if outcome.host_errors:
+            self.frontend.host_failed(outcome.host_errors)
+            for error in outcome.host_errors:  # run rows -> (doorbell, index in it)
+                k = bisect_right(starts, error.index) - 1
+                errors[k].append(CommandError(error.index - starts[k], error.code, error.reason))
         log = self.log
         if log is not None:
             if self.debug:
@@ -163,7 +173,17 @@ class SmmuV3Viommu:
                 commands=len(commands) // COMMAND_SIZE,
                 syncs=total_syncs,
             )
-        return [DoorbellReply(n, s) for n, s in zip(consumed, syncs, strict=True)]
+            for error in outcome.host_errors:
+                log.warning(
+                    "guest_error",
+                    index=error.index - starts[bisect_right(starts, error.index) - 1],
+                    code=error.code,
+                    reason=error.reason,
+                    raw_hex=error.raw.hex(),
+                )
+        return [
+            DoorbellReply(n, s, tuple(e)) for n, s, e in zip(consumed, syncs, errors, strict=True)
+        ]
 
     def request(self, data: bytes) -> RequestReply:
         raise RecordRefused(f"vIOMMU {self.name!r} is an smmuv3: it takes no virtio requests")

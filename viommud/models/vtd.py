@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import time
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,7 +24,13 @@ from viommud.frontends.vtd.frontend import (
     VtdFrontend,
 )
 from viommud.group_commit.vtd_plan import plan_run
-from viommud.group_commit.vtd_screen import Screen, nothing_plain, plain_work, status_writes
+from viommud.group_commit.vtd_screen import (
+    Screen,
+    interrupts,
+    nothing_plain,
+    plain_work,
+    status_writes,
+)
 from viommud.group_commit.vtd_screen import screen as screen_doorbells
 from viommud.guest.vtd import descriptor_type, kind_name
 from viommud.models.base import (
@@ -127,6 +134,7 @@ class VtdViommu:
             if outcome.errors
             else (),
             outcome.status_writes,
+            outcome.interrupts,
         )
 
     # -- group commit (docs/coalescing.md, "Group commit") --------------------------------
@@ -138,11 +146,12 @@ class VtdViommu:
             return nothing_plain(doorbells, features)
         return screen_doorbells(doorbells, features)
 
-    def commit(self, screen: Screen, first: int, stop: int) -> list[DoorbellReply] | None:
+    def commit(self, screen: Screen, first: int, stop: int) -> list[DoorbellReply]:
         """Plain doorbells ``first`` to ``stop - 1`` of ``screen`` at once: their work in one
         call per nested HWPT, then each one's response — what ``doorbell`` answers for it,
-        status writes included. None, with nothing counted, when a host call failed (the
-        caller runs them one by one with ``doorbell``)."""
+        status writes included. A host failure is IQE in the reply of the doorbell whose
+        descriptor produced the failed entry, at its index, as ``doorbell`` reports it
+        (docs/coalescing.md)."""
         if stop - first == 1:  # nothing to share: the per-doorbell path itself
             return [self.doorbell(screen.doorbells[first])]
         lo, hi = screen.rows(first, stop)
@@ -151,14 +160,21 @@ class VtdViommu:
         calls = dispatcher.iommufd.log
         calls_before = calls.seq
         started = time.perf_counter()
-        plan = plan_run(self.topology, plain_work(screen, first, stop))
-        if dispatcher.run_plain(plan, sum(syncs)) is None:
-            return None
         starts = screen.starts
+        plan = plan_run(self.topology, plain_work(screen, first, stop), starts[first:stop])
+        outcome = dispatcher.run_plain(plan, sum(syncs), screen.descriptor)
         consumed = [starts[k + 1] - starts[k] for k in range(first, stop)]
         self.frontend.took_in_bulk(
             screen.kind_counts(first, stop), sum(syncs), DoorbellSummary(consumed[-1], syncs[-1])
         )
+        errors: list[list[CommandError]] = [[] for _ in consumed]
+        if outcome.host_errors:
+            self.frontend.host_failed(outcome.host_errors)
+            for error in outcome.host_errors:  # screen rows -> (doorbell, index in it)
+                k = bisect_right(starts, error.index) - 1
+                errors[k - first].append(
+                    CommandError(error.index - starts[k], error.code, error.reason)
+                )
         log = self.log
         if log is not None:
             if self.debug:
@@ -181,10 +197,20 @@ class VtdViommu:
                 commands=hi - lo,
                 syncs=sum(syncs),
             )
+            for error in outcome.host_errors:
+                k = bisect_right(starts, error.index) - 1
+                log.warning(
+                    "guest_error",
+                    index=error.index - starts[k],
+                    code=error.code,
+                    reason=error.reason,
+                    raw_hex=error.raw.hex(),
+                )
         writes = status_writes(screen, first, stop)
+        raised = interrupts(screen, first, stop)
         return [
-            DoorbellReply(n, s, (), tuple(StatusWrite(i, a, d) for i, a, d in w))
-            for n, s, w in zip(consumed, syncs, writes, strict=True)
+            DoorbellReply(n, s, tuple(e), tuple(StatusWrite(i, a, d) for i, a, d in w), tuple(r))
+            for n, s, e, w, r in zip(consumed, syncs, errors, writes, raised, strict=True)
         ]
 
     def request(self, data: bytes) -> RequestReply:

@@ -157,6 +157,13 @@ def _parser() -> argparse.ArgumentParser:
         help="let doorbells that arrive together share host calls (docs/coalescing.md); "
         "fewer calls, counts that depend on timing",
     )
+    rep.add_argument(
+        "--compat",
+        choices=("architecture", "qemu"),
+        help="how smmuv3 vIOMMUs treat commands the architecture refuses but QEMU accepts "
+        "(docs/smmuv3.md, 'Compatibility policy'); default: the architecture's reading, or "
+        "the vIOMMU's own 'compat' option",
+    )
     rep.add_argument("--token-file", type=Path, help="token for a tcp:// --socket")
     rep.add_argument(
         "--timeout",
@@ -387,6 +394,7 @@ def _replay(args: argparse.Namespace) -> int:
                         token=token,
                         progress=progress,
                         group_commit=args.group_commit,
+                        compat=args.compat,
                     )
                 )
             else:
@@ -399,6 +407,7 @@ def _replay(args: argparse.Namespace) -> int:
                         verify=args.verify,
                         progress=progress,
                         group_commit=args.group_commit,
+                        compat=args.compat,
                     )
                 )
     except OSError as exc:

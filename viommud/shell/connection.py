@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from protocols.frames import MAX_PAYLOAD, PROTOCOL_VERSION, FrameType
 from viommud import __version__, wire
 from viommud.backend.base import Backend
+from viommud.frontends.smmuv3.frontend import COMPAT_POLICIES
 from viommud.host import HostConfig, HostConfigError
 from viommud.replies import DoorbellReply
 from viommud.session import RecordRefused, Session
@@ -231,6 +232,9 @@ class Connection:
         if hello.get("probe"):
             self.closing = True  # health check: answer and hang up, no session
             return wire.encode_json(FrameType.HELLO_OK, frame.seq, reply)
+        compat = hello.get("compat")
+        if compat is not None and compat not in COMPAT_POLICIES:
+            raise _Fatal("bad HELLO: 'compat' must be 'architecture' or 'qemu'")
         host = self._host_for(hello.get("host"))
         backend = self.factory(host)
         reply["backend"] = backend.name
@@ -251,6 +255,7 @@ class Connection:
             keep_calls=bool(hello.get("calls")),
             verify=bool(hello.get("verify")),
             log=self.log,
+            compat=compat,
         )
         self.session.calls.on_error = self._backend_error
         self.decoder.max_payload = MAX_PAYLOAD  # the session may send large doorbells now

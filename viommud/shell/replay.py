@@ -77,12 +77,14 @@ async def replay(
     token: str | None = None,
     progress: bool = False,
     group_commit: bool = False,
+    compat: str | None = None,
 ) -> ReplayResult:
     """Replay ``trace`` on the daemon listening at ``socket_path``.
 
     With ``verify`` the daemon runs the oracle; a missed invalidation gives exit status 1.
     ``group_commit`` lets the daemon share host calls among doorbells that arrive together
-    (call counts then depend on timing; responses do not).
+    (call counts then depend on timing; responses do not). ``compat`` is the session's
+    default compatibility policy (HELLO ``compat``, docs/protocol.md).
     ``socket_path`` may be ``tcp://ADDR:PORT``; ``token`` is then presented in HELLO."""
     try:
         reader = TraceReader(trace)
@@ -105,6 +107,7 @@ async def replay(
             verify=verify,
             progress=bar,
             group_commit=group_commit,
+            compat=compat,
         )
     except ClientError as exc:
         return ReplayResult(EXIT_REFUSED, None, f"{header.name}: {exc}")
@@ -125,8 +128,10 @@ async def _run(
     verify: bool,
     progress: Progress | None = None,
     group_commit: bool = False,
+    compat: str | None = None,
 ) -> ReplayResult:
     header = reader.header
+    extra = {"compat": compat} if compat is not None else {}
     await client.hello(
         host=header.host.to_json(),
         calls=calls is not None,
@@ -135,6 +140,7 @@ async def _run(
         compact=True,
         compact_writes=True,
         group_commit=group_commit,
+        **extra,
     )
     started = time.perf_counter()
     lines: dict[int, int] = {}  # seq -> trace line
@@ -221,6 +227,7 @@ async def replay_embedded(
     verify: bool = False,
     progress: bool = False,
     group_commit: bool = False,
+    compat: str | None = None,
 ) -> ReplayResult:
     """Start a daemon on a temporary Unix socket in this process and replay through it."""
     with tempfile.TemporaryDirectory(prefix="viommud-") as tmp:
@@ -238,6 +245,7 @@ async def replay_embedded(
                 verify=verify,
                 progress=progress,
                 group_commit=group_commit,
+                compat=compat,
             )
         finally:
             stop.set()

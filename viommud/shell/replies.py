@@ -25,6 +25,8 @@ def doorbell_json(reply: DoorbellReply) -> dict[str, Any]:
             {"index": w.index, "addr": f"0x{w.addr:x}", "data": f"0x{w.data:x}"}
             for w in reply.status_writes
         ]
+    if reply.interrupts:
+        out["interrupts"] = list(reply.interrupts)
     return out
 
 
@@ -68,8 +70,9 @@ def encode_doorbell(
 ) -> bytes:
     """The answer to CMDS: CMDS_OK / CMDS_OK_WRITES for a clean doorbell when the client
     asked for compact replies (and, for status writes, for ``compact_writes``), else
-    RESPONSE (with ``calls`` when the client streams the call log)."""
-    if compact and not reply.errors:
+    RESPONSE (with ``calls`` when the client streams the call log). A doorbell that raised
+    completion interrupts is always a RESPONSE: the compact forms have no room for them."""
+    if compact and not reply.errors and not reply.interrupts:
         status_writes = reply.status_writes
         if status_writes is None:
             return wire.encode_cmds_ok(seq, reply.consumed, reply.syncs)

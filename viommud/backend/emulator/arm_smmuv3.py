@@ -24,7 +24,12 @@ from protocols import iommufd as uapi
 from protocols.models import HostIommu
 from protocols.smmuv3 import SID_OPS, TLBI_NH_OPS, TLBI_OPS, TLBI_RANGE_OPS, Opcode
 from viommud.backend.base import UserFault
-from viommud.backend.emulator.driver import KERNEL_PENDING, IommuDriver, IommufdCore
+from viommud.backend.emulator.driver import (
+    KERNEL_PENDING,
+    IommuDriver,
+    IommufdCore,
+    PhysicalIommuState,
+)
 from viommud.backend.emulator.objects import (
     ArmNestedData,
     DeviceObject,
@@ -216,7 +221,12 @@ class ArmSmmuV3Driver(IommuDriver):
             return self._cache_invalidate_pending(core, viommu, array)
         if array.entry_num * ARM_CMD_SIZE > KMALLOC_MAX_SIZE:
             return errno.ENOMEM, 0
-        if self.fast_invalidate and _packed_arm_array(array) and array.entry_num >= VECTOR_MIN:
+        if (
+            self.fast_invalidate
+            and not core.unit(viommu.iommu).faults  # injected faults take the reference walk
+            and _packed_arm_array(array)
+            and array.entry_num >= VECTOR_MIN
+        ):
             return self._cache_invalidate_packed(core, viommu, array)
         try:
             cmds = copy_full_array(
@@ -243,11 +253,16 @@ class ArmSmmuV3Driver(IommuDriver):
         every index reported) is that of the walk over the whole array.
         """
         unit = core.unit(viommu.iommu)
+        faults = bool(unit.faults)
         converted: list[bytes] = []
         cur = last = 0
         end = len(cmds)
         while cur != end:
             raw = self.convert(core, viommu, cmds[cur])
+            if faults and raw is not None:
+                err = unit.entry_fault(_user_entry(cmds[cur]), "entry")
+                if err:
+                    return err, base + cur  # as a convert failure: last..cur-1 not issued
             if raw is None:
                 return errno.EIO, base + cur  # commands last..cur-1 never reach the queue
             converted.append(raw)
@@ -256,6 +271,8 @@ class ArmSmmuV3Driver(IommuDriver):
                 continue
             group = converted[last:cur]
             err = unit.issue(group)
+            if faults and not err:
+                err = _issue_fault(unit, cmds[last:cur])
             core.apply_host_commands(viommu.iommu, group)
             if err:
                 return err, base + cur - 1
@@ -332,10 +349,16 @@ class ArmSmmuV3Driver(IommuDriver):
             converted: list[bytes] = []
             for cmd in cmds:
                 raw = self.convert_strict(core, viommu, cmd)
+                if raw is not None and unit.faults:
+                    err = unit.entry_fault(_user_entry(cmd), "entry")
+                    if err:
+                        return err, done  # as a convert failure: nothing of this chunk issued
                 if raw is None:
                     return errno.EIO, done  # nothing of this chunk was issued
                 converted.append(raw)
             err = unit.issue(converted)
+            if unit.faults and not err:
+                err = _issue_fault(unit, cmds)
             core.apply_host_commands(viommu.iommu, converted)
             if err:
                 return err, done
@@ -520,3 +543,17 @@ def _convert_vmid_ops(words: npt.NDArray[np.uint64], vmid: int) -> npt.NDArray[n
     )
     out[:, 1] = np.where(nsnh, np.uint64(0), w1)
     return out
+
+
+def _user_entry(cmd: uapi.ViommuArmSmmuv3Invalidate) -> bytes:
+    """An entry's bytes as the VMM passed them (what an injected ``EntryFault`` matches)."""
+    return _QQ.pack(cmd.cmd0, cmd.cmd1)
+
+
+def _issue_fault(unit: PhysicalIommuState, cmds: list[uapi.ViommuArmSmmuv3Invalidate]) -> int:
+    """The errno of an injected issue failure of a group holding ``cmds``, or 0."""
+    for cmd in cmds:
+        err = unit.entry_fault(_user_entry(cmd), "issue")
+        if err:
+            return err
+    return 0

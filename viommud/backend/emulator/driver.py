@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar, Literal, Protocol
 
 from protocols import iommufd as uapi
 from protocols.smmuv3 import Opcode
@@ -38,6 +39,7 @@ __all__ = [
     "KERNELS",
     "KERNEL_MAINLINE",
     "KERNEL_PENDING",
+    "EntryFault",
     "IommuDriver",
     "IommufdCore",
     "PhysicalIommuState",
@@ -51,6 +53,34 @@ HOST_CMD_SYNC = struct.pack("<QQ", Opcode.CMD_SYNC, 0)
 
 
 @dataclass(slots=True)
+class EntryFault:
+    """An injected host failure of the ``IOMMU_HWPT_INVALIDATE`` entries that ``match``
+    (the entry's bytes as the VMM passed them, before any kernel rewrite), for test code
+    (``testing.inject_invalidate_error``). ``at`` says how the kernel fails: ``"entry"`` as
+    a refused entry (ARM: ``arm_vsmmu_convert_user_cmd`` fails, EIO, ``entry_num`` is the
+    entry's index and its 63-group's earlier entries never reach the queue; VT-d: the entry
+    is refused, ``entry_num`` is its index, the earlier entries were carried out);
+    ``"issue"`` (ARM only) as a failed issue of the 63-group holding it (the group reached
+    the queue, ``entry_num`` is the group's last index). ``times`` failures, then it is
+    spent (None: every time); ``hits`` counts them."""
+
+    match: Callable[[bytes], bool]
+    err: int
+    at: Literal["entry", "issue"] = "entry"
+    times: int | None = 1
+    hits: int = 0
+
+    def hit(self, entry: bytes) -> bool:
+        """Whether ``entry`` fails now (a failure is counted)."""
+        if self.times is not None and self.hits >= self.times:
+            return False
+        if not self.match(entry):
+            return False
+        self.hits += 1
+        return True
+
+
+@dataclass(slots=True)
 class PhysicalIommuState:
     """What the emulator keeps per physical IOMMU: VMIDs, DIDs and the host command queue."""
 
@@ -59,6 +89,14 @@ class PhysicalIommuState:
     dids: dict[int, int] = field(default_factory=dict)  # hwpt id -> VT-d domain ID
     cmdq: list[bytes] = field(default_factory=list)
     pending_error: int = 0
+    faults: list[EntryFault] = field(default_factory=list)
+
+    def entry_fault(self, entry: bytes, at: str) -> int:
+        """The errno an injected ``EntryFault`` gives ``entry`` failing ``at``, or 0."""
+        for fault in self.faults:
+            if fault.at == at and fault.hit(entry):
+                return fault.err
+        return 0
 
     def alloc_vmid(self) -> int:
         vmid = 1

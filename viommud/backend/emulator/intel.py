@@ -183,6 +183,11 @@ class IntelVtdDriver(IommuDriver):
                 return errno.EOPNOTSUPP, done
             if inv.addr % PAGE_SIZE or (inv.npages == VTD_INV_ALL_PAGES and inv.addr):
                 return errno.EINVAL, done
+            unit = core.unit(hwpt.iommu)
+            if unit.faults:
+                err = unit.entry_fault(bytes(uapi.encode(inv)), "entry")
+                if err:
+                    return err, done  # injected: refused as a bad entry would be
             core.record_vtd_flush(hwpt, inv)
             done += 1
         return ENOERR, done

@@ -87,6 +87,10 @@ Choices the reference leaves open, made here:
   EINVAL, bytes past minsz are never checked (no E2BIG); only out fields are written back.
 * inject_cmdq_error(): the failing group reached the queue (it is in issued() and its
   commands took effect on the caches) and the call reports e-1 (§3.4).
+* inject_invalidate_error(): entry-keyed faults; an "entry" fault fails as a refused entry
+  (ARM: as a convert failure, the group's earlier entries not issued; VT-d: the earlier
+  entries done), an "issue" fault as inject_cmdq_error on the group holding the entry.
+  While one is armed the ARM vectorised walk is not used (the reference walk checks them).
 * VT-d invalidations are recorded as VtdFlush entries (vtd_flushes()), one per entry.
   npages 0 (not rejected by the kernel) flushes the one page at addr: the kernel's range
   arithmetic rounds 0 pages up to 1 on x86 (reference §7 calls the effect unspecified).

@@ -10,7 +10,9 @@ as its first argument and reads its state directly.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Literal
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
@@ -23,6 +25,7 @@ from viommud.backend.emulator.caches import (
     granule_level_size,
 )
 from viommud.backend.emulator.context import IommufdContext
+from viommud.backend.emulator.driver import EntryFault
 from viommud.backend.emulator.intel import VtdFlush
 from viommud.backend.emulator.objects import (
     DeviceObject,
@@ -36,10 +39,12 @@ __all__ = [
     "atc",
     "bound_device",
     "caches",
+    "clear_faults",
     "clear_issued",
     "dma",
     "inject_cmdq_error",
     "inject_event",
+    "inject_invalidate_error",
     "issued",
     "last_removed",
     "mock_devices",
@@ -77,6 +82,46 @@ def vtd_flushes(be: IommufdContext) -> list[VtdFlush]:
 def inject_cmdq_error(be: IommufdContext, iommu_id: str, err: int = errno.ETIMEDOUT) -> None:
     """Make the next command-queue issue on ``iommu_id`` fail with ``err`` (§3.4)."""
     be._units[iommu_id].pending_error = err
+
+
+def inject_invalidate_error(
+    be: IommufdContext,
+    iommu_id: str,
+    entry: bytes | Callable[[bytes], bool],
+    *,
+    err: int | None = None,
+    at: Literal["entry", "issue"] = "entry",
+    times: int | None = 1,
+) -> EntryFault:
+    """Make ``IOMMU_HWPT_INVALIDATE`` entries on physical IOMMU ``iommu_id`` fail: those equal
+    to ``entry`` (or for which it is true), as the VMM passed them (ARM: the guest command,
+    before the kernel writes the VMID or SID; VT-d: the ``iommu_hwpt_vtd_s1_invalidate``),
+    ``times`` times (None: every time). How the call fails is the kernel's own:
+
+    * ``at="entry"``: the entry is refused. ARM: as ``arm_vsmmu_convert_user_cmd`` refusing
+      it (``err`` default EIO; ``entry_num`` = its index; the earlier entries of its 63-group
+      never reach the queue; with the pending series, nothing of its chunk, ``entry_num`` =
+      the chunk's start). VT-d: as ``intel_nested_cache_invalidate_user`` refusing it
+      (``err`` default EINVAL; ``entry_num`` = its index; the earlier entries were done).
+    * ``at="issue"`` (ARM): the issue of the 63-group (pending: chunk) holding it fails
+      after the group reached the queue (``err`` default ETIMEDOUT, a CMD_SYNC timeout);
+      ``entry_num`` = the group's last index (mainline) or the chunk's start (pending).
+
+    Returns the fault; its ``hits`` counts the failures so far."""
+    unit = be._units[iommu_id]
+    if err is None:
+        vtd = unit.unit.model == HostIommu.INTEL_VTD
+        err = errno.ETIMEDOUT if at == "issue" else errno.EINVAL if vtd else errno.EIO
+    match = entry if callable(entry) else entry.__eq__
+    fault = EntryFault(match, err, at, times)
+    unit.faults.append(fault)
+    return fault
+
+
+def clear_faults(be: IommufdContext) -> None:
+    """Forget every fault ``inject_invalidate_error`` armed."""
+    for unit in be._units.values():
+        unit.faults.clear()
 
 
 def mock_devices(be: IommufdContext) -> dict[int, str]:

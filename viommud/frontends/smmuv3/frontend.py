@@ -75,6 +75,25 @@ _UNSUPPORTED: Final[dict[int, str]] = {
     Opcode.DPTI_PA: _NO_DPT,
 }
 
+ARCHITECTURE = "architecture"
+QEMU = "qemu"
+COMPAT_POLICIES: Final = (ARCHITECTURE, QEMU)
+# Under the ``qemu`` policy: commands QEMU's smmuv3_cmdq_consume accepts with only a trace
+# event (trace_smmuv3_unhandled_cmd), whatever their fields: accepted, nothing done.
+QEMU_IGNORED: Final = frozenset(
+    {
+        Opcode.TLBI_EL3_ALL,
+        Opcode.TLBI_EL3_VA,
+        Opcode.TLBI_EL2_ALL,
+        Opcode.TLBI_EL2_ASID,
+        Opcode.TLBI_EL2_VA,
+        Opcode.TLBI_EL2_VAA,
+        Opcode.PRI_RESP,
+        Opcode.RESUME,
+        Opcode.STALL_TERM,
+    }
+)
+
 
 class FrameError(ValueError):
     """The doorbell itself is malformed (not a whole number of commands); ``data`` is it."""
@@ -90,18 +109,25 @@ class SmmuFeatures:
 
     ril: bool = True  # IDR3.RIL: range invalidation (TG/NUM/SCALE/TTL)
     ats: bool = True  # IDR0.ATS: ATC_INV accepted
+    # How commands the architecture refuses but QEMU accepts are treated (docs/smmuv3.md,
+    # "Compatibility policy"): "architecture" (CERROR_ILL) or "qemu" (as QEMU does).
+    compat: str = ARCHITECTURE
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> SmmuFeatures:
-        unknown = set(options) - {"ril", "ats"}
+        unknown = set(options) - {"ril", "ats", "compat"}
         if unknown:
             raise ValueError(f"unknown smmuv3 options: {', '.join(sorted(unknown))}")
-        values: dict[str, bool] = {}
+        values: dict[str, Any] = {}
         for key in ("ril", "ats"):
             if key in options:
                 if not isinstance(options[key], bool):
                     raise ValueError(f"smmuv3 option {key!r} must be a boolean")
                 values[key] = options[key]
+        if "compat" in options:
+            if options["compat"] not in COMPAT_POLICIES:
+                raise ValueError("smmuv3 option 'compat' must be 'architecture' or 'qemu'")
+            values["compat"] = options["compat"]
         return cls(**values)
 
 
@@ -153,6 +179,9 @@ class SmmuV3Frontend:
         events = self._events
         counts = self.opcode_counts
         handlers = _HANDLERS
+        if self.features.compat == QEMU:
+            handlers = _QEMU_HANDLERS
+            data = _qemu_fields(data)
         for index, (w0, w1) in enumerate(COMMAND.iter_unpack(data)):
             opcode = w0 & 0xFF
             counts[opcode] += 1
@@ -236,6 +265,8 @@ class SmmuV3Frontend:
         """Range-invalidation encodings (SMMUv3 §4.4.1.1, IDR3.RIL)."""
         num, scale = _field(w0, 12, 5), _field(w0, 20, 5)
         ttl, tg = _field(w1, 8, 2), _field(w1, 10, 2)
+        if self.features.compat == QEMU:
+            return None  # smmuv3_range_inval takes any encoding (see _qemu_range)
         if tg == 0:
             if num or scale or ttl:
                 return self._illegal(index, w0, w1, "NUM/SCALE/TTL set with TG=0")
@@ -317,6 +348,8 @@ class SmmuV3Frontend:
         error = self._check_range(index, w0, w1)
         if error is not None:
             return error
+        if self.features.compat == QEMU:
+            w0, w1 = _qemu_range(w0, w1)
         tg = _field(w1, 10, 2)
         addr = w1 & ~0xFFF & 0xFFFFFFFFFFFFFFFF
         if tg:
@@ -340,11 +373,17 @@ class SmmuV3Frontend:
         error = self._common_checks(index, w0, w1)
         if error is not None:
             return error
+        qemu = self.features.compat == QEMU
         if not self.features.ats:
+            if qemu:
+                return None  # QEMU: accepted, nothing done; no device has an ATC
             return self._illegal(index, w0, w1, "ATC_INV without IDR0.ATS")
         size_log2 = _field(w1, 0, 6)
         if size_log2 > ATC_INV_SIZE_ALL:
-            return self._illegal(index, w0, w1, f"ATC_INV Size {size_log2} > 52")
+            if not qemu:
+                return self._illegal(index, w0, w1, f"ATC_INV Size {size_log2} > 52")
+            size_log2 = ATC_INV_SIZE_ALL  # accepted as QEMU does: the whole ATC
+            w1 = w1 & ~0x3F | ATC_INV_SIZE_ALL
         if size_log2 == ATC_INV_SIZE_ALL:
             addr, size = 0, 0
         else:
@@ -365,12 +404,46 @@ class SmmuV3Frontend:
     def _on_sync(self, index: int, w0: int, w1: int) -> Event | None:
         if w0 & ~_SYNC_DEFINED[0] or w1 & ~_SYNC_DEFINED[1]:
             return self._common_checks(index, w0, w1)  # words the reserved-bits error
-        if (w0 >> 12) & 3 == 3:
+        if (w0 >> 12) & 3 == 3 and self.features.compat != QEMU:
             return self._illegal(index, w0, w1, "CMD_SYNC CS=0b11 is reserved")
         return Barrier(index)
 
     def _on_unsupported(self, index: int, w0: int, w1: int) -> Event | None:
         return self._common_checks(index, w0, w1)
+
+    def _on_qemu_ignored(self, index: int, w0: int, w1: int) -> Event | None:
+        return None  # QEMU: trace_smmuv3_unhandled_cmd, nothing else
+
+
+def _qemu_fields(data: bytes) -> bytes:
+    """The commands with their reserved bits cleared: QEMU reads each command's fields and
+    ignores the rest, so a reserved bit changes nothing there (nor, cleared, on the host)."""
+    out = []
+    for w0, w1 in COMMAND.iter_unpack(data):
+        defined = DEFINED.get(w0 & 0xFF)
+        out.append(
+            COMMAND.pack(w0, w1)
+            if defined is None
+            else COMMAND.pack(w0 & defined[0], w1 & defined[1])
+        )
+    return b"".join(out)
+
+
+def _qemu_range(w0: int, w1: int) -> tuple[int, int]:
+    """A TLBI_NH_VA/VAA encoding the architecture refuses, as a valid one that invalidates
+    at least what QEMU's smmuv3_range_inval does (the host queue takes only valid ones):
+    TG=0 drops NUM/SCALE/TTL (QEMU: one address); with TG != 0 and no IDR3.RIL the range
+    is kept (QEMU always advertises RIL); TTL=0 NUM=0 SCALE=0 becomes the TG=0 form (every
+    entry holding the address, a superset of its one granule); TTL=1 with a 16KB granule
+    drops TTL (any level)."""
+    num, scale = _field(w0, 12, 5), _field(w0, 20, 5)
+    ttl, tg = _field(w1, 8, 2), _field(w1, 10, 2)
+    ranges = 0x1F << 12 | 0x1F << 20
+    if tg == 0 or (ttl == 0 and num == 0 and scale == 0):
+        return w0 & ~ranges, w1 & ~(0xF << 8)
+    if tg == 2 and ttl == 1:
+        return w0, w1 & ~(0x3 << 8)
+    return w0, w1
 
 
 _Handler = Any  # Callable[[SmmuV3Frontend, int, int, int], Event | None]
@@ -390,4 +463,8 @@ _HANDLERS: Final[dict[int, _Handler]] = {
     Opcode.ATC_INV: SmmuV3Frontend._on_atc_inv,
     Opcode.CMD_SYNC: SmmuV3Frontend._on_sync,
     **dict.fromkeys(_UNSUPPORTED, SmmuV3Frontend._on_unsupported),
+}
+_QEMU_HANDLERS: Final[dict[int, _Handler]] = {
+    **_HANDLERS,
+    **dict.fromkeys(QEMU_IGNORED, SmmuV3Frontend._on_qemu_ignored),
 }

@@ -40,6 +40,7 @@ from protocols.vtd import CONTEXT_ENTRY_SIZES, ICE, IQE, ITE, PASID_ENTRY_SIZE, 
 from viommud.events import (
     Barrier,
     Cache,
+    CompletionInterrupt,
     ContextCacheInvalidated,
     DomainInvalidation,
     GuestError,
@@ -380,6 +381,8 @@ class VtdFrontend:
         self._events.append(Barrier(index))
         if sw:
             self._events.append(StatusWrite(index, qw1 & ~0x3, qw0 >> 32))
+        if if_:
+            self._events.append(CompletionInterrupt(index))
         return True
 
     def _on_p_iotlb(self, index: int, qw0: int, qw1: int, raw: bytes) -> bool:
