@@ -555,7 +555,7 @@ class VtdGuest:
                 continue
             if inv.pasid is not None and t.pasid != inv.pasid:
                 continue
-            need = Need(IOTLB, (dev.device,), None, inv.lo, inv.hi, inv.leaf, 0, origin)
+            need = Need(IOTLB, (dev.device,), None, inv.lo, inv.hi, inv.leaf, origin=origin)
             self.ledger.need(need, self._since, due=False)
             dev.stale.mark(inv.lo, inv.hi, self._since)
 
@@ -565,7 +565,7 @@ class VtdGuest:
             return
         if inv.pasid is not None and inv.pasid != dev.translation.pasid:
             return  # requests with another PASID are not translated on the host
-        need = Need(DEVTLB, (dev.device,), None, inv.lo, inv.hi, False, 0, origin)
+        need = Need(DEVTLB, (dev.device,), None, inv.lo, inv.hi, origin=origin)
         self.ledger.need(need, 0, due=False, pieces=dev.stale.pieces(inv.lo, inv.hi))
 
 
