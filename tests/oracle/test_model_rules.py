@@ -74,3 +74,20 @@ def test_an_ordered_need_counts_only_later_calls(same_call: bool) -> None:
     ledger.settle()
     assert ledger.missed == (1 if same_call else 0)
     assert ledger.missed_needs == ([tlb] if same_call else [])
+
+
+def test_a_barrier_judges_only_its_own_viommus_needs() -> None:
+    """A need of vIOMMU "a" without a sync yet waits for a's next barrier, whatever other
+    vIOMMUs sync meanwhile (a dispatcher may send it with that barrier's work)."""
+    ledger = Ledger()
+    need = Need(IOTLB, PLACE, None, 0, 1 << 64)
+    ledger.need(need, ledger.begin(), due=False, owner="a")
+    ledger.settle()  # a's doorbell ends: no barrier yet
+    ledger.barrier_reached("b")  # b syncs: a's need is not b's
+    ledger.settle()
+    assert ledger.missed == 0
+    ledger.call()
+    ledger.remove(Removal(IOTLB, PLACE, None, 0, 1 << 64))  # a's work, with a's next sync
+    ledger.barrier_reached("a")
+    ledger.settle()
+    assert (ledger.missed, ledger.over) == (0, 0)

@@ -119,6 +119,7 @@ class Handle:
     ready: int | None = None  # once judged covered: the last sequence number of the call
     # that completed the cover (needs ordered after this one count only later calls)
     wanted: bool = False  # some need is ordered after this one: ``ready`` must be exact
+    owner: str = ""  # the vIOMMU whose barrier the need waits for
 
 
 KEEP_PER_PLACE = 1024  # removals remembered per cache place (needs look back this far)
@@ -190,20 +191,23 @@ class Ledger:
         due: bool,
         pieces: tuple[Piece, ...] = (),
         after: tuple[Handle, ...] = (),
+        owner: str = "",
     ) -> Handle:
         """Raise ``need``: removals after ``since`` count, or per part of its range after
         the part's own time when ``pieces`` (which then cover the need's range) are given;
-        with ``after``, only removals of calls later than those that covered them."""
-        item = Handle(need, pieces or ((need.lo, need.hi, since),), after)
+        with ``after``, only removals of calls later than those that covered them. Unless
+        ``due``, it waits for a barrier of ``owner``."""
+        item = Handle(need, pieces or ((need.lo, need.hi, since),), after, owner=owner)
         for earlier in after:
             earlier.wanted = True
         (self._due if due else self._open).append(item)
         return item
 
-    def barrier_reached(self) -> None:
-        """Every open need's barrier has come (a sync later in the same doorbell)."""
-        self._due += self._open
-        self._open = []
+    def barrier_reached(self, owner: str = "") -> None:
+        """A barrier of vIOMMU ``owner`` (a sync later in the same doorbell): the barrier
+        of every need that vIOMMU raised has come; other vIOMMUs' needs wait for their own."""
+        self._due += [item for item in self._open if item.owner == owner]
+        self._open = [item for item in self._open if item.owner != owner]
 
     def settle(self) -> None:
         """The doorbell's barriers are reported complete: judge what was due (in the order

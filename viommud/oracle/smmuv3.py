@@ -193,7 +193,7 @@ class SmmuGuest:
             f = command(data[index * COMMAND_SIZE : (index + 1) * COMMAND_SIZE])
             op = f["opcode"]
             if op == Opcode.CMD_SYNC:
-                ledger.barrier_reached()
+                ledger.barrier_reached(self.name)
                 order.sync()
             elif op == Opcode.CFGI_STE:
                 self._reread(f["sid"], f["sid"])
@@ -206,7 +206,9 @@ class SmmuGuest:
                 for need, iommu in self._needs(f, origin):
                     after = order.before(need, iommu)
                     order.raised(
-                        need, iommu, ledger.need(need, self._since, due=False, after=after)
+                        need,
+                        iommu,
+                        ledger.need(need, self._since, due=False, after=after, owner=self.name),
                     )
         ledger.settle()
 

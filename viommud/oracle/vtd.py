@@ -483,7 +483,7 @@ class VtdGuest:
             if index in refused or isinstance(effect, Malformed):
                 continue
             if isinstance(effect, Wait):
-                ledger.barrier_reached()
+                ledger.barrier_reached(self.name)
             elif isinstance(effect, TlbInvalidation):
                 self._iotlb(effect, f"{self.name}[{index}] iotlb")
             elif isinstance(effect, DeviceTlbInvalidation):
@@ -556,7 +556,7 @@ class VtdGuest:
             if inv.pasid is not None and t.pasid != inv.pasid:
                 continue
             need = Need(IOTLB, (dev.device,), None, inv.lo, inv.hi, inv.leaf, origin=origin)
-            self.ledger.need(need, self._since, due=False)
+            self.ledger.need(need, self._since, due=False, owner=self.name)
             dev.stale.mark(inv.lo, inv.hi, self._since)
 
     def _device_tlb(self, inv: DeviceTlbInvalidation, origin: str) -> None:
@@ -566,7 +566,9 @@ class VtdGuest:
         if inv.pasid is not None and inv.pasid != dev.translation.pasid:
             return  # requests with another PASID are not translated on the host
         need = Need(DEVTLB, (dev.device,), None, inv.lo, inv.hi, origin=origin)
-        self.ledger.need(need, 0, due=False, pieces=dev.stale.pieces(inv.lo, inv.hi))
+        self.ledger.need(
+            need, 0, due=False, pieces=dev.stale.pieces(inv.lo, inv.hi), owner=self.name
+        )
 
 
 # ---------------------------------------------------------------------------------------------
