@@ -41,6 +41,7 @@ from protocols.vtd import VTD_S1_SIZE, DescType
 from tests.models.vtd_harness import HOST, PAGE, A, B, N, R, Vm, first_stage, scalable
 from tests.oracle.test_oracle_catches_mistakes import (
     CompletesEarly,
+    ElidesAtc,
     MergesTooNarrow,
     SkipsAPhysicalSmmu,
     with_dispatcher,
@@ -368,6 +369,60 @@ class VirtioNarrowsUnmap(VirtioDispatcher):
         super().apply(event)
 
 
+class VirtioDropsAnEntry(VirtioDispatcher):
+    """Issues every call of more than one entry without its last entry."""
+
+    def _flush(self) -> None:
+        for bucket in self._buckets.values():
+            for entries in bucket.steps:
+                if len(entries) > 1:
+                    entries.pop()
+        super()._flush()
+
+
+class VirtioSkipsSmmu1(VirtioDispatcher):
+    """Sends nothing to the second physical SMMU of a table domain."""
+
+    def _flush(self) -> None:
+        for key in [k for k, b in self._buckets.items() if b.iommu == "smmu1"]:
+            del self._buckets[key]
+        super()._flush()
+
+
+class VirtioRewritesVaAsAsid(VirtioDispatcher):
+    """Sends TLBI_NH_ASID(asid) for each TLBI_NH_VA(asid, range) of a vSVA INVALIDATE."""
+
+    def _flush(self) -> None:
+        for bucket in self._buckets.values():
+            tlb = bucket.steps[STEP_TLB]
+            tlb[:] = [
+                build_command(Opcode.TLBI_NH_ASID, asid=int.from_bytes(e[6:8], "little"))
+                if e[0] == Opcode.TLBI_NH_VA
+                else e
+                for e in tlb
+            ]
+        super()._flush()
+
+
+class VirtioCompletesEarly(VirtioDispatcher):
+    """Answers a request first and sends its invalidations with the next request."""
+
+    def _flush(self) -> None:
+        if getattr(self, "_late", False):
+            super()._flush()
+
+    def run(self, request_type: int, events: list[VirtioEvent]) -> Outcome:
+        held = getattr(self, "_held", {})
+        if held:
+            self._buckets.update(held)
+            self._late = True
+            self._flush()  # the last request's work, now
+            self._late = False
+        outcome = super().run(request_type, events)
+        self._held = dict(self._buckets)
+        return outcome
+
+
 class VirtioDropsAtc(VirtioDispatcher):
     """Sends an INVALIDATE's configuration and TLB work, not its ATC invalidations."""
 
@@ -408,11 +463,16 @@ def virtio_dispatcher(cls: type[VirtioDispatcher]) -> Mutate:
 
 VIRTIO_HOST = HostConfig.from_json(
     {
-        "iommus": [{"id": "smmu0", "model": "arm-smmuv3"}, {"id": "dmar0", "model": "intel-vtd"}],
+        "iommus": [
+            {"id": "smmu0", "model": "arm-smmuv3"},
+            {"id": "smmu1", "model": "arm-smmuv3"},
+            {"id": "dmar0", "model": "intel-vtd"},
+        ],
         "devices": [
             {"id": "0000:01:00.0", "iommu": "smmu0", "sid": 0x100, "ats": True},
             {"id": "0000:02:00.0", "iommu": "smmu0", "sid": 0x200, "ats": True},
             {"id": "0000:03:00.0", "iommu": "dmar0", "sid": 0x300, "ats": False},
+            {"id": "0000:04:00.0", "iommu": "smmu1", "sid": 0x400, "ats": True},
         ],
     }
 )
@@ -420,16 +480,18 @@ VIRTIO_HOST = HostConfig.from_json(
 
 def virtio_run(mutate: Mutate | None, *, host_fails: bool = False) -> Run:
     """A draft-B vSVA virtio-iommu: the VT-d device in a MAP domain (three mappings; an UNMAP
-    of two, then of the third), the two ATS devices of smmu0 on one Arm PASID table (a
+    of two, then of the third), the ATS devices of smmu0 and smmu1 on one Arm PASID table (a
     PASID's CD changed with its four pages: configuration, TLB and device TLB in one
-    INVALIDATE; then a PASID-wide TLB and device-TLB one). ``host_fails``: the first
-    IOAS_UNMAP fails."""
+    INVALIDATE; then a PASID-wide TLB and device-TLB one), and an UNMAP that removes nothing
+    (a late dispatcher's leftovers go out there). ``host_fails``: the first IOAS_UNMAP
+    fails."""
     backend = FlakyIommufd(VIRTIO_HOST)
     backend.fail_request = uapi.IOMMU_IOAS_UNMAP
     session = Session(backend, verify=True, keep_calls=True)
     options = {"vsva": True, "bypass": 0, "guest_memory": [{"gpa": 0, "size": 1 << 30}]}
     assert session.handle(ViommuCreate(1, "v", "virtio-iommu", (), options)) == CONFIG_OK
-    for vid, device in ((0x10, "0000:01:00.0"), (0x20, "0000:02:00.0"), (0x30, "0000:03:00.0")):
+    devices = ((0x10, "0000:01:00.0"), (0x20, "0000:02:00.0"), (0x30, "0000:03:00.0"))
+    for vid, device in (*devices, (0x40, "0000:04:00.0")):
         assert session.handle(DeviceAttach(1, "v", vid, device)) == CONFIG_OK
 
     def req(kind: int, **fields: int) -> bytes:
@@ -448,6 +510,7 @@ def virtio_run(mutate: Mutate | None, *, host_fails: bool = False) -> Run:
         *(mapping(start) for start in (0x10000, 0x20000, 0x30000)),
         req(RequestType.ATTACH_TABLE, domain=2, endpoint=0x10, **table),
         req(RequestType.ATTACH_TABLE, domain=2, endpoint=0x20, **table),
+        req(RequestType.ATTACH_TABLE, domain=2, endpoint=0x40, **table),
     ]
     work = [
         req(RequestType.UNMAP, domain=1, virt_start=0x10000, virt_end=0x2FFFF),
@@ -473,6 +536,7 @@ def virtio_run(mutate: Mutate | None, *, host_fails: bool = False) -> Run:
             pasid=1,
             archid=5,
         ),
+        req(RequestType.UNMAP, domain=1, virt_start=0x100000, virt_end=0x1FFFFF),
     ]
     for data in setup:
         assert session.request("v", data).status == "OK"
@@ -533,6 +597,7 @@ CASES = [
         smmu_dispatcher(MergesConfigWithTlb),
     ),
     Case("6-tlb-and-atc-in-one-call-smmuv3", "smmuv3", smmu_dispatcher(MergesTlbWithAtc)),
+    Case("7-elide-atc-without-cover-smmuv3", "smmuv3", smmu_dispatcher(ElidesAtc)),
     Case("7-elide-device-tlb-without-cover-vtd", "vtd", elides_every_device_tlb),
     Case("8-complete-before-the-call-smmuv3", "smmuv3", smmu_dispatcher(CompletesEarly)),
     Case("8-complete-before-the-call-vtd", "vtd", vtd_dispatcher(VtdCompletesEarly)),
@@ -543,6 +608,10 @@ CASES = [
         host_fails=True,
     ),
     Case("9-swallow-host-failure-vtd", "vtd", vtd_dispatcher(VtdSwallowsFailures), host_fails=True),
+    Case("1-drop-entry-virtio", "virtio", virtio_dispatcher(VirtioDropsAnEntry)),
+    Case("3-skip-physical-iommu-virtio", "virtio", virtio_dispatcher(VirtioSkipsSmmu1)),
+    Case("4-nh-va-as-nh-asid-virtio", "virtio", virtio_dispatcher(VirtioRewritesVaAsAsid)),
+    Case("8-complete-before-the-call-virtio", "virtio", virtio_dispatcher(VirtioCompletesEarly)),
     Case("10-unmap-not-forwarded-virtio", "virtio", virtio_dispatcher(VirtioSkipsUnmap)),
     Case("2-narrow-unmap-virtio", "virtio", virtio_dispatcher(VirtioNarrowsUnmap)),
     Case("11-invalidate-drops-atc-virtio", "virtio", virtio_dispatcher(VirtioDropsAtc)),
