@@ -52,6 +52,8 @@ _CACHE_LIMIT = 1 << 14  # decoded commands remembered (a guest reuses few distin
 
 _commands: dict[bytes, dict[str, int]] = {}
 _stes: dict[bytes, dict[str, int]] = {}
+_guest_tlbis: dict[tuple[bytes, tuple[str, str]], list[Need]] = {}  # (command, place) ->
+_host_tlbis: dict[tuple[str, tuple[str, str]], tuple[Removal, ...]] = {}  # (hex, place) ->
 
 
 def command(raw: bytes) -> dict[str, int]:
@@ -190,7 +192,8 @@ class SmmuGuest:
         for index in range(len(data) // COMMAND_SIZE):
             if index in refused:
                 continue
-            f = command(data[index * COMMAND_SIZE : (index + 1) * COMMAND_SIZE])
+            raw = data[index * COMMAND_SIZE : (index + 1) * COMMAND_SIZE]
+            f = command(raw)
             op = f["opcode"]
             if op == Opcode.CMD_SYNC:
                 ledger.barrier_reached(self.name)
@@ -203,7 +206,7 @@ class SmmuGuest:
                 self._reread(first, first + span - 1)
             else:
                 origin = f"{self.name}[{index}] 0x{op:02x}"
-                for need, iommu in self._needs(f, origin):
+                for need, iommu in self._needs(f, raw, origin):
                     after = order.before(need, iommu)
                     order.raised(
                         need,
@@ -226,7 +229,7 @@ class SmmuGuest:
                     dev.s1_ever = True
                     self.s1_iommus.add(dev.iommu)
 
-    def _needs(self, f: dict[str, int], origin: str) -> list[tuple[Need, str]]:
+    def _needs(self, f: dict[str, int], raw: bytes, origin: str) -> list[tuple[Need, str]]:
         """The needs of one command, each with the physical SMMU whose caches hold them."""
         op = f["opcode"]
         if op in SID_OPS:
@@ -239,11 +242,16 @@ class SmmuGuest:
                 return []  # no stage 1, no CDs cached
             need = device_effect(f, dev.device)
             return [] if need is None else [(_named(need, origin), dev.iommu)]
-        return [
-            (_named(need, origin), iommu)
-            for iommu in sorted(self.s1_iommus)
-            for need in tlb_effect(f, (self.name, iommu))
-        ]
+        out = []
+        for iommu in sorted(self.s1_iommus):
+            key = (raw, (self.name, iommu))
+            needs = _guest_tlbis.get(key)
+            if needs is None:
+                if len(_guest_tlbis) >= _CACHE_LIMIT:
+                    _guest_tlbis.clear()
+                needs = _guest_tlbis[key] = tlb_effect(f, key[1])
+            out += [(_named(need, origin), iommu) for need in needs]
+        return out
 
 
 @dataclass(slots=True)
@@ -330,13 +338,19 @@ class SmmuHost:
         entries = call["entries"]
         done = len(entries) if not err else call["entry_num"] - call["entry_num"] % 63
         for raw in entries[:done]:
-            f = command(bytes.fromhex(raw)[:COMMAND_SIZE].ljust(COMMAND_SIZE, b"\0"))
-            if f["opcode"] in SID_OPS:
-                device = self.vsids.get((viommu_id, f["sid"]))
-                need = None if device is None else device_effect(f, device)
-                removed = [] if need is None else [need]
-            else:
-                removed = tlb_effect(f, owner)
+            key = (raw, owner)
+            removals = _host_tlbis.get(key)
+            if removals is None:
+                f = command(bytes.fromhex(raw)[:COMMAND_SIZE].ljust(COMMAND_SIZE, b"\0"))
+                if f["opcode"] in SID_OPS:
+                    device = self.vsids.get((viommu_id, f["sid"]))
+                    need = None if device is None else device_effect(f, device)
+                    removals = () if need is None else (as_removal(need),)
+                else:  # a TLBI's removals depend on the command and the object only
+                    removals = tuple(as_removal(n) for n in tlb_effect(f, owner))
+                    if len(_host_tlbis) >= _CACHE_LIMIT:
+                        _host_tlbis.clear()
+                    _host_tlbis[key] = removals
             entry = self.ledger.new_entry()
-            for need in removed:
-                self.ledger.remove(as_removal(need), entry)
+            for removal in removals:
+                self.ledger.remove(removal, entry)
