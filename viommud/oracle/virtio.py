@@ -71,7 +71,12 @@ from viommud.oracle import CONFIG, DEVTLB, FULL, GLOBAL, IOTLB, Ledger, Need, Re
 from viommud.oracle.smmuv3 import Order
 
 ARM_MODEL = "arm-smmuv3"
-ARM_GRANULES = (12, 14, 16)  # SMMUv3 translation granules (TG 1..3), log2 bytes
+# The translation granule (log2 bytes; SMMUv3 TG 1..3) of a table whose pages or blocks are
+# 2^g bytes: 4 KiB tables map 4 KiB pages and 2 MiB / 1 GiB / 512 GiB blocks, 16 KiB ones
+# 16 KiB pages and 32 MiB / 64 GiB blocks, 64 KiB ones 64 KiB pages and 512 MiB / 4 TiB
+# blocks (Arm VMSAv8-64 translation granules; the sizes do not overlap). Other sizes name no
+# granule: only a TLBI without TG, or a wider one, is sure to cover them (SMMUv3 §4.4.1.1).
+ARM_GRANULE_OF = {12: 12, 21: 12, 30: 12, 39: 12, 14: 14, 25: 14, 36: 14, 16: 16, 29: 16, 42: 16}
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +293,7 @@ class VirtioGuest:
             return [Need(IOTLB, place, None, *FULL)]
         if inv.scope == "pasid":
             return [Need(IOTLB, place, inv.asid, *FULL)]
-        granule = inv.granule if inv.granule in ARM_GRANULES else 0
+        granule = ARM_GRANULE_OF.get(inv.granule, 0)
         tags = (inv.asid, GLOBAL) if inv.asid is not None else (None,)
         return [Need(IOTLB, place, t, inv.lo, inv.hi, inv.leaf, 0, granule) for t in tags]
 
