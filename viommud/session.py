@@ -28,7 +28,7 @@ from viommud.models import (
     factories,
 )
 from viommud.oracle.verifier import Verifier
-from viommud.replies import CONFIG_OK, ConfigReply, DoorbellReply, Reply
+from viommud.replies import CONFIG_OK, ConfigReply, DoorbellReply, Reply, RequestReply
 from viommud.topology import TopologyError
 from viommud.trace import (
     Cmds,
@@ -81,7 +81,7 @@ class Session:
         if isinstance(record, Cmds):
             return self.doorbell(record.viommu, record.data)
         if isinstance(record, Request):
-            return self._instance(record.viommu).request(record.data)
+            return self.request(record.viommu, record.data)
         self.calls.barrier = self.stats.barriers + 1
         verifier = self.verifier
         if verifier is not None:
@@ -111,6 +111,22 @@ class Session:
         verifier.doorbell_end(viommu, {e.index for e in response.errors})
         self._log_missed(viommu)
         return response
+
+    def request(self, viommu: str, data: bytes) -> RequestReply:
+        """One virtio-iommu request (a ``request`` record): its own barrier."""
+        instance = self._instance(viommu)
+        verifier = self.verifier
+        if verifier is None:
+            return instance.request(data)
+        verifier.request_begin(viommu, data)
+        status = "DEVERR"
+        try:
+            reply = instance.request(data)
+            status = reply.status
+        finally:
+            verifier.request_end(viommu, status)
+        self._log_missed(viommu)
+        return reply
 
     def doorbells(self, viommu: str, doorbells: list[bytes]) -> list[DoorbellReply | Exception]:
         """Group commit (viommud.group_commit): consecutive doorbells of one vIOMMU that were

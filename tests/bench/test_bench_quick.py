@@ -31,14 +31,9 @@ def test_coalescing_benchmark_verifies_clean() -> None:
     traces = result["traces"]
     assert isinstance(traces, list)
     assert traces
-    # Legacy-mode VT-d traces block their translating devices (docs/vtd.md, "Legacy mode")
-    # and forward nothing; the oracle still models legacy entries as nested, so it counts
-    # their invalidations as missed until it models them as blocked.
-    legacy = {"vtd-guest-errors", "vtd-legacy-domain", "vtd-linux61-strict-ats-excerpt"}
     for row in traces:
         for policy in ("batching", "coalesced"):
-            if row["trace"] not in legacy:
-                assert row[policy]["missed"] == 0, row["trace"]
+            assert row[policy]["missed"] == 0, row["trace"]
             assert row[policy]["calls"] <= row["baseline"], row["trace"]
 
 

@@ -123,12 +123,13 @@ def test_per_doorbell_failed_merged_range_resends_the_commands_it_stood_for() ->
 
 # -- VT-d ---------------------------------------------------------------------------------
 def _vtd_vm() -> Vm:
-    """A, B on one HWPT of domain 1 and N on another (dmar0); R has domain 2 on dmar1."""
-    vm = Vm(dw=128, verify=True)
+    """A, B on one HWPT of domain 1 and N on another (dmar0); R has domain 2 on dmar1: each a
+    first-stage RID_PASID entry in scalable mode (legacy entries are never nested)."""
+    vm = Vm(dw=256, verify=True)
     vm.attach(A, B, N, R)
     for sid, did, table in ((A, 1, 0x1000000), (B, 1, 0x1000000), (N, 1, 0x2000000)):
-        vm.bind_legacy(sid, did, table)
-    vm.bind_legacy(R, 2, 0x3000000)
+        vm.bind_first_stage(sid, did, table)
+    vm.bind_first_stage(R, 2, 0x3000000)
     return vm
 
 

@@ -61,32 +61,7 @@ def oracle_of(vm: Vm) -> VtdGuest:
     return guest
 
 
-# The daemon blocks legacy TT=0/1 devices (their second-level tables are never nested,
-# docs/vtd.md "Legacy mode"); the oracle's guest model still treats them as nested, so it
-# expects flushes no host object can take. These fail until viommud/oracle/vtd.py models
-# legacy translating entries as blocked; strict, so the fix shows up as XPASS.
-ORACLE_LEGACY_GAP = {
-    "vtd-guest-errors.jsonl",
-    "vtd-legacy-domain.jsonl",
-    "vtd-linux61-strict-ats-excerpt.jsonl.xz",
-}
-
-
-@pytest.mark.parametrize(
-    "trace",
-    [
-        pytest.param(
-            t,
-            marks=pytest.mark.xfail(
-                strict=True, reason="oracle models legacy TT=0/1 as nested (see above)"
-            ),
-        )
-        if t.name in ORACLE_LEGACY_GAP
-        else t
-        for t in VTD_TRACES
-    ],
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("trace", VTD_TRACES, ids=lambda p: p.name)
 def test_bundled_vtd_traces_verify_clean(trace: Path) -> None:
     assert verify(trace) == {"missed": 0, "over": 0}
 

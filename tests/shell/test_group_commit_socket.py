@@ -17,14 +17,6 @@ from viommud.shell.replay import replay
 from viommud.trace import Cmds, TraceReader, record_to_json
 
 TRACES = sorted(p.name for p in FIXTURES.glob("*.jsonl*"))
-# Legacy-mode VT-d traces: their translating devices are blocked (docs/vtd.md, "Legacy
-# mode"), but the oracle still models legacy entries as nested and counts their
-# invalidations as missed; both ways must at least agree on it.
-ORACLE_LEGACY_GAP = {
-    "vtd-guest-errors.jsonl",
-    "vtd-legacy-domain.jsonl",
-    "vtd-linux61-strict-ats-excerpt.jsonl.xz",
-}
 
 
 async def _replay(daemon: Daemon, name: str, group: bool) -> tuple[list[str], dict[str, Any]]:
@@ -43,10 +35,7 @@ async def test_fixture_answers_the_same_with_group_commit(daemon: Daemon, name: 
     assert grouped == alone
     for key in ("commands", "errors", "barriers", "baseline"):
         assert grouped_report[key] == alone_report[key], key
-    if name in ORACLE_LEGACY_GAP:
-        assert grouped_report["verify"]["missed"] == alone_report["verify"]["missed"]
-    else:
-        assert grouped_report["verify"]["missed"] == 0
+    assert grouped_report["verify"]["missed"] == alone_report["verify"]["missed"] == 0
     calls = grouped_report["backend"]["calls"].get("IOMMU_HWPT_INVALIDATE", 0)
     assert calls <= alone_report["backend"]["calls"].get("IOMMU_HWPT_INVALIDATE", 0)
 

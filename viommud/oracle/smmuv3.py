@@ -41,7 +41,7 @@ from protocols.smmuv3 import (
     parse_ste,
 )
 from viommud.host import HostConfig
-from viommud.oracle import CONFIG, DEVTLB, FULL, IOTLB, Ledger, Need, Removal
+from viommud.oracle import CONFIG, DEVTLB, FULL, GLOBAL, IOTLB, Handle, Ledger, Need, Removal
 
 PAGE_SHIFT = 12
 ATC_SIZE_ALL = 52  # ATC_INV Size >= 52: the whole ATC (§4.5)
@@ -52,6 +52,8 @@ _CACHE_LIMIT = 1 << 14  # decoded commands remembered (a guest reuses few distin
 
 _commands: dict[bytes, dict[str, int]] = {}
 _stes: dict[bytes, dict[str, int]] = {}
+_guest_tlbis: dict[tuple[bytes, tuple[str, str]], list[Need]] = {}  # (command, place) ->
+_host_tlbis: dict[tuple[str, tuple[str, str]], tuple[Removal, ...]] = {}  # (hex, place) ->
 
 
 def command(raw: bytes) -> dict[str, int]:
@@ -74,31 +76,48 @@ def ste(raw: bytes) -> dict[str, int]:
     return fields
 
 
-def tlb_span(f: dict[str, int]) -> tuple[int, int, bool, int]:
-    """(lo, hi, leaf_only, level) of a TLBI_NH_VA / NH_VAA (§4.4.1): TG=0 names the entries
-    that hold Address; otherwise (NUM+1) * 2^SCALE granules of 2^(10 + 2*TG) bytes from it,
-    with TTL as the level hint."""
+def tlb_span(f: dict[str, int]) -> tuple[int, int, bool, int, int]:
+    """(lo, hi, leaf_only, level, granule) of a TLBI_NH_VA / NH_VAA (§4.4.1.1 range
+    invalidation): TG=0 names the entries that hold Address, whatever their granule;
+    otherwise (NUM+1) * 2^SCALE granules of 2^(10 + 2*TG) bytes from it, with TTL as the
+    level hint. Entries of another granule than TG, or another level than a non-zero TTL,
+    might not be invalidated (§4.4.1.1, TG and TTL): the granule and level a removal names
+    must be the need's."""
     addr = f["addr"] << PAGE_SHIFT
     leaf = bool(f["leaf"])
     if f["tg"] == 0:
-        return addr, addr + 1, leaf, 0  # every entry that contains this address
-    granule = 1 << (f["tg"] * 2 + 10)
+        return addr, addr + 1, leaf, 0, 0  # every entry that contains this address
+    granule = f["tg"] * 2 + 10
     pages = (f["num"] + 1) << f["scale"]
-    return addr, addr + pages * granule, leaf, f["ttl"]
+    return addr, addr + (pages << granule), leaf, f["ttl"], granule
 
 
-def tlb_effect(f: dict[str, int], place: tuple[Any, ...]) -> Need | None:
-    """The IOTLB entries a TLBI command covers, at ``place`` (None for other opcodes)."""
+# Which TLB entries each TLBI removes (§4.4, per command; tagging and global entries §3.17):
+# entries are tagged with the VMID (the place: one vIOMMU object on one physical SMMU) and,
+# unless global (nG=0, which a lookup with any ASID may hit), the ASID.
+#  * CMD_TLBI_NH_ALL, CMD_TLBI_NSNH_ALL (and CMD_TLBI_S12_VMALL, which this vSMMU refuses: no
+#    stage 2): every entry of the VMID, global ones included;
+#  * CMD_TLBI_NH_ASID: the entries of the ASID, but of the last level only the non-global
+#    ones (as Arm ARM TLBI ASIDE1): global entries are spared;
+#  * CMD_TLBI_NH_VA: the entries of the range tagged with the ASID, and the global ones of
+#    the range whatever the ASID;
+#  * CMD_TLBI_NH_VAA: the entries of the range of every ASID, global ones included.
+VM_WIDE_OPS = TLBI_VM_WIDE_OPS | {Opcode.TLBI_S12_VMALL}
+
+
+def tlb_effect(f: dict[str, int], place: tuple[Any, ...]) -> list[Need]:
+    """The IOTLB entries a TLBI command covers at ``place`` (none for other opcodes): one
+    need per tag space (a TLBI_NH_VA names its ASID's entries and the global ones)."""
     op = f["opcode"]
-    if op in TLBI_VM_WIDE_OPS:
-        return Need(IOTLB, place, None, *FULL)
+    if op in VM_WIDE_OPS:
+        return [Need(IOTLB, place, None, *FULL)]
     if op == Opcode.TLBI_NH_ASID:
-        return Need(IOTLB, place, f["asid"], *FULL)
+        return [Need(IOTLB, place, f["asid"], *FULL)]
     if op in TLBI_RANGE_OPS:
-        lo, hi, leaf, level = tlb_span(f)
-        tag = f["asid"] if op == Opcode.TLBI_NH_VA else None
-        return Need(IOTLB, place, tag, lo, hi, leaf, level)
-    return None
+        lo, hi, leaf, level, granule = tlb_span(f)
+        tags = (f["asid"], GLOBAL) if op == Opcode.TLBI_NH_VA else (None,)
+        return [Need(IOTLB, place, tag, lo, hi, leaf, level, granule) for tag in tags]
+    return []
 
 
 def atc_span(f: dict[str, int]) -> tuple[int, int]:
@@ -124,7 +143,9 @@ def device_effect(f: dict[str, int], device: str) -> Need | None:
 
 
 def as_removal(need: Need) -> Removal:
-    return Removal(need.cache, need.place, need.tag, need.lo, need.hi, need.leaf_only, need.level)
+    return Removal(
+        need.cache, need.place, need.tag, need.lo, need.hi, need.leaf_only, need.level, need.granule
+    )
 
 
 @dataclass(slots=True)
@@ -167,13 +188,16 @@ class SmmuGuest:
     def end(self, refused: set[int]) -> None:
         ledger = self.ledger
         data = self._doorbell
+        order = Order()
         for index in range(len(data) // COMMAND_SIZE):
             if index in refused:
                 continue
-            f = command(data[index * COMMAND_SIZE : (index + 1) * COMMAND_SIZE])
+            raw = data[index * COMMAND_SIZE : (index + 1) * COMMAND_SIZE]
+            f = command(raw)
             op = f["opcode"]
             if op == Opcode.CMD_SYNC:
-                ledger.barrier_reached()
+                ledger.barrier_reached(self.name)
+                order.sync()
             elif op == Opcode.CFGI_STE:
                 self._reread(f["sid"], f["sid"])
             elif op == Opcode.CFGI_STE_RANGE:  # 2^(Range+1) StreamIDs; Range 31: all
@@ -181,8 +205,14 @@ class SmmuGuest:
                 first = f["sid"] & ~(span - 1)
                 self._reread(first, first + span - 1)
             else:
-                for need in self._needs(f, f"{self.name}[{index}] 0x{op:02x}"):
-                    ledger.need(need, self._since, due=False)
+                origin = f"{self.name}[{index}] 0x{op:02x}"
+                for need, iommu in self._needs(f, raw, origin):
+                    after = order.before(need, iommu)
+                    order.raised(
+                        need,
+                        iommu,
+                        ledger.need(need, self._since, due=False, after=after, owner=self.name),
+                    )
         ledger.settle()
 
     def _reread(self, first: int, last: int) -> None:
@@ -199,7 +229,8 @@ class SmmuGuest:
                     dev.s1_ever = True
                     self.s1_iommus.add(dev.iommu)
 
-    def _needs(self, f: dict[str, int], origin: str) -> list[Need]:
+    def _needs(self, f: dict[str, int], raw: bytes, origin: str) -> list[tuple[Need, str]]:
+        """The needs of one command, each with the physical SMMU whose caches hold them."""
         op = f["opcode"]
         if op in SID_OPS:
             dev = self.devices.get(f["sid"])
@@ -210,19 +241,57 @@ class SmmuGuest:
             if op != Opcode.ATC_INV and not dev.s1_ever:
                 return []  # no stage 1, no CDs cached
             need = device_effect(f, dev.device)
-            return [] if need is None else [_named(need, origin)]
-        needs = []
+            return [] if need is None else [(_named(need, origin), dev.iommu)]
+        out = []
         for iommu in sorted(self.s1_iommus):
-            need = tlb_effect(f, (self.name, iommu))
-            if need is not None:
-                needs.append(_named(need, origin))
-        return needs
+            key = (raw, (self.name, iommu))
+            needs = _guest_tlbis.get(key)
+            if needs is None:
+                if len(_guest_tlbis) >= _CACHE_LIMIT:
+                    _guest_tlbis.clear()
+                needs = _guest_tlbis[key] = tlb_effect(f, key[1])
+            out += [(_named(need, origin), iommu) for need in needs]
+        return out
+
+
+@dataclass(slots=True)
+class Order:
+    """What a guest CMD_SYNC ordered before the commands that follow it in one doorbell
+    (§4.7 CMD_SYNC: it completes once every earlier command has). A guest cleaning up a
+    change invalidates configuration, then TLBs, then ATCs, each step after a sync (§4.5:
+    an ATC invalidation that overtook the TLB one could be refilled from the stale TLB; a
+    TLB invalidation that overtook the CD one could be refilled through the stale CD). So:
+    a TLB need depends on the configuration needs of the devices behind its physical SMMU
+    that a sync ordered before it; an ATC need on the TLB needs of its physical SMMU and the
+    configuration needs of its device."""
+
+    ordered: list[tuple[Need, str, Handle]] = field(default_factory=list)
+    pending: list[tuple[Need, str, Handle]] = field(default_factory=list)
+
+    def sync(self) -> None:
+        self.ordered += self.pending
+        self.pending = []
+
+    def raised(self, need: Need, iommu: str, handle: Handle) -> None:
+        if need.cache != DEVTLB:  # nothing is ordered after an ATC invalidation
+            self.pending.append((need, iommu, handle))
+
+    def before(self, need: Need, iommu: str) -> tuple[Handle, ...]:
+        if need.cache == IOTLB:
+            return tuple(h for n, i, h in self.ordered if n.cache == CONFIG and i == iommu)
+        if need.cache == DEVTLB:
+            return tuple(
+                h
+                for n, i, h in self.ordered
+                if (n.cache == IOTLB and i == iommu)
+                or (n.cache == CONFIG and n.place == need.place)
+            )
+        return ()
 
 
 def _named(need: Need, origin: str) -> Need:
-    return Need(
-        need.cache, need.place, need.tag, need.lo, need.hi, need.leaf_only, need.level, origin
-    )
+    n = need  # positional: dataclasses.replace costs a tenth of a verify run
+    return Need(n.cache, n.place, n.tag, n.lo, n.hi, n.leaf_only, n.level, n.granule, origin)
 
 
 @dataclass(slots=True)
@@ -269,11 +338,19 @@ class SmmuHost:
         entries = call["entries"]
         done = len(entries) if not err else call["entry_num"] - call["entry_num"] % 63
         for raw in entries[:done]:
-            f = command(bytes.fromhex(raw)[:COMMAND_SIZE].ljust(COMMAND_SIZE, b"\0"))
-            if f["opcode"] in SID_OPS:
-                device = self.vsids.get((viommu_id, f["sid"]))
-                need = None if device is None else device_effect(f, device)
-            else:
-                need = tlb_effect(f, owner)
-            if need is not None:
-                self.ledger.remove(as_removal(need))
+            key = (raw, owner)
+            removals = _host_tlbis.get(key)
+            if removals is None:
+                f = command(bytes.fromhex(raw)[:COMMAND_SIZE].ljust(COMMAND_SIZE, b"\0"))
+                if f["opcode"] in SID_OPS:
+                    device = self.vsids.get((viommu_id, f["sid"]))
+                    need = None if device is None else device_effect(f, device)
+                    removals = () if need is None else (as_removal(need),)
+                else:  # a TLBI's removals depend on the command and the object only
+                    removals = tuple(as_removal(n) for n in tlb_effect(f, owner))
+                    if len(_host_tlbis) >= _CACHE_LIMIT:
+                        _host_tlbis.clear()
+                    _host_tlbis[key] = removals
+            entry = self.ledger.new_entry()
+            for removal in removals:
+                self.ledger.remove(removal, entry)

@@ -8,6 +8,7 @@ from typing import Any
 from viommud.host import HostConfig
 from viommud.oracle import Ledger
 from viommud.oracle.smmuv3 import SmmuGuest, SmmuHost
+from viommud.oracle.virtio import VirtioGuest, VirtioHost
 from viommud.oracle.vtd import VtdGuest, VtdHost
 from viommud.trace import (
     ContextEntry,
@@ -28,14 +29,16 @@ class Verifier:
 
     host: HostConfig
     ledger: Ledger = field(default_factory=Ledger)
-    guests: dict[str, SmmuGuest | VtdGuest] = field(default_factory=dict)
+    guests: dict[str, SmmuGuest | VtdGuest | VirtioGuest] = field(default_factory=dict)
     owner: dict[str, str] = field(default_factory=dict)  # device -> vIOMMU name
     smmu_host: SmmuHost = field(init=False)
     vtd_host: VtdHost = field(init=False)
+    virtio_host: VirtioHost = field(init=False)
 
     def __post_init__(self) -> None:
         self.smmu_host = SmmuHost(self.ledger, self.owner)
         self.vtd_host = VtdHost(self.ledger, self.host)
+        self.virtio_host = VirtioHost(self.ledger)
 
     # -- inputs -------------------------------------------------------------------------
     def before(self, record: Record) -> None:
@@ -52,6 +55,10 @@ class Verifier:
                 self.guests[record.viommu] = SmmuGuest(record.viommu, self.host, self.ledger)
             elif record.model == "vtd":
                 self.guests[record.viommu] = VtdGuest(
+                    record.viommu, self.host, self.ledger, record.options
+                )
+            elif record.model == "virtio-iommu":
+                self.guests[record.viommu] = VirtioGuest(
                     record.viommu, self.host, self.ledger, record.options
                 )
             return
@@ -73,19 +80,35 @@ class Verifier:
 
     def doorbell_begin(self, viommu: str, data: bytes) -> None:
         guest = self.guests.get(viommu)
-        if guest is not None:
+        if isinstance(guest, SmmuGuest | VtdGuest):
             guest.begin(data)
 
     def doorbell_end(self, viommu: str, failed: set[int]) -> None:
         """Called once the doorbell was answered; ``failed`` are the refused commands'
         indices."""
         guest = self.guests.get(viommu)
-        if guest is not None:
+        if isinstance(guest, SmmuGuest | VtdGuest):
             guest.end(failed)
 
+    def request_begin(self, viommu: str, data: bytes) -> None:
+        """A virtio-iommu request (its device-readable part) is about to be handled."""
+        guest = self.guests.get(viommu)
+        if isinstance(guest, VirtioGuest):
+            self.virtio_host.active = True
+            guest.begin(data)
+
+    def request_end(self, viommu: str, status: str) -> None:
+        """The request was answered with ``status`` (the reply the guest reads)."""
+        guest = self.guests.get(viommu)
+        if isinstance(guest, VirtioGuest):
+            self.virtio_host.active = False
+            guest.end(status == "OK")
+
     def call(self, ioctl: str, err: int, call: dict[str, Any], iommu: str | None) -> None:
+        self.ledger.call()  # what one call removes is unordered within it, after earlier ones
         self.smmu_host.call(ioctl, err, call, iommu)
         self.vtd_host.call(ioctl, err, call, iommu)
+        self.virtio_host.call(ioctl, err, call)
 
     # -- verdict ------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:

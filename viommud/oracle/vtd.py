@@ -22,9 +22,10 @@ Guest side (``VtdGuest``, one per VT-d vIOMMU):
   is scalable and valid: an entry gone (missing or P=0) is dropped whatever the granularity;
   otherwise domain-/PASID-selective ones need the DID of the cached entry (of the new one if
   none is cached) and the PASID to be the device's RID_PASID.
-* Translation (``Translation``): legacy TT=0/1 and scalable PGTT=1 (FLPM=0) entries give a
-  nested stage 1 tagged with their DID (and RID_PASID in scalable mode); TT=2 / PGTT=4 give
-  pass-through; anything the hardware would fault on blocks the device.
+* Translation (``Translation``): scalable PGTT=1 (FLPM=0) entries give a nested stage 1
+  tagged with their DID and RID_PASID; TT=2 / PGTT=4 give pass-through; legacy TT=0/1
+  (second-level tables, never nested: docs/vtd.md "Legacy mode") and anything the hardware
+  would fault on block the device.
 
 Per descriptor:
 
@@ -70,12 +71,10 @@ ADDR_BITS = 52  # a mask or size of 2^52 pages or more is the whole address spac
 
 # What this vIOMMU advertises (docs/vtd.md; reference vtd.md §2.3).
 MAMV = 18  # CAP.MAMV: page-selective IOTLB invalidations take AM <= 18
-SAGAW = (1, 2)  # legacy AW encodings supported: 39- and 48-bit (3- and 4-level) tables
 PGTT_FIRST_STAGE = 1  # the only translating PGTT: ECAP.FSTS without SSTS
 PGTT_PASS_THROUGH = 4
 FIRST_STAGE_WIDTH = 48  # FLPM=0, 4-level; 5-level first stage is not supported
 TT_PASS_THROUGH = 2
-TT_RESERVED = 3
 
 TYPE_BITS = 0xE0F  # qw0[3:0] and qw0[11:9]: the 7-bit descriptor type
 _PASID_TYPES = (DescType.P_IOTLB_INV, DescType.PC_INV, DescType.P_DEV_TLB_INV)
@@ -331,10 +330,11 @@ def legacy_translation(raw: bytes) -> Translation:
         return Translation(BLOCKED)
     if f["tt"] == TT_PASS_THROUGH:
         return Translation(PASS_THROUGH, f["did"])
-    if f["tt"] == TT_RESERVED or f["aw"] not in SAGAW:
-        return Translation(BLOCKED)
-    walk = (f["slptptr"] << PAGE_SHIFT, 30 + 9 * f["aw"], 0)
-    return Translation(NESTED, f["did"], None, walk)
+    # TT=0/1: a second-level table. It is never handed to the host as a first-stage table
+    # (the formats differ, §9.8 vs §9.9) and there is no guest memory to shadow it, so the
+    # VMM's promise (docs/vtd.md "Legacy mode") is that the device is blocked: it holds no
+    # translation, so nothing of it can go stale.
+    return Translation(BLOCKED)
 
 
 def scalable_context_ok(raw: bytes) -> bool:
@@ -483,7 +483,7 @@ class VtdGuest:
             if index in refused or isinstance(effect, Malformed):
                 continue
             if isinstance(effect, Wait):
-                ledger.barrier_reached()
+                ledger.barrier_reached(self.name)
             elif isinstance(effect, TlbInvalidation):
                 self._iotlb(effect, f"{self.name}[{index}] iotlb")
             elif isinstance(effect, DeviceTlbInvalidation):
@@ -555,8 +555,8 @@ class VtdGuest:
                 continue
             if inv.pasid is not None and t.pasid != inv.pasid:
                 continue
-            need = Need(IOTLB, (dev.device,), None, inv.lo, inv.hi, inv.leaf, 0, origin)
-            self.ledger.need(need, self._since, due=False)
+            need = Need(IOTLB, (dev.device,), None, inv.lo, inv.hi, inv.leaf, origin=origin)
+            self.ledger.need(need, self._since, due=False, owner=self.name)
             dev.stale.mark(inv.lo, inv.hi, self._since)
 
     def _device_tlb(self, inv: DeviceTlbInvalidation, origin: str) -> None:
@@ -565,8 +565,10 @@ class VtdGuest:
             return
         if inv.pasid is not None and inv.pasid != dev.translation.pasid:
             return  # requests with another PASID are not translated on the host
-        need = Need(DEVTLB, (dev.device,), None, inv.lo, inv.hi, False, 0, origin)
-        self.ledger.need(need, 0, due=False, pieces=dev.stale.pieces(inv.lo, inv.hi))
+        need = Need(DEVTLB, (dev.device,), None, inv.lo, inv.hi, origin=origin)
+        self.ledger.need(
+            need, 0, due=False, pieces=dev.stale.pieces(inv.lo, inv.hi), owner=self.name
+        )
 
 
 # ---------------------------------------------------------------------------------------------
