@@ -1,0 +1,326 @@
+"""Intel VT-d: a QEMU intel-iommu trace log -> the records of a vtd trace (vtd.md §6.1).
+
+* ``vtd_inv_desc``: one descriptor as QEMU processed it (qw1, qw0). qw2/qw3 of a 256-bit
+  descriptor are not printed: they are written as zero, and the header says so.
+* ``vtd_inv_qi_head``: QEMU is about to process the descriptor at HEAD. A head with no
+  ``vtd_inv_desc`` after it is a descriptor QEMU does not trace (PASID-cache invalidations
+  in 7.2-10.x, PASID-based IOTLB invalidations in 7.2): it is left out, and counted in the
+  header's notes.
+* ``vtd_inv_qi_tail``: a guest IQT write, i.e. one ``cmds`` record for the descriptors that
+  follow (``vtd_inv_qi_fetch`` splits them when the log has no tail events).
+* ``vtd_reg_write`` to IQA (0x90): bit 11 (DW) gives the queue width; 256 bits is scalable
+  mode (QEMU accepts DW=1 only then).
+* ``vtd_switch_address_space`` (``iommu enabled=0|1``), while translation is on
+  (``vtd_dmar_enable``): whether the context entry (PASID entry in scalable mode) QEMU read
+  for a device is pass-through or translating.
+
+Synthesis (on by default): a context entry for each device before its device-selective
+context-cache invalidation, with the DID of the guest's next domain- or page-selective
+(PASID-based) IOTLB invalidation, re-written when the DID or the kind changes. Legacy mode:
+present, 48-bit, second-level table at ``0x20000000 + (SID << 12)``, TT=1 when the host
+device has ATS, TT=2 where the log shows pass-through. Scalable mode: a scalable context
+entry (PASID directory at ``0x30000000 + (SID << 12)``, RID_PASID 0) and the PASID entry of
+PASID 0: first stage (PGTT=1, table at ``0x20000000 + (SID << 12)``) — a second-stage guest
+table is handed over as a first stage, as in legacy mode, since viommud nests first stages
+only — or pass-through (PGTT=4).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocols.models import HostIommu, ViommuModel
+from protocols.vtd import (
+    PGTT_FIRST_STAGE,
+    PGTT_PASS_THROUGH,
+    build_context_entry,
+    build_pasid_entry,
+    build_scalable_context_entry,
+)
+from viommud.importers.options import HostSpec, ImportLogError, ImportOptions
+from viommud.importers.qemu_events import U64, Event, events, rid
+
+VTD_IQA = 0x90
+VTD_IQA_DW = 1 << 11
+_PASID_TYPES = (6, 7, 8)
+
+CONTEXT_COMMENT = (
+    "synthetic context entry; DID inferred from the guest's own DSI after the "
+    "device-selective context invalidation"
+)
+PT_COMMENT = "synthetic pass-through entry: QEMU switched the device out of translation here"
+PASID_COMMENT = (
+    "synthetic PASID entry of RID_PASID 0; DID inferred from the guest's next IOTLB invalidation"
+)
+
+
+@dataclass(slots=True)
+class Doorbell:
+    """One guest doorbell: its raw queue entries, the log line of each, and the time."""
+
+    t: float | None
+    entries: list[bytes] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    untraced: int = 0  # descriptors QEMU processed without tracing them
+
+
+@dataclass(slots=True)
+class VtdLog:
+    doorbells: list[Doorbell]
+    dw: int | None  # from an IQA write
+    # (line, SID, pass-through?) of address-space switches QEMU made while translating
+    switches: list[tuple[int, int, bool]] = field(default_factory=list)
+    devices: set[int] = field(default_factory=set)  # every SID the log names
+    dmar_traced: bool = False  # the log has vtd_dmar_enable events
+
+    @property
+    def untraced(self) -> int:
+        return sum(d.untraced for d in self.doorbells)
+
+
+def parse_vtd(lines: Iterable[str] | Iterable[Event]) -> VtdLog:
+    """The descriptors of a QEMU intel-iommu trace log, grouped per IQT write (16 bytes each:
+    qw0, qw1)."""
+    doorbells: list[Doorbell] = []
+    current: Doorbell | None = None
+    dw: int | None = None
+    pending = False  # a vtd_inv_qi_head without its vtd_inv_desc yet
+    dmar: bool | None = None
+    log = VtdLog(doorbells, None)
+    stream = _as_events(lines)
+    log.dmar_traced = any(ev.name == "vtd_dmar_enable" for ev in stream)
+    if log.dmar_traced:
+        dmar = False  # translation is off until the log says it is on
+    for ev in stream:
+        name = ev.name
+        if name in ("vtd_inv_qi_head", "vtd_inv_qi_tail", "vtd_inv_qi_fetch") and pending:
+            assert current is not None
+            current.untraced += 1
+            pending = False
+        if name == "vtd_inv_qi_tail" or (
+            name == "vtd_inv_qi_fetch" and (current is None or current.entries or current.untraced)
+        ):
+            current = Doorbell(ev.t)
+            doorbells.append(current)
+        elif name == "vtd_inv_qi_head":
+            if current is None:
+                current = Doorbell(ev.t)
+                doorbells.append(current)
+            pending = True
+        elif name == "vtd_inv_desc":
+            pending = False
+            if current is None:
+                current = Doorbell(ev.t)
+                doorbells.append(current)
+            qw0, qw1 = int(ev.fields["lo"], 16), int(ev.fields["hi"], 16)
+            if qw0 > U64 or qw1 > U64:
+                raise ImportLogError(f"line {ev.line}: descriptor word wider than 64 bits")
+            current.entries.append(struct.pack("<QQ", qw0, qw1))
+            current.lines.append(ev.line)
+        elif name == "vtd_reg_write":
+            if int(ev.fields["addr"], 16) == VTD_IQA and dw is None:
+                dw = 256 if int(ev.fields["val"], 16) & VTD_IQA_DW else 128
+        elif name == "vtd_dmar_enable":
+            dmar = ev.fields["en"] == "1"
+        elif name == "vtd_switch_address_space":
+            sid = rid(ev)
+            log.devices.add(sid)
+            if dmar is not False:  # informative only while translation is on
+                log.switches.append((ev.line, sid, ev.fields["on"] == "0"))
+    if pending and current is not None:
+        current.untraced += 1
+    log.doorbells = [d for d in doorbells if d.entries or d.untraced]
+    log.dw = dw
+    return log
+
+
+def _as_events(lines: Iterable[str] | Iterable[Event]) -> list[Event]:
+    items = list(lines)
+    if items and isinstance(items[0], Event):
+        return [e for e in items if isinstance(e, Event)]
+    return list(events([str(x) for x in items]))
+
+
+def _descriptors(doorbell: Doorbell) -> Iterable[tuple[int, int]]:
+    """``(qw0, line)`` of each descriptor."""
+    lines = doorbell.lines or [0] * len(doorbell.entries)
+    for entry, line in zip(doorbell.entries, lines, strict=True):
+        yield struct.unpack_from("<Q", entry)[0], line
+
+
+def device_selective_cc(doorbell: Doorbell) -> list[tuple[int, int]]:
+    """``(SID, line)`` of the device-selective context-cache invalidations (FM = 0)."""
+    return [
+        ((qw0 >> 32) & 0xFFFF, line)
+        for qw0, line in _descriptors(doorbell)
+        if qw0 & 0xE0F == 0x1 and (qw0 >> 4) & 3 == 3 and (qw0 >> 48) & 3 == 0
+    ]
+
+
+def device_tlb_sids(log: VtdLog) -> set[int]:
+    """SIDs named by (PASID-based) device-TLB invalidations: devices with an ATC."""
+    return {
+        (qw0 >> 16) & 0xFFFF
+        for doorbell in log.doorbells
+        for qw0, _ in _descriptors(doorbell)
+        if qw0 & 0xE0F in (0x3, 0x8)
+    }
+
+
+def _next_domain(doorbells: list[Doorbell], start: int) -> int | None:
+    """The DID of the first domain- or page-selective IOTLB invalidation, or PASID-based
+    IOTLB invalidation, from ``start`` on."""
+    for doorbell in doorbells[start:]:
+        for qw0, _ in _descriptors(doorbell):
+            if (qw0 & 0xE0F == 0x2 and (qw0 >> 4) & 3 in (2, 3)) or qw0 & 0xE0F == 0x6:
+                return (qw0 >> 16) & 0xFFFF
+    return None
+
+
+def log_sids(log: VtdLog) -> set[int]:
+    """Every device the log shows: configured, invalidated or switched."""
+    sids = set(log.devices) | device_tlb_sids(log)
+    for doorbell in log.doorbells:
+        sids |= {sid for sid, _ in device_selective_cc(doorbell)}
+    return sids
+
+
+def queue_width(log: VtdLog, options: ImportOptions) -> int:
+    dw = options.dw or log.dw
+    if dw is None:
+        pasid = any(e[0] & 0xF in _PASID_TYPES for d in log.doorbells for e in d.entries)
+        dw = 256 if pasid else 128
+    return dw
+
+
+def notes(log: VtdLog, options: ImportOptions) -> list[str]:
+    """What the log cannot show, in words."""
+    out: list[str] = []
+    dw = queue_width(log, options)
+    if log.untraced:
+        out.append(
+            f"{log.untraced} descriptors QEMU processed without tracing them (heads with no "
+            "vtd_inv_desc: PASID-cache invalidations, and PASID-based IOTLB invalidations "
+            "before QEMU 8) are left out"
+        )
+    if dw == 256:
+        out.append(
+            "the upper 128 bits of each 256-bit descriptor are not in the log: written as zero"
+        )
+    if options.synthesize and log.switches and not log.dmar_traced:
+        out.append(
+            "no vtd_dmar_enable event: every address-space switch is taken as made while "
+            "translation was on"
+        )
+    return out
+
+
+def vtd_records(log: VtdLog, options: ImportOptions, spec: HostSpec) -> list[dict[str, Any]]:
+    dw = queue_width(log, options)
+    scalable = dw == 256
+    viommu = options.viommu or "vvtd0"
+    iommus = [u.id for u in spec.host.iommus if u.model == HostIommu.INTEL_VTD]
+    records: list[dict[str, Any]] = [
+        {
+            "op": "viommu_create",
+            "viommu": viommu,
+            "model": ViommuModel.VTD,
+            "iommus": iommus,
+            "options": {"dw": dw},
+        },
+    ]
+    attach = attachments(spec, iommus)
+    records += [
+        {"op": "device_attach", "viommu": viommu, "vid": vid, "device": device}
+        for vid, device in attach
+    ]
+    ats = {vid: spec.host.device(device).ats for vid, device in attach}
+    pad = bytes(16) if scalable else b""
+    t0 = next((d.t for d in log.doorbells if d.t is not None), None)
+    points: dict[int, list[int]] = {}  # sid -> lines of its device-selective invalidations
+    for doorbell in log.doorbells:
+        for sid, line in device_selective_cc(doorbell):
+            points.setdefault(sid, []).append(line)
+    written: dict[int, tuple[bool, int | None]] = {}  # sid -> (pass-through, DID) written
+    contexts: set[int] = set()  # scalable: SIDs whose context entry is written
+    for number, doorbell in enumerate(log.doorbells):
+        if options.synthesize:
+            for sid, line in device_selective_cc(doorbell):
+                if sid not in ats:
+                    continue
+                pt = _observed(log, points[sid], sid, line)
+                if pt is None:
+                    pt = written[sid][0] if sid in written else False
+                did = _next_domain(log.doorbells, number)
+                if (did is None and not pt) or written.get(sid) == (pt, did):
+                    continue
+                written[sid] = (pt, did)
+                records += _entries(viommu, sid, (pt, did or 0, ats[sid], scalable), contexts)
+        record: dict[str, Any] = {
+            "op": "cmds",
+            "viommu": viommu,
+            "data": b"".join(e + pad for e in doorbell.entries).hex(),
+        }
+        if doorbell.t is not None and t0 is not None:
+            record["t"] = round(doorbell.t - t0, 6)
+        if doorbell.entries:
+            records.append(record)
+    return records
+
+
+def _observed(log: VtdLog, points: list[int], sid: int, line: int) -> bool | None:
+    """Pass-through or not, by the first informative switch of ``sid`` after ``line`` and
+    before the device's next device-selective invalidation; None when the log shows none."""
+    later = [p for p in points if p > line]
+    end = later[0] if later else float("inf")
+    for at, switched, pt in log.switches:
+        if switched == sid and line < at < end:
+            return pt
+    return None
+
+
+def _entries(
+    viommu: str, sid: int, kind: tuple[bool, int, bool, bool], contexts: set[int]
+) -> list[dict[str, Any]]:
+    """The entries to write for ``sid``: ``kind`` is (pass-through, DID, ATS, scalable)."""
+    pt, did, ats, scalable = kind
+    if not scalable:
+        data = build_context_entry(
+            p=1, tt=2 if pt else (1 if ats else 0), aw=2, did=did, slptptr=0x20000 + sid
+        )
+        comment = PT_COMMENT if pt else CONTEXT_COMMENT
+        return [
+            {"op": "context_entry", "viommu": viommu, "sid": sid, "data": data.hex(),
+             "comment": comment}
+        ]  # fmt: skip
+    out: list[dict[str, Any]] = []
+    if sid not in contexts:
+        contexts.add(sid)
+        context = build_scalable_context_entry(
+            p=1, dte=1 if ats else 0, pasiddirptr=0x30000 + sid, rid_pasid=0
+        )
+        out.append(
+            {"op": "context_entry", "viommu": viommu, "sid": sid, "data": context.hex(),
+             "comment": "synthetic scalable-mode context entry (RID_PASID 0)"}
+        )  # fmt: skip
+    entry = build_pasid_entry(
+        p=1,
+        pgtt=PGTT_PASS_THROUGH if pt else PGTT_FIRST_STAGE,
+        aw=2,
+        did=did,
+        flptptr=0 if pt else 0x20000 + sid,
+    )
+    out.append(
+        {"op": "pasid_entry", "viommu": viommu, "sid": sid, "pasid": 0, "data": entry.hex(),
+         "comment": PT_COMMENT if pt else PASID_COMMENT}
+    )  # fmt: skip
+    return out
+
+
+def attachments(spec: HostSpec, iommus: list[str]) -> list[tuple[int, str]]:
+    if spec.attach:
+        return list(spec.attach)
+    return [(d.sid, d.id) for d in spec.host.devices if d.iommu in iommus]
