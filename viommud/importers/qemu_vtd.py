@@ -52,6 +52,10 @@ CONTEXT_COMMENT = (
     "device-selective context invalidation"
 )
 PT_COMMENT = "synthetic pass-through entry: QEMU switched the device out of translation here"
+EARLY_COMMENT = (
+    "synthetic entry written without a context-cache invalidation of the device (no caching "
+    "mode); DID of the IOTLB invalidation its first device-TLB invalidation follows"
+)
 PASID_COMMENT = (
     "synthetic PASID entry of RID_PASID 0; DID inferred from the guest's next IOTLB invalidation"
 )
@@ -160,14 +164,21 @@ def device_selective_cc(doorbell: Doorbell) -> list[tuple[int, int]]:
     ]
 
 
+def _devtlb_sid(qw0: int) -> int | None:
+    """The SID of a device-TLB (qw0[47:32]) or PASID-based device-TLB (qw0[31:16])
+    invalidation; None for other descriptors."""
+    kind = qw0 & 0xE0F
+    if kind == 0x3:
+        return (qw0 >> 32) & 0xFFFF
+    if kind == 0x8:
+        return (qw0 >> 16) & 0xFFFF
+    return None
+
+
 def device_tlb_sids(log: VtdLog) -> set[int]:
     """SIDs named by (PASID-based) device-TLB invalidations: devices with an ATC."""
-    return {
-        (qw0 >> 16) & 0xFFFF
-        for doorbell in log.doorbells
-        for qw0, _ in _descriptors(doorbell)
-        if qw0 & 0xE0F in (0x3, 0x8)
-    }
+    sids = {_devtlb_sid(qw0) for doorbell in log.doorbells for qw0, _ in _descriptors(doorbell)}
+    return {sid for sid in sids if sid is not None}
 
 
 def _next_domain(doorbells: list[Doorbell], start: int) -> int | None:
@@ -246,7 +257,16 @@ def vtd_records(log: VtdLog, options: ImportOptions, spec: HostSpec) -> list[dic
             points.setdefault(sid, []).append(line)
     written: dict[int, tuple[bool, int | None]] = {}  # sid -> (pass-through, DID) written
     contexts: set[int] = set()  # scalable: SIDs whose context entry is written
+    early = early_devices(log, points) if options.synthesize else {}
+    early_at = _first_cc_doorbell(log)
     for number, doorbell in enumerate(log.doorbells):
+        if options.synthesize and number == early_at:
+            for sid, did in sorted(early.items()):
+                if sid in ats:
+                    written[sid] = (False, did)
+                    entries = _entries(viommu, sid, (False, did, ats[sid], scalable), contexts)
+                    entries[-1]["comment"] = EARLY_COMMENT
+                    records += entries
         if options.synthesize:
             for sid, line in device_selective_cc(doorbell):
                 if sid not in ats:
@@ -272,14 +292,41 @@ def vtd_records(log: VtdLog, options: ImportOptions, spec: HostSpec) -> list[dic
 
 
 def _observed(log: VtdLog, points: list[int], sid: int, line: int) -> bool | None:
-    """Pass-through or not, by the first informative switch of ``sid`` after ``line`` and
-    before the device's next device-selective invalidation; None when the log shows none."""
+    """Pass-through or not, by the last informative switch of ``sid`` after ``line`` and
+    before the device's next device-selective invalidation; None when the log shows none.
+    The last, because a guest without caching mode writes the new entry after invalidating
+    the old one, and QEMU picks it up at the device's next DMA (vtd_pt_enable_fast_path)."""
     later = [p for p in points if p > line]
     end = later[0] if later else float("inf")
-    for at, switched, pt in log.switches:
-        if switched == sid and line < at < end:
-            return pt
-    return None
+    seen = [pt for at, switched, pt in log.switches if switched == sid and line < at < end]
+    return seen[-1] if seen else None
+
+
+def early_devices(log: VtdLog, points: dict[int, list[int]]) -> dict[int, int]:
+    """Devices the guest invalidates before any device-selective context-cache invalidation
+    of theirs (a guest without caching mode writes a new context entry without one), with
+    the DID of the IOTLB invalidation their first device-TLB invalidation follows."""
+    out: dict[int, int] = {}
+    did: int | None = None
+    for doorbell in log.doorbells:
+        for qw0, line in _descriptors(doorbell):
+            kind = qw0 & 0xE0F
+            if (kind == 0x2 and (qw0 >> 4) & 3 in (2, 3)) or kind == 0x6:
+                did = (qw0 >> 16) & 0xFFFF
+            elif (sid := _devtlb_sid(qw0)) is not None and did is not None:
+                first_cc = points.get(sid, [float("inf")])[0]
+                if sid not in out and line < first_cc:
+                    out[sid] = did
+    return out
+
+
+def _first_cc_doorbell(log: VtdLog) -> int:
+    """The first doorbell with a context-cache invalidation (0 when none): where entries the
+    guest wrote without one are put, so that it makes them take effect."""
+    for number, doorbell in enumerate(log.doorbells):
+        if any(qw0 & 0xE0F == 0x1 for qw0, _ in _descriptors(doorbell)):
+            return number
+    return 0
 
 
 def _entries(
