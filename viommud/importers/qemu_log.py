@@ -20,6 +20,7 @@ descriptors, commands missing from the queue dump, …) is listed in the header'
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from protocols.models import HostIommu, ViommuModel
@@ -62,11 +63,12 @@ def detect_model(stream: list[Event]) -> str:
 def convert(
     lines: Iterable[str],
     options: ImportOptions,
-    dump: bytes | None = None,
+    dump: bytes | Path | None = None,
     dump_name: str = "dump",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The header and records of the trace a QEMU log describes (``dump``: the SMMUv3
-    command queue's raw memory). The header's ``notes`` say what the log could not show."""
+    command queue's raw memory, or a file holding it, read only for an SMMUv3 log). The
+    header's ``notes`` say what the log could not show."""
     stream = list(events(lines, dumps=True))
     model = options.model or detect_model([e for e in stream if e.name != "dump"])
     notes: list[str] = []
@@ -79,6 +81,10 @@ def convert(
         records = qemu_vtd.vtd_records(vlog, options, spec)
         notes += qemu_vtd.notes(vlog, options)
     elif model == ViommuModel.SMMUV3:
+        if isinstance(dump, Path):
+            dump_name = str(dump)
+            dump = qemu_smmuv3.read_dump(dump)
+            notes.append(f"command queue memory read from {dump_name}")
         slog = qemu_smmuv3.read_smmuv3(stream, dump, dump_name)
         if not slog.doorbells:
             raise ImportLogError("no CMDQ_PROD write with queue entries in the log")

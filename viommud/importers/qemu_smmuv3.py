@@ -197,8 +197,28 @@ def read_dump(path: Path) -> bytes:
         raise ImportLogError(f"cannot read {path}: {exc}") from None
 
 
+DUMP_NAMES = ("queue.bin", "cmdq.bin", "{stem}.cmdq", "{stem}.cmdq.bin", "{stem}.queue.bin")
+
+
+def find_dump(log: Path) -> Path | None:
+    """A queue dump beside the log, by the names captures use (``queue.bin[.xz]``,
+    ``cmdq.bin``, ``LOG.cmdq[.bin]``, ``LOG.queue.bin``; LOG without its suffixes)."""
+    stem = log.name.split(".")[0]
+    for name in DUMP_NAMES:
+        for suffix in ("", ".xz"):
+            candidate = log.with_name(name.format(stem=stem) + suffix)
+            if candidate.is_file():
+                return candidate
+    return None
+
+
 def notes(log: Smmuv3Log) -> list[str]:
     out: list[str] = []
+    if not log.translations:
+        out.append(
+            "the log has no smmuv3_translate_* events: what kind of STE QEMU used (stage 1, "
+            "bypass, abort) is not visible, so every synthesized STE is stage 1"
+        )
     if log.missing:
         out.append(
             f"{log.missing} doorbells ({log.missing_commands} commands) are not in the queue "

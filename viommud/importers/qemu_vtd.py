@@ -261,10 +261,11 @@ def vtd_records(log: VtdLog, options: ImportOptions, spec: HostSpec) -> list[dic
     early_at = _first_cc_doorbell(log)
     for number, doorbell in enumerate(log.doorbells):
         if options.synthesize and number == early_at:
-            for sid, did in sorted(early.items()):
+            for sid, first_did in sorted(early.items()):
                 if sid in ats:
-                    written[sid] = (False, did)
-                    entries = _entries(viommu, sid, (False, did, ats[sid], scalable), contexts)
+                    written[sid] = (False, first_did)
+                    kind = (False, first_did, ats[sid], scalable)
+                    entries = _entries(viommu, sid, kind, contexts)
                     entries[-1]["comment"] = EARLY_COMMENT
                     records += entries
         if options.synthesize:

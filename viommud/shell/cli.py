@@ -214,7 +214,8 @@ def _parser() -> argparse.ArgumentParser:
         "--cmdq-dump",
         type=Path,
         metavar="FILE",
-        help="SMMUv3: raw little-endian dump of the command queue from its base (.xz read)",
+        help="SMMUv3: raw little-endian dump of the command queue from its base (.xz read); "
+        "default: queue.bin[.xz] or LOG.cmdq[.bin] beside the log",
     )
 
     st = add("status", "show a running daemon's clients, vIOMMUs and counters")
@@ -458,7 +459,7 @@ def _import(args: argparse.Namespace) -> int:
         write_trace,
     )
     from viommud.importers.qemu_events import read_lines  # noqa: PLC0415
-    from viommud.importers.qemu_smmuv3 import read_dump  # noqa: PLC0415
+    from viommud.importers.qemu_smmuv3 import find_dump  # noqa: PLC0415
 
     name = args.name or args.output.name.split(".")[0]
     try:
@@ -472,8 +473,8 @@ def _import(args: argparse.Namespace) -> int:
             extra_attach=[parse_attach(a) for a in args.attach],
             ats=args.ats,
         )
-        dump = read_dump(args.cmdq_dump) if args.cmdq_dump is not None else None
-        header, records = qemu_log.convert(read_lines(args.log), options, dump, str(args.cmdq_dump))
+        dump = args.cmdq_dump or find_dump(args.log)
+        header, records = qemu_log.convert(read_lines(args.log), options, dump)
         write_trace(args.output, header, records)
     except (ImportLogError, OSError) as exc:
         print(f"viommud: import: {exc}", file=sys.stderr)
