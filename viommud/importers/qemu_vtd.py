@@ -43,6 +43,9 @@ from protocols.vtd import (
 from viommud.importers.options import HostSpec, ImportLogError, ImportOptions
 from viommud.importers.qemu_events import U64, Event, events, rid
 
+# A global PASID-cache invalidation (type 7, G=3), the stand-in for a descriptor QEMU did not
+# trace in a scalable-mode log.
+PC_GLOBAL = struct.pack("<QQ", 0x7 | 3 << 4, 0)
 VTD_IQA = 0x90
 VTD_IQA_DW = 1 << 11
 _PASID_TYPES = (6, 7, 8)
@@ -68,7 +71,12 @@ class Doorbell:
     t: float | None
     entries: list[bytes] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
-    untraced: int = 0  # descriptors QEMU processed without tracing them
+    # descriptors QEMU processed without tracing them: (position among entries, head line)
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def untraced(self) -> int:
+        return len(self.gaps)
 
 
 @dataclass(slots=True)
@@ -91,7 +99,7 @@ def parse_vtd(lines: Iterable[str] | Iterable[Event]) -> VtdLog:
     doorbells: list[Doorbell] = []
     current: Doorbell | None = None
     dw: int | None = None
-    pending = False  # a vtd_inv_qi_head without its vtd_inv_desc yet
+    pending = 0  # line of a vtd_inv_qi_head without its vtd_inv_desc yet
     dmar: bool | None = None
     log = VtdLog(doorbells, None)
     stream = _as_events(lines)
@@ -102,8 +110,8 @@ def parse_vtd(lines: Iterable[str] | Iterable[Event]) -> VtdLog:
         name = ev.name
         if name in ("vtd_inv_qi_head", "vtd_inv_qi_tail", "vtd_inv_qi_fetch") and pending:
             assert current is not None
-            current.untraced += 1
-            pending = False
+            current.gaps.append((len(current.entries), pending))
+            pending = 0
         if name == "vtd_inv_qi_tail" or (
             name == "vtd_inv_qi_fetch" and (current is None or current.entries or current.untraced)
         ):
@@ -113,9 +121,9 @@ def parse_vtd(lines: Iterable[str] | Iterable[Event]) -> VtdLog:
             if current is None:
                 current = Doorbell(ev.t)
                 doorbells.append(current)
-            pending = True
+            pending = ev.line
         elif name == "vtd_inv_desc":
-            pending = False
+            pending = 0
             if current is None:
                 current = Doorbell(ev.t)
                 doorbells.append(current)
@@ -135,7 +143,7 @@ def parse_vtd(lines: Iterable[str] | Iterable[Event]) -> VtdLog:
             if dmar is not False:  # informative only while translation is on
                 log.switches.append((ev.line, sid, ev.fields["on"] == "0"))
     if pending and current is not None:
-        current.untraced += 1
+        current.gaps.append((len(current.entries), pending))
     log.doorbells = [d for d in doorbells if d.entries or d.untraced]
     log.dw = dw
     return log
@@ -251,13 +259,19 @@ def vtd_records(log: VtdLog, options: ImportOptions, spec: HostSpec) -> list[dic
     ats = {vid: spec.host.device(device).ats for vid, device in attach}
     pad = bytes(16) if scalable else b""
     t0 = next((d.t for d in log.doorbells if d.t is not None), None)
-    points: dict[int, list[int]] = {}  # sid -> lines of its device-selective invalidations
+    cc_points: dict[int, list[int]] = {}  # sid -> lines of its device-selective invalidations
     for doorbell in log.doorbells:
         for sid, line in device_selective_cc(doorbell):
-            points.setdefault(sid, []).append(line)
+            cc_points.setdefault(sid, []).append(line)
+    # Scalable mode: a descriptor QEMU did not trace is (most likely) a PASID-cache
+    # invalidation; it is replayed as a global one, and is where a PASID entry may change.
+    gap_lines = sorted(g for d in log.doorbells for _, g in d.gaps) if scalable else []
+    points = {
+        sid: sorted([*cc_points.get(sid, []), *gap_lines]) for sid in set(ats) | set(cc_points)
+    }
     written: dict[int, tuple[bool, int | None]] = {}  # sid -> (pass-through, DID) written
     contexts: set[int] = set()  # scalable: SIDs whose context entry is written
-    early = early_devices(log, points) if options.synthesize else {}
+    early = early_devices(log, cc_points) if options.synthesize else {}
     early_at = _first_cc_doorbell(log)
     for number, doorbell in enumerate(log.doorbells):
         if options.synthesize and number == early_at:
@@ -265,29 +279,42 @@ def vtd_records(log: VtdLog, options: ImportOptions, spec: HostSpec) -> list[dic
                 if sid in ats:
                     written[sid] = (False, first_did)
                     kind = (False, first_did, ats[sid], scalable)
-                    entries = _entries(viommu, sid, kind, contexts)
-                    entries[-1]["comment"] = EARLY_COMMENT
-                    records += entries
+                    made = _entries(viommu, sid, kind, contexts)
+                    made[-1]["comment"] = EARLY_COMMENT
+                    records += made
         if options.synthesize:
-            for sid, line in device_selective_cc(doorbell):
+            changes = [(sid, line, False) for sid, line in device_selective_cc(doorbell)]
+            if scalable:
+                changes += [(sid, g, True) for _, g in doorbell.gaps for sid in sorted(ats)]
+            for sid, line, gap in sorted(changes, key=lambda c: c[1]):
                 if sid not in ats:
                     continue
                 pt = _observed(log, points[sid], sid, line)
+                if pt is None and gap:
+                    continue
                 if pt is None:
                     pt = written[sid][0] if sid in written else False
                 did = _next_domain(log.doorbells, number)
+                if gap and sid not in written:
+                    continue  # nothing known of the device's entries before
                 if (did is None and not pt) or written.get(sid) == (pt, did):
                     continue
+                if gap and written[sid][0] == pt:
+                    continue  # only a change of kind shows at an untraced descriptor
                 written[sid] = (pt, did)
                 records += _entries(viommu, sid, (pt, did or 0, ats[sid], scalable), contexts)
+        entries = list(doorbell.entries)
+        if scalable:
+            for at, _ in reversed(doorbell.gaps):
+                entries.insert(at, PC_GLOBAL)
         record: dict[str, Any] = {
             "op": "cmds",
             "viommu": viommu,
-            "data": b"".join(e + pad for e in doorbell.entries).hex(),
+            "data": b"".join(e + pad for e in entries).hex(),
         }
         if doorbell.t is not None and t0 is not None:
             record["t"] = round(doorbell.t - t0, 6)
-        if doorbell.entries:
+        if entries:
             records.append(record)
     return records
 
