@@ -68,7 +68,7 @@ def ste(data: bytes) -> dict[str, Any]:
     return {"op": "ste", "viommu": "s", "vsid": 8, "data": data.hex()}
 
 
-VIRTIO = [
+VIRTIO: list[dict[str, Any]] = [
     {"op": "viommu_create", "viommu": "i", "model": "virtio-iommu", "iommus": [],
      "options": {"emulated_endpoints": [8]}},
     {"op": "request", "viommu": "i", "data": struct.pack("<BxxxIII4x", 1, 1, 8, 0).hex()},
