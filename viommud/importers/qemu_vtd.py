@@ -220,10 +220,15 @@ def notes(log: VtdLog, options: ImportOptions) -> list[str]:
     out: list[str] = []
     dw = queue_width(log, options)
     if log.untraced:
+        fate = (
+            "replayed as global PASID-cache invalidations (their content is not in the log)"
+            if dw == 256
+            else "left out"
+        )
         out.append(
             f"{log.untraced} descriptors QEMU processed without tracing them (heads with no "
-            "vtd_inv_desc: PASID-cache invalidations, and PASID-based IOTLB invalidations "
-            "before QEMU 8) are left out"
+            "vtd_inv_desc: PASID-cache invalidations, and PASID-based IOTLB invalidations in "
+            f"QEMU 7.2): {fate}"
         )
     if dw == 256:
         out.append(
