@@ -9,6 +9,10 @@ events whose text differs between the two are listed twice.
 
 from __future__ import annotations
 
+import re
+
+_SPEC = re.compile(r"%[-0-9]*(?:l|z)?([a-z])")
+
 COMMON: dict[str, str] = {
     "vtd_inv_desc": "invalidate desc type %s high 0x%lx low 0x%lx",
     "vtd_inv_qi_head": "read head %d",
@@ -68,8 +72,15 @@ class Log:
         self.lines: list[str] = []
 
     def emit(self, event: str, *args: object) -> None:
-        fmt = self.formats[event].replace("%lx", "%x").replace("%u", "%d")
-        text = f"{event} {fmt % args}" if fmt else f"{event} "
+        fmt = self.formats[event]
+        # as C prints them: %d of a uint32_t >= 2^31 is negative, %u never is
+        kinds = _SPEC.findall(fmt)
+        values = tuple(
+            a - (1 << 32) if k == "d" and isinstance(a, int) and 1 << 31 <= a < 1 << 32 else a
+            for k, a in zip(kinds, args, strict=True)
+        )
+        fmt = fmt.replace("%lx", "%x").replace("%u", "%d")
+        text = f"{event} {fmt % values}" if fmt else f"{event} "
         if self.stamp:
             self.clock += 37
             text = f"{self.pid}@{self.clock // 1_000_000}.{self.clock % 1_000_000:06d}:{text}"

@@ -228,7 +228,11 @@ def virtio_log(version: str, stamp: bool) -> Log:
     log.emit("virtio_iommu_attach", 2, 16)
     switch(log, 16, 0, "virtio_iommu_switch_address_space")  # a bypass domain
     log.emit("virtio_iommu_set_config", 0)
-    log.emit("virtio_iommu_detach", 1, 8)
+    log.emit("virtio_iommu_attach", 3, 8)  # a move: QEMU detaches it first
+    switch(log, 8, 0, "virtio_iommu_switch_address_space")
+    log.emit("virtio_iommu_get_domain", 3)
+    switch(log, 8, 1, "virtio_iommu_switch_address_space")
+    log.emit("virtio_iommu_detach", 3, 8)
     return log
 
 
@@ -245,9 +249,11 @@ def test_virtio(
     assert create["options"]["resv_mem"] == [{"start": 0x100000, "end": 0x1FFFFF,
                                               "endpoints": [8]}]  # fmt: skip
     requests = [bytes.fromhex(r["data"]) for r in records if r["op"] == "request"]
-    assert [r[0] for r in requests] == [5, 1, 3, 4, 1, 2]  # PROBE ATTACH MAP UNMAP ATTACH DETACH
+    # PROBE ATTACH MAP UNMAP ATTACH ATTACH DETACH
+    assert [r[0] for r in requests] == [5, 1, 3, 4, 1, 1, 2]
     assert struct.unpack_from("<III", requests[1], 4) == (1, 8, 0)
     assert struct.unpack_from("<III", requests[4], 4) == (2, 16, 1)  # BYPASS
+    assert struct.unpack_from("<III", requests[5], 4) == (3, 8, 0)  # the last switch counts
     assert struct.unpack_from("<IQQQI", requests[2], 4) == (1, 0x1000, 0x1FFF, 0x80000, 3)
     assert any("1 writes of the config 'bypass' field" in n for n in header["notes"])
     assert report["errors"]["total"] == 0

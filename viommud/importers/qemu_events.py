@@ -79,18 +79,18 @@ FORMATS: dict[str, re.Pattern[str]] = {
         "smmuv3_translate_success": rf"^\S* ?sid={_NUM} iova=",
         "smmuv3_translate_bypass": rf"^\S* ?sid={_NUM} STE bypass",
         "smmuv3_translate_abort": rf"^\S* ?sid={_NUM} abort on",
-        "virtio_iommu_attach": r"^domain=(?P<domain>\d+) endpoint=(?P<ep>\d+)\s*$",
-        "virtio_iommu_detach": r"^domain=(?P<domain>\d+) endpoint=(?P<ep>\d+)\s*$",
-        "virtio_iommu_map": r"^domain=(?P<domain>\d+) virt_start=0x(?P<start>[0-9a-fA-F]+) "
+        "virtio_iommu_attach": r"^domain=(?P<domain>-?\d+) endpoint=(?P<ep>-?\d+)\s*$",
+        "virtio_iommu_detach": r"^domain=(?P<domain>-?\d+) endpoint=(?P<ep>-?\d+)\s*$",
+        "virtio_iommu_map": r"^domain=(?P<domain>-?\d+) virt_start=0x(?P<start>[0-9a-fA-F]+) "
         r"virt_end=0x(?P<end>[0-9a-fA-F]+) phys_start=0x(?P<phys>[0-9a-fA-F]+) "
         r"flags=(?P<flags>\d+)\s*$",
-        "virtio_iommu_unmap": r"^domain=(?P<domain>\d+) virt_start=0x(?P<start>[0-9a-fA-F]+) "
+        "virtio_iommu_unmap": r"^domain=(?P<domain>-?\d+) virt_start=0x(?P<start>[0-9a-fA-F]+) "
         r"virt_end=0x(?P<end>[0-9a-fA-F]+)\s*$",
         "virtio_iommu_fill_resv_property": r"^dev= ?(?P<ep>\d+), type=(?P<subtype>\d+) "
         r"start=0x(?P<start>[0-9a-fA-F]+) end=0x(?P<end>[0-9a-fA-F]+)\s*$",
         "virtio_iommu_get_config": r"^page_size_mask=0x(?P<mask>[0-9a-fA-F]+) input range "
         r"start=0x(?P<istart>[0-9a-fA-F]+) input range end=0x(?P<iend>[0-9a-fA-F]+) domain "
-        r"range start=(?P<dstart>\d+) domain range end=(?P<dend>\d+) "
+        r"range start=(?P<dstart>-?\d+) domain range end=(?P<dend>-?\d+) "
         r"probe_size=0x(?P<probe>[0-9a-fA-F]+) bypass=0x(?P<bypass>[0-9a-fA-F]+)\s*$",
         "virtio_iommu_set_config": r"^bypass=0x(?P<bypass>[0-9a-fA-F]+)\s*$",
         "virtio_iommu_switch_address_space": r"^Device (?P<bus>[0-9a-fA-F]+):"
@@ -118,6 +118,11 @@ class Event:
 def number(text: str) -> int:
     """A ``%d`` or ``0x%x`` field."""
     return int(text, 0) if text.startswith("0x") else int(text)
+
+
+def u32(text: str) -> int:
+    """A ``uint32_t`` QEMU printed with ``%d`` (7.2: ``domain range end=-1``)."""
+    return int(text) % (1 << 32)
 
 
 def read_lines(path: Path) -> Iterator[str]:

@@ -4,8 +4,9 @@ QEMU traces each request when its handler starts (hw/virtio/virtio-iommu.c), wit
 field of the request but the flags of ATTACH:
 
 * ``virtio_iommu_attach domain=D endpoint=E`` -> ATTACH; the BYPASS flag is set when the
-  ``virtio_iommu_switch_address_space`` QEMU logs for the endpoint right after says
-  ``iommu enabled=0`` (the endpoint went into a bypass domain);
+  last ``virtio_iommu_switch_address_space`` QEMU logs for the endpoint before the next
+  request says ``iommu enabled=0`` (the endpoint went into a bypass domain; a move from
+  another domain first detaches it, which logs a switch of its own);
 * ``virtio_iommu_detach`` -> DETACH; ``virtio_iommu_map`` -> MAP (``virt_end`` inclusive,
   flags READ 1, WRITE 2, MMIO 4); ``virtio_iommu_unmap`` -> UNMAP;
 * a run of ``virtio_iommu_fill_resv_property dev= E, type=T start= end=`` -> one PROBE of
@@ -27,9 +28,16 @@ from typing import Any
 from protocols.models import ViommuModel
 from protocols.virtio_iommu import AttachFlag, RequestType, build_request
 from viommud.importers.options import HostSpec, ImportOptions
-from viommud.importers.qemu_events import Event, events, rid
+from viommud.importers.qemu_events import Event, events, rid, u32
 
 MSI = 1
+_REQUESTS = (
+    "virtio_iommu_attach",
+    "virtio_iommu_detach",
+    "virtio_iommu_map",
+    "virtio_iommu_unmap",
+    "virtio_iommu_fill_resv_property",
+)
 
 
 @dataclass(slots=True)
@@ -66,7 +74,7 @@ def read_virtio(lines: Iterable[str] | Iterable[Event]) -> VirtioLog:
             log.options = {
                 "page_size_mask": int(f["mask"], 16),
                 "input_range": [int(f["istart"], 16), int(f["iend"], 16)],
-                "domain_range": [int(f["dstart"]), int(f["dend"])],
+                "domain_range": [u32(f["dstart"]), u32(f["dend"])],
                 "probe_size": int(f["probe"], 16),
                 "bypass": int(f["bypass"], 16),
             }
@@ -75,23 +83,23 @@ def read_virtio(lines: Iterable[str] | Iterable[Event]) -> VirtioLog:
         elif name == "virtio_iommu_switch_address_space":
             log.endpoints.add(rid(ev))
         elif name == "virtio_iommu_attach":
-            ep = int(f["ep"])
+            ep = u32(f["ep"])
             log.endpoints.add(ep)
             flags = AttachFlag.BYPASS if _bypassed(stream, index, ep) else 0
             log.requests.append(
-                _request(ev, RequestType.ATTACH, domain=int(f["domain"]), endpoint=ep,
+                _request(ev, RequestType.ATTACH, domain=u32(f["domain"]), endpoint=ep,
                          flags=int(flags))
             )  # fmt: skip
         elif name == "virtio_iommu_detach":
             log.requests.append(
-                _request(ev, RequestType.DETACH, domain=int(f["domain"]), endpoint=int(f["ep"]))
+                _request(ev, RequestType.DETACH, domain=u32(f["domain"]), endpoint=u32(f["ep"]))
             )
         elif name == "virtio_iommu_map":
             log.requests.append(
                 _request(
                     ev,
                     RequestType.MAP,
-                    domain=int(f["domain"]),
+                    domain=u32(f["domain"]),
                     virt_start=int(f["start"], 16),
                     virt_end=int(f["end"], 16),
                     phys_start=int(f["phys"], 16),
@@ -103,13 +111,13 @@ def read_virtio(lines: Iterable[str] | Iterable[Event]) -> VirtioLog:
                 _request(
                     ev,
                     RequestType.UNMAP,
-                    domain=int(f["domain"]),
+                    domain=u32(f["domain"]),
                     virt_start=int(f["start"], 16),
                     virt_end=int(f["end"], 16),
                 )
             )
         elif name == "virtio_iommu_fill_resv_property":
-            ep = int(f["ep"])
+            ep = u32(f["ep"])
             log.endpoints.add(ep)
             region = (int(f["subtype"]), int(f["start"], 16), int(f["end"], 16))
             if probe is None or probe[0] != ep or region in log.regions.get(ep, []):
@@ -121,14 +129,16 @@ def read_virtio(lines: Iterable[str] | Iterable[Event]) -> VirtioLog:
 
 
 def _bypassed(stream: list[Event], index: int, ep: int) -> bool:
-    """Whether QEMU switched ``ep`` out of translation right after its ATTACH at ``index``."""
+    """Whether QEMU left ``ep`` out of translation after its ATTACH at ``index``: the last
+    switch of ``ep`` before the next request (an endpoint moving from another domain is
+    first detached, which switches it to the config's bypass, then attached)."""
+    on: bool | None = None
     for ev in stream[index + 1 :]:
         if ev.name == "virtio_iommu_switch_address_space" and rid(ev) == ep:
-            return ev.fields["on"] == "0"
-        if ev.name in ("virtio_iommu_attach", "virtio_iommu_detach", "virtio_iommu_map",
-                       "virtio_iommu_unmap"):  # fmt: skip
-            return False
-    return False
+            on = ev.fields["on"] == "1"
+        elif ev.name in _REQUESTS:
+            break
+    return on is False
 
 
 def _request(ev: Event, kind: int, **fields: int) -> Request:
