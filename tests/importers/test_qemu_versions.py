@@ -301,3 +301,19 @@ def test_model_detection_errors() -> None:
         convert(mixed, ImportOptions())
     _, records = convert(mixed, ImportOptions(model="virtio-iommu"))
     assert records[0]["model"] == "virtio-iommu"
+
+
+def test_iso_timestamp_prefix() -> None:
+    """Lines as a QEMU whose qemu_log puts ``-msg timestamp=on``'s ISO time (and the program)
+    first: read, and the time becomes ``t``."""
+    log = legacy_log("10.0", False)
+    times = iter(range(10_000))
+    lines = [
+        f"2026-12-03T13:00:{next(times) % 60:02d}.250000Z qemu-system-x86_64(42:43): {line}"
+        for line in log.lines
+    ]
+    _, records = convert(lines, ImportOptions())
+    cmds = [r for r in records if r["op"] == "cmds"]
+    assert len(cmds) == 7
+    assert cmds[0]["t"] == 0.0
+    assert cmds[1]["t"] > 0

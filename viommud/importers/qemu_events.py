@@ -46,13 +46,15 @@ import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from viommud.importers.options import ImportLogError
 
 _LINE = re.compile(
-    r"^(?:\d{4}-\d\d-\d\dT[0-9:.]+Z?\s+)?"  # an ISO timestamp some builds put first
+    r"^(?:(?P<iso>\d{4}-\d\d-\d\dT[0-9:.]+Z?)\s+)?"  # an ISO timestamp some builds put first
+    r"(?:[\w.-]+\(\d+(?::\d+)?\):\s+)?"  # and a program(pid:tid): prefix
     r"(?:(?P<pid>\d+)@(?P<sec>\d+)\.(?P<usec>\d+):)?"  # -msg timestamp=on
     r"(?P<event>[a-z][a-z0-9_]*)(?:\s(?P<args>.*))?$"
 )
@@ -115,6 +117,13 @@ class Event:
     text: str = ""  # the line, stripped (dump lines)
 
 
+def _iso_seconds(text: str) -> float | None:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
 def number(text: str) -> int:
     """A ``%d`` or ``0x%x`` field."""
     return int(text, 0) if text.startswith("0x") else int(text)
@@ -165,6 +174,8 @@ def events(lines: Iterable[str], *, dumps: bool = False) -> Iterator[Event]:
         t = None
         if match["sec"] is not None:
             t = int(match["sec"]) + int(match["usec"]) / 1e6
+        elif match["iso"] is not None:
+            t = _iso_seconds(match["iso"])
         args = match["args"] or ""
         pattern = FORMATS.get(name)
         fields: dict[str, str] = {}
