@@ -294,20 +294,13 @@ def vtd_records(log: VtdLog, options: ImportOptions, spec: HostSpec) -> list[dic
             for sid, line, gap in sorted(changes, key=lambda c: c[1]):
                 if sid not in ats:
                     continue
-                pt = _observed(log, points[sid], sid, line)
-                if pt is None and gap:
-                    continue
-                if pt is None:
-                    pt = written[sid][0] if sid in written else False
                 did = _next_domain(log.doorbells, number)
-                if gap and sid not in written:
-                    continue  # nothing known of the device's entries before
-                if (did is None and not pt) or written.get(sid) == (pt, did):
-                    continue
-                if gap and written[sid][0] == pt:
-                    continue  # only a change of kind shows at an untraced descriptor
-                written[sid] = (pt, did)
-                records += _entries(viommu, sid, (pt, did or 0, ats[sid], scalable), contexts)
+                entry = _decide(log, points[sid], written.get(sid), (sid, line, gap), did)
+                if entry is not None:
+                    written[sid] = entry
+                    pt, did = entry
+                    kind = (pt, did or 0, ats[sid], scalable)
+                    records += _entries(viommu, sid, kind, contexts)
         entries = list(doorbell.entries)
         if scalable:
             for at, _ in reversed(doorbell.gaps):
@@ -322,6 +315,29 @@ def vtd_records(log: VtdLog, options: ImportOptions, spec: HostSpec) -> list[dic
         if entries:
             records.append(record)
     return records
+
+
+def _decide(
+    log: VtdLog,
+    points: list[int],
+    before: tuple[bool, int | None] | None,
+    point: tuple[int, int, bool],
+    did: int | None,
+) -> tuple[bool, int | None] | None:
+    """The (pass-through, DID) entry to write at a configuration point ``(SID, line, gap)``
+    of a device whose last written entry is ``before``; None to write nothing. A gap (an
+    untraced descriptor) shows only a change of kind QEMU's switches make visible, of a
+    device whose entries are already known."""
+    sid, line, gap = point
+    pt = _observed(log, points, sid, line)
+    if gap:
+        if pt is None or before is None or before[0] == pt:
+            return None
+    elif pt is None:
+        pt = before[0] if before is not None else False
+    if (did is None and not pt) or before == (pt, did):
+        return None
+    return pt, did
 
 
 def _observed(log: VtdLog, points: list[int], sid: int, line: int) -> bool | None:
