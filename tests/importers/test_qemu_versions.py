@@ -140,6 +140,7 @@ def test_vtd_scalable(
     assert records[-2]["op"] == "pasid_entry"
     assert any("1 descriptors QEMU processed without tracing" in n for n in header["notes"])
     assert any("upper 128 bits" in n for n in header["notes"])
+    assert any("tables are second-stage" in n for n in header["notes"])
     assert "upper 128 bits" in stderr
     assert report["errors"]["total"] == 0
     assert report["backend"]["calls"]["IOMMU_HWPT_INVALIDATE"] == 1

@@ -230,6 +230,12 @@ def notes(log: VtdLog, options: ImportOptions) -> list[str]:
             "vtd_inv_desc: PASID-cache invalidations, and PASID-based IOTLB invalidations in "
             f"QEMU 7.2): {fate}"
         )
+    if dw == 256 and options.synthesize and _second_stage(log):
+        out.append(
+            "the guest invalidates with (domain/page-selective) IOTLB descriptors, i.e. its "
+            "tables are second-stage: their PASID entries are written as first stage "
+            "(PGTT=1), the only kind viommud nests"
+        )
     if dw == 256:
         out.append(
             "the upper 128 bits of each 256-bit descriptor are not in the log: written as zero"
@@ -414,6 +420,15 @@ def _entries(
          "comment": PT_COMMENT if pt else PASID_COMMENT}
     )  # fmt: skip
     return out
+
+
+def _second_stage(log: VtdLog) -> bool:
+    """Whether the guest invalidates with type-2 IOTLB descriptors (second-stage tables)."""
+    return any(
+        qw0 & 0xE0F == 0x2 and (qw0 >> 4) & 3 in (2, 3)
+        for doorbell in log.doorbells
+        for qw0, _ in _descriptors(doorbell)
+    )
 
 
 def attachments(spec: HostSpec, iommus: list[str]) -> list[tuple[int, str]]:
