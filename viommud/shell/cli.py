@@ -482,8 +482,6 @@ def _import(args: argparse.Namespace) -> int:
     for note in header.get("notes", []):
         print(f"viommud: import: note: {note}", file=sys.stderr)
     cmds = sum(1 for r in records if r["op"] in ("cmds", "request"))
-    unit = (
-        "requests" if header["host"] and any(r["op"] == "request" for r in records) else "doorbells"
-    )
+    unit = "requests" if any(r["op"] == "request" for r in records) else "doorbells"
     print(f"{args.output}: {len(records)} records, {cmds} {unit}", file=sys.stderr)
     return 0
