@@ -318,3 +318,28 @@ def test_iso_timestamp_prefix() -> None:
     assert len(cmds) == 7
     assert cmds[0]["t"] == 0.0
     assert cmds[1]["t"] > 0
+
+
+@pytest.mark.parametrize(("version", "stamp"), CASES, ids=IDS)
+def test_vtd_scalable_first_stage(
+    version: str, stamp: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """x-flts=on: the guest invalidates with PASID-based IOTLB (DID 9, PASID 0) and PASID-based
+    device-TLB descriptors (SID in qw0[31:16])."""
+    log = Log(version, stamp=stamp)
+    log.emit("vtd_reg_write", 0x90, 8, 0x1F3C0801)
+    tail = doorbell(log, 0, ("context-cache", 0x11, 0), ("wait", WAIT, 0x10))
+    log.emit("vtd_dmar_enable", 1)
+    for _ in range(2):
+        tail = doorbell(log, tail, ("p-iotlb", 0x9_0036, 0x7000), ("wait", WAIT, 0x14))
+        tail = doorbell(log, tail, ("device-piotlb", 0x100_0008, 0x7000), ("wait", WAIT, 0x18))
+    header, records, report, _ = import_and_replay(tmp_path, log, capsys)
+    assert header["host"]["devices"] == [
+        {"id": "0000:01:00.0", "iommu": "dmar0", "sid": 0x100, "ats": True}
+    ]
+    [entry] = [bytes.fromhex(r["data"]) for r in records if r["op"] == "pasid_entry"]
+    qw0, qw1 = struct.unpack_from("<QQ", entry)
+    assert (qw0 >> 6 & 7, qw1 & 0xFFFF) == (1, 9)  # first stage, DID 9
+    assert not any("second-stage" in n for n in header.get("notes", []))
+    assert report["errors"]["total"] == 0
+    assert report["backend"]["calls"]["IOMMU_HWPT_INVALIDATE"] == 2

@@ -35,7 +35,7 @@ from typing import Any
 
 from protocols.models import HostIommu, ViommuModel
 from viommud.importers.options import HostSpec, ImportLogError, ImportOptions
-from viommud.importers.qemu_events import Event, events, number
+from viommud.importers.qemu_events import DUMP_LINE, Event, events, number
 from viommud.importers.qemu_vtd import attachments
 
 SMMU_CMDQ_BASE = 0x90
@@ -138,8 +138,6 @@ def read_smmuv3(
 
 
 def _load_dump_line(text: str, memory: dict[int, int]) -> None:
-    from viommud.importers.qemu_events import DUMP_LINE  # noqa: PLC0415 - one regex
-
     dump = DUMP_LINE.match(text)
     assert dump is not None
     addr = int(dump["addr"], 16)
