@@ -25,6 +25,8 @@ COMMON: dict[str, str] = {
     "vtd_inv_desc_iotlb_domain": "iotlb invalidate whole domain 0x%x",
     "vtd_inv_desc_wait_sw": "wait invalidate status write addr 0x%lx data 0x%x",
     "vtd_switch_address_space": "Device %02x:%02x.%x switching address space (iommu enabled=%d)",
+    "vtd_iotlb_cc_update": "IOTLB context update bus 0x%x devfn 0x%x high 0x%lx low 0x%lx "
+    "gen %u -> gen %u",
     "smmuv3_write_mmio": "addr: 0x%lx val:0x%lx size: 0x%x(%d)",
     "smmuv3_cmdq_consume": "prod=%d cons=%d prod.wrap=%d cons.wrap=%d",
     "smmuv3_cmdq_opcode": "<--- %s",

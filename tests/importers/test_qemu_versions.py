@@ -343,3 +343,35 @@ def test_vtd_scalable_first_stage(
     assert not any("second-stage" in n for n in header.get("notes", []))
     assert report["errors"]["total"] == 0
     assert report["backend"]["calls"]["IOMMU_HWPT_INVALIDATE"] == 2
+
+
+@pytest.mark.parametrize(("version", "stamp"), CASES, ids=IDS)
+def test_vtd_context_entries_qemu_read(
+    version: str, stamp: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With vtd_iotlb_cc_update in the log, legacy context entries are the guest's own: each
+    change before the context-cache invalidation that preceded QEMU's read of it."""
+    translated = (0x3F001005, 0x0602)  # qw0 (P, TT=1, SLPTPTR), qw1 (AW 2, DID 6)
+    passthrough = (0x9, 0x0602)  # TT=2
+    log = Log(version, stamp=stamp)
+    log.emit("vtd_reg_write", 0x90, 8, 0x2409000)
+    tail = doorbell(log, 0, ("context-cache", 0x11, 0), ("wait", WAIT, 0x10))
+    log.emit("vtd_dmar_enable", 1)
+    log.emit("vtd_iotlb_cc_update", 1, 0, translated[1], translated[0], 1, 2)
+    tail = doorbell(log, tail, ("iotlb", 0x600F2, 0xFFFFB000), ("wait", WAIT, 0x14))
+    tail = doorbell(log, tail, ("context-cache", 0x100_0006_0031, 0), ("wait", WAIT, 0x18))
+    log.emit("vtd_iotlb_cc_update", 1, 0, translated[1], translated[0], 2, 3)  # the same
+    tail = doorbell(log, tail, ("context-cache", 0x100_0006_0031, 0), ("wait", WAIT, 0x1C))
+    log.emit("vtd_iotlb_cc_update", 1, 0, passthrough[1], passthrough[0], 3, 4)
+    doorbell(log, tail, ("iotlb", 0x600F2, 0xFFFFC000), ("wait", WAIT, 0x20))
+    header, records, report, _ = import_and_replay(tmp_path, log, capsys)
+    ops = [r["op"] for r in records]
+    entries = [
+        (sum(1 for o in ops[:i] if o == "cmds"), struct.unpack("<QQ", bytes.fromhex(r["data"])))
+        for i, r in enumerate(records)
+        if r["op"] == "context_entry"
+    ]
+    assert entries == [(0, translated), (3, passthrough)]  # before doorbells 0 and 3
+    assert any("are the guest's own" in n for n in header["notes"])
+    assert report["errors"]["total"] == 0
+    assert report["backend"]["calls"]["IOMMU_HWPT_INVALIDATE"] == 1  # before pass-through

@@ -18,6 +18,8 @@ event                                      text after the name
 ``vtd_dmar_enable``                        ``enable %d``
 ``vtd_switch_address_space``               ``Device %02x:%02x.%x switching address space
                                            (iommu enabled=%d)``
+``vtd_iotlb_cc_update``                    ``IOTLB context update bus 0x%x devfn 0x%x high
+                                           0x%lx low 0x%lx gen %u -> gen %u``
 ``smmuv3_write_mmio``                      ``addr: 0x%lx val:0x%lx size: 0x%x(%d)``
 ``smmuv3_cmdq_cfgi_ste``                   ``streamid= 0x%x`` (older: ``streamid =%d``)
 ``smmuv3_translate_success``               ``%s sid=0x%x iova=0x%lx translated=0x%lx perm=0x%x``
@@ -75,6 +77,8 @@ FORMATS: dict[str, re.Pattern[str]] = {
         "vtd_dmar_enable": r"^enable (?P<en>[01])\s*$",
         "vtd_switch_address_space": r"^Device (?P<bus>[0-9a-fA-F]+):(?P<slot>[0-9a-fA-F]+)\."
         r"(?P<fn>[0-9a-fA-F]+) switching address space \(iommu enabled=(?P<on>[01])\)\s*$",
+        "vtd_iotlb_cc_update": r"^IOTLB context update bus 0x(?P<bus>[0-9a-fA-F]+) devfn "
+        r"0x(?P<devfn>[0-9a-fA-F]+) high 0x(?P<hi>[0-9a-fA-F]+) low 0x(?P<lo>[0-9a-fA-F]+) ",
         "smmuv3_write_mmio": r"^addr: 0x(?P<addr>[0-9a-fA-F]+) val:\s*0x(?P<val>[0-9a-fA-F]+)"
         r"(?: size: .*)?$",
         "smmuv3_cmdq_cfgi_ste": rf"^streamid\s*=\s*{_NUM}\s*$",

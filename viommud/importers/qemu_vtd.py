@@ -59,6 +59,7 @@ EARLY_COMMENT = (
     "synthetic entry written without a context-cache invalidation of the device (no caching "
     "mode); DID of the IOTLB invalidation its first device-TLB invalidation follows"
 )
+READ_COMMENT = "the guest's context entry, as QEMU read it (vtd_iotlb_cc_update)"
 PASID_COMMENT = (
     "synthetic PASID entry of RID_PASID 0; DID inferred from the guest's next IOTLB invalidation"
 )
@@ -87,6 +88,8 @@ class VtdLog:
     switches: list[tuple[int, int, bool]] = field(default_factory=list)
     devices: set[int] = field(default_factory=set)  # every SID the log names
     dmar_traced: bool = False  # the log has vtd_dmar_enable events
+    # (line, SID, entry) of the context entries QEMU read (vtd_iotlb_cc_update): qw0, qw1
+    contexts: list[tuple[int, int, bytes]] = field(default_factory=list)
 
     @property
     def untraced(self) -> int:
@@ -142,6 +145,11 @@ def parse_vtd(lines: Iterable[str] | Iterable[Event]) -> VtdLog:
             log.devices.add(sid)
             if dmar is not False:  # informative only while translation is on
                 log.switches.append((ev.line, sid, ev.fields["on"] == "0"))
+        elif name == "vtd_iotlb_cc_update":
+            sid = int(ev.fields["bus"], 16) << 8 | int(ev.fields["devfn"], 16)
+            entry = struct.pack("<QQ", int(ev.fields["lo"], 16), int(ev.fields["hi"], 16))
+            log.devices.add(sid)
+            log.contexts.append((ev.line, sid, entry))
     if pending and current is not None:
         current.gaps.append((len(current.entries), pending))
     log.doorbells = [d for d in doorbells if d.entries or d.untraced]
@@ -240,6 +248,11 @@ def notes(log: VtdLog, options: ImportOptions) -> list[str]:
         out.append(
             "the upper 128 bits of each 256-bit descriptor are not in the log: written as zero"
         )
+    if log.contexts and dw == 128:
+        out.append(
+            "context entries of devices QEMU read (vtd_iotlb_cc_update) are the guest's own, "
+            "each put before the context-cache invalidation that preceded the read"
+        )
     if options.synthesize and log.switches and not log.dmar_traced:
         out.append(
             "no vtd_dmar_enable event: every address-space switch is taken as made while "
@@ -282,9 +295,17 @@ def vtd_records(log: VtdLog, options: ImportOptions, spec: HostSpec) -> list[dic
     }
     written: dict[int, tuple[bool, int | None]] = {}  # sid -> (pass-through, DID) written
     contexts: set[int] = set()  # scalable: SIDs whose context entry is written
+    read = {} if scalable else read_entries(log, ats)  # doorbell -> the guest's own entries
+    for sid in {sid for entries in read.values() for sid, _ in entries}:
+        ats.pop(sid)  # their entries are the guest's, not synthesized
     early = early_devices(log, cc_points) if options.synthesize else {}
     early_at = _first_cc_doorbell(log)
     for number, doorbell in enumerate(log.doorbells):
+        records += [
+            {"op": "context_entry", "viommu": viommu, "sid": sid, "data": data.hex(),
+             "comment": READ_COMMENT}
+            for sid, data in read.get(number, [])
+        ]  # fmt: skip
         if options.synthesize and number == early_at:
             for sid, first_did in sorted(early.items()):
                 if sid in ats:
@@ -355,6 +376,29 @@ def _observed(log: VtdLog, points: list[int], sid: int, line: int) -> bool | Non
     end = later[0] if later else float("inf")
     seen = [pt for at, switched, pt in log.switches if switched == sid and line < at < end]
     return seen[-1] if seen else None
+
+
+def read_entries(log: VtdLog, devices: dict[int, bool]) -> dict[int, list[tuple[int, bytes]]]:
+    """Legacy mode: the context entries QEMU read from guest memory (``vtd_iotlb_cc_update``),
+    each change put before the last doorbell with a context-cache invalidation that covers
+    the device before QEMU read it (the first such doorbell when none came before: an entry
+    written without one), keyed by doorbell index."""
+    covering: list[tuple[int, int, int | None]] = []  # (line, doorbell, SID or None = all)
+    for number, doorbell in enumerate(log.doorbells):
+        for qw0, line in _descriptors(doorbell):
+            if qw0 & 0xE0F == 0x1:
+                device = (qw0 >> 32) & 0xFFFF if (qw0 >> 4) & 3 == 3 else None
+                covering.append((line, number, device))
+    out: dict[int, list[tuple[int, bytes]]] = {}
+    last: dict[int, bytes] = {}
+    for line, sid, entry in log.contexts:
+        if sid not in devices or last.get(sid) == entry:
+            continue
+        last[sid] = entry
+        before = [n for at, n, d in covering if at < line and d in (None, sid)]
+        first = next((n for _, n, d in covering if d in (None, sid)), 0)
+        out.setdefault(before[-1] if before else first, []).append((sid, entry))
+    return out
 
 
 def early_devices(log: VtdLog, points: dict[int, list[int]]) -> dict[int, int]:
