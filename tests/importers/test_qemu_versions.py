@@ -274,6 +274,9 @@ def test_malformed_and_truncated_logs(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "truncated .xz after line" in err
     assert "uncompressed byte offset" in err
     assert "Traceback" not in err
+    wide = "virtio_iommu_map domain=1 virt_start=0x1000 virt_end=0x1fff phys_start=0x1" + "0" * 17
+    with pytest.raises(ImportLogError, match=r"line 1: virtio_iommu_map: "):
+        convert([wide + " flags=3"], ImportOptions())
     text = tmp_path / "bad.log"
     text.write_text("\n".join(bad) + "\n")
     assert main(["import", "qemu-log", str(text), "-o", str(out)]) == 2

@@ -27,7 +27,7 @@ from typing import Any
 
 from protocols.models import ViommuModel
 from protocols.virtio_iommu import AttachFlag, RequestType, build_request
-from viommud.importers.options import HostSpec, ImportOptions
+from viommud.importers.options import HostSpec, ImportLogError, ImportOptions
 from viommud.importers.qemu_events import Event, events, rid, u32
 
 MSI = 1
@@ -142,7 +142,10 @@ def _bypassed(stream: list[Event], index: int, ep: int) -> bool:
 
 
 def _request(ev: Event, kind: int, **fields: int) -> Request:
-    return Request(ev.t, ev.line, build_request(kind, "B", **fields))
+    try:
+        return Request(ev.t, ev.line, build_request(kind, "B", **fields))
+    except ValueError as exc:  # a field wider than the request's
+        raise ImportLogError(f"line {ev.line}: {ev.name}: {exc}") from None
 
 
 def notes(log: VirtioLog) -> list[str]:
