@@ -277,6 +277,13 @@ def test_malformed_and_truncated_logs(tmp_path: Path, capsys: pytest.CaptureFixt
     wide = "virtio_iommu_map domain=1 virt_start=0x1000 virt_end=0x1fff phys_start=0x1" + "0" * 17
     with pytest.raises(ImportLogError, match=r"line 1: virtio_iommu_map: "):
         convert([wide + " flags=3"], ImportOptions())
+    smmu, dump = smmuv3_log("7.2", False)
+    wide_sid = "smmuv3_translate_bypass smmuv3-mr sid=0x1ffffffff STE bypass iova:0x0 is_write=1"
+    with pytest.raises(ImportLogError, match=r"StreamID 0x1ffffffff is over 32 bits"):
+        convert([*smmu.lines, wide_sid], ImportOptions(), dump)
+    bdf = "vtd_switch_address_space Device 1ff:00.0 switching address space (iommu enabled=1)"
+    with pytest.raises(ImportLogError, match=r"line 1: vtd_switch_address_space: no PCI device"):
+        convert([bdf, *log.lines], ImportOptions())
     text = tmp_path / "bad.log"
     text.write_text("\n".join(bad) + "\n")
     assert main(["import", "qemu-log", str(text), "-o", str(out)]) == 2

@@ -201,4 +201,16 @@ def device_id(vid: int) -> str:
 def rid(event: Event) -> int:
     """The requester ID of a ``*_switch_address_space`` event's ``BB:DD.F``."""
     bus, slot, fn = (int(event.fields[k], 16) for k in ("bus", "slot", "fn"))
+    if bus > 0xFF or slot > 0x1F or fn > 7:
+        raise ImportLogError(
+            f"line {event.line}: {event.name}: no PCI device {bus:x}:{slot:x}.{fn:x}"
+        )
     return bus << 8 | slot << 3 | fn
+
+
+def stream_id(event: Event) -> int:
+    """The ``sid=`` of an smmuv3 event: a 32-bit StreamID."""
+    sid = number(event.fields["value"])
+    if sid >= 1 << 32:
+        raise ImportLogError(f"line {event.line}: {event.name}: StreamID 0x{sid:x} is over 32 bits")
+    return sid

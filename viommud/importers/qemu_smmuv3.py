@@ -35,7 +35,7 @@ from typing import Any
 
 from protocols.models import HostIommu, ViommuModel
 from viommud.importers.options import HostSpec, ImportLogError, ImportOptions
-from viommud.importers.qemu_events import DUMP_LINE, Event, events, number
+from viommud.importers.qemu_events import DUMP_LINE, Event, events, stream_id
 from viommud.importers.qemu_vtd import attachments
 
 SMMU_CMDQ_BASE = 0x90
@@ -105,7 +105,7 @@ def read_smmuv3(
             _load_dump_line(ev.text, memory)
             continue
         if ev.name in STE_KINDS:
-            log.translations.append((ev.line, number(ev.fields["value"]), STE_KINDS[ev.name]))
+            log.translations.append((ev.line, stream_id(ev), STE_KINDS[ev.name]))
             continue
         if ev.name != "smmuv3_write_mmio":
             continue

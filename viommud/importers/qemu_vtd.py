@@ -146,8 +146,14 @@ def parse_vtd(lines: Iterable[str] | Iterable[Event]) -> VtdLog:
             if dmar is not False:  # informative only while translation is on
                 log.switches.append((ev.line, sid, ev.fields["on"] == "0"))
         elif name == "vtd_iotlb_cc_update":
-            sid = int(ev.fields["bus"], 16) << 8 | int(ev.fields["devfn"], 16)
-            entry = struct.pack("<QQ", int(ev.fields["lo"], 16), int(ev.fields["hi"], 16))
+            bus, devfn = int(ev.fields["bus"], 16), int(ev.fields["devfn"], 16)
+            if bus > 0xFF or devfn > 0xFF:
+                raise ImportLogError(f"line {ev.line}: {name}: no PCI device {bus:x}/{devfn:x}")
+            sid = bus << 8 | devfn
+            lo, hi = int(ev.fields["lo"], 16), int(ev.fields["hi"], 16)
+            if lo > U64 or hi > U64:
+                raise ImportLogError(f"line {ev.line}: context entry word wider than 64 bits")
+            entry = struct.pack("<QQ", lo, hi)
             log.devices.add(sid)
             log.contexts.append((ev.line, sid, entry))
     if pending and current is not None:
