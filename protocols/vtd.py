@@ -74,6 +74,7 @@ __all__ = [
     "PASID_ENTRY_SIZE",
     "PGTT_FIRST_STAGE",
     "PGTT_PASS_THROUGH",
+    "PGTT_SECOND_STAGE",
     "SCALABLE_CONTEXT_ENTRY",
     "VTD_INV_ALL_PAGES",
     "VTD_S1_ADDR_WIDTH",
@@ -446,6 +447,7 @@ PASID_ENTRY = (
 _RAW_PASID_WORDS = ("qw3", "qw4", "qw5", "qw6", "qw7")
 
 PGTT_FIRST_STAGE = 1  # PASID entry PGTT (VT-d §9.6): first-stage translation
+PGTT_SECOND_STAGE = 2  # PGTT: second-stage translation
 PGTT_PASS_THROUGH = 4  # PGTT: pass-through
 
 

@@ -2,9 +2,10 @@
 
 ``viommud import FORMAT LOG -o TRACE.jsonl`` (viommud/shell/cli.py) picks the importer by
 format name; the only one
-today is ``qemu-log`` (viommud/importers/qemu_log.py: QEMU trace logs of the intel-iommu and
-arm-smmuv3 devices). What a log cannot tell — the host, and which host device the guest sees
-under which ID — comes from options or a small host file (``load_host_spec``).
+today is ``qemu-log`` (viommud/importers/qemu_log.py: QEMU trace logs of the intel-iommu,
+arm-smmuv3 and virtio-iommu devices). The host, and which host device the guest sees under
+which ID, is made up from the log unless options or a small host file
+(``load_host_spec``) say it.
 """
 
 from viommud.importers.options import (

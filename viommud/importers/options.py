@@ -27,11 +27,11 @@ class HostSpec:
 class ImportOptions:
     """What the command line says about the trace to write."""
 
-    model: str | None = None  # "vtd" | "smmuv3"; None: guessed from the log's events
+    model: str | None = None  # "vtd" | "smmuv3" | "virtio-iommu"; None: from the log's events
     name: str = "imported"
-    viommu: str | None = None  # default: vvtd0 / vsmmu0
+    viommu: str | None = None  # default: vvtd0 / vsmmu0 / viommu0
     dw: int | None = None  # VT-d queue width; None: from the log
-    synthesize: bool = False  # add the guest-memory records a replay needs (see the importer)
+    synthesize: bool = True  # add the guest-memory records a replay needs (see the importer)
     spec: HostSpec | None = None
     extra_attach: list[tuple[int, str]] = field(default_factory=list)
     ats: bool = False  # devices made up from --attach have ATS

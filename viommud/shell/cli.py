@@ -203,15 +203,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("--ats", action="store_true", help="devices made up from --attach have ATS")
     imp.add_argument(
-        "--model", choices=[ViommuModel.VTD, ViommuModel.SMMUV3], help="default: from the log"
+        "--model",
+        choices=[ViommuModel.VTD, ViommuModel.SMMUV3, ViommuModel.VIRTIO_IOMMU],
+        help="default: from the log",
     )
     imp.add_argument("--dw", type=int, choices=[128, 256], help="VT-d queue width")
     imp.add_argument("--name", help="trace name (default: the output file's name)")
-    imp.add_argument("--viommu", help="vIOMMU name (default: vvtd0 / vsmmu0)")
+    imp.add_argument("--viommu", help="vIOMMU name (default: vvtd0 / vsmmu0 / viommu0)")
     imp.add_argument(
         "--synthesize",
-        action="store_true",
-        help="add the context entries / STEs the log cannot show (docs/vtd.md)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the context/PASID entries and STEs the log cannot show (default; "
+        "docs/vtd.md); --no-synthesize leaves them out",
+    )
+    imp.add_argument(
+        "--cmdq-dump",
+        type=Path,
+        metavar="FILE",
+        help="SMMUv3: raw little-endian dump of the command queue from its base (.xz read); "
+        "default: queue.bin[.xz] or LOG.cmdq[.bin] beside the log",
     )
 
     st = add("status", "show a running daemon's clients, vIOMMUs and counters")
@@ -456,6 +467,8 @@ def _import(args: argparse.Namespace) -> int:
         qemu_log,
         write_trace,
     )
+    from viommud.importers.qemu_events import read_lines  # noqa: PLC0415
+    from viommud.importers.qemu_smmuv3 import find_dump  # noqa: PLC0415
 
     name = args.name or args.output.name.split(".")[0]
     try:
@@ -469,12 +482,15 @@ def _import(args: argparse.Namespace) -> int:
             extra_attach=[parse_attach(a) for a in args.attach],
             ats=args.ats,
         )
-        with args.log.open("r", encoding="utf-8", errors="replace") as log:
-            header, records = qemu_log.convert(log, options)
+        dump = args.cmdq_dump or find_dump(args.log)
+        header, records = qemu_log.convert(read_lines(args.log), options, dump)
         write_trace(args.output, header, records)
     except (ImportLogError, OSError) as exc:
         print(f"viommud: import: {exc}", file=sys.stderr)
         return 2
-    cmds = sum(1 for r in records if r["op"] == "cmds")
-    print(f"{args.output}: {len(records)} records, {cmds} doorbells", file=sys.stderr)
+    for note in header.get("notes", []):
+        print(f"viommud: import: note: {note}", file=sys.stderr)
+    cmds = sum(1 for r in records if r["op"] in ("cmds", "request"))
+    unit = "requests" if any(r["op"] == "request" for r in records) else "doorbells"
+    print(f"{args.output}: {len(records)} records, {cmds} {unit}", file=sys.stderr)
     return 0

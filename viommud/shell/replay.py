@@ -29,7 +29,18 @@ from viommud.backend.select import emulated_backend
 from viommud.shell.client import Client, ClientError
 from viommud.shell.connection import BackendFactory
 from viommud.shell.server import Server
-from viommud.trace import Cmds, Request, TraceError, TraceReader, record_to_json
+from viommud.trace import (
+    Cmds,
+    ContextEntry,
+    DeviceAttach,
+    PasidEntry,
+    Request,
+    Ste,
+    TraceError,
+    TraceReader,
+    ViommuCreate,
+    record_to_json,
+)
 
 EXIT_OK = 0
 EXIT_MISSED = 1
@@ -145,6 +156,7 @@ async def _run(
     started = time.perf_counter()
     lines: dict[int, int] = {}  # seq -> trace line
     records = 0
+    tally = ConfigTally()
     error: str | None = None
 
     async def settle(limit: int) -> str | None:
@@ -183,6 +195,7 @@ async def _run(
             client.send(frame)
             lines[seq] = record.line
             records += 1
+            tally.add(record)
             if len(lines) >= window:
                 await client.drain()
                 error = await settle(window // 2)
@@ -197,13 +210,134 @@ async def _run(
     if error:
         return ReplayResult(EXIT_REFUSED, None, error)
     totals = await client.stats()
-    report = build_report(header.name, records, totals, elapsed)
+    report = build_report(header.name, records, totals, elapsed, tally)
     return ReplayResult(EXIT_MISSED if report["verify"]["missed"] else EXIT_OK, report)
 
 
-def build_report(name: str, records: int, totals: dict[str, Any], elapsed: float) -> dict[str, Any]:
+# Guest work that asks the host to invalidate something (docs/trace-format.md §3.6).
+_INVALIDATING = (
+    "smmuv3:CMD_TLBI_",
+    "smmuv3:CMD_ATC_INV",
+    "smmuv3:CMD_CFGI_CD",
+    "vtd:iotlb_inv",
+    "vtd:p_iotlb_inv",
+    "vtd:dev_tlb_inv",
+    "vtd:p_dev_tlb_inv",
+    "virtio:MAP",
+    "virtio:UNMAP",
+)
+# Host calls that carry it: invalidations, and virtio-iommu's mapping changes.
+_REACHING = ("IOMMU_HWPT_INVALIDATE", "IOMMU_IOAS_MAP", "IOMMU_IOAS_UNMAP")
+_STE_TRANSLATING = (5, 6, 7)  # STE Config: stage 1, stage 2, nested
+_NESTED, _SECOND_LEVEL, _NONE = "nested", "second-level", "none"
+
+
+class ConfigTally:
+    """What the trace configured, for the report's warnings: devices attached, and the last
+    configuration each device's guest entries ask for (translating or not)."""
+
+    def __init__(self) -> None:
+        self.attached = 0
+        self.emulated = 0  # virtio-iommu endpoints without a host device
+        self.models: set[str] = set()
+        self.scalable: set[str] = set()  # vtd vIOMMUs with a 256-bit queue
+        self.entries: dict[str, int] = {"ste": 0, "context_entry": 0, "pasid_entry": 0}
+        # (viommu, device) -> what its last entry asks for: NESTED (a stage-1 table viommud
+        # nests), SECOND_LEVEL (a legacy or PGTT=2/3 table, which it blocks: docs/vtd.md
+        # "Legacy mode") or NONE (bypass, pass-through, abort, not present)
+        self.translating: dict[tuple[str, int], str] = {}
+
+    def add(self, record: object) -> None:
+        if isinstance(record, ViommuCreate):
+            self.models.add(record.model)
+            emulated = record.options.get("emulated_endpoints")
+            self.emulated += len(emulated) if isinstance(emulated, list) else 0
+            if record.model == "vtd" and record.options.get("dw") == 256:
+                self.scalable.add(record.viommu)
+        elif isinstance(record, DeviceAttach):
+            self.attached += 1
+        elif isinstance(record, Ste):
+            self.entries["ste"] += 1
+            d0 = int.from_bytes(record.data[:8], "little")
+            self.translating[record.viommu, record.vsid] = (
+                _NESTED if d0 & 1 and (d0 >> 1) & 7 in _STE_TRANSLATING else _NONE
+            )
+        elif isinstance(record, ContextEntry):
+            self.entries["context_entry"] += 1
+            if record.viommu not in self.scalable:
+                qw0 = int.from_bytes(record.data[:8], "little")
+                self.translating[record.viommu, record.sid] = (
+                    _SECOND_LEVEL if qw0 & 1 and (qw0 >> 2) & 3 in (0, 1) else _NONE
+                )
+        elif isinstance(record, PasidEntry):
+            self.entries["pasid_entry"] += 1
+            if record.pasid == 0:
+                qw0 = int.from_bytes(record.data[:8], "little")
+                pgtt = (qw0 >> 6) & 7
+                self.translating[record.viommu, record.sid] = (
+                    _NONE
+                    if not qw0 & 1 or pgtt not in (1, 2, 3)
+                    else _NESTED
+                    if pgtt == 1
+                    else _SECOND_LEVEL
+                )
+
+    def warnings(self, totals: dict[str, Any]) -> list[str]:
+        """Why the guest invalidated and nothing reached the host, when that happened."""
+        kinds = totals["commands"]["by_kind"]
+        asked = sum(n for kind, n in kinds.items() if kind.startswith(_INVALIDATING))
+        calls = totals["backend"]["calls"]
+        reached = sum(calls.get(name, 0) for name in _REACHING)
+        if not asked or reached:
+            return []
+        head = f"the guest invalidated {asked} times and no invalidation reached the host: "
+        if not self.attached and self.emulated:
+            return [head + "only emulated endpoints, no host device attached"]
+        if not self.attached:
+            return [head + "no device attached (the trace has no device_attach record)"]
+        if not calls.get("VFIO_DEVICE_BIND_IOMMUFD", 0):
+            return [
+                head + f"no device bound ({self.attached} device_attach records, "
+                f"{totals.get('config_errors', 0)} config errors)"
+            ]
+        out: list[str] = []
+        if "smmuv3" in self.models and not self.entries["ste"]:
+            out.append(head + "no stage-1 configuration: the trace writes no STE")
+        if "vtd" in self.models and not (
+            self.entries["context_entry"] or self.entries["pasid_entry"]
+        ):
+            out.append(head + "no stage-1 configuration: the trace writes no context entry")
+        elif self.scalable and not self.entries["pasid_entry"]:
+            out.append(head + "no stage-1 configuration: scalable mode and no PASID entry")
+        states = set(self.translating.values())
+        if not out and _SECOND_LEVEL in states and _NESTED not in states:
+            out.append(
+                head + "every translating device uses legacy-mode or second-stage (PGTT=2/3) "
+                "tables, which viommud never nests as stage 1: those devices are blocked "
+                "(docs/vtd.md, Legacy mode)"
+            )
+        if not out and states == {_NONE}:
+            out.append(
+                head + "every device is in bypass, pass-through or blocked (its last STE, "
+                "context or PASID entry does not translate)"
+            )
+        if not out:
+            out.append(
+                head + "no invalidation named a device bound to a stage-1 configuration "
+                "(check the DIDs, ASIDs, StreamIDs and domains)"
+            )
+        return out
+
+
+def build_report(
+    name: str,
+    records: int,
+    totals: dict[str, Any],
+    elapsed: float,
+    tally: ConfigTally | None = None,
+) -> dict[str, Any]:
     commands = totals["commands"]["total"]
-    return {
+    report = {
         "trace": name,
         "records": records,
         "commands": totals["commands"],
@@ -216,6 +350,10 @@ def build_report(name: str, records: int, totals: dict[str, Any], elapsed: float
         "elapsed_s": round(elapsed, 6),
         "commands_per_s": round(commands / elapsed, 1) if elapsed > 0 else 0.0,
     }
+    warnings = tally.warnings(totals) if tally is not None else []
+    if warnings:
+        report["warnings"] = warnings
+    return report
 
 
 async def replay_embedded(
@@ -280,5 +418,6 @@ def render_table(report: dict[str, Any]) -> str:
         ),
         ("elapsed", f"{report['elapsed_s']:.3f} s  ({report['commands_per_s']:,.0f} commands/s)"),
     ]
+    rows += [("warning", text) for text in report.get("warnings", [])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
