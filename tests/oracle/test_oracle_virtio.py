@@ -20,11 +20,6 @@ from viommud.session import Session
 from viommud.trace import DeviceAttach, ViommuCreate
 
 TABLE = {"format": 2, "s1dss": 2, "s1contextptr": 0x4000_1000, "s1cdmax": 4}
-DISPATCHER_TG = (
-    "viommud/dispatcher/virtio.py encodes TG=1 (4 KiB) for a page size that is no granule: "
-    "the 32 MiB / 512 MiB blocks of a 16 / 64 KiB table might not be invalidated "
-    "(SMMUv3 §4.4.1.1)"
-)
 
 
 def verdict(page_log2: int) -> tuple[int, int]:
@@ -59,8 +54,8 @@ def verdict(page_log2: int) -> tuple[int, int]:
         30,  # 1 GiB blocks: a 4 KiB table
         14,  # 16 KiB pages
         16,  # 64 KiB pages
-        pytest.param(25, marks=pytest.mark.xfail(strict=True, reason=DISPATCHER_TG)),
-        pytest.param(29, marks=pytest.mark.xfail(strict=True, reason=DISPATCHER_TG)),
+        25,  # 32 MiB blocks: a 16 KiB table
+        29,  # 512 MiB blocks: a 64 KiB table
     ],
 )
 def test_a_va_invalidate_of_each_page_size_verifies(page_log2: int) -> None:

@@ -358,7 +358,9 @@ def _tlbi(inv: Invalidation) -> list[bytes]:
     op = Opcode.TLBI_NH_VA if inv.asid is not None else Opcode.TLBI_NH_VAA
     asid = {"asid": inv.asid} if inv.asid is not None else {}
     leaf = 1 if inv.leaf else 0
-    granule = inv.granule if inv.granule in _TG else 4096
+    granule = _TABLE_GRANULE.get(inv.granule)
+    if granule is None:  # no Arm translation granule has leaves of this size
+        return _widen(inv)
     first = inv.addr & ~(granule - 1)
     pages = -(-(inv.addr + inv.size - first) // granule)
     if pages <= 1:
@@ -392,6 +394,15 @@ def _tlbi(inv: Invalidation) -> list[bytes]:
 
 
 _TG = {4096: 1, 16384: 2, 65536: 3}
+# The request's page size -> the granule of the table whose leaves have that size (VMSAv8-64
+# block sizes: 4 KiB tables have 2 MiB, 1 GiB and (LPA2) 512 GiB blocks, 16 KiB tables 32 MiB
+# and 64 GiB, 64 KiB tables 512 MiB and 4 TiB). A range TLBI's TG must be the table's granule
+# (SMMUv3 §4.4.1.1), not 4 KiB whatever the table, or entries of a 16/64 KiB table may stay.
+_TABLE_GRANULE = {
+    **dict.fromkeys((1 << 12, 1 << 21, 1 << 30, 1 << 39), 4096),
+    **dict.fromkeys((1 << 14, 1 << 25, 1 << 36), 16384),
+    **dict.fromkeys((1 << 16, 1 << 29, 1 << 42), 65536),
+}
 
 
 def _widen(inv: Invalidation) -> list[bytes]:
