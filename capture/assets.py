@@ -43,6 +43,9 @@ class CaptureError(Exception):
 
 
 def default_cache() -> Path:
+    """``$VIOMMUD_CAPTURE_CACHE``, else ``$XDG_CACHE_HOME/viommud-capture`` (~/.cache)."""
+    if os.environ.get("VIOMMUD_CAPTURE_CACHE"):
+        return Path(os.environ["VIOMMUD_CAPTURE_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "viommud-capture"
 

@@ -1,13 +1,16 @@
 """Boots one configuration under QEMU and collects its console, trace log and queue dump.
 
-The serial console is QEMU's stdio; the human monitor (HMP) listens on a unix socket. When the
-guest's /init prints ``<MARK> dump`` it waits for a console line: the kit reads the queue's
-registers with ``xp``, saves the queue memory with ``pmemsave``, then answers. Every wait has a
-deadline; a guest that hangs is killed and the run reports why.
+The serial console is QEMU's stdio; the human monitor (HMP) listens on a unix socket. QEMU
+runs with ``-no-shutdown``: when the guest powers off, the machine stops but its memory and
+device registers stay. The kit then reads the queue's registers with ``xp``, saves the queue
+memory with ``pmemsave`` (so the dump holds every command the guest ever queued, the ones of
+its shutdown path included, as long as the queue never wrapped) and quits QEMU. Every wait
+has a deadline; a guest that hangs is killed and the run reports why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -26,6 +29,8 @@ from capture.initramfs import MARK
 __all__ = ["GuestRun", "Monitor", "qemu_argv", "run_guest"]
 
 PROMPT = b"(qemu) "
+STOP_WAIT = 60.0  # seconds from the poweroff marker to the machine's stop
+QUIT_WAIT = 30.0
 # Without VIRTIO_F_ACCESS_PLATFORM (iommu_platform) the guest's virtio drivers bypass the DMA
 # API and QEMU the vIOMMU: no mappings, no invalidations. It needs a modern-only device.
 VIRTIO_DMA = "disable-legacy=on,iommu_platform=on"
@@ -40,15 +45,19 @@ class Monitor:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self._sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise CaptureError(f"no QEMU monitor on {path}") from None
-                time.sleep(0.1)
-        self._read_prompt()
+        try:
+            while True:
+                try:
+                    self._sock.connect(str(path))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if time.monotonic() > deadline:
+                        raise CaptureError(f"no QEMU monitor on {path}") from None
+                    time.sleep(0.1)
+            self._read_prompt()
+        except BaseException:
+            self._sock.close()
+            raise
 
     def _read_prompt(self) -> str:
         data = b""
@@ -68,6 +77,15 @@ class Monitor:
         out = self._read_prompt()
         lines = out.replace("\r", "").split("\n")
         return "\n".join(line for line in lines[1:] if line)
+
+    def command_nowait(self, text: str) -> None:
+        """Sends a command that ends the session (``quit``) and waits for QEMU to hang up."""
+        self._sock.sendall(text.encode() + b"\n")
+        try:
+            while self._sock.recv(65536):
+                pass
+        except (TimeoutError, ConnectionResetError):
+            pass
 
     def read(self, address: int, size: int = 8) -> int:
         """One 32- or 64-bit word of guest physical memory or MMIO (``xp /1wx``, ``/1gx``)."""
@@ -129,6 +147,7 @@ def qemu_argv(
         "-display",
         "none",
         "-no-reboot",
+        "-no-shutdown",
         "-serial",
         "stdio",
         "-monitor",
@@ -193,6 +212,34 @@ def _dump_queue(monitor: Monitor, dump: QueueDump, path: Path) -> dict[str, Any]
     }
 
 
+def _stopped(monitor: Monitor, deadline: float) -> bool:
+    """Waits until the machine has stopped (the guest powered off); False at the deadline."""
+    while time.monotonic() < deadline:
+        if "shutdown" in monitor.command("info status"):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _finish(config: Config, run: GuestRun, workdir: Path, stop_wait: float) -> None:
+    """After the power-off (or a timeout): dump the queue if there is one, then quit QEMU."""
+    monitor = Monitor(workdir / "monitor")
+    try:
+        if not _stopped(monitor, time.monotonic() + stop_wait):
+            run.problems.append("the machine did not stop; the dump is of a running guest")
+            monitor.command("stop")
+        if config.queue is not None:
+            run.dump = workdir / "queue.bin"
+            try:
+                run.dump_info = _dump_queue(monitor, config.queue, run.dump)
+            except CaptureError as exc:
+                run.problems.append(f"queue dump: {exc}")
+                run.dump = None
+        monitor.command_nowait("quit")
+    finally:
+        monitor.close()
+
+
 def run_guest(
     config: Config,
     argv: list[str],
@@ -200,8 +247,12 @@ def run_guest(
     *,
     timeout: float,
     log: IO[str] | None = None,
+    stop_wait: float = STOP_WAIT,
 ) -> GuestRun:
-    """Boots the guest and waits for it to power off (or for ``timeout`` seconds)."""
+    """Boots the guest, waits for it to power off (or for ``timeout`` seconds), dumps.
+
+    ``stop_wait``: how long the machine may take to stop after the power-off marker.
+    """
     run = GuestRun(config.name, workdir / "console.log", workdir / "trace.log")
     (workdir / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")
     started = time.monotonic()
@@ -211,11 +262,10 @@ def run_guest(
         run.console.open("wb") as console,
         (workdir / "qemu-stderr.log").open("wb") as stderr,
         subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, cwd=workdir
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, cwd=workdir
         ) as proc,
     ):
         assert proc.stdout is not None
-        assert proc.stdin is not None
         pump = threading.Thread(target=_pump, args=(proc.stdout, console, lines), daemon=True)
         pump.start()
         try:
@@ -230,6 +280,9 @@ def run_guest(
                 except queue.Empty:
                     continue
                 if line is None:
+                    run.problems.append("QEMU closed the console before the guest powered off")
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=QUIT_WAIT)
                     break
                 if MARK not in line:
                     continue
@@ -238,20 +291,17 @@ def run_guest(
                 if log is not None:
                     log.write(f"  [{time.monotonic() - started:6.1f}s] {marker}\n")
                     log.flush()
-                if marker == "dump":
-                    if config.queue is not None:
-                        run.dump = workdir / "queue.bin"
-                        try:
-                            monitor = Monitor(workdir / "monitor")
-                            try:
-                                run.dump_info = _dump_queue(monitor, config.queue, run.dump)
-                            finally:
-                                monitor.close()
-                        except (CaptureError, OSError) as exc:
-                            run.problems.append(f"queue dump: {exc}")
-                            run.dump = None
-                    proc.stdin.write(b"go\n")
-                    proc.stdin.flush()
+                if marker == "poweroff":
+                    break
+            if proc.poll() is None:
+                try:
+                    _finish(config, run, workdir, stop_wait)
+                except (CaptureError, OSError) as exc:
+                    run.problems.append(f"monitor: {exc}")
+                try:
+                    proc.wait(timeout=QUIT_WAIT)
+                except subprocess.TimeoutExpired:
+                    run.problems.append("QEMU did not quit")
         finally:
             if proc.poll() is None:
                 proc.kill()

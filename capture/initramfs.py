@@ -98,17 +98,14 @@ class Workload:
     ``net``: DHCP from QEMU's user network, a ping of the gateway and a TFTP download of
     ``tftp_file`` from it; ``rebind``: unbinds the network device's PCI function from its
     driver, switches its IOMMU group to an identity domain, binds it, then does the same back
-    to the group's original type (two domain switches, each with traffic); ``pause``: prints
-    ``<MARK> dump`` and waits for a line on the console, so the kit can dump the queue memory
-    before the guest powers off.
+    to the group's original type (two domain switches, each with traffic). Then /init prints
+    ``<MARK> workload-done`` and ``<MARK> poweroff`` and powers the machine off.
     """
 
     disk_kib: int = 1024
     net: bool = True
     tftp_file: str = "payload.bin"
     rebind: bool = True
-    pause: bool = True
-    pause_seconds: int = 120
 
 
 _INIT_HEAD = """#!/bin/busybox sh
@@ -194,11 +191,6 @@ fi
 
 _TAIL = """sync
 say workload-done
-if [ {pause} = 1 ]; then
-    say dump
-    read -t {pause_seconds} reply || true
-    say resumed "$reply"
-fi
 say poweroff
 poweroff -f
 """
@@ -215,7 +207,7 @@ def init_script(modules: list[Module], workload: Workload) -> str:
         text += _NET.format(tftp=workload.tftp_file)
     if workload.rebind:
         text += _REBIND.format()
-    text += _TAIL.format(pause=int(workload.pause), pause_seconds=workload.pause_seconds)
+    text += _TAIL
     return text
 
 

@@ -189,7 +189,8 @@ def import_and_replay(capture_dir: Path, *, timeout: float = 600.0) -> dict[str,
         }
         if done.returncode != 0:
             return result
-        result["import"]["records"] = sum(1 for _ in out.open()) - 1
+        with out.open() as lines:
+            result["import"]["records"] = sum(1 for _ in lines) - 1
         started = time.monotonic()
         replay = _viommud(["replay", "--json", "--no-progress", str(out)], timeout)
         report: dict[str, Any] | None = None
@@ -342,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-replay", action="store_true", help="capture only")
     parser.add_argument("--no-install", action="store_true", help="never run apt-get install")
     parser.add_argument("--list", action="store_true", help="list the configurations")
+    parser.add_argument(
+        "--export",
+        type=Path,
+        metavar="DIR",
+        help="boot nothing: copy the captures in --out to DIR (fixtures/captures) without "
+        "their import results and scratch files",
+    )
     args = parser.parse_args(argv)
     if args.list:
         for config in CONFIGS.values():
@@ -356,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     workload = initramfs.Workload(
         disk_kib=args.disk_kib, net=not args.no_net, rebind=not (args.no_rebind or args.no_net)
     )
+    if args.export is not None:
+        export(args.out, args.export, names)
+        return 0
     cache = args.cache or default_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     status = 0
@@ -382,6 +393,30 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+EXPORTED = ("trace.log.xz", "queue.bin.xz", "console.log")
+
+
+def export(out: Path, dest: Path, names: list[str]) -> None:
+    """Copies captures to ``dest`` as the repository keeps them: the manifest without the
+    import and replay results (they belong to the importer of the day), the compressed trace
+    and queue dump, the console."""
+    for name in names:
+        src = out / name
+        manifest = json.loads((src / "MANIFEST.json").read_text())
+        if manifest["problems"]:
+            raise CaptureError(f"{src}: not exported, the capture had problems")
+        manifest.pop("result", None)
+        manifest.pop("total_seconds", None)
+        target = dest / name
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for file in EXPORTED:
+            if (src / file).exists():
+                shutil.copyfile(src / file, target / file)
+        _write_manifest(target, manifest)
+    write_index(dest)
+
+
 def write_index(out: Path) -> None:
     """OUT/MANIFEST.txt: one line per capture directory in OUT, with versions and options."""
     lines = []
@@ -392,7 +427,12 @@ def write_index(out: Path) -> None:
             f"    QEMU {manifest['qemu']['version']} ({manifest['qemu']['binary']}), "
             f"kernel {manifest['kernel']['package']} ({manifest['kernel']['deb']})"
         )
-        devices = [arg for arg in manifest["qemu_argv"] if "virtio-" in arg or "iommu" in arg]
+        argv = manifest["qemu_argv"]
+        devices = [
+            f"-device {argv[i + 1]}"
+            for i, arg in enumerate(argv[:-1])
+            if arg == "-device" and argv[i + 1] not in manifest["machine"]
+        ]
         lines.append(f"    machine: {' '.join(manifest['machine'])}")
         lines.append(f"    devices: {' '.join(devices)}")
         lines.append(f"    cmdline: {manifest['cmdline']}")
