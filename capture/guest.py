@@ -25,6 +25,7 @@ from typing import IO, Any
 from capture.assets import CaptureError
 from capture.configs import Config, QueueDump
 from capture.initramfs import MARK
+from capture.tables import smmuv3_tables, vtd_tables
 
 __all__ = ["GuestRun", "Monitor", "qemu_argv", "run_guest"]
 
@@ -96,6 +97,17 @@ class Monitor:
             raise CaptureError(f"QEMU monitor: unexpected xp output {out!r}")
         return int(found[2], 16)
 
+    def memory(self, address: int, size: int, scratch: Path) -> bytes:
+        """``size`` bytes of guest physical memory, through ``pmemsave`` into ``scratch``."""
+        out = self.command(f'pmemsave 0x{address:x} 0x{size:x} "{scratch}"')
+        if out.strip():
+            raise CaptureError(f"pmemsave 0x{address:x} 0x{size:x}: {out.strip()}")
+        data = scratch.read_bytes()
+        scratch.unlink()
+        if len(data) != size:
+            raise CaptureError(f"pmemsave 0x{address:x}: {len(data)} bytes, not {size}")
+        return data
+
     def close(self) -> None:
         self._sock.close()
 
@@ -109,6 +121,8 @@ class GuestRun:
     trace: Path
     dump: Path | None = None
     dump_info: dict[str, Any] = field(default_factory=dict)
+    tables: Path | None = None
+    tables_info: list[dict[str, Any]] = field(default_factory=list)
     markers: list[str] = field(default_factory=list)
     seconds: float = 0.0
     exit_code: int | None = None
@@ -212,6 +226,38 @@ def _dump_queue(monitor: Monitor, dump: QueueDump, path: Path) -> dict[str, Any]
     }
 
 
+def _dump_tables(monitor: Monitor, config: Config, run: GuestRun, workdir: Path) -> None:
+    """The translation tables the vIOMMU's registers name, into workdir/tables.bin."""
+    assert config.queue is not None
+    scratch = workdir / "region.bin"
+
+    def read(address: int, size: int) -> bytes:
+        return monitor.memory(address, size, scratch)
+
+    mmio = config.queue.mmio
+    if config.model == "smmuv3":
+        # SMMUv3 6.3.23 STRTAB_BASE (64-bit), 6.3.24 STRTAB_BASE_CFG (32-bit).
+        regions = smmuv3_tables(read, monitor.read(mmio + 0x80), monitor.read(mmio + 0x88, 4))
+    else:
+        regions = vtd_tables(read, monitor.read(mmio + 0x20))  # VT-d 11.4.5 RTADDR_REG
+    if not regions:
+        return
+    run.tables = workdir / "tables.bin"
+    offset = 0
+    with run.tables.open("wb") as out:
+        for region in regions:
+            out.write(region.data)
+            run.tables_info.append(
+                {
+                    "what": region.what,
+                    "address": f"0x{region.address:x}",
+                    "size": len(region.data),
+                    "offset": offset,
+                }
+            )
+            offset += len(region.data)
+
+
 def _stopped(monitor: Monitor, deadline: float) -> bool:
     """Waits until the machine has stopped (the guest powered off); False at the deadline."""
     while time.monotonic() < deadline:
@@ -235,6 +281,10 @@ def _finish(config: Config, run: GuestRun, workdir: Path, stop_wait: float) -> N
             except CaptureError as exc:
                 run.problems.append(f"queue dump: {exc}")
                 run.dump = None
+            try:
+                _dump_tables(monitor, config, run, workdir)
+            except (CaptureError, ValueError) as exc:
+                run.problems.append(f"table dump: {exc}")
         monitor.command_nowait("quit")
     finally:
         monitor.close()

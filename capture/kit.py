@@ -7,7 +7,9 @@ Each configuration (capture/configs.py) leaves a directory ``OUT/NAME/`` with
   guest's progress markers, the queue registers, the import and replay results;
 * ``trace.log.xz``: QEMU's ``log`` trace backend output (``-msg timestamp=on``);
 * ``queue.bin.xz``: the guest's command queue (SMMUv3) or invalidation queue (VT-d) memory,
-  saved with the monitor's ``pmemsave`` after the workload;
+  saved with the monitor's ``pmemsave`` after the guest's power-off;
+* ``tables.bin.xz``: the stream / context tables the vIOMMU's registers name at that point
+  (capture/tables.py; the manifest's ``tables`` says what each region is);
 * ``console.log``: the serial console.
 
 docs/capture.md describes the kit and how to read a capture.
@@ -274,6 +276,7 @@ def capture(
         "timed_out": run.timed_out,
         "markers": run.markers,
         "queue": run.dump_info,
+        "tables": run.tables_info,
         "trace_lines": sum(events.values()),
         "events": events,
         "problems": run.problems,
@@ -283,8 +286,9 @@ def capture(
     shutil.rmtree(workdir / "tftp", ignore_errors=True)
     if run.trace.exists():
         _xz(run.trace)
-    if run.dump is not None and run.dump.exists():
-        _xz(run.dump)
+    for dumped in (run.dump, run.tables):
+        if dumped is not None and dumped.exists():
+            _xz(dumped)
     _write_manifest(workdir, manifest)
     if replay:
         log.write(f"{config.name}: import + replay\n")
@@ -393,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-EXPORTED = ("trace.log.xz", "queue.bin.xz", "console.log")
+EXPORTED = ("trace.log.xz", "queue.bin.xz", "tables.bin.xz", "console.log")
 
 
 def export(out: Path, dest: Path, names: list[str]) -> None:
