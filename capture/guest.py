@@ -143,7 +143,8 @@ def qemu_argv(
     *,
     memory_mib: int = 512,
 ) -> list[str]:
-    """The QEMU command line for ``config`` (serial on stdio, monitor on workdir/monitor)."""
+    """The QEMU command line for ``config`` (serial on stdio, monitor on workdir/monitor);
+    writes the trace event list it names to workdir/events."""
     events = workdir / "events"
     events.write_text("".join(f"{pattern}\n" for pattern in config.events))
     append = f"console={config.console} quiet panic=-1 {config.cmdline}"
