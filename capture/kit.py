@@ -157,39 +157,50 @@ def import_and_replay(capture_dir: Path, *, timeout: float = 600.0) -> dict[str,
     with tempfile.TemporaryDirectory(prefix="viommud-capture-") as tmp:
         work = Path(tmp)
         trace = _unxz(capture_dir / "trace.log.xz", work / "trace.log")
-        log = trace
-        help_text = _viommud(["import", "qemu-log", "--help"], 60).stdout
-        args = ["import", "qemu-log"]
-        dump_xz = capture_dir / "queue.bin.xz"
+        # How to give the importer the queue entries: (label, extra arguments, log).
+        ways: list[tuple[str, list[str], Path]] = [("log", [], trace)]
         if model == "smmuv3":
+            dump_xz = capture_dir / "queue.bin.xz"
             if not dump_xz.exists():
                 result["import"] = {"ok": False, "error": "no queue dump in the capture"}
                 return result
             dump = _unxz(dump_xz, work / "queue.bin")
+            ways = []
+            help_text = _viommud(["import", "qemu-log", "--help"], 60).stdout
             if "--cmdq-dump" in help_text:
-                args += ["--cmdq-dump", str(dump)]
-            else:
-                log = work / "trace+dump.log"
-                try:
-                    result["queue"] = smmuv3_import_log(trace, dump, manifest["queue"], log)
-                except CaptureError as exc:
-                    result["import"] = {"ok": False, "error": str(exc)}
-                    return result
-        attach = _attachments(manifest["markers"])
-        for item in attach:
-            args += ["--attach", item]
+                ways.append(("cmdq-dump", ["--cmdq-dump", str(dump)], trace))
+            combined = work / "trace+dump.log"
+            try:
+                result["queue"] = smmuv3_import_log(trace, dump, manifest["queue"], combined)
+                ways.append(("dump-lines", [], combined))
+            except CaptureError as exc:
+                result["queue"] = {"error": str(exc)}
+            if not ways:
+                result["import"] = {"ok": False, "error": result["queue"]["error"]}
+                return result
+        common = [f"--attach={item}" for item in _attachments(manifest["markers"])]
         if manifest.get("ats"):
-            args.append("--ats")
+            common.append("--ats")
         out = work / f"{manifest['config']}.jsonl"
-        args += ["--synthesize", "--name", manifest["config"], "-o", str(out), str(log)]
-        done = _viommud(args, timeout)
-        result["import"] = {
-            "ok": done.returncode == 0,
-            "exit": done.returncode,
-            "argv": ["viommud", *args[:-3], "-o", out.name, log.name],
-            "error": done.stderr.strip()[-2000:],
-        }
-        if done.returncode != 0:
+        common += ["--synthesize", "--name", manifest["config"], "-o", str(out)]
+        attempts = []
+        for label, extra, log in ways:
+            args = ["import", "qemu-log", *extra, *common, str(log)]
+            done = _viommud(args, timeout)
+            attempts.append(
+                {
+                    "via": label,
+                    "ok": done.returncode == 0,
+                    "exit": done.returncode,
+                    "argv": ["viommud", *(a.replace(str(work) + "/", "") for a in args)],
+                    "stderr": done.stderr.strip()[-2000:],
+                }
+            )
+            if done.returncode == 0:
+                break
+        # The first way that worked, or the last that failed; every attempt is kept.
+        result["import"] = {**attempts[-1], "attempts": attempts}
+        if not attempts[-1]["ok"]:
             return result
         with out.open() as lines:
             result["import"]["records"] = sum(1 for _ in lines) - 1
@@ -207,7 +218,7 @@ def import_and_replay(capture_dir: Path, *, timeout: float = 600.0) -> dict[str,
             "backend_calls": calls,
             "missed": report["verify"]["missed"] if report else None,
             "report": report,
-            "error": replay.stderr.strip()[-2000:],
+            "stderr": replay.stderr.strip()[-2000:],
         }
     return result
 

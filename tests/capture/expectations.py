@@ -48,9 +48,9 @@ def check_booted(manifest: dict[str, Any]) -> None:
 def check_replayed(result: dict[str, Any]) -> None:
     """The import succeeded; the replay forwarded invalidations and the oracle missed none."""
     imported = result["import"]
-    assert imported["ok"], imported["error"]
+    assert imported["ok"], imported.get("stderr") or imported.get("error")
     replay = result["replay"]
-    assert replay["exit"] == 0, replay["error"]
+    assert replay["exit"] == 0, replay["stderr"]
     report = replay["report"]
     assert report["verify"] == {"enabled": True, "missed": 0, "over": report["verify"]["over"]}
     assert report["backend"]["calls"].get("IOMMU_HWPT_INVALIDATE", 0) > 0, report["backend"]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import lzma
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from capture import kit
 from capture.assets import CaptureError
 from capture.kit import _attachments, event_counts, main, smmuv3_import_log
 from viommud.importers.options import ImportOptions
@@ -96,3 +100,52 @@ def test_cli_lists_the_configurations(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["--list"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert names == ["smmuv3-strict", "smmuv3-lazy", "vtd-legacy", "vtd-scalable", "virtio-iommu"]
+
+
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "captures" / "smmuv3-strict"
+
+
+def test_import_falls_back_to_dump_lines_when_cmdq_dump_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An importer offering --cmdq-dump gets the raw dump first; if it refuses it, the kit
+    still imports through the dump lines, and records both attempts."""
+    real = kit._viommud
+    seen: list[list[str]] = []
+
+    def fake(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        seen.append(args)
+        if "--help" in args:
+            return subprocess.CompletedProcess(args, 0, "  --cmdq-dump DUMP\n", "")
+        if "--cmdq-dump" in args:
+            return subprocess.CompletedProcess(args, 2, "", "viommud: import: not today")
+        return real(args, timeout)
+
+    monkeypatch.setattr(kit, "_viommud", fake)
+    result = kit.import_and_replay(FIXTURE)
+    attempts = result["import"]["attempts"]
+    assert [(a["via"], a["ok"]) for a in attempts] == [("cmdq-dump", False), ("dump-lines", True)]
+    assert attempts[0]["stderr"] == "viommud: import: not today"
+    assert "--cmdq-dump" in attempts[0]["argv"]
+    assert "queue.bin" in attempts[0]["argv"]  # temporary paths are left out
+    assert result["import"]["via"] == "dump-lines"
+    assert result["replay"]["exit"] == 0
+    assert [args[0] for args in seen] == ["import", "import", "import", "replay"]
+
+
+def test_a_wrapped_capture_is_not_imported(tmp_path: Path) -> None:
+    capture_dir = tmp_path / "smmuv3-strict"
+    capture_dir.mkdir()
+    manifest = json.loads((FIXTURE / "MANIFEST.json").read_text())
+    manifest["queue"]["size"] = 16 * 64  # pretend the queue had 64 entries
+    (capture_dir / "MANIFEST.json").write_text(json.dumps(manifest))
+    (capture_dir / "trace.log.xz").write_bytes((FIXTURE / "trace.log.xz").read_bytes())
+    dump = lzma.decompress((FIXTURE / "queue.bin.xz").read_bytes())[: 16 * 64]
+    (capture_dir / "queue.bin.xz").write_bytes(lzma.compress(dump))
+    result = kit.import_and_replay(capture_dir)
+    assert result["import"] == {
+        "ok": False,
+        "error": "the guest published 2105 commands into a 64-entry queue: it wrapped, and "
+        "one dump at the end cannot give the overwritten ones",
+    }
+    assert result["replay"] is None
