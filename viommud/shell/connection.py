@@ -134,7 +134,7 @@ class Connection:
                 self.log.exception("internal_error", seq=frame.seq, frame_type=frame.type)
                 out.append(encode_error(frame.seq, f"internal error: {exc!r}", fatal=False))
         if self.session is not None and self.progress.due():
-            self.log.info("session_progress", **self.progress.take())
+            self.log.info("session_progress", **_progress_keys(self.progress))
         return b"".join(out)
 
     def _group(self, run: list[tuple[int, str, bytes]]) -> bytes:
@@ -466,10 +466,24 @@ class Connection:
         if session is None:
             return None
         if self.progress.doorbells or self.progress.requests:
-            self.log.info("session_progress", **self.progress.take())
+            self.log.info("session_progress", **_progress_keys(self.progress))
         self.session = None
         self.viommu = None  # teardown failures name their vIOMMU themselves
         report = session.report()  # commands and errors, while its vIOMMUs are still there
         session.close()
         report["backend"] = session.report()["backend"]  # with the teardown calls
         return report
+
+
+def _progress_keys(progress: Progress) -> dict[str, Any]:
+    """The ``session_progress`` line of the window just ended (``Progress.take``)."""
+    line = progress.take()
+    return {
+        "doorbells": line["doorbells"],
+        "requests": line["requests"],
+        "commands": line["commands"],
+        "host_calls": line["host_calls"],
+        "errors": line["errors"],
+        "p50_ms": line["p50_ms"],
+        "p99_ms": line["p99_ms"],
+    }

@@ -112,21 +112,20 @@ class DemotingLogger:
     """A bound logger whose per-batch ``info`` lines (``PER_BATCH_EVENTS``) are logged at
     DEBUG; everything else passes through. ``bind`` keeps the demotion."""
 
-    __slots__ = ("_log",)
+    __slots__ = ("_inner",)
 
-    def __init__(self, log: Any) -> None:
-        self._log = log
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
 
     def bind(self, **context: Any) -> DemotingLogger:
-        return DemotingLogger(self._log.bind(**context))
+        return DemotingLogger(self._inner.bind(**context))
 
     def info(self, event: str, *args: Any, **kw: Any) -> Any:
-        if event in PER_BATCH_EVENTS:
-            return self._log.debug(event, *args, **kw)
-        return self._log.info(event, *args, **kw)
+        inner = self._inner  # the events are the models' (documented there)
+        return (inner.debug if event in PER_BATCH_EVENTS else inner.info)(event, *args, **kw)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._log, name)
+        return getattr(self._inner, name)
 
 
 def get_logger(**context: Any) -> Any:

@@ -134,7 +134,7 @@ class Server:
         self.group = group
         self.registry = Registry()  # physical devices held by live sessions
         self._handed: dict[int, Handed] = {}
-        self._spawner = Spawner() if processes else None
+        self._spawner: Spawner | None = None  # started with the listeners
         self._stopping = False
         self._accept_errors = 0
         self._accept_logged = -ACCEPT_LOG_INTERVAL
@@ -148,8 +148,6 @@ class Server:
         loop = asyncio.get_running_loop()
         self._old_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._loop_error)
-        if self._spawner is not None:
-            self._spawner.prepare()
         try:
             if self.activated:
                 for listen in self.activated:
@@ -168,7 +166,11 @@ class Server:
                 self.log.info("metrics_started", address=str(bound))
         except BaseException:
             await self._unbind()
+            loop.set_exception_handler(self._old_handler)
             raise
+        if self.processes:
+            self._spawner = Spawner()
+            self._spawner.prepare()  # the first spare session process
         self._started = True
         self._notify(
             "READY=1\nSTATUS=serving on "
@@ -410,7 +412,7 @@ class Server:
         peer = _peername(writer) if transport == "tcp" else ""
         cred = _peercred(writer) if transport == "unix" else None
         if cred is not None:
-            log = log.bind(**{f"peer_{k}": v for k, v in cred.items()})
+            log = log.bind(peer_uid=cred["uid"], peer_gid=cred["gid"], peer_pid=cred["pid"])
         refusal = self._refusal(cred)
         if refusal is not None:
             log.warning("client_refused", transport=transport, peer=peer, reason=refusal)

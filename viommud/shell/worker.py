@@ -107,10 +107,10 @@ async def serve(control: socket.socket, fd: int, setup: dict[str, Any], rest: by
     limits = Limits.from_json(setup["limits"])
     host = HostConfig.from_json(setup["host"]) if setup.get("host") is not None else None
     client_id = int(setup["client"])
-    context: dict[str, Any] = {"client": client_id}
-    if setup.get("cred"):
-        context.update({f"peer_{k}": v for k, v in setup["cred"].items()})
-    log = logs.get_logger(**context)
+    log = logs.get_logger(client=client_id)
+    cred = setup.get("cred")
+    if cred:
+        log = log.bind(peer_uid=cred["uid"], peer_gid=cred["gid"], peer_pid=cred["pid"])
     link = Link(control, rest)
     connection = Connection(
         client_id,
