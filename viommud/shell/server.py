@@ -47,7 +47,7 @@ from viommud.shell.progress import merged
 from viommud.shell.replies import encode_error
 from viommud.shell.sessions import Handed, Spawner
 from viommud.shell.status import Snapshot, Totals, backend_objects, count_kinds
-from viommud.shell.stream import SHUTTING_DOWN, pump
+from viommud.shell.stream import SHUTTING_DOWN, forget_error, pump
 from viommud.shell.systemd import ListenSocket
 
 if TYPE_CHECKING:
@@ -472,9 +472,7 @@ class Server:
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()
             connection.log.info("client_disconnected")  # with the session's vm, if it had one
-            # Nothing of this connection outlives it: an exception caught above holds this
-            # frame through its traceback (reader, writer, connection: a cycle gc would
-            # have to find).
+            forget_error(reader)  # nothing of this connection may outlive it
             del connection, reader, writer
 
     def _stop_asked(self) -> bool:

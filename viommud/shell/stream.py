@@ -106,3 +106,18 @@ async def _goodbye(
     if not connection.closing:
         writer.write(encode_error(0, SHUTTING_DOWN, fatal=True))
         await writer.drain()
+
+
+def forget_error(reader: asyncio.StreamReader) -> None:
+    """Drop the traceback of the error that ended the connection (a reset, a broken pipe).
+
+    The stream keeps that exception, its traceback keeps the frames that were writing
+    (``pump``'s among them), and those frames keep the stream and the ``Connection``: a
+    cycle only the cycle collector would free, holding a closed session's memory until then.
+    """
+    exc: BaseException | None = reader.exception()
+    seen = 0
+    while exc is not None and seen < 8:
+        exc.__traceback__ = None
+        exc = exc.__context__ or exc.__cause__
+        seen += 1

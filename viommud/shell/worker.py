@@ -36,7 +36,7 @@ from viommud.host import HostConfig
 from viommud.shell import logs
 from viommud.shell.connection import Connection
 from viommud.shell.limits import Limits
-from viommud.shell.stream import pump
+from viommud.shell.stream import forget_error, pump
 
 SETUP_CHUNK = 1 << 20
 PUSH_INTERVAL = 1.0
@@ -159,6 +159,7 @@ async def serve(control: socket.socket, fd: int, setup: dict[str, Any], rest: by
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+        forget_error(reader)
 
 
 def main(argv: list[str]) -> int:

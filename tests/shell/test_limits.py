@@ -1,0 +1,265 @@
+"""The serve limits (docs/operations.md §10): device ownership, deadlines, client cap,
+per-session quotas, backlog, accept-error logging, shutdown goodbye, peer credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import stat
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from protocols.frames import FrameType
+from tests.shell.conftest import running
+from tests.shell.test_isolation import LIGHT, SETUP, SYNC, round_trips, session
+from viommud import wire
+from viommud.shell import server as server_module
+from viommud.shell.client import Client, ClientError
+from viommud.shell.limits import Limits
+from viommud.shell.server import Server
+from viommud.trace import DeviceAttach, ViommuCreate, record_to_json
+
+ATTACH = SETUP[1]
+assert isinstance(ATTACH, DeviceAttach)
+
+
+async def record(client: Client, rec: Any) -> wire.Frame:
+    client.send(wire.encode_json(FrameType.RECORD, client.next_seq(), record_to_json(rec)))
+    await client.drain()
+    return await client.receive()
+
+
+async def raw(path: Path, data: bytes = b"", wait: float = 10) -> list[wire.Frame]:
+    """Connect, send ``data``, read every frame until the daemon closes."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(data)
+    await writer.drain()
+    decoder = wire.FrameDecoder()
+    frames = []
+    async with asyncio.timeout(wait):
+        while chunk := await reader.read(65536):
+            decoder.receive_data(chunk)
+            while (frame := decoder.next_frame()) is not None:
+                frames.append(frame)
+    writer.close()
+    return frames
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["in-process", "processes"])
+async def test_a_device_belongs_to_one_live_session(tmp_path: Path, processes: bool) -> None:
+    async with running(tmp_path, processes=processes, backend="emulated") as server:
+        first = await session(server, SETUP[:2])  # viommu_create, attach 0000:01:00.0
+        second = await session(server, LIGHT)
+        refused = await record(second, ATTACH)
+        assert refused.type == FrameType.ERROR
+        body = refused.json()
+        assert body["fatal"] is False
+        assert body["error"].startswith("EBUSY: device '0000:01:00.0' is attached by another")
+        # the session goes on, and another device is free
+        other = DeviceAttach(0, "v0", 16, "0000:02:00.0")
+        assert (await record(second, other)).json() == {"ok": True}
+        await first.close()
+        async with asyncio.timeout(20):
+            while "0000:01:00.0" in server.registry.held():  # noqa: ASYNC110 - another process
+                await asyncio.sleep(0.05)
+        assert (await record(second, ATTACH)).json() == {"ok": True}
+        await second.close()
+
+
+async def test_detach_and_destroy_give_devices_back(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        first = await session(server, SETUP[:3])
+        assert set(server.registry.held()) == {"0000:01:00.0", "0000:02:00.0"}
+        detach = {"op": "device_detach", "viommu": "v0", "vid": 8}
+        first.send(wire.encode_json(FrameType.RECORD, first.next_seq(), detach))
+        await first.drain()
+        assert (await first.receive()).json() == {"ok": True}
+        assert set(server.registry.held()) == {"0000:02:00.0"}
+        destroy = {"op": "viommu_destroy", "viommu": "v0"}
+        first.send(wire.encode_json(FrameType.RECORD, first.next_seq(), destroy))
+        await first.drain()
+        assert (await first.receive()).json() == {"ok": True}
+        assert server.registry.held() == {}
+        await first.close()
+
+
+async def test_per_session_quotas(tmp_path: Path) -> None:
+    limits = Limits(max_viommus=1, max_devices=1)
+    async with running(tmp_path, limits=limits) as server:
+        client = await session(server, SETUP[:2])
+        second_viommu = ViommuCreate(0, "v1", "smmuv3", ("smmu0",))
+        refused = await record(client, second_viommu)
+        assert refused.json() == {
+            "error": "quota: at most 1 vIOMMUs per session (--max-viommus)",
+            "fatal": False,
+        }
+        refused = await record(client, DeviceAttach(0, "v0", 16, "0000:02:00.0"))
+        assert "quota: at most 1 devices per session (--max-devices)" in refused.json()["error"]
+        await round_trips(client, 1)  # the session goes on
+        await client.close()
+
+
+async def test_frame_limits_before_and_after_hello(tmp_path: Path) -> None:
+    limits = Limits(max_hello_frame=1000, max_frame=4096)
+    async with running(tmp_path, limits=limits) as server:
+        frames = await raw(server.socket_path, wire.encode(FrameType.HELLO, 1, bytes(1001)))
+        assert "frame payload of 1001 bytes exceeds the limit of 1000" in frames[-1].json()["error"]
+        client = await session(server, LIGHT)
+        client.send(wire.encode_guest_data(FrameType.CMDS, client.next_seq(), "v0", bytes(4096)))
+        await client.drain()
+        with pytest.raises(ClientError, match="frame payload of 4099 bytes exceeds the limit"):
+            await client.receive()
+        await client.close()
+
+
+async def test_handshake_and_idle_timeouts(tmp_path: Path) -> None:
+    limits = Limits(handshake_timeout=0.3, idle_timeout=0.5)
+    async with running(tmp_path, limits=limits) as server:
+        [frame] = await raw(server.socket_path)  # says nothing
+        assert frame.seq == 0
+        assert frame.json() == {"error": "no HELLO accepted within 0.3 s", "fatal": True}
+        client = await session(server, LIGHT)
+        await round_trips(client, 1)
+        await asyncio.sleep(0.8)
+        with pytest.raises(ClientError, match=r"ended the session: idle for 0\.5 s"):
+            await client.receive()
+        await client.close()
+
+
+async def test_max_clients(tmp_path: Path) -> None:
+    async with running(tmp_path, limits=Limits(max_clients=1)) as server:
+        first = await session(server, LIGHT)
+        [frame] = await raw(server.socket_path)
+        assert frame.json() == {
+            "error": "too many clients: this daemon serves at most 1 at once (serve --max-clients)",
+            "fatal": True,
+        }
+        await first.close()
+        async with asyncio.timeout(10):
+            await server.wait_idle()
+        second = await session(server, LIGHT)
+        await second.close()
+
+
+async def test_a_burst_of_connects_fits_the_backlog(tmp_path: Path) -> None:
+    """500 clients connect while the daemon is not accepting (its loop is busy): the
+    listen backlog (1024 by default; asyncio's own is 100) holds them all."""
+    async with running(tmp_path) as server:
+        socks = []
+        try:
+            for _ in range(500):  # no await in this loop: nothing is accepted meanwhile
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                socks.append(sock)
+                sock.connect(str(server.socket_path))  # EAGAIN once a backlog is full
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+async def test_accept_failures_are_logged_at_most_every_ten_seconds(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        loop = asyncio.get_running_loop()
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(1000):
+                loop.call_exception_handler(
+                    {
+                        "message": "socket.accept() out of system resource",
+                        "exception": OSError(24, "Too many open files"),
+                    }
+                )
+        lines = [e for e in logs if e["event"] == "accept_failed"]
+        assert len(lines) == 1
+        assert lines[0]["log_level"] == "warning"
+        server._accept_logged -= server_module.ACCEPT_LOG_INTERVAL  # ten seconds later
+        with structlog.testing.capture_logs() as logs:
+            loop.call_exception_handler(
+                {"message": "socket.accept() out of system resource", "exception": OSError(24)}
+            )
+        assert [e["failures"] for e in logs if e["event"] == "accept_failed"] == [1000]
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["in-process", "processes"])
+async def test_stop_says_goodbye_to_every_client(tmp_path: Path, processes: bool) -> None:
+    server = Server(tmp_path / "s.sock", grace=5.0, processes=processes, backend="emulated")
+    await server.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop.wait))
+    client = await session(server, LIGHT)
+    waiting = await Client.connect(server.socket_path)  # no HELLO yet
+    # pipelined doorbells the daemon has received but maybe not answered yet
+    for _ in range(20):
+        client.send(wire.encode_guest_data(FrameType.CMDS, client.next_seq(), "v0", bytes(16)))
+    await client.drain()
+    await asyncio.sleep(0.3)
+    stop.set()
+    for _ in range(20):  # every frame sent before the stop is answered
+        assert (await client.receive()).type == FrameType.RESPONSE
+    with pytest.raises(ClientError, match="ended the session: shutting down"):
+        await client.receive()
+    with pytest.raises(ClientError, match="shutting down"):
+        await waiting.receive()
+    await task
+    await client.close()
+    await waiting.close()
+
+
+async def test_peer_credentials_are_logged_and_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other_uid = 65534 if os.getuid() != 65534 else 65533
+    async with running(tmp_path, allow_uids=[other_uid], group=os.getgid(), mode=0o660) as server:
+        info = os.stat(server.socket_path)
+        assert stat.S_IMODE(info.st_mode) == 0o660
+        assert info.st_gid == os.getgid()
+        client = await session(server, LIGHT)  # the daemon's own user is always allowed
+        await client.close()
+        assert f"peer_uid={os.getuid()}" in capsys.readouterr().out
+    async with running(tmp_path, allow_uids=[other_uid]) as server:
+        server.allow_uids = frozenset({other_uid})
+        real_getuid = os.getuid
+        try:
+            server_module.os.getuid = lambda: real_getuid() + 1  # type: ignore[attr-defined]
+            [frame] = await raw(server.socket_path)
+        finally:
+            server_module.os.getuid = real_getuid  # type: ignore[attr-defined]
+        assert frame.json() == {
+            "error": f"uid {os.getuid()} may not use this daemon (serve --allow-uid)",
+            "fatal": True,
+        }
+
+
+async def test_a_closed_connection_is_freed_without_the_cycle_collector(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        seen: list[weakref.ref[Any]] = []
+        original = server_module.Connection
+
+        class Watched(original):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                seen.append(weakref.ref(self))
+
+        server_module.Connection = Watched  # type: ignore[misc]
+        gc.disable()
+        try:
+            client = await session(server, LIGHT)
+            # the client goes away while the daemon writes: a reset, BrokenPipe on its side
+            for _ in range(200):
+                client.send(wire.encode_guest_data(FrameType.CMDS, client.next_seq(), "v0", SYNC))
+            await client.drain()
+            client._writer.transport.abort()
+            await client.close()
+            async with asyncio.timeout(10):
+                await server.wait_idle()
+            await asyncio.sleep(0.1)
+            assert seen
+            assert all(ref() is None for ref in seen), "a closed Connection is still alive"
+        finally:
+            gc.enable()
+            server_module.Connection = original  # type: ignore[misc]
