@@ -21,6 +21,7 @@ from tests.shell.test_isolation import LIGHT, SETUP, SYNC, round_trips, session
 from viommud import wire
 from viommud.shell import server as server_module
 from viommud.shell.client import Client, ClientError
+from viommud.shell.connection import Connection
 from viommud.shell.limits import Limits
 from viommud.shell.server import Server
 from viommud.trace import DeviceAttach, ViommuCreate, record_to_json
@@ -211,41 +212,41 @@ async def test_stop_says_goodbye_to_every_client(tmp_path: Path, processes: bool
 
 
 async def test_peer_credentials_are_logged_and_checked(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    other_uid = 65534 if os.getuid() != 65534 else 65533
+    me = os.getuid()
+    other_uid = 65534 if me != 65534 else 65533
     async with running(tmp_path, allow_uids=[other_uid], group=os.getgid(), mode=0o660) as server:
         info = os.stat(server.socket_path)
         assert stat.S_IMODE(info.st_mode) == 0o660
         assert info.st_gid == os.getgid()
         client = await session(server, LIGHT)  # the daemon's own user is always allowed
         await client.close()
-        assert f"peer_uid={os.getuid()}" in capsys.readouterr().out
-    async with running(tmp_path, allow_uids=[other_uid]) as server:
-        server.allow_uids = frozenset({other_uid})
-        real_getuid = os.getuid
-        try:
-            server_module.os.getuid = lambda: real_getuid() + 1  # type: ignore[attr-defined]
-            [frame] = await raw(server.socket_path)
-        finally:
-            server_module.os.getuid = real_getuid  # type: ignore[attr-defined]
+        async with asyncio.timeout(10):
+            await server.wait_idle()
+        assert f"peer_uid={me}" in capsys.readouterr().out
+        # the same peer, to a daemon running as another user that allows only other_uid
+        monkeypatch.setattr(os, "getuid", lambda: me + 1)
+        [frame] = await raw(server.socket_path)
+        monkeypatch.undo()
         assert frame.json() == {
-            "error": f"uid {os.getuid()} may not use this daemon (serve --allow-uid)",
+            "error": f"uid {me} may not use this daemon (serve --allow-uid)",
             "fatal": True,
         }
 
 
-async def test_a_closed_connection_is_freed_without_the_cycle_collector(tmp_path: Path) -> None:
+async def test_a_closed_connection_is_freed_without_the_cycle_collector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[weakref.ref[Connection]] = []
+
+    class Watched(Connection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            seen.append(weakref.ref(self))
+
+    monkeypatch.setattr(server_module, "Connection", Watched)
     async with running(tmp_path) as server:
-        seen: list[weakref.ref[Any]] = []
-        original = server_module.Connection
-
-        class Watched(original):  # type: ignore[misc, valid-type]
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                seen.append(weakref.ref(self))
-
-        server_module.Connection = Watched  # type: ignore[misc]
         gc.disable()
         try:
             client = await session(server, LIGHT)
@@ -262,4 +263,3 @@ async def test_a_closed_connection_is_freed_without_the_cycle_collector(tmp_path
             assert all(ref() is None for ref in seen), "a closed Connection is still alive"
         finally:
             gc.enable()
-            server_module.Connection = original  # type: ignore[misc]
