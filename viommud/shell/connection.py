@@ -430,7 +430,11 @@ class Connection:
                 raise _Fatal(f"bad STATUS: {exc}") from None
             self._authenticate(body.get("token") if isinstance(body, dict) else None)
         if self.status is None:
-            return encode_error(frame.seq, "this daemon does not report its status", fatal=False)
+            return encode_error(
+                frame.seq,
+                "STATUS is not answered here: ask the daemon on a new connection",
+                fatal=False,
+            )
         return wire.encode_json(FrameType.STATUS_OK, frame.seq, self.status(self.client_id))
 
     def describe(self) -> dict[str, Any]:
