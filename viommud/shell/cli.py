@@ -167,7 +167,8 @@ def _parser() -> argparse.ArgumentParser:
         "--loop",
         choices=("asyncio", "uvloop"),
         default="asyncio",
-        help="event loop: the standard library's (default) or uvloop, when installed "
+        help="event loop of the listener and the session processes: the standard library's "
+        "(default) or uvloop, when installed "
         "(pip install 'viommud[fast]')",
     )
     serve.add_argument(
@@ -380,6 +381,7 @@ def _serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         allow_uids=args.allow_uid,
         group=group,
+        session_loop=args.loop,
         **network,
     )
     _more_files()

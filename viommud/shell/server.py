@@ -89,6 +89,7 @@ class Server:
         backend: str = "emulated",
         allow_uids: Sequence[int] = (),
         group: int | None = None,
+        session_loop: str = "asyncio",
     ) -> None:
         """``tcp``: extra TCP listeners (inside network namespace ``netns`` when given), each
         needing ``token`` in HELLO. ``activated``: sockets from the service manager, served
@@ -98,7 +99,8 @@ class Server:
         ``processes``: run each session in a process of its own (viommud.shell.worker),
         whose backend is ``backend`` by name (``factory`` serves in-process sessions).
         ``allow_uids``: Unix peers allowed besides the daemon's own user (empty: any the
-        socket's permissions let in). ``group``: the socket's group."""
+        socket's permissions let in). ``group``: the socket's group. ``session_loop``:
+        the event loop of session processes (``asyncio`` or ``uvloop``)."""
         if not token and (tcp or any(not listen.is_unix for listen in activated)):
             raise ValueError("TCP listeners need a token (--token-file)")
         self.socket_path = Path(socket_path)
@@ -132,6 +134,7 @@ class Server:
         self.backend = backend
         self.allow_uids = frozenset(allow_uids)
         self.group = group
+        self.session_loop = session_loop
         self.registry = Registry()  # physical devices held by live sessions
         self._handed: dict[int, Handed] = {}
         self._spawner: Spawner | None = None  # started with the listeners
@@ -517,19 +520,23 @@ class Server:
             raise
         handed = Handed(spare, client_id, fd, self.registry, who=who, log=connection.log)
         self._handed[client_id] = handed
-        handed.start(
-            {
-                "client": client_id,
-                "transport": connection.transport,
-                "peer": connection.peer,
-                "cred": cred,
-                "backend": self.backend,
-                "host": self.fixed_host.to_json() if self.fixed_host is not None else None,
-                "limits": self.limits.to_json(),
-                "log": dict(logs.CONFIGURED),
-            },
-            connection.handed_off + leftover,
-        )
+        setup = {
+            "client": client_id,
+            "transport": connection.transport,
+            "peer": connection.peer,
+            "cred": cred,
+            "backend": self.backend,
+            "host": self.fixed_host.to_json() if self.fixed_host is not None else None,
+            "limits": self.limits.to_json(),
+            "log": dict(logs.CONFIGURED),
+            "loop": self.session_loop,
+        }
+        try:
+            handed.start(setup, connection.handed_off + leftover)
+        except OSError as exc:  # the spare died before it got its session
+            handed.kill()
+            handed.finish(f"could not start a session process: {exc}")
+            raise
         connection.log.info("session_handed_over", pid=handed.pid)
         transport.abort()  # the listener's transport only; the socket lives on in both copies
         await self._follow(handed)

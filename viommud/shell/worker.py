@@ -176,7 +176,13 @@ def main(argv: list[str]) -> int:
     setup, fd, rest = got
     log_options = setup.get("log", {})
     logs.configure(log_options.get("level"), log_options.get("format"))
-    asyncio.run(serve(control, fd, setup, rest))
+    loop_factory = None
+    if setup.get("loop") == "uvloop":
+        import uvloop  # noqa: PLC0415 - optional extra, checked by the listener's CLI
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(control, fd, setup, rest))
     return 0
 
 
