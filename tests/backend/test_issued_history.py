@@ -8,6 +8,7 @@ from viommud.backend.emulator.driver import HOST_CMD_SYNC, ISSUED_HISTORY
 from viommud.session import Session
 from viommud.trace import TraceReader
 
+
 def tlbi_nh_va(count: int, first: int) -> bytes:
     """``count`` leaf TLBI_NH_VA commands of ASID 1 (SMMUv3 §4.4.2), 1 GiB apart: nothing
     for the coalescer to merge."""
