@@ -86,6 +86,28 @@ async def test_a_huge_doorbell_does_not_delay_another_session(isolated: Server) 
     await other.close()
 
 
+async def test_a_cpu_bound_stream_does_not_delay_another_session(isolated: Server) -> None:
+    busy = await session(isolated)
+    other = await session(isolated, LIGHT)
+    doorbell = TLBI_PAIR * 2500  # 5,000 commands, tens of milliseconds each
+
+    async def stream() -> int:
+        for _ in range(60):
+            busy.send(wire.encode_guest_data(FrameType.CMDS, busy.next_seq(), "v0", doorbell))
+        await busy.drain()
+        for _ in range(60):
+            assert (await busy.receive()).type == FrameType.RESPONSE
+        return 60
+
+    streamed = asyncio.create_task(stream())
+    await asyncio.sleep(0.2)
+    await round_trips(other, 50)
+    assert not streamed.done(), "the second client waited for the first one's stream"
+    assert await asyncio.wait_for(streamed, 120) == 60
+    await busy.close()
+    await other.close()
+
+
 async def test_in_process_sessions_share_one_loop(tmp_path: Path) -> None:
     """The control case: without session processes the same test blocks."""
     async with running(tmp_path) as server:
