@@ -19,7 +19,7 @@ import pytest
 
 from protocols.frames import FrameType
 from tests.conftest import FIXTURES
-from tests.shell.conftest import running
+from tests.shell.conftest import TOKEN, loopback, running
 from viommud import wire
 from viommud.shell.client import Client, ClientError
 from viommud.shell.server import Server
@@ -143,4 +143,22 @@ async def test_a_dying_session_process_ends_only_its_session(
     logged = capsys.readouterr()
     assert "session_failed" in logged.out + logged.err
     for client in (doomed, other, third):
+        await client.close()
+
+
+async def test_a_tcp_session_is_handed_over_too(tmp_path: Path) -> None:
+    async with running(
+        tmp_path, processes=True, backend="emulated", tcp=[loopback()], token=TOKEN
+    ) as server:
+        target = f"tcp://{server.tcp_addresses[0]}"
+        client = await Client.connect(target, token=TOKEN, wait=30)
+        client.timeout = 30
+        await client.hello(host=HOST)
+        client.send(wire.encode_json(FrameType.RECORD, client.next_seq(), record_to_json(LIGHT[0])))
+        await client.drain()
+        assert (await client.receive()).json() == {"ok": True}
+        await round_trips(client, 3)
+        [described] = server.status()["clients"]
+        assert described["transport"] == "tcp"
+        assert described["pid"] != os.getpid()
         await client.close()
