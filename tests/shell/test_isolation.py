@@ -162,3 +162,23 @@ async def test_a_tcp_session_is_handed_over_too(tmp_path: Path) -> None:
         assert described["transport"] == "tcp"
         assert described["pid"] != os.getpid()
         await client.close()
+
+
+async def test_status_and_metrics_see_a_session_process(isolated: Server) -> None:
+    client = await session(isolated)
+    await round_trips(client, 5)
+    await asyncio.sleep(1.5)  # the session process reports at most once a second
+    status = isolated.status()
+    [described] = status["clients"]
+    counters = described["session"]["counters"]
+    assert counters["commands"]["by_kind"]["smmuv3:CMD_SYNC"] == 6  # the setup's and 5 more
+    assert described["session"]["viommus"][0]["name"] == "v0"
+    assert status["sessions"] == {"active": 1, "closed": 0}
+    snap = isolated.snapshot()
+    assert sum(snap.latency["cmds"].counts) == 6
+    await client.close()
+    await isolated.wait_idle()
+    after = isolated.snapshot()
+    assert after.totals.sessions == 1
+    assert after.totals.commands["smmuv3:CMD_SYNC"] == 6
+    assert sum(after.latency["cmds"].counts) == 6

@@ -50,6 +50,7 @@ class Link:
         self.control = control
         self._buffer = rest
         self._pushed = 0.0
+        self._seen: tuple[int, int, int] | None = None  # what the last push counted
 
     def send(self, message: dict[str, Any]) -> None:
         self.control.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
@@ -74,12 +75,24 @@ class Link:
         self.send({"release": device})
 
     def push(self, connection: Connection, *, force: bool = False) -> None:
-        """What STATUS shows of this session, at most once per ``PUSH_INTERVAL``."""
+        """What STATUS shows of this session, at most once per ``PUSH_INTERVAL``, and only
+        when it changed."""
         now = time.monotonic()
-        if connection.session is None or (not force and now - self._pushed < PUSH_INTERVAL):
+        session = connection.session
+        if session is None or (not force and now - self._pushed < PUSH_INTERVAL):
             return
-        self._pushed = now
+        batches = sum(sum(h.counts) for h in connection.progress.latency.values())
+        seen = (batches, session.calls.seq, session.config_errors + len(session.viommus))
+        if not force and seen == self._seen:
+            return
+        self._pushed, self._seen = now, seen
         self.send({"status": connection.describe(), "latency": _latency(connection)})
+
+    async def keep_pushing(self, connection: Connection) -> None:
+        """The last batches of a burst are reported even when nothing follows them."""
+        while True:
+            await asyncio.sleep(PUSH_INTERVAL)
+            self.push(connection)
 
 
 def _latency(connection: Connection) -> dict[str, Any]:
@@ -135,6 +148,7 @@ async def serve(control: socket.socket, fd: int, setup: dict[str, Any], rest: by
             task.cancel()
 
     loop.add_signal_handler(signal.SIGTERM, stop)
+    pusher = asyncio.create_task(link.keep_pushing(connection))
     try:
         first = connection.receive(base64.b64decode(setup["data"]))
         link.push(connection, force=True)
@@ -152,6 +166,7 @@ async def serve(control: socket.socket, fd: int, setup: dict[str, Any], rest: by
     except (ConnectionResetError, BrokenPipeError) as exc:
         connection.log.info("client_lost", error=str(exc))
     finally:
+        pusher.cancel()
         loop.remove_signal_handler(signal.SIGTERM)
         report = connection.close()
         with contextlib.suppress(OSError):
