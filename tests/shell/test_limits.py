@@ -189,26 +189,32 @@ async def test_accept_failures_are_logged_at_most_every_ten_seconds(tmp_path: Pa
 @pytest.mark.parametrize("processes", [False, True], ids=["in-process", "processes"])
 async def test_stop_says_goodbye_to_every_client(tmp_path: Path, processes: bool) -> None:
     server = Server(tmp_path / "s.sock", grace=5.0, processes=processes, backend="emulated")
-    await server.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop.wait))
-    client = await session(server, LIGHT)
-    waiting = await Client.connect(server.socket_path)  # no HELLO yet
-    # pipelined doorbells the daemon has received but maybe not answered yet
-    for _ in range(20):
-        client.send(wire.encode_guest_data(FrameType.CMDS, client.next_seq(), "v0", bytes(16)))
-    await client.drain()
-    await asyncio.sleep(0.3)
-    stop.set()
-    for _ in range(20):  # every frame sent before the stop is answered
-        assert (await client.receive()).type == FrameType.RESPONSE
-    with pytest.raises(ClientError, match="ended the session: shutting down"):
-        await client.receive()
-    with pytest.raises(ClientError, match="shutting down"):
-        await waiting.receive()
-    await task
-    await client.close()
-    await waiting.close()
+    with structlog.testing.capture_logs() as logs:
+        await server.start()
+        stop = asyncio.Event()
+        task = asyncio.create_task(server.run(stop.wait))
+        client = await session(server, LIGHT)
+        waiting = await Client.connect(server.socket_path)  # no HELLO yet
+        # pipelined doorbells the daemon has received but maybe not answered yet
+        for _ in range(20):
+            client.send(wire.encode_guest_data(FrameType.CMDS, client.next_seq(), "v0", SYNC))
+        await client.drain()
+        await asyncio.sleep(0.3)
+        stop.set()
+        for _ in range(20):  # every frame sent before the stop is answered
+            assert (await client.receive()).type == FrameType.RESPONSE
+        with pytest.raises(ClientError, match="ended the session: shutting down"):
+            await client.receive()
+        with pytest.raises(ClientError, match="shutting down"):
+            await waiting.receive()
+        await task
+        await client.close()
+        await waiting.close()
+    assert logs[-1]["event"] == "shutdown_complete"
+    loud = [
+        e for e in logs if e["log_level"] in ("error", "critical") or e["event"] == "loop_error"
+    ]
+    assert not loud
 
 
 async def test_peer_credentials_are_logged_and_checked(
