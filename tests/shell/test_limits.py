@@ -19,6 +19,7 @@ from protocols.frames import FrameType
 from tests.shell.conftest import running
 from tests.shell.test_isolation import LIGHT, SETUP, SYNC, round_trips, session
 from viommud import wire
+from viommud.shell import cli
 from viommud.shell import server as server_module
 from viommud.shell.client import Client, ClientError
 from viommud.shell.connection import Connection
@@ -269,3 +270,38 @@ async def test_a_closed_connection_is_freed_without_the_cycle_collector(
             assert all(ref() is None for ref in seen), "a closed Connection is still alive"
         finally:
             gc.enable()
+
+
+def test_serve_flags_reach_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made: list[dict[str, Any]] = []
+
+    class Fake:
+        def __init__(self, *_args: Any, **kwargs: Any) -> None:
+            made.append(kwargs)
+
+        async def run(self) -> None:
+            return None
+
+    monkeypatch.setattr(cli, "Server", Fake)
+    sock = str(tmp_path / "s.sock")
+    assert cli.main(["serve", "--socket", sock, "--backend", "emulated"]) == 0
+    assert made[-1]["limits"] == Limits()
+    assert made[-1]["processes"] is True
+    assert made[-1]["mode"] == 0o600
+    argv = ["serve", "--socket", sock, "--backend", "emulated", "--in-process"]
+    argv += ["--max-clients", "5", "--idle-timeout", "30", "--max-frame", "65536"]
+    argv += ["--allow-uid", "1000", "--allow-uid", "1001", "--socket-group", str(os.getgid())]
+    assert cli.main(argv) == 0
+    options = made[-1]
+    assert options["limits"] == Limits(max_clients=5, idle_timeout=30.0, max_frame=65536)
+    assert options["processes"] is False
+    assert options["allow_uids"] == [1000, 1001]
+    assert options["group"] == os.getgid()
+    assert options["mode"] == 0o660
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--socket", sock, "--max-clients", "0"])
+    assert "expected a positive whole number, got '0'" in capsys.readouterr().err
+    assert cli.main(["serve", "--socket", sock, "--socket-group", "no-such-group-x"]) == 2
+    assert "no group 'no-such-group-x' (--socket-group)" in capsys.readouterr().err
