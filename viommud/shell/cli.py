@@ -92,7 +92,7 @@ def _seconds_or_off(text: str) -> float:
     return value
 
 
-# serve flag -> (Limits field, parser, help); the defaults are Limits' (docs/operations.md §3)
+# serve flag -> (Limits field, parser, help); the defaults are Limits' (docs/operations.md §10)
 _LIMIT_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--max-hello-frame": ("max_hello_frame", _count, "bytes of a frame before HELLO"),
     "--max-frame": ("max_frame", _count, "bytes of a frame in a session"),

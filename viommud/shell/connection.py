@@ -70,7 +70,7 @@ class Connection:
         claims: Claims | None = None,
         handoff: bool = False,
     ) -> None:
-        """``limits``: frame sizes and per-session quotas (docs/operations.md §3).
+        """``limits``: frame sizes and per-session quotas (docs/operations.md §10).
         ``claims``: where physical devices are claimed (EBUSY across sessions).
         ``handoff``: the listener's side of a session process: validate HELLO, then stop
         and leave the session to the process (``handed_off`` holds the bytes to pass on)."""

@@ -1,4 +1,4 @@
-"""What one client may cost the daemon: the ``serve`` limits (docs/operations.md §3).
+"""What one client may cost the daemon: the ``serve`` limits (docs/operations.md §10).
 
 ``Limits`` is a frozen value the listener and every session process share (it crosses the
 process boundary as JSON). Each field is a ``serve`` flag; the defaults are sized for a VMM

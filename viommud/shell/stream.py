@@ -5,7 +5,7 @@ reads a chunk, lets the sans-I/O ``Connection`` answer every whole frame in it, 
 replies and waits for them to drain before reading again, so a client that does not read
 its replies stops being read (its buffered bytes stay bounded by one chunk's replies).
 
-Deadlines (docs/operations.md §3): a connection has ``handshake_timeout`` seconds to get a
+Deadlines (docs/operations.md §10): a connection has ``handshake_timeout`` seconds to get a
 HELLO accepted, a session may stay silent ``idle_timeout`` seconds (0: forever); either ends
 with a fatal ERROR. Shutdown cancels the pump's task: the frames the client already sent are
 answered, then it gets a fatal ERROR ``shutting down`` (seq 0) and the connection closes.
