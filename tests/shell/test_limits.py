@@ -16,6 +16,7 @@ import pytest
 import structlog
 
 from protocols.frames import FrameType
+from tests.conftest import FIXTURES
 from tests.shell.conftest import running
 from tests.shell.test_isolation import LIGHT, SETUP, SYNC, round_trips, session
 from viommud import wire
@@ -24,6 +25,7 @@ from viommud.shell import server as server_module
 from viommud.shell.client import Client, ClientError
 from viommud.shell.connection import Connection
 from viommud.shell.limits import Limits
+from viommud.shell.replay import replay
 from viommud.shell.server import Server
 from viommud.trace import DeviceAttach, ViommuCreate, record_to_json
 
@@ -305,3 +307,14 @@ def test_serve_flags_reach_the_server(
     assert "expected a positive whole number, got '0'" in capsys.readouterr().err
     assert cli.main(["serve", "--socket", sock, "--socket-group", "no-such-group-x"]) == 2
     assert "no group 'no-such-group-x' (--socket-group)" in capsys.readouterr().err
+
+
+async def test_the_mapping_quota_refuses_a_map_beyond_it(tmp_path: Path) -> None:
+    trace = FIXTURES / "virtio-qemu-qtest.jsonl"
+    async with running(tmp_path) as server:
+        assert (await replay(trace, server.socket_path)).exit_code == 0
+    async with running(tmp_path, limits=Limits(max_mappings=1)) as server:
+        result = await replay(trace, server.socket_path)
+    assert result.exit_code == 2
+    assert result.error is not None
+    assert "quota: at most 1 mappings per session (--max-mappings)" in result.error
