@@ -58,13 +58,15 @@ async def raw(path: Path, data: bytes = b"", wait: float = 10) -> list[wire.Fram
 @pytest.mark.parametrize("processes", [False, True], ids=["in-process", "processes"])
 async def test_a_device_belongs_to_one_live_session(tmp_path: Path, processes: bool) -> None:
     async with running(tmp_path, processes=processes, backend="emulated") as server:
-        first = await session(server, SETUP[:2])  # viommu_create, attach 0000:01:00.0
+        first = await session(server, SETUP[:2], vm="first")  # viommu_create, attach 01:00.0
         second = await session(server, LIGHT)
         refused = await record(second, ATTACH)
         assert refused.type == FrameType.ERROR
         body = refused.json()
         assert body["fatal"] is False
-        assert body["error"].startswith("EBUSY: device '0000:01:00.0' is attached by another")
+        assert body["error"] == (
+            "EBUSY: device '0000:01:00.0' is attached by another session (client 1, vm 'first')"
+        )
         # the session goes on, and another device is free
         other = DeviceAttach(0, "v0", 16, "0000:02:00.0")
         assert (await record(second, other)).json() == {"ok": True}

@@ -19,6 +19,9 @@ class Claims(Protocol):
 
     def release(self, device: str) -> None: ...
 
+    def name(self, vm: str) -> None:
+        """The session's VM, for the message another session gets."""
+
 
 class Registry:
     """device -> (owner id, description of the owner)."""
@@ -62,6 +65,9 @@ class OwnerClaims:
 
     def release(self, device: str) -> None:
         self.registry.release(self.owner, device)
+
+    def name(self, vm: str) -> None:
+        self.who = f"client {self.owner}, vm {vm!r}" if vm else f"client {self.owner}"
 
 
 def busy_message(device: str, holder: str) -> str:

@@ -296,6 +296,8 @@ class Connection:
         # cut short on the log: the client chose it.
         self.vm = names["vm"] or self.trace
         self.log = self.log.bind(vm=clip(self.vm))
+        if self.claims is not None:
+            self.claims.name(clip(self.vm))
         # Compact replies (CMDS_OK) only for clients that asked and need no call log.
         self.compact = bool(hello.get("compact")) and not hello.get("calls")
         self.compact_writes = self.compact and bool(hello.get("compact_writes"))

@@ -43,6 +43,7 @@ from viommud.shell.claims import Registry
 from viommud.shell.connection import BackendFactory, Connection
 from viommud.shell.endpoints import TcpAddress, bind_tcp
 from viommud.shell.limits import Limits
+from viommud.shell.logs import clip
 from viommud.shell.progress import merged
 from viommud.shell.replies import encode_error
 from viommud.shell.sessions import Handed, Spawner
@@ -461,8 +462,10 @@ class Server:
             finally:
                 del self._connections[client_id]
                 self._handed.pop(client_id, None)
-            if handed is not None:
-                report = handed.report
+            if handed is not None:  # a process that died: what it last reported
+                report = handed.report or ((handed.status or {}).get("session") or {}).get(
+                    "counters"
+                )
                 self._retired_latency = merged([self._retired_latency, handed.latency])
             else:
                 self._retired_latency = merged([self._retired_latency, connection.progress.latency])
@@ -512,7 +515,8 @@ class Server:
         sock = writer.get_extra_info("socket")
         fd = os.dup(sock.fileno())
         client_id = connection.client_id
-        who = f"client {client_id}" + (f", vm {connection.vm!r}" if connection.vm else "")
+        vm = clip(connection.vm)
+        who = f"client {client_id}" + (f", vm {vm!r}" if vm else "")
         try:
             spare = await self._spawner.take()
         except BaseException:

@@ -74,6 +74,9 @@ class Link:
     def release(self, device: str) -> None:
         self.send({"release": device})
 
+    def name(self, vm: str) -> None:
+        """The listener named this session when it read the HELLO."""
+
     def push(self, connection: Connection, *, force: bool = False) -> None:
         """What STATUS shows of this session, at most once per ``PUSH_INTERVAL``, and only
         when it changed."""
