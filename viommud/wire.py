@@ -197,6 +197,10 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    def pending(self) -> bytes:
+        """The bytes received and not yet cut into frames (they stay buffered)."""
+        return bytes(self._buffer)
+
 
 def encode(frame_type: int, seq: int, payload: bytes = b"") -> bytes:
     return _HEADER.pack(PROTOCOL_VERSION, frame_type, 0, seq, len(payload)) + payload

@@ -95,6 +95,8 @@ def test_stop_timeout_exceeds_the_daemons_grace() -> None:
     args = _parser().parse_args(["serve"])
     assert int(service["Service"]["TimeoutStopSec"]) > args.grace
     assert service["Service"]["KillSignal"] == "SIGTERM"
+    # the listener stops its session processes itself (docs/operations.md §10)
+    assert service["Service"]["KillMode"] == "mixed"
 
 
 def test_sysusers_creates_the_account() -> None:

@@ -159,15 +159,22 @@ def test_serve_replay_health_and_sigterm(tmp_path: Path, loop: str, group: bool)
     for name in (
         "server_started",
         "client_connected",
+        "session_handed_over",
         "session_started",
-        "group_forwarded" if group else "batch_forwarded",
+        "session_progress",
         "client_disconnected",
         "shutdown_started",
         "shutdown_complete",
     ):
         assert name in names, name
-    batch = next(e for e in events if e["event"].endswith("_forwarded"))
-    assert {"client", "viommu", "commands", "syncs", "level", "timestamp"} <= set(batch)
+    # at info, no line per batch: a session_progress line sums them up
+    assert not [e for e in events if e["event"].endswith("_forwarded")]
+    progress = next(e for e in events if e["event"] == "session_progress")
+    assert {"client", "vm", "doorbells", "commands", "host_calls", "p50_ms", "p99_ms"} <= set(
+        progress
+    )
+    assert progress["doorbells"] > 0
+    assert not [e for e in events if e["level"] in ("error", "critical")]
     assert not socket.exists()
 
 

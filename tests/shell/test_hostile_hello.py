@@ -28,6 +28,7 @@ from viommud.host import HostConfig
 from viommud.shell import connection as connection_module
 from viommud.shell.connection import MAX_HELLO_PAYLOAD, Connection
 from viommud.shell.endpoints import token_matches
+from viommud.shell.limits import Limits
 from viommud.trace import DeviceAttach, Record, Ste, ViommuCreate, record_to_json
 
 HOST = {
@@ -108,10 +109,12 @@ def test_a_hello_longer_than_its_limit_is_refused_from_its_header() -> None:
     assert_fatal(conn, out, f"exceeds the limit of {MAX_HELLO_PAYLOAD}", logs)
 
 
-def test_after_hello_the_frame_limit_is_the_protocol_one() -> None:
+def test_after_hello_the_frame_limit_is_the_sessions_one() -> None:
+    """serve --max-frame: by default the largest SMMUv3 command queue (2^19 commands) plus
+    the frame's vIOMMU name, below the codec's own 64 MiB."""
     conn, _ = connection()
     conn.receive(hello())
-    assert conn.decoder.max_payload == 64 * 1024 * 1024
+    assert conn.decoder.max_payload == Limits().max_frame == (1 << 19) * 16 + 256
 
 
 def test_a_big_host_is_accepted_and_one_over_the_limit_refused(

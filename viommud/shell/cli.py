@@ -33,6 +33,7 @@ from viommud.shell.endpoints import (
     read_token,
     token_file_is_private,
 )
+from viommud.shell.limits import Limits
 from viommud.shell.replay import EXIT_REFUSED, render_table, replay, replay_embedded
 from viommud.shell.server import Server
 from viommud.shell.status import render_table as render_status
@@ -69,6 +70,59 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    """A limit: a positive whole number."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _seconds_or_off(text: str) -> float:
+    """A deadline: seconds, or 0 for none."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds (0: off), got {text!r}")
+    return value
+
+
+# serve flag -> (Limits field, parser, help); the defaults are Limits' (docs/operations.md §10)
+_LIMIT_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "--max-hello-frame": ("max_hello_frame", _count, "bytes of a frame before HELLO"),
+    "--max-frame": ("max_frame", _count, "bytes of a frame in a session"),
+    "--handshake-timeout": (
+        "handshake_timeout",
+        _seconds_or_off,
+        "seconds from connect to an accepted HELLO (0: off)",
+    ),
+    "--idle-timeout": (
+        "idle_timeout",
+        _seconds_or_off,
+        "seconds a session may send nothing (0: off)",
+    ),
+    "--max-clients": ("max_clients", _count, "connections at once"),
+    "--max-viommus": ("max_viommus", _count, "vIOMMUs per session"),
+    "--max-devices": ("max_devices", _count, "attached devices per session"),
+    "--max-mappings": ("max_mappings", _count, "virtio-iommu mappings per session"),
+    "--backlog": ("backlog", _count, "connections the kernel queues (capped by somaxconn)"),
+}
+
+
+def _limit_options(serve: argparse.ArgumentParser) -> None:
+    defaults = Limits()
+    for flag, (name, parse, help_text) in _LIMIT_FLAGS.items():
+        default = getattr(defaults, name)
+        serve.add_argument(
+            flag, dest=name, type=parse, default=default, help=f"{help_text} (default {default:g})"
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="viommud", description="VMM-side virtual-IOMMU emulator daemon"
@@ -84,12 +138,37 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = add("serve", "run the daemon on a Unix socket")
     serve.add_argument("--socket", default=DEFAULT_SOCKET, help=f"default {DEFAULT_SOCKET}")
-    serve.add_argument("--socket-mode", default="0600", help="permissions of the socket (octal)")
+    serve.add_argument(
+        "--socket-mode",
+        help="permissions of the socket (octal; default 0600, 0660 with --socket-group)",
+    )
+    serve.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="group of the socket (name or number); its members may connect (mode 0660)",
+    )
+    serve.add_argument(
+        "--allow-uid",
+        action="append",
+        type=int,
+        default=[],
+        metavar="UID",
+        help="Unix peers allowed besides the daemon's own user (repeatable; default: "
+        "whoever the socket's permissions let in)",
+    )
+    serve.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every session in the daemon's own process (default: one process per "
+        "session, so that one session can only slow itself)",
+    )
+    _limit_options(serve)
     serve.add_argument(
         "--loop",
         choices=("asyncio", "uvloop"),
         default="asyncio",
-        help="event loop: the standard library's (default) or uvloop, when installed "
+        help="event loop of the listener and the session processes: the standard library's "
+        "(default) or uvloop, when installed "
         "(pip install 'viommud[fast]')",
     )
     serve.add_argument(
@@ -288,9 +367,15 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"viommud: cannot use host {args.host}: {exc}", file=sys.stderr)
             return 2
     try:
-        mode = int(args.socket_mode, 8)
+        group = _group(args.socket_group) if args.socket_group is not None else None
+    except KeyError:
+        print(f"viommud: no group {args.socket_group!r} (--socket-group)", file=sys.stderr)
+        return 2
+    socket_mode = args.socket_mode or ("0660" if group is not None else "0600")
+    try:
+        mode = int(socket_mode, 8)
     except ValueError:
-        print(f"viommud: bad --socket-mode {args.socket_mode!r}", file=sys.stderr)
+        print(f"viommud: bad --socket-mode {socket_mode!r}", file=sys.stderr)
         return 2
     try:
         network = _network_options(args)
@@ -309,8 +394,15 @@ def _serve(args: argparse.Namespace) -> int:
         mode=mode,
         grace=args.grace,
         notify=systemd.notify,
+        limits=Limits(**{name: getattr(args, name) for name, _, _ in _LIMIT_FLAGS.values()}),
+        processes=not args.in_process,
+        backend=args.backend,
+        allow_uids=args.allow_uid,
+        group=group,
+        session_loop=args.loop,
         **network,
     )
+    _more_files()
     try:
         runner = _loop_factory(args.loop)
     except ImportError:
@@ -323,6 +415,26 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"viommud: cannot serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _group(name: str) -> int:
+    """A group by name or number (KeyError when there is none)."""
+    import grp  # noqa: PLC0415 - POSIX only, serve only
+
+    if name.isdigit():
+        return int(name)
+    return grp.getgrnam(name).gr_gid
+
+
+def _more_files() -> None:
+    """Raise the soft limit of open files to the hard one: every client is a descriptor
+    (two while a session process takes it over)."""
+    import resource  # noqa: PLC0415 - POSIX only, serve only
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -105,6 +105,12 @@ class Client:
             except wire.WireError as exc:
                 raise ClientError(f"bad reply from {self.target}: {exc}") from None
             if frame is not None:
+                if frame.type == FrameType.ERROR and frame.seq == 0:
+                    # the daemon's last word, answering no request: a broken stream, a
+                    # deadline, its shutdown (docs/protocol.md §8)
+                    body = _body(frame, self.target)
+                    if isinstance(body, dict) and body.get("fatal"):
+                        raise ClientError(f"{self.target} ended the session: {body.get('error')}")
                 return frame
             try:
                 data = await self._reader.read(256 * 1024)

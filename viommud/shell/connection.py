@@ -10,30 +10,40 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from protocols.frames import MAX_PAYLOAD, PROTOCOL_VERSION, FrameType
+from protocols.frames import PROTOCOL_VERSION, FrameType
+from protocols.virtio_iommu import RequestType
 from viommud import __version__, wire
 from viommud.backend.base import Backend
 from viommud.frontends.smmuv3.frontend import COMPAT_POLICIES
 from viommud.host import HostConfig, HostConfigError
 from viommud.replies import DoorbellReply
 from viommud.session import RecordRefused, Session
+from viommud.shell.claims import Claims, busy_message
 from viommud.shell.endpoints import token_matches
-from viommud.shell.logs import clip
+from viommud.shell.limits import MAX_HELLO_FRAME, Limits
+from viommud.shell.logs import DemotingLogger, clip
+from viommud.shell.progress import Progress
 from viommud.shell.replies import encode_doorbell, encode_error, encode_response
 from viommud.shell.status import backend_objects, count_kinds, describe_viommu
-from viommud.trace import Request, TraceError, parse_record
-
-if TYPE_CHECKING:
-    from viommud.shell.metrics import Metrics
+from viommud.trace import (
+    DeviceAttach,
+    DeviceDetach,
+    Record,
+    Request,
+    TraceError,
+    ViommuCreate,
+    ViommuDestroy,
+    parse_record,
+)
 
 BackendFactory = Callable[[HostConfig], Backend]
 
 # Before a session exists only HELLO and STATUS are taken, and those are small: a longer
 # frame is refused from its header (docs/protocol.md §1). The host a HELLO may describe is
 # bounded too, so that checking it stays cheap (docs/protocol.md §2).
-MAX_HELLO_PAYLOAD = 1024 * 1024
+MAX_HELLO_PAYLOAD = MAX_HELLO_FRAME
 MAX_HOST_IOMMUS = 4096
 MAX_HOST_DEVICES = 65536  # validation is linear: 65,536 devices take ~0.16 s
 _HELLO_NAMES = ("client", "trace", "vm")  # optional strings, for logs and status
@@ -57,8 +67,14 @@ class Connection:
         peer: str = "",
         token: str | None = None,
         status: Callable[[int], dict[str, Any]] | None = None,
-        metrics: Metrics | None = None,
+        limits: Limits | None = None,
+        claims: Claims | None = None,
+        handoff: bool = False,
     ) -> None:
+        """``limits``: frame sizes and per-session quotas (docs/operations.md §10).
+        ``claims``: where physical devices are claimed (EBUSY across sessions).
+        ``handoff``: the listener's side of a session process: validate HELLO, then stop
+        and leave the session to the process (``handed_off`` holds the bytes to pass on)."""
         self.client_id = client_id
         self.factory = factory
         self.fixed_host = fixed_host
@@ -67,18 +83,24 @@ class Connection:
         self.compact_writes = False  # CMDS_OK_WRITES for clean VT-d doorbells
         self.group_commit = False
         self.session: Session | None = None
-        self.decoder = wire.FrameDecoder(max_payload=MAX_HELLO_PAYLOAD)
+        self.limits = limits if limits is not None else Limits()
+        self.decoder = wire.FrameDecoder(max_payload=self.limits.max_hello_frame)
         self.closing = False
         self.transport = transport  # "unix" or "tcp"
         self.peer = peer
         self.token = token  # required in HELLO / STATUS when set (TCP listeners)
         self.authenticated = token is None
         self.status = status
-        self.metrics = metrics
         self.connected_at = time.monotonic()
         self.trace = ""
         self.vm = ""
         self.viommu: str | None = None  # the vIOMMU being worked on, for backend_error
+        self.claims = claims
+        self.handoff = handoff
+        self.handed_off: bytes | None = None  # the HELLO frame and what followed it
+        self.progress = Progress()
+        self._attached: dict[tuple[str, int], str] = {}  # (vIOMMU, vid) -> device
+        self._held: dict[str, int] = {}  # device -> attachments of this session
 
     def receive(self, data: bytes) -> bytes:
         """Feed bytes from the peer; returns the reply bytes to send."""
@@ -101,6 +123,8 @@ class Connection:
                 break
             try:
                 out.append(self._dispatch(frame))
+                if self.handed_off is not None:
+                    break
             except _Fatal as exc:
                 self.log.warning("protocol_error", error=clip(str(exc), 512), seq=frame.seq)
                 out.append(encode_error(frame.seq, str(exc), fatal=True))
@@ -110,6 +134,8 @@ class Connection:
             except Exception as exc:  # a bug must not take the daemon or other clients down
                 self.log.exception("internal_error", seq=frame.seq, frame_type=frame.type)
                 out.append(encode_error(frame.seq, f"internal error: {exc!r}", fatal=False))
+        if self.session is not None and self.progress.due():
+            self.log.info("session_progress", **_progress_keys(self.progress))
         return b"".join(out)
 
     def _group(self, run: list[tuple[int, str, bytes]]) -> bytes:
@@ -118,6 +144,7 @@ class Connection:
         session = self.session
         assert session is not None  # group_commit is only set by HELLO
         started = time.perf_counter()
+        calls_before = session.calls.seq
         replies: list[bytes | None] = [None] * len(run)
         by_viommu: dict[str, tuple[list[int], list[bytes]]] = {}
         for i, (_, name, data) in enumerate(run):
@@ -133,17 +160,18 @@ class Connection:
                     if isinstance(answer, Exception):
                         replies[i] = encode_error(seq, str(answer), fatal=False)
                     else:
+                        self.progress.commands += answer.consumed
+                        self.progress.errors += len(answer.errors)
                         replies[i] = self._doorbell_reply(seq, answer)
         except Exception as exc:  # a bug must not take the daemon or other clients down
             self.log.exception("internal_error", seq=run[0][0], frame_type=FrameType.CMDS)
             for i, (seq, _, _) in enumerate(run):
                 if replies[i] is None:
                     replies[i] = encode_error(seq, f"internal error: {exc!r}", fatal=False)
-        metrics = self.metrics
-        if metrics is not None:
-            elapsed = time.perf_counter() - started
-            for _ in run:
-                metrics.observe_cmds(elapsed)
+        elapsed = (time.perf_counter() - started) / len(run)
+        for _ in run:
+            self.progress.batch("cmds", elapsed, commands=0, errors=0, host_calls=0)
+        self.progress.host_calls += session.calls.seq - calls_before
         return b"".join(r for r in replies if r is not None)
 
     def _doorbell_reply(self, seq: int, reply: DoorbellReply) -> bytes:
@@ -167,39 +195,60 @@ class Connection:
         if session is None:
             raise _Fatal("the first frame must be HELLO")
         if kind == FrameType.CMDS:
-            metrics = self.metrics
-            started = time.perf_counter() if metrics is not None else 0.0
+            started = time.perf_counter()
+            calls_before = session.calls.seq
             viommu, data = frame.guest_data()
             self.viommu = viommu
             try:
-                reply = self._doorbell_reply(frame.seq, session.doorbell(viommu, data))
+                answer = session.doorbell(viommu, data)
             except RecordRefused as exc:
                 return encode_error(frame.seq, str(exc), fatal=False)
-            if metrics is not None:
-                metrics.observe_cmds(time.perf_counter() - started)
+            reply = self._doorbell_reply(frame.seq, answer)
+            elapsed = time.perf_counter() - started
+            self.progress.batch(
+                "cmds",
+                elapsed,
+                commands=answer.consumed,
+                errors=len(answer.errors),
+                host_calls=session.calls.seq - calls_before,
+            )
             return reply
         if kind == FrameType.RECORD:
             try:
                 record = parse_record(0, frame.json(max_depth=wire.MAX_JSON_DEPTH))
                 self.viommu = getattr(record, "viommu", None)
+                refusal = self._before(session, record)
+                if refusal is not None:
+                    return encode_error(frame.seq, refusal, fatal=False)
                 response = session.handle(record)
             except TraceError as exc:
                 return encode_error(frame.seq, exc.message, fatal=False)
             except RecordRefused as exc:
+                self._after(record, ok=False)
                 return encode_error(frame.seq, str(exc), fatal=False)
+            self._after(record, ok=bool(getattr(response, "ok", True)))
             return encode_response(frame.seq, response, self._calls())
         if kind == FrameType.REQUEST:
-            metrics = self.metrics
-            started = time.perf_counter() if metrics is not None else 0.0
+            started = time.perf_counter()
+            calls_before = session.calls.seq
             viommu, data = frame.guest_data()
             self.viommu = viommu
+            refusal = self._mapping_quota(session, viommu, data)
+            if refusal is not None:
+                return encode_error(frame.seq, refusal, fatal=False)
             try:
                 response = session.handle(Request(0, viommu, data))
             except RecordRefused as exc:
                 return encode_error(frame.seq, str(exc), fatal=False)
             reply = encode_response(frame.seq, response, self._calls())
-            if metrics is not None:
-                metrics.observe_request(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.progress.batch(
+                "request",
+                elapsed,
+                commands=1,
+                errors=int(getattr(response, "status", "OK") != "OK"),
+                host_calls=session.calls.seq - calls_before,
+            )
             return reply
         if kind == FrameType.STATS:
             return wire.encode_json(FrameType.STATS_OK, frame.seq, session.report())
@@ -236,6 +285,13 @@ class Connection:
         if compat is not None and compat not in COMPAT_POLICIES:
             raise _Fatal("bad HELLO: 'compat' must be 'architecture' or 'qemu'")
         host = self._host_for(hello.get("host"))
+        if self.handoff:  # the session process answers this HELLO (server.py, worker.py)
+            self.vm = names["vm"] or names["trace"] or ""
+            self.log = self.log.bind(vm=clip(self.vm))
+            self.handed_off = (
+                wire.encode(frame.type, frame.seq, frame.payload) + self.decoder.pending()
+            )
+            return b""
         backend = self.factory(host)
         reply["backend"] = backend.name
         reply["host"] = host.to_json()
@@ -244,6 +300,8 @@ class Connection:
         # cut short on the log: the client chose it.
         self.vm = names["vm"] or self.trace
         self.log = self.log.bind(vm=clip(self.vm))
+        if self.claims is not None:
+            self.claims.name(clip(self.vm))
         # Compact replies (CMDS_OK) only for clients that asked and need no call log.
         self.compact = bool(hello.get("compact")) and not hello.get("calls")
         self.compact_writes = self.compact and bool(hello.get("compact_writes"))
@@ -254,17 +312,83 @@ class Connection:
             backend,
             keep_calls=bool(hello.get("calls")),
             verify=bool(hello.get("verify")),
-            log=self.log,
+            # per-batch lines at DEBUG; session_progress sums them up once a second
+            log=DemotingLogger(self.log),
             compat=compat,
         )
         self.session.calls.on_error = self._backend_error
-        self.decoder.max_payload = MAX_PAYLOAD  # the session may send large doorbells now
+        # the session may send large doorbells now
+        self.decoder.max_payload = self.limits.max_frame
         self.log.info(
             "session_started",
             client_name=clip(names["client"] or ""),
             trace=clip(self.trace),
         )
         return wire.encode_json(FrameType.HELLO_OK, frame.seq, reply)
+
+    # -- quotas and device ownership ---------------------------------------------------
+    def _before(self, session: Session, record: Record) -> str | None:
+        """Why ``record`` is refused before the session sees it (a quota, a device another
+        session holds), or None. A device is claimed here, before its attach."""
+        limits = self.limits
+        if (
+            isinstance(record, ViommuCreate)
+            and record.viommu not in session.viommus
+            and len(session.viommus) >= limits.max_viommus
+        ):
+            return f"quota: at most {limits.max_viommus} vIOMMUs per session (--max-viommus)"
+        if isinstance(record, DeviceAttach) and record.device not in self._held:
+            if len(self._held) >= limits.max_devices:
+                return f"quota: at most {limits.max_devices} devices per session (--max-devices)"
+            holder = self.claims.claim(record.device) if self.claims is not None else None
+            if holder is not None:
+                self.log.warning("device_busy", device=record.device, holder=holder)
+                return busy_message(record.device, holder)
+            self._held[record.device] = 0
+        return None
+
+    def _after(self, record: Record, *, ok: bool) -> None:
+        """Keep the device claims in line with what the session holds after ``record``."""
+        if isinstance(record, DeviceAttach):
+            if ok:
+                old = self._attached.get((record.viommu, record.vid))
+                if old is not None:
+                    self._drop(old)
+                self._attached[(record.viommu, record.vid)] = record.device
+                self._held[record.device] = self._held.get(record.device, 0) + 1
+            elif not self._held.get(record.device):
+                self._drop(record.device)
+        elif isinstance(record, DeviceDetach) and ok:
+            device = self._attached.pop((record.viommu, record.vid), None)
+            if device is not None:
+                self._drop(device)
+        elif isinstance(record, ViommuDestroy) and ok:
+            for key in [k for k in self._attached if k[0] == record.viommu]:
+                self._drop(self._attached.pop(key))
+
+    def _drop(self, device: str) -> None:
+        count = self._held.get(device, 0) - 1
+        if count > 0:
+            self._held[device] = count
+            return
+        self._held.pop(device, None)
+        if self.claims is not None:
+            self.claims.release(device)
+
+    def _mapping_quota(self, session: Session, viommu: str, data: bytes) -> str | None:
+        """A virtio MAP request beyond ``max_mappings`` mappings in the session is refused."""
+        if not data or data[0] != RequestType.MAP:
+            return None
+        total = 0
+        for instance in session.viommus.values():
+            frontend = getattr(instance, "frontend", None)
+            domains = getattr(frontend, "domains", None)
+            if isinstance(domains, dict):
+                total += sum(len(d.mappings) for d in domains.values())
+        limit = self.limits.max_mappings
+        if total >= limit:
+            return f"quota: at most {limit} mappings per session (--max-mappings)"
+        return None
 
     def _host_for(self, requested: Any) -> HostConfig:
         wanted: HostConfig | None = None
@@ -313,7 +437,11 @@ class Connection:
                 raise _Fatal(f"bad STATUS: {exc}") from None
             self._authenticate(body.get("token") if isinstance(body, dict) else None)
         if self.status is None:
-            return encode_error(frame.seq, "this daemon does not report its status", fatal=False)
+            return encode_error(
+                frame.seq,
+                "STATUS is not answered here: ask the daemon on a new connection",
+                fatal=False,
+            )
         return wire.encode_json(FrameType.STATUS_OK, frame.seq, self.status(self.client_id))
 
     def describe(self) -> dict[str, Any]:
@@ -340,12 +468,33 @@ class Connection:
 
     def close(self) -> dict[str, Any] | None:
         """End the session (freeing its backend objects); returns its final totals."""
+        for device in list(self._held):
+            if self.claims is not None:
+                self.claims.release(device)
+        self._held.clear()
+        self._attached.clear()
         session = self.session
         if session is None:
             return None
+        if self.progress.doorbells or self.progress.requests:
+            self.log.info("session_progress", **_progress_keys(self.progress))
         self.session = None
         self.viommu = None  # teardown failures name their vIOMMU themselves
         report = session.report()  # commands and errors, while its vIOMMUs are still there
         session.close()
         report["backend"] = session.report()["backend"]  # with the teardown calls
         return report
+
+
+def _progress_keys(progress: Progress) -> dict[str, Any]:
+    """The ``session_progress`` line of the window just ended (``Progress.take``)."""
+    line = progress.take()
+    return {
+        "doorbells": line["doorbells"],
+        "requests": line["requests"],
+        "commands": line["commands"],
+        "host_calls": line["host_calls"],
+        "errors": line["errors"],
+        "p50_ms": line["p50_ms"],
+        "p99_ms": line["p99_ms"],
+    }

@@ -3,9 +3,10 @@
 Counters that sessions already keep (commands by kind, barriers, backend calls by ioctl,
 guest errors by code, backend errnos, ...) are not counted twice: a collector reads them
 from the daemon at scrape time — the totals of ended sessions plus the live ones — so the
-hot path pays nothing for them. Only the batch latency histogram is observed as batches
-run. prometheus_client serves HTTP from its own thread; the collector asks the event loop
-for a snapshot (``loop.call_soon_threadsafe``) instead of reading session state from that
+hot path pays nothing for them. The batch latency histogram is kept by each session's
+``Progress`` (viommud.shell.progress) and read at scrape time as well, session processes
+included. prometheus_client serves HTTP from its own thread; the collector asks the event
+loop for a snapshot (``loop.call_soon_threadsafe``) instead of reading session state from that
 thread. Every metric is listed in docs/operations.md.
 """
 
@@ -18,50 +19,28 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from viommud import __version__
 from viommud.shell.endpoints import TcpAddress
+from viommud.shell.progress import LATENCY_BUCKETS
 from viommud.shell.status import Snapshot
 
 SNAPSHOT_TIMEOUT = 5.0
-# Batches take microseconds (one doorbell of a few commands) to tens of milliseconds
-# (a large doorbell with STE installs).
-LATENCY_BUCKETS = (
-    25e-6,
-    50e-6,
-    100e-6,
-    250e-6,
-    500e-6,
-    1e-3,
-    2.5e-3,
-    5e-3,
-    10e-3,
-    25e-3,
-    50e-3,
-    0.1,
-    0.25,
-    1.0,
-)
 
 
 class Metrics:
-    """The daemon's registry: a scrape-time collector plus the batch latency histogram."""
+    """The daemon's registry: one scrape-time collector."""
 
     def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self.registry = CollectorRegistry()
-        self.batch_seconds = Histogram(
-            "viommud_batch_seconds",
-            "Time to handle one guest batch (a CMDS doorbell or a virtio REQUEST), "
-            "from frame decoded to reply encoded",
-            ["frame"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._cmds = self.batch_seconds.labels(frame="cmds")
-        self._request = self.batch_seconds.labels(frame="request")
         self._source = snapshot
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -70,12 +49,6 @@ class Metrics:
         self._thread: threading.Thread | None = None
         self.address: TcpAddress | None = None
         self.registry.register(_DaemonCollector(self.snapshot))
-
-    def observe_cmds(self, seconds: float) -> None:
-        self._cmds.observe(seconds)
-
-    def observe_request(self, seconds: float) -> None:
-        self._request.observe(seconds)
 
     def bind_loop(self) -> None:
         """Remember the running loop: snapshots are taken on its thread."""
@@ -185,6 +158,19 @@ class _DaemonCollector(Collector):
         for kind, count in sorted(snap.objects.items()):
             objects.add_metric([kind], count)
         yield objects
+        batches = HistogramMetricFamily(
+            "viommud_batch_seconds",
+            "Time to handle one guest batch (a CMDS doorbell or a virtio REQUEST), "
+            "from frame decoded to reply encoded",
+            labels=["frame"],
+        )
+        for frame, hist in sorted(snap.latency.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*LATENCY_BUCKETS, math.inf), hist.counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+            batches.add_metric([frame], buckets, sum_value=hist.total)
+        yield batches
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -26,10 +26,11 @@ import itertools
 import os
 import signal
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -37,15 +38,23 @@ from protocols.frames import PROTOCOL_VERSION
 from viommud import __version__
 from viommud.backend.select import emulated_backend
 from viommud.host import HostConfig
+from viommud.shell import logs
+from viommud.shell.claims import Registry
 from viommud.shell.connection import BackendFactory, Connection
 from viommud.shell.endpoints import TcpAddress, bind_tcp
+from viommud.shell.limits import Limits
+from viommud.shell.logs import clip
+from viommud.shell.progress import merged
+from viommud.shell.replies import encode_error
+from viommud.shell.sessions import Handed, Spawner
 from viommud.shell.status import Snapshot, Totals, backend_objects, count_kinds
+from viommud.shell.stream import SHUTTING_DOWN, forget_error, pump
 from viommud.shell.systemd import ListenSocket
 
 if TYPE_CHECKING:
     from viommud.shell.metrics import Metrics  # imported when --metrics asks for it
 
-READ_CHUNK = 256 * 1024
+ACCEPT_LOG_INTERVAL = 10.0  # seconds between two accept_failed lines, at least
 
 
 class AlreadyServingError(OSError):
@@ -76,11 +85,23 @@ class Server:
         activated: Sequence[ListenSocket] = (),
         metrics: TcpAddress | None = None,
         notify: Callable[[str], object] | None = None,
+        limits: Limits | None = None,
+        processes: bool = False,
+        backend: str = "emulated",
+        allow_uids: Sequence[int] = (),
+        group: int | None = None,
+        session_loop: str = "asyncio",
     ) -> None:
         """``tcp``: extra TCP listeners (inside network namespace ``netns`` when given), each
         needing ``token`` in HELLO. ``activated``: sockets from the service manager, served
         instead of binding ``socket_path``. ``metrics``: where to serve Prometheus metrics.
-        ``notify``: called with sd_notify states (``READY=1`` once listening)."""
+        ``notify``: called with sd_notify states (``READY=1`` once listening).
+        ``limits``: frame sizes, deadlines, client cap, quotas, backlog.
+        ``processes``: run each session in a process of its own (viommud.shell.worker),
+        whose backend is ``backend`` by name (``factory`` serves in-process sessions).
+        ``allow_uids``: Unix peers allowed besides the daemon's own user (empty: any the
+        socket's permissions let in). ``group``: the socket's group. ``session_loop``:
+        the event loop of session processes (``asyncio`` or ``uvloop``)."""
         if not token and (tcp or any(not listen.is_unix for listen in activated)):
             raise ValueError("TCP listeners need a token (--token-file)")
         self.socket_path = Path(socket_path)
@@ -106,14 +127,31 @@ class Server:
         self._idle.set()
         self.listeners: list[dict[str, Any]] = []
         self.retired = Totals()  # counters of the sessions that have ended
+        self._retired_latency = merged([])
         self.metrics: Metrics | None = None
         self.started_at = time.monotonic()
+        self.limits = limits if limits is not None else Limits()
+        self.processes = processes
+        self.backend = backend
+        self.allow_uids = frozenset(allow_uids)
+        self.group = group
+        self.session_loop = session_loop
+        self.registry = Registry()  # physical devices held by live sessions
+        self._handed: dict[int, Handed] = {}
+        self._spawner: Spawner | None = None  # started with the listeners
+        self._stopping = False
+        self._accept_errors = 0
+        self._accept_logged = -ACCEPT_LOG_INTERVAL
+        self._old_handler: Any = None
 
     async def start(self) -> None:
         """Bind every listener (and the metrics endpoint), then report READY=1.
 
         If one cannot be bound, those already bound are closed again before the error
         propagates."""
+        loop = asyncio.get_running_loop()
+        self._old_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_error)
         try:
             if self.activated:
                 for listen in self.activated:
@@ -132,7 +170,11 @@ class Server:
                 self.log.info("metrics_started", address=str(bound))
         except BaseException:
             await self._unbind()
+            loop.set_exception_handler(self._old_handler)
             raise
+        if self.processes:
+            self._spawner = Spawner()
+            self._spawner.prepare()  # the first spare session process
         self._started = True
         self._notify(
             "READY=1\nSTATUS=serving on "
@@ -149,18 +191,28 @@ class Server:
                 path.unlink(missing_ok=True)  # a stale socket from a previous run
             old_umask = os.umask(0o177)
             try:
-                server = await asyncio.start_unix_server(self._accept, path=str(path))
+                server = await asyncio.start_unix_server(
+                    self._accept, path=str(path), backlog=self.limits.backlog
+                )
             finally:
                 os.umask(old_umask)
             self._servers.append(server)
             self._bound_unix = True
+            if self.group is not None:
+                os.chown(path, -1, self.group)
             path.chmod(self.mode)
         except AlreadyServingError:
             raise
         except OSError as exc:
             raise _naming(exc, path) from None
         self.listeners.append({"kind": "unix", "address": str(path)})
-        self.log.info("server_started", socket=str(path), mode=oct(self.mode))
+        self.log.info(
+            "server_started",
+            socket=str(path),
+            mode=oct(self.mode),
+            group=self.group,
+            sessions="processes" if self.processes else "in-process",
+        )
         if self.mode & 0o002:
             self.log.warning("socket_world_writable", path=str(path), mode=oct(self.mode))
 
@@ -176,7 +228,9 @@ class Server:
             sock = await asyncio.to_thread(netlink.tcp_listener, address, self.netns)
         try:
             server = await asyncio.start_server(
-                functools.partial(self._accept, transport="tcp"), sock=sock
+                functools.partial(self._accept, transport="tcp"),
+                sock=sock,
+                backlog=self.limits.backlog,
             )
         except OSError:
             sock.close()
@@ -225,14 +279,22 @@ class Server:
             await self.close()
 
     async def close(self) -> None:
+        """Stop: no new connections; each client's frames already sent are answered, then it
+        gets a fatal ERROR ``shutting down``; after ``grace`` seconds whatever still runs is
+        ended (a session process is killed)."""
         self.log.info("shutdown_started", clients=len(self._tasks))
         self._notify("STOPPING=1")
+        self._stopping = True
         servers, self._servers = self._servers, []
         for server in servers:
             server.close()
         for server in servers:
             await server.wait_closed()
+        if self._spawner is not None:
+            await self._spawner.close()
         if self._tasks:
+            for task in list(self._tasks):
+                task.cancel()  # a goodbye, not an end: see stream.pump and _follow
             _done, pending = await asyncio.wait(self._tasks, timeout=self.grace)
             for task in pending:
                 task.cancel()
@@ -240,7 +302,33 @@ class Server:
                 await asyncio.wait(pending)
         await self._unbind()
         self._started = False
+        self._stopping = False
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._old_handler)
         self.log.info("shutdown_complete")
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's own error reports, as one structured line each: a failed accept (out
+        of file descriptors: asyncio retries every second, and would log every time) at
+        most once per ``ACCEPT_LOG_INTERVAL`` with the count of those not logged; anything
+        else as ``loop_error`` without a traceback."""
+        message = str(context.get("message", ""))
+        exc = context.get("exception")
+        if message.startswith("socket.accept() out of system resource"):
+            self._accept_errors += 1
+            now = time.monotonic()
+            if now - self._accept_logged >= ACCEPT_LOG_INTERVAL:
+                self._accept_logged = now
+                self.log.warning(
+                    "accept_failed",
+                    error=str(exc) if exc is not None else message,
+                    failures=self._accept_errors,
+                )
+                self._accept_errors = 0
+            return
+        self.log.warning(
+            "loop_error", message=message, error=repr(exc) if exc is not None else None
+        )
 
     async def _unbind(self) -> None:
         """Close the listeners and the metrics endpoint; remove the socket the daemon made."""
@@ -258,39 +346,56 @@ class Server:
 
     # -- what the daemon holds (STATUS frames, metrics) ---------------------------------
     def snapshot(self) -> Snapshot:
-        """Counters of every session, ended and live, plus what is live now."""
+        """Counters of every session, ended and live, plus what is live now (a session
+        process's as of its last report, at most a second old)."""
         live = Totals()
         objects: dict[str, int] = {}
         sessions = 0
+        latency = [self._retired_latency]
         for connection in self._connections.values():
             session = connection.session
             if session is None:
                 continue
             sessions += 1
             live.add(session.report())
+            latency.append(connection.progress.latency)
             held = backend_objects(session.backend)
             for kind, count in count_kinds(held or []).items():
                 objects[kind] = objects.get(kind, 0) + count
-        return Snapshot(self.retired.merged(live), self.clients, sessions, objects)
+        for handed in self._handed.values():
+            pushed = (handed.status or {}).get("session")
+            if not pushed:
+                continue
+            sessions += 1
+            live.add(pushed["counters"])
+            latency.append(handed.latency)
+            for kind, count in (pushed.get("objects") or {}).items():
+                objects[kind] = objects.get(kind, 0) + int(count)
+        return Snapshot(self.retired.merged(live), self.clients, sessions, objects, merged(latency))
 
     def status(self, asker: int = 0) -> dict[str, Any]:
         """The STATUS reply: listeners, clients (but the asker) with their vIOMMUs, totals."""
         snap = self.snapshot()
         metrics = self.metrics
+        clients: dict[int, dict[str, Any]] = {
+            cid: connection.describe() for cid, connection in self._connections.items()
+        }
+        for cid, handed in self._handed.items():
+            described = clients.get(cid, {})
+            described["session"] = (handed.status or {}).get("session")
+            described["pid"] = handed.pid
+            clients[cid] = described
         return {
             "server": f"viommud/{__version__}",
             "protocol": PROTOCOL_VERSION,
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "sessions_in": "processes" if self.processes else "in-process",
             "listeners": self.listeners,
             "metrics": str(metrics.address) if metrics and metrics.address else None,
-            "connected_clients": sum(1 for cid in self._connections if cid != asker),
+            "connected_clients": sum(1 for cid in clients if cid != asker),
             "sessions": {"active": snap.sessions, "closed": self.retired.sessions},
-            "clients": [
-                connection.describe()
-                for cid, connection in sorted(self._connections.items())
-                if cid != asker
-            ],
+            "clients": [clients[cid] for cid in sorted(clients) if cid != asker],
             "objects": snap.objects,
             "totals": snap.totals.to_json(),
         }
@@ -309,6 +414,19 @@ class Server:
         client_id = next(self._ids)
         log = self.log.bind(client=client_id)
         peer = _peername(writer) if transport == "tcp" else ""
+        cred = _peercred(writer) if transport == "unix" else None
+        if cred is not None:
+            log = log.bind(peer_uid=cred["uid"], peer_gid=cred["gid"], peer_pid=cred["pid"])
+        refusal = self._refusal(cred)
+        if refusal is not None:
+            log.warning("client_refused", transport=transport, peer=peer, reason=refusal)
+            with contextlib.suppress(ConnectionError):
+                writer.write(encode_error(0, refusal, fatal=True))
+                await writer.drain()
+            writer.close()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await writer.wait_closed()
+            return
         connection = Connection(
             client_id,
             self.factory,
@@ -318,21 +436,19 @@ class Server:
             peer=peer,
             token=self.token if transport == "tcp" else None,
             status=self.status,
-            metrics=self.metrics,
+            limits=self.limits,
+            claims=self.registry.owner(client_id, f"client {client_id}"),
+            handoff=self.processes,
         )
         self._connections[client_id] = connection
         self.clients += 1
         self._idle.clear()
         log.info("client_connected", transport=transport, peer=peer)
+        handed: Handed | None = None
         try:
-            while not connection.closing:
-                data = await reader.read(READ_CHUNK)
-                out = connection.receive(data)
-                if out:
-                    writer.write(out)
-                    await writer.drain()
-                if not data:
-                    break
+            ended = await pump(reader, writer, connection, self.limits, stopping=self._stop_asked)
+            if ended == "handoff":
+                handed = await self._hand_over(connection, reader, writer, cred)
         except (ConnectionResetError, BrokenPipeError) as exc:
             connection.log.info("client_lost", error=str(exc))
         except asyncio.CancelledError:
@@ -345,6 +461,14 @@ class Server:
                 report = connection.close()
             finally:
                 del self._connections[client_id]
+                self._handed.pop(client_id, None)
+            if handed is not None:  # a process that died: what it last reported
+                report = handed.report or ((handed.status or {}).get("session") or {}).get(
+                    "counters"
+                )
+                self._retired_latency = merged([self._retired_latency, handed.latency])
+            else:
+                self._retired_latency = merged([self._retired_latency, connection.progress.latency])
             if report is not None:
                 self.retired.add(report)
             self.clients -= 1
@@ -354,6 +478,97 @@ class Server:
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()
             connection.log.info("client_disconnected")  # with the session's vm, if it had one
+            forget_error(reader)  # nothing of this connection may outlive it
+            del connection, reader, writer
+
+    def _stop_asked(self) -> bool:
+        return self._stopping
+
+    def _refusal(self, cred: dict[str, int] | None) -> str | None:
+        """Why a new connection is refused before it says anything, or None."""
+        if self.clients >= self.limits.max_clients:
+            return (
+                f"too many clients: this daemon serves at most {self.limits.max_clients} "
+                "at once (serve --max-clients)"
+            )
+        if cred is not None and self.allow_uids:
+            uid = cred["uid"]
+            if uid != os.getuid() and uid not in self.allow_uids:
+                return f"uid {uid} may not use this daemon (serve --allow-uid)"
+        return None
+
+    async def _hand_over(
+        self,
+        connection: Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        cred: dict[str, int] | None,
+    ) -> Handed:
+        """Pass the client's socket and what was read of it to a session process; follow
+        that process until it ends (the caller's ``finally`` closes the listener's side)."""
+        assert self._spawner is not None
+        assert connection.handed_off is not None
+        transport = cast("asyncio.Transport", writer.transport)
+        transport.pause_reading()
+        # What the stream read past the HELLO and has not handed out yet goes along.
+        leftover = bytes(getattr(reader, "_buffer", b""))
+        sock = writer.get_extra_info("socket")
+        fd = os.dup(sock.fileno())
+        client_id = connection.client_id
+        vm = clip(connection.vm)
+        who = f"client {client_id}" + (f", vm {vm!r}" if vm else "")
+        try:
+            spare = await self._spawner.take()
+        except BaseException:
+            os.close(fd)
+            raise
+        handed = Handed(spare, client_id, fd, self.registry, who=who, log=connection.log)
+        self._handed[client_id] = handed
+        setup = {
+            "client": client_id,
+            "transport": connection.transport,
+            "peer": connection.peer,
+            "cred": cred,
+            "backend": self.backend,
+            "host": self.fixed_host.to_json() if self.fixed_host is not None else None,
+            "limits": self.limits.to_json(),
+            "log": dict(logs.CONFIGURED),
+            "loop": self.session_loop,
+        }
+        try:
+            handed.start(setup, connection.handed_off + leftover)
+        except OSError as exc:  # the spare died before it got its session
+            handed.kill()
+            handed.finish(f"could not start a session process: {exc}")
+            raise
+        connection.log.info("session_handed_over", pid=handed.pid)
+        transport.abort()  # the listener's transport only; the socket lives on in both copies
+        await self._follow(handed)
+        return handed
+
+    async def _follow(self, handed: Handed) -> None:
+        follow = asyncio.ensure_future(handed.follow())
+        reason: str | None = None
+        try:
+            while True:
+                try:
+                    returncode = await asyncio.shield(follow)
+                    break
+                except asyncio.CancelledError:
+                    if self._stopping and not handed.terminated:
+                        handed.terminate()  # it answers what it has, then says goodbye
+                        continue
+                    handed.kill()
+                    reason = SHUTTING_DOWN
+                    raise
+            if not handed.ended:
+                reason = Handed.died(returncode)
+                handed.log.error("session_failed", pid=handed.pid, error=reason)
+        finally:
+            if reason == SHUTTING_DOWN:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(follow, 5.0)
+            handed.finish(reason)
 
 
 def _answers(path: Path) -> bool:
@@ -396,6 +611,22 @@ def _peername(writer: asyncio.StreamWriter) -> str:
     if isinstance(name, tuple) and len(name) >= 2:
         return str(TcpAddress(str(name[0]), int(name[1])))
     return ""
+
+
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _peercred(writer: asyncio.StreamWriter) -> dict[str, int] | None:
+    """pid, uid and gid of a Unix socket's peer (SO_PEERCRED), when the kernel tells."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or getattr(socket, "SO_PEERCRED", None) is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
+    except OSError:
+        return None
+    pid, uid, gid = _CRED.unpack(raw)
+    return {"uid": uid, "gid": gid, "pid": pid}
 
 
 def _signal_trigger() -> Callable[[], Awaitable[Any]]:

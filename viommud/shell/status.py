@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from viommud.shell.progress import Histogram
+
 if TYPE_CHECKING:
     from viommud.models import Viommu
 
@@ -107,6 +109,7 @@ class Snapshot:
     clients: int = 0
     sessions: int = 0
     objects: dict[str, int] = field(default_factory=dict)
+    latency: dict[str, Histogram] = field(default_factory=dict)  # by frame: cmds, request
 
 
 def backend_objects(backend: Any) -> list[tuple[int, str]] | None:

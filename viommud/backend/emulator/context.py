@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,7 +22,12 @@ from protocols import iommufd as uapi
 from protocols.models import HostIommu
 from viommud.backend.base import UserFault, UserMemory
 from viommud.backend.emulator.caches import CacheModel, vtd_psi_mask
-from viommud.backend.emulator.driver import KERNELS, IommuDriver, PhysicalIommuState
+from viommud.backend.emulator.driver import (
+    ISSUED_HISTORY,
+    KERNELS,
+    IommuDriver,
+    PhysicalIommuState,
+)
 from viommud.backend.emulator.intel import VtdFlush
 from viommud.backend.emulator.objects import (
     DeviceObject,
@@ -108,7 +114,7 @@ class IommufdContext:
         self._sid_maps: dict[str, dict[int, str]] = {unit: {} for unit in self._units}
         for pdev in host.devices:
             self._sid_maps[pdev.iommu][pdev.sid] = pdev.id
-        self._vtd_flushes: list[VtdFlush] = []
+        self._vtd_flushes: deque[VtdFlush] = deque(maxlen=ISSUED_HISTORY)  # latest only
         self._asids: set[int] = set()
         self._mock_devices = 0
         self._mark = 0  # journal length before the current call (testing.last_removed)

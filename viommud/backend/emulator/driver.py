@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol
@@ -50,6 +51,10 @@ KERNEL_PENDING = "pending"
 KERNELS = (KERNEL_MAINLINE, KERNEL_PENDING)
 ADDR48 = (1 << 48) - 1
 HOST_CMD_SYNC = struct.pack("<QQ", Opcode.CMD_SYNC, 0)
+# The host command queue and the VT-d flushes are history for tests (``testing.issued``,
+# ``testing.vtd_flushes``); nothing decides on them. A session lives as long as its VM, so
+# only the latest entries are kept (a ring, like the hardware queue itself).
+ISSUED_HISTORY = 4096
 
 
 @dataclass(slots=True)
@@ -87,7 +92,7 @@ class PhysicalIommuState:
     unit: PhysicalIommu
     vmids: set[int] = field(default_factory=set)
     dids: dict[int, int] = field(default_factory=dict)  # hwpt id -> VT-d domain ID
-    cmdq: list[bytes] = field(default_factory=list)
+    cmdq: deque[bytes] = field(default_factory=lambda: deque(maxlen=ISSUED_HISTORY))
     pending_error: int = 0
     faults: list[EntryFault] = field(default_factory=list)
 

@@ -1,0 +1,202 @@
+"""The listener's side of session processes (viommud.shell.worker).
+
+``Spawner`` keeps one spare session process started (Python and viommud already imported),
+so a client whose HELLO is accepted does not wait for an interpreter to start. ``Handed``
+is one session handed over: it follows the control link (device claims, status pushes, the
+final report) and, when the process dies without its final report (a crash, a kill), sends
+the client a fatal ERROR on the listener's copy of the socket and logs ``session_failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import signal
+import socket
+import sys
+from typing import Any
+
+from viommud.shell.claims import Registry
+from viommud.shell.progress import Histogram
+from viommud.shell.replies import encode_error
+
+CONTROL_LINE_LIMIT = 64 * 1024 * 1024  # a status push describes every vIOMMU of a session
+
+
+class Spare:
+    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
+        self.process = process
+        self.control = control
+
+
+class Spawner:
+    def __init__(self) -> None:
+        self._spare: asyncio.Task[Spare] | None = None
+        self._closed = False
+
+    def prepare(self) -> None:
+        """Start the next spare, unless one is on its way."""
+        if self._spare is None and not self._closed:
+            self._spare = asyncio.create_task(_spawn())
+
+    async def take(self) -> Spare:
+        self.prepare()
+        assert self._spare is not None
+        spare, self._spare = self._spare, None
+        taken = await spare
+        self.prepare()
+        return taken
+
+    async def close(self) -> None:
+        """Let the spare go (it exits when its link closes)."""
+        self._closed = True
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return
+        try:
+            got = await spare
+        except OSError:
+            return
+        got.control.close()
+        with contextlib.suppress(ProcessLookupError):
+            await got.process.wait()
+
+
+async def _spawn() -> Spare:
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "viommud.shell.worker",
+            str(child.fileno()),
+            pass_fds=(child.fileno(),),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    return Spare(process, parent)
+
+
+class Handed:
+    """One session running in its own process."""
+
+    def __init__(
+        self, spare: Spare, client_id: int, fd: int, registry: Registry, *, who: str, log: Any
+    ) -> None:
+        self.process = spare.process
+        self.control = spare.control
+        self.client_id = client_id
+        self.fd = fd  # the listener's copy of the client's socket (for a last ERROR)
+        self.registry = registry
+        self.who = who
+        self.log = log
+        self.status: dict[str, Any] | None = None  # the last push
+        self.latency: dict[str, Histogram] = {}
+        self.report: dict[str, Any] | None = None  # set by the final message
+        self.ended = False
+        self.terminated = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def start(self, setup: dict[str, Any], data: bytes) -> None:
+        setup = {**setup, "data": base64.b64encode(data).decode()}
+        line = json.dumps(setup, separators=(",", ":")).encode() + b"\n"
+        self.control.setblocking(True)
+        socket.send_fds(self.control, [line[:4096]], [self.fd])
+        if len(line) > 4096:
+            self.control.sendall(line[4096:])
+
+    async def follow(self) -> int:
+        """Serve the control link until the process ends; returns its exit status."""
+        self.control.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(
+            sock=self.control, limit=CONTROL_LINE_LIMIT
+        )
+        try:
+            while line := await reader.readline():
+                self._message(json.loads(line), writer)
+        except (ConnectionError, ValueError) as exc:
+            self.log.warning("session_link_failed", error=str(exc))
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        return await self.process.wait()
+
+    def _message(self, message: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        if "claim" in message:
+            holder = self.registry.claim(self.client_id, self.who, str(message["claim"]))
+            writer.write(json.dumps({"holder": holder}).encode() + b"\n")
+        elif "release" in message:
+            self.registry.release(self.client_id, str(message["release"]))
+        elif "status" in message:
+            self.status = message["status"]
+            self.latency = _histograms(message.get("latency"))
+        elif "end" in message:
+            self.report = message["end"]
+            self.latency = _histograms(message.get("latency"))
+            self.ended = True
+
+    def terminate(self) -> None:
+        """Ask the session to finish (SIGTERM: it answers what it has, then says goodbye)."""
+        self.terminated = True
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
+    def finish(self, reason: str | None) -> None:
+        """After the process ended: release its devices, tell the client why if the
+        process could not, close the listener's copy of the socket."""
+        self.registry.release_all(self.client_id)
+        if reason is not None and not self.ended:
+            _last_word(self.fd, reason)
+        with contextlib.suppress(OSError):
+            socket.close(self.fd)
+
+    @staticmethod
+    def died(returncode: int | None) -> str:
+        if returncode is None:
+            return "its session process is still running"
+        if returncode < 0:
+            try:
+                name = signal.Signals(-returncode).name
+            except ValueError:
+                name = f"signal {-returncode}"
+            return f"session process killed by {name}"
+        return f"session process exited with status {returncode}"
+
+
+def _histograms(obj: Any) -> dict[str, Histogram]:
+    if not isinstance(obj, dict):
+        return {}
+    try:
+        return {str(frame): Histogram.from_json(h) for frame, h in obj.items()}
+    except (KeyError, TypeError, ValueError):
+        return {}
+
+
+def _last_word(fd: int, reason: str) -> None:
+    """Best effort: a fatal ERROR (seq 0) on the client's socket, never blocking."""
+    try:
+        sock = socket.socket(fileno=socket.dup(fd))
+    except OSError:
+        return
+    try:
+        sock.setblocking(False)
+        sock.send(encode_error(0, reason, fatal=True))
+    except OSError:
+        pass
+    finally:
+        sock.close()
