@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from protocols.frames import MAX_PAYLOAD, PROTOCOL_VERSION, FrameType
 from viommud import __version__, wire
 from viommud.backend.base import Backend
-from viommud.frontends.smmuv3.frontend import COMPAT_POLICIES
+from viommud.frontends.compat import COMPAT_POLICIES
 from viommud.host import HostConfig, HostConfigError
 from viommud.replies import DoorbellReply
 from viommud.session import RecordRefused, Session
