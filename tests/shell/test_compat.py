@@ -94,7 +94,7 @@ async def test_replay_compat_qemu_accepts_what_qemu_accepts() -> None:
 # -- VT-d and virtio-iommu: the same session default and override --------------------------
 
 VTD_HOST = {"iommus": [{"id": "dmar0", "model": "intel-vtd"}], "devices": []}
-VIRTIO_HOST = {"iommus": [], "devices": []}
+VIRTIO_HOST: dict[str, Any] = {"iommus": [], "devices": []}
 # a wait with FN alone: a barrier for the architecture, an IQE for QEMU <= 10.1
 WAIT_FN = build_descriptor(DescType.INV_WAIT, width=16, fn=1)
 UNKNOWN_REQUEST = bytes([0x42, 0, 0, 0])  # IOERR (nothing written) / QEMU: UNSUPP
