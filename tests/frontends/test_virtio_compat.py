@@ -223,6 +223,14 @@ REFUSED_BY_BOTH: list[tuple[str, dict[str, Any], list[bytes], bytes, int | None,
         None,
         "INVAL",
     ),
+    (
+        "UNMAP virt_end < virt_start",
+        {},
+        [ATTACH],
+        build_request(U, domain=1, virt_start=0x2000, virt_end=0xFFF),
+        None,
+        "RANGE",
+    ),
     # QEMU aborts (its assert on the reply size); the spec's INVAL is kept
     ("PROBE with a short writable part", {}, [], build_request(P, endpoint=0), 100, "INVAL"),
 ]
