@@ -234,7 +234,7 @@ def test_a_doorbell_goes_on_after_a_qemu_iqe() -> None:
 
 
 # Context entries: QEMU's reserved masks also hold qw0's bits at and above its host
-# address width (aw-bits 48): the entry then faults there, so it is blocked here.
+# address width (aw-bits 48 in 10.0): the entry then faults there, so it is blocked here.
 @pytest.mark.parametrize(
     ("name", "entry", "qemu_reserved"),
     [

@@ -109,7 +109,7 @@ RESERVED: Final[dict[int, tuple[int, int]]] = {
 # Under the qemu policy: QEMU 10.0 checks nothing of a PASID-cache invalidation (its case
 # is "if scalable mode: break"), and the 256-bit-only rule and upper-word check skip it too.
 QEMU_RESERVED: Final[dict[int, tuple[int, int]]] = {**RESERVED, DescType.PC_INV: (0, 0)}
-QEMU_HAW = 48  # QEMU's default aw-bits (host address width) since 9.2; 39 before
+QEMU_HAW = 48  # QEMU 10.0's default aw-bits (host address width); 39 in 7.2
 _QEMU_PASID_TYPES = _PASID_TYPES - {DescType.PC_INV}
 _UPPER_UNCHECKED = frozenset({DescType.PGRP_RESP})  # QEMU checks only its qw0 and qw1
 _QEMU_UPPER_UNCHECKED = frozenset({DescType.PC_INV})
@@ -221,7 +221,7 @@ class VtdFrontend:
         context = decode_context_entry(data)
         if self.features.compat == QEMU and not context.reserved:
             # QEMU's context-entry reserved masks also hold qw0's bits at and above the host
-            # address width (aw-bits, 48 by default since 9.2): such an entry faults there.
+            # address width (aw-bits, 48 by default in 10.0): such an entry faults there.
             qw0 = int.from_bytes(data[:8], "little")
             if qw0 >> QEMU_HAW:
                 context = replace(context, reserved=True)
