@@ -41,6 +41,7 @@ import numpy.typing as npt
 
 from protocols.vtd import DescType
 from viommud.events import CompletionInterrupt, GuestError, StatusWrite, VtdEvent
+from viommud.frontends.compat import QEMU
 from viommud.frontends.vtd.frontend import (
     MAMV,
     RESERVED,
@@ -232,6 +233,8 @@ def screen(doorbells: list[bytes], features: VtdFeatures, *, small: int = SMALL)
     good &= ~((kinds == _P_IOTLB) & (g < 2))
     is_wait = kinds == _WAIT
     good &= ~(is_wait & ((qw0 & 0xF0) == 0))  # none of IF, SW, FN, PD (PD reserved sans PDS)
+    if features.compat == QEMU:
+        good &= ~(is_wait & ((qw0 & 0x30) == 0))  # QEMU 10.0: neither SW nor IF is an IQE
     bounds = np.asarray(starts, dtype=np.intp)
     bad = np.concatenate(([0], np.cumsum(~good)))[bounds]
     waits = np.concatenate(([0], np.cumsum(is_wait)))[bounds]

@@ -36,8 +36,9 @@ class ModelContext:
     # Per-model dispatch policies by model name (benchmarks compare them); models use
     # their defaults for a name that is not here.
     policies: dict[str, Any] = field(default_factory=dict)
-    # The session's default compatibility policy (HELLO ``compat``) for models that have
-    # one (smmuv3); a vIOMMU's own ``compat`` option wins. None: the model's default.
+    # The session's default compatibility policy (HELLO ``compat``) for every model
+    # (smmuv3, vtd, virtio-iommu); a vIOMMU's own ``compat`` option wins. None: the model's
+    # default ("architecture").
     compat: str | None = None
 
 

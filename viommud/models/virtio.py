@@ -49,6 +49,7 @@ from protocols.models import HostIommu, ViommuModel
 from protocols.virtio_iommu import ResvMemSubtype, Status
 from viommud.dispatcher.virtio import VirtioDispatcher
 from viommud.events import DeviceFault
+from viommud.frontends.compat import QEMU, compat_option
 from viommud.frontends.virtio.frontend import VirtioIommuFrontend
 from viommud.frontends.virtio.options import (
     AttachSameDomain,
@@ -88,6 +89,7 @@ HOST_RESERVED: dict[str, tuple[tuple[int, int], ...]] = {
 _KEYS = frozenset(
     {
         "page_size_mask",
+        "compat",
         "input_range",
         "domain_range",
         "probe_size",
@@ -194,7 +196,12 @@ class VirtioOptions:
             vsva=_flag(options, "vsva", False),
             vsva_draft=draft,
         )
-        same = options.get("attach_same_domain", "keep")
+        try:
+            compat = compat_option(options, "virtio-iommu")
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
+        qemu = compat == QEMU  # QEMU's readings become the defaults of the two switches
+        same = options.get("attach_same_domain", "reattach" if qemu else "keep")
         unmap_reserved = options.get("unmap_reserved", "ignore")
         if same not in ("keep", "reattach"):
             raise ModelError("virtio-iommu option attach_same_domain must be keep or reattach")
@@ -203,9 +210,10 @@ class VirtioOptions:
         kw["policy"] = DevicePolicy(
             attach_same_domain=AttachSameDomain(same),
             unmap_reserved_inval=unmap_reserved == "inval",
-            check_domain_range=_flag(options, "check_domain_range", True),
+            check_domain_range=_flag(options, "check_domain_range", not qemu),
             max_mappings=_number(options.get("max_mappings", 1 << 20), "max_mappings", 32),
             max_domains=_number(options.get("max_domains", 1 << 16), "max_domains", 32),
+            compat=compat,
         )
         if "msi_window" in options:
             raw = options["msi_window"]
@@ -331,7 +339,10 @@ class VirtioViommu:
     @classmethod
     def create(cls, record: ViommuCreate, ctx: ModelContext) -> VirtioViommu:
         check_host_iommus(record, ctx, None, at_least_one=False)
-        options = VirtioOptions.from_options(record.options)
+        raw = dict(record.options)
+        if ctx.compat is not None:
+            raw.setdefault("compat", ctx.compat)
+        options = VirtioOptions.from_options(raw)
         frontend = options.frontend()
         topology = VirtioTopology(record.viommu, ctx.host, ctx.iommufd)
         topology.place_guest_memory(options.guest_memory)

@@ -62,7 +62,10 @@ class VtdViommu:
     def create(cls, record: ViommuCreate, ctx: ModelContext) -> VtdViommu:
         check_host_iommus(record, ctx, HostIommu.INTEL_VTD)
         try:
-            features = VtdFeatures.from_options(record.options)
+            options = dict(record.options)
+            if ctx.compat is not None:
+                options.setdefault("compat", ctx.compat)
+            features = VtdFeatures.from_options(options)
         except ValueError as exc:
             raise ModelError(str(exc)) from None
         frontend = VtdFrontend(features)

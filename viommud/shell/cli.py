@@ -239,9 +239,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--compat",
         choices=("architecture", "qemu"),
-        help="how smmuv3 vIOMMUs treat commands the architecture refuses but QEMU accepts "
-        "(docs/smmuv3.md, 'Compatibility policy'); default: the architecture's reading, or "
-        "the vIOMMU's own 'compat' option",
+        help="how vIOMMUs (smmuv3, vtd, virtio-iommu) treat guest input the architecture "
+        "and QEMU read differently ('Compatibility policy' in docs/smmuv3.md, docs/vtd.md, "
+        "docs/virtio-iommu.md); default: the architecture's reading, or the vIOMMU's own "
+        "'compat' option",
     )
     rep.add_argument("--token-file", type=Path, help="token for a tcp:// --socket")
     rep.add_argument(

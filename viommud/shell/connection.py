@@ -16,7 +16,7 @@ from protocols.frames import PROTOCOL_VERSION, FrameType
 from protocols.virtio_iommu import RequestType
 from viommud import __version__, wire
 from viommud.backend.base import Backend
-from viommud.frontends.smmuv3.frontend import COMPAT_POLICIES
+from viommud.frontends.compat import COMPAT_POLICIES
 from viommud.host import HostConfig, HostConfigError
 from viommud.replies import DoorbellReply
 from viommud.session import RecordRefused, Session

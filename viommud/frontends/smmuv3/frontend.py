@@ -37,6 +37,7 @@ from viommud.events import (
     Scope,
     StreamTableInvalidated,
 )
+from viommud.frontends.compat import ARCHITECTURE, QEMU, compat_option
 from viommud.guest.smmuv3 import COMMAND, DEFINED, kind_name
 
 NEED_DATA: Final = None  # what next_event() returns once the doorbell is fully consumed
@@ -75,9 +76,6 @@ _UNSUPPORTED: Final[dict[int, str]] = {
     Opcode.DPTI_PA: _NO_DPT,
 }
 
-ARCHITECTURE = "architecture"
-QEMU = "qemu"
-COMPAT_POLICIES: Final = (ARCHITECTURE, QEMU)
 # Under the ``qemu`` policy: commands QEMU's smmuv3_cmdq_consume accepts with only a trace
 # event (trace_smmuv3_unhandled_cmd), whatever their fields: accepted, nothing done.
 QEMU_IGNORED: Final = frozenset(
@@ -124,10 +122,7 @@ class SmmuFeatures:
                 if not isinstance(options[key], bool):
                     raise ValueError(f"smmuv3 option {key!r} must be a boolean")
                 values[key] = options[key]
-        if "compat" in options:
-            if options["compat"] not in COMPAT_POLICIES:
-                raise ValueError("smmuv3 option 'compat' must be 'architecture' or 'qemu'")
-            values["compat"] = options["compat"]
+        values["compat"] = compat_option(options, "smmuv3")
         return cls(**values)
 
 

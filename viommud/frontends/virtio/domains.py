@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from protocols.virtio_iommu import AttachFlag, Status
+from viommud.frontends.compat import QEMU
 from viommud.frontends.virtio.options import AttachSameDomain, DevicePolicy, EndpointInfo
 from viommud.frontends.virtio.request import Pending, Refused
 from viommud.guest.virtio import Attach, Detach
@@ -113,9 +114,10 @@ class DomainState:
     # -- ATTACH / ATTACH_TABLE (§2.2, §3.2, §5) ------------------------------------------------
     def attach(self, req: Attach, pending: Pending, *, bypass_config: bool) -> None:
         """ATTACH: reserved and flags (INVAL; ATTACH_F_BYPASS only with F_BYPASS_CONFIG)."""
-        if req.reserved:
+        qemu = self.policy.compat == QEMU  # QEMU: reserved unread, BYPASS always known
+        if req.reserved and not qemu:
             raise Refused(Status.INVAL, "ATTACH reserved bytes are not zero")
-        allowed = _ATTACH_F_BYPASS if bypass_config else 0
+        allowed = _ATTACH_F_BYPASS if bypass_config or qemu else 0
         if req.flags & ~allowed:
             raise Refused(Status.INVAL, f"ATTACH flags 0x{req.flags:x}: unknown bits")
         kind = DomainKind.BYPASS if req.flags & _ATTACH_F_BYPASS else DomainKind.MAPPING

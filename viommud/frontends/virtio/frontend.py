@@ -37,6 +37,7 @@ from protocols.virtio_iommu import (
     build_config,
 )
 from viommud.events import Barrier
+from viommud.frontends.compat import QEMU
 from viommud.frontends.virtio.domains import Domain, DomainState
 from viommud.frontends.virtio.faults import access, fault_record
 from viommud.frontends.virtio.invalidate import table_invalidations
@@ -201,14 +202,21 @@ class VirtioIommuFrontend:
             raise RequestPendingError("complete() the previous request first")
         features = self.features
         decoded = decode(readable, features.vsva_draft, vsva=features.vsva)
+        qemu = self.policy.compat == QEMU
+        if qemu and isinstance(decoded, Malformed) and decoded.length > decoded.expected:
+            # QEMU copies the type's bytes (virtio_iommu_iov_to_req) and ignores the rest
+            decoded = decode(readable[: decoded.expected], features.vsva_draft, vsva=features.vsva)
         request_type = request_type_of(readable)
         self.requests += 1
         self.kind_counts_[request_type] = self.kind_counts_.get(request_type, 0) + 1
         need = self.probe_size + TAIL_SIZE if isinstance(decoded, Probe) else TAIL_SIZE
         pending = Pending(request_type, Status.OK, writable if writable is not None else need)
         self._pending = pending
-        if isinstance(decoded, Unknown | Malformed) or (
-            isinstance(decoded, Probe) and not features.probe
+        if qemu and isinstance(decoded, Unknown | Malformed) and len(readable) >= TAIL_SIZE:
+            # QEMU writes a status: UNSUPP for an unknown type, INVAL for a short request
+            self._qemu_unparsable(decoded, pending)
+        elif isinstance(decoded, Unknown | Malformed) or (
+            isinstance(decoded, Probe) and not features.probe and not qemu
         ):
             pending.status = None  # §3.1: nothing written, used length 0
             pending.reason = _unparsable(decoded)
@@ -226,6 +234,20 @@ class VirtioIommuFrontend:
                 pending.reason = exc.reason
                 self._events.clear()
         self._events.append(_BARRIER)
+
+    def _qemu_unparsable(self, decoded: Unknown | Malformed, pending: Pending) -> None:
+        if pending.writable < TAIL_SIZE:
+            pending.status = None
+            pending.reason = "device-writable part has no room for a tail"
+        elif isinstance(decoded, Unknown):
+            pending.status = Status.UNSUPP
+            pending.reason = f"unknown request type {decoded.type} (QEMU: UNSUPP)"
+        else:
+            pending.status = Status.INVAL
+            pending.reason = (
+                f"request type {decoded.type}: {decoded.length} readable bytes, "
+                f"{decoded.expected} expected (QEMU: INVAL)"
+            )
 
     def next_event(self) -> VirtioEvent | None:
         """The next event of the current request, or NEED_DATA."""
@@ -295,7 +317,8 @@ class VirtioIommuFrontend:
             raise Refused(Status.INVAL, "the properties area is smaller than probe_size")
         area = probe_properties(info, self.features)
         if len(area) > self.probe_size:
-            raise Refused(Status.DEVERR, "the endpoint's properties do not fit in probe_size")
+            status = Status.INVAL if self.policy.compat == QEMU else Status.DEVERR
+            raise Refused(status, "the endpoint's properties do not fit in probe_size")
         pending.properties = area
 
     # -- faults (§4) ---------------------------------------------------------------------

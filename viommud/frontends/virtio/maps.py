@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from protocols.virtio_iommu import MAP_FLAGS_MASK, MapFlag, Status
+from viommud.frontends.compat import QEMU
 from viommud.frontends.virtio.domains import DomainState
 from viommud.frontends.virtio.options import DevicePolicy, VirtioFeatures
 from viommud.frontends.virtio.request import Pending, Refused
@@ -34,6 +35,7 @@ class MapRules:
     flags: int  # the MAP flags the device accepts (MMIO only with F_MMIO)
     max_mappings: int
     unmap_reserved_inval: bool
+    check_input_range: bool = True  # MAP outside input_range: RANGE (not under qemu)
 
     @classmethod
     def of(
@@ -47,9 +49,12 @@ class MapRules:
             page_size_mask & -page_size_mask,
             input_range[0],
             input_range[1],
-            MAP_FLAGS_MASK if features.mmio else int(MapFlag.READ | MapFlag.WRITE),
+            MAP_FLAGS_MASK
+            if features.mmio or policy.compat == QEMU
+            else int(MapFlag.READ | MapFlag.WRITE),
             policy.max_mappings,
             policy.unmap_reserved_inval,
+            policy.compat != QEMU,
         )
 
 
@@ -63,7 +68,7 @@ def map_request(state: DomainState, rules: MapRules, req: Map, pending: Pending)
     granule = rules.granule
     if start % granule or phys % granule or (end + 1) % granule:
         raise Refused(Status.RANGE, f"MAP is not aligned to the {granule:#x}-byte granule")
-    if start < rules.input_start or end > rules.input_end:
+    if rules.check_input_range and (start < rules.input_start or end > rules.input_end):
         raise Refused(Status.RANGE, "MAP is outside input_range")
     if phys + (end - start) > U64_MAX:
         raise Refused(Status.RANGE, "MAP phys_start + size overflows")

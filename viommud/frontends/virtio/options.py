@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass
 
 from protocols.virtio_iommu import ResvMemSubtype
+from viommud.frontends.compat import ARCHITECTURE
 
 __all__ = ["AttachSameDomain", "DevicePolicy", "EndpointInfo", "ResvRegion", "VirtioFeatures"]
 
@@ -55,3 +56,7 @@ class DevicePolicy:
     check_domain_range: bool = True  # ATTACH to a domain outside domain_range: RANGE
     max_mappings: int = 1 << 20  # per domain; one more: NOMEM
     max_domains: int = 1 << 16  # one more: NOMEM
+    # "architecture" (the specification's reading) or "qemu": the requests QEMU's
+    # hw/virtio/virtio-iommu.c answers otherwise are answered as it does (virtio-iommu.md,
+    # "Compatibility policy")
+    compat: str = ARCHITECTURE

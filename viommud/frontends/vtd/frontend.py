@@ -20,6 +20,11 @@ Guest-visible rules (IQE = invalidation queue error, at the descriptor's index):
 * a reserved encoding: context-cache G=0, IOTLB G=0, IOTLB page-selective AM > MAMV (18),
   P_IOTLB G=0/1, PASID-cache G=2, a wait with none of SW/IF/FN (PD with PDS), a page group
   response without PASID (PP=0): IQE.
+Under ``compat: "qemu"`` (docs/vtd.md, "Compatibility policy") the rules are QEMU 10.0's
+(``vtd_process_inv_desc``) where they differ: a page group response is an unknown type, a
+PASID-cache invalidation is accepted in either queue width with any reserved bits, upper
+words or granularity (QEMU 10.0 does nothing with it; here it re-reads as the cleaned
+descriptor, G=2 as global), and a wait with neither SW nor IF (FN alone) is an IQE.
 After an IQE the bad descriptor is skipped and the rest of the doorbell runs, as a Linux guest
 does when it overwrites the bad slot with its wait descriptor and clears FSTS.IQE
 (docs/trace-format.md §2.5). ITE and ICE are never raised: every device-TLB invalidation the host
@@ -32,7 +37,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, ClassVar, Final
 
@@ -50,6 +55,7 @@ from viommud.events import (
     StatusWrite,
     VtdEvent,
 )
+from viommud.frontends.compat import ARCHITECTURE, QEMU, compat_option
 from viommud.guest.vtd import (
     PasidEntry,
     VtdContext,
@@ -100,6 +106,13 @@ RESERVED: Final[dict[int, tuple[int, int]]] = {
     DescType.P_DEV_TLB_INV: (0xFFF0_0000_0000_F000, 0x7FE),
     DescType.PGRP_RESP: (0xFFF0_0000_0000_01E0, 0xFFFF_FFFF_FFFF_F003),
 }
+# Under the qemu policy: QEMU 10.0 checks nothing of a PASID-cache invalidation (its case
+# is "if scalable mode: break"), and the 256-bit-only rule and upper-word check skip it too.
+QEMU_RESERVED: Final[dict[int, tuple[int, int]]] = {**RESERVED, DescType.PC_INV: (0, 0)}
+QEMU_HAW = 48  # QEMU 10.0's default aw-bits (host address width); 39 in 7.2
+_QEMU_PASID_TYPES = _PASID_TYPES - {DescType.PC_INV}
+_UPPER_UNCHECKED = frozenset({DescType.PGRP_RESP})  # QEMU checks only its qw0 and qw1
+_QEMU_UPPER_UNCHECKED = frozenset({DescType.PC_INV})
 
 
 class FrameError(ValueError):
@@ -116,6 +129,9 @@ class VtdFeatures:
 
     dw: int = 128  # descriptor width in bits: 128 or 256 (256 implies ECAP.SMTS)
     pds: bool = False  # ECAP.PDS: the wait descriptor's page-request drain bit is valid
+    # How descriptors the architecture and QEMU read differently are treated (docs/vtd.md,
+    # "Compatibility policy"): "architecture" or "qemu" (as QEMU 10.0 does).
+    compat: str = ARCHITECTURE
 
     @property
     def desc_size(self) -> int:
@@ -123,7 +139,7 @@ class VtdFeatures:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> VtdFeatures:
-        unknown = set(options) - {"dw", "pds"}
+        unknown = set(options) - {"dw", "pds", "compat"}
         if unknown:
             raise ValueError(f"unknown vtd options: {', '.join(sorted(unknown))}")
         dw = options.get("dw", 128)
@@ -132,7 +148,7 @@ class VtdFeatures:
         pds = options.get("pds", False)
         if not isinstance(pds, bool):
             raise ValueError("vtd option 'pds' must be a boolean")
-        return cls(dw=dw, pds=pds)
+        return cls(dw=dw, pds=pds, compat=compat_option(options, "vtd"))
 
 
 @dataclass(slots=True)
@@ -202,7 +218,14 @@ class VtdFrontend:
         self.context_table[sid] = bytes(data)
         if self._lent_contexts is not None:
             self._contexts, self._lent_contexts = dict(self._contexts), None
-        self._contexts[sid] = decode_context_entry(data)
+        context = decode_context_entry(data)
+        if self.features.compat == QEMU and not context.reserved:
+            # QEMU's context-entry reserved masks also hold qw0's bits at and above the host
+            # address width (aw-bits, 48 by default in 10.0): such an entry faults there.
+            qw0 = int.from_bytes(data[:8], "little")
+            if qw0 >> QEMU_HAW:
+                context = replace(context, reserved=True)
+        self._contexts[sid] = context
 
     def write_pasid_entry(self, sid: int, pasid: int, data: bytes) -> None:
         """The guest wrote ``data`` as the PASID-table entry of ``(sid, pasid)``."""
@@ -237,7 +260,11 @@ class VtdFrontend:
             )
         summary = DoorbellSummary()
         counts = self.type_counts
-        handlers = _HANDLERS
+        handlers, reserved = _HANDLERS, RESERVED
+        pasid_types, upper_unchecked = _PASID_TYPES, _UPPER_UNCHECKED
+        if self.features.compat == QEMU:
+            handlers, reserved = _QEMU_HANDLERS, QEMU_RESERVED
+            pasid_types, upper_unchecked = _QEMU_PASID_TYPES, _QEMU_UPPER_UNCHECKED
         wide = size == 32
         words = struct.iter_unpack("<QQQQ" if wide else "<QQ", data)
         for index, desc in enumerate(words):
@@ -250,13 +277,13 @@ class VtdFrontend:
             if handler is None:
                 self._iqe(index, raw, f"unknown descriptor type 0x{kind:02x}")
                 continue
-            if not wide and kind in _PASID_TYPES:
+            if not wide and kind in pasid_types:
                 self._iqe(index, raw, f"256-bit {kind_name(kind)} descriptor in a 128-bit queue")
                 continue
-            if wide and kind != DescType.PGRP_RESP and (desc[2] or desc[3]):
+            if wide and kind not in upper_unchecked and (desc[2] or desc[3]):
                 self._iqe(index, raw, "reserved upper words qw2/qw3 are not zero")
                 continue
-            m0, m1 = RESERVED[kind]
+            m0, m1 = reserved[kind]
             if kind == DescType.INV_WAIT and not self.features.pds:
                 m0 |= WAIT_PD
             if qw0 & m0 or qw1 & m1:
@@ -428,6 +455,21 @@ class VtdFrontend:
         )
         return False
 
+    def _on_wait_qemu(self, index: int, qw0: int, qw1: int, raw: bytes) -> bool:
+        # QEMU <= 10.1 (vtd_process_wait_desc): neither SW nor IF is "unknown type", FN alone
+        # included (accepted from 10.2). SW and IF together: QEMU <= 10.0 asserts; both here.
+        if not qw0 & 0x30:
+            return self._iqe(index, raw, "wait descriptor with neither SW nor IF (QEMU)")
+        return self._on_wait(index, qw0, qw1, raw)
+
+    def _on_pc_qemu(self, index: int, qw0: int, qw1: int, raw: bytes) -> bool:
+        # QEMU 10.0 accepts every PASID-cache invalidation and does nothing with it. Doing
+        # nothing could leave a stale binding on the host, so it is carried out as the
+        # architecture reads it, with G=2 (reserved) read as global: a superset.
+        if _bits(qw0, 4, 2) == 2:
+            qw0 |= 0x30
+        return self._on_pc(index, qw0, qw1, raw)
+
     def _on_pgrp_resp(self, index: int, qw0: int, qw1: int, raw: bytes) -> bool:
         if not qw0 & 0x10:
             return self._iqe(index, raw, "page group response without PASID (PP=0)")
@@ -447,4 +489,11 @@ _HANDLERS: Final[dict[int, _Handler]] = {
     DescType.PC_INV: VtdFrontend._on_pc,
     DescType.P_DEV_TLB_INV: VtdFrontend._on_p_dev_tlb,
     DescType.PGRP_RESP: VtdFrontend._on_pgrp_resp,
+}
+#: Under the qemu policy (QEMU 10.0): no page group response (an unknown type until 2026),
+#: FN alone is no wait, every PASID-cache invalidation is taken.
+_QEMU_HANDLERS: Final[dict[int, _Handler]] = {
+    **{kind: h for kind, h in _HANDLERS.items() if kind != DescType.PGRP_RESP},
+    DescType.INV_WAIT: VtdFrontend._on_wait_qemu,
+    DescType.PC_INV: VtdFrontend._on_pc_qemu,
 }
