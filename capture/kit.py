@@ -43,6 +43,7 @@ from capture.assets import (
     qemu_version,
 )
 from capture.configs import CONFIGS, Config
+from capture.figures import qemu_calls
 from capture.guest import GuestRun, qemu_argv, run_guest
 
 __all__ = ["capture", "import_and_replay", "main"]
@@ -100,11 +101,14 @@ def import_and_replay(capture_dir: Path, *, timeout: float = 600.0) -> dict[str,
                 shutil.copyfile(capture_dir / name, work / name)
         out = work / f"{manifest['config']}.jsonl"
         args = ["import", "qemu-log", str(work / "trace.log.xz"), "-o", str(out)]
+        started = time.monotonic()
         done = _viommud(args, timeout)
+        import_seconds = round(time.monotonic() - started, 2)
         result["import"] = {
             "ok": done.returncode == 0,
             "exit": done.returncode,
             "argv": ["viommud", *(a.replace(str(work) + "/", "") for a in args)],
+            "seconds": import_seconds,
             "stderr": done.stderr.strip()[-2000:],
         }
         if done.returncode != 0:
@@ -121,12 +125,14 @@ def import_and_replay(capture_dir: Path, *, timeout: float = 600.0) -> dict[str,
         calls = sum(report["backend"]["calls"].values()) if report else None
         result["replay"] = {
             "exit": replay.returncode,
-            "seconds": round(time.monotonic() - started, 1),
+            "seconds": round(time.monotonic() - started, 2),
             "backend_calls": calls,
             "missed": report["verify"]["missed"] if report else None,
             "report": report,
             "stderr": replay.stderr.strip()[-2000:],
         }
+        if report is not None:
+            result["qemu_calls"] = qemu_calls(result["model"], out, report)
     return result
 
 
