@@ -207,6 +207,8 @@ def events(lines: Iterable[str], *, dumps: bool = False) -> Iterator[Event]:
         fields: dict[str, str] = {}
         if pattern is not None:
             found = pattern.search(args)
+            if found is None and after and match["pid"] is None:
+                continue  # words in other text that only look like an event
             if found is None:
                 raise ImportLogError(
                     f"line {line_no}: unreadable {name}: {args!r} (not the format of QEMU "
