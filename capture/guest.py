@@ -142,6 +142,7 @@ def qemu_argv(
     workdir: Path,
     *,
     memory_mib: int = 512,
+    smp: int = 1,
 ) -> list[str]:
     """The QEMU command line for ``config`` (serial on stdio, monitor on workdir/monitor);
     writes the trace event list it names to workdir/events."""
@@ -156,7 +157,7 @@ def qemu_argv(
         "-m",
         str(memory_mib),
         "-smp",
-        "1",
+        str(smp),
         "-nodefaults",
         "-no-user-config",
         "-display",

@@ -15,7 +15,7 @@ from capture.assets import Module
 
 __all__ = ["MARK", "Entry", "Workload", "init_script", "newc", "read_newc"]
 
-# Every line the /init prints for the kit starts with this; the kit and the realguest tests
+# Every line the /init prints for the kit starts with this; the kit and the guest-tier tests
 # look for them on the serial console.
 MARK = "VIOMMUD-CAPTURE:"
 

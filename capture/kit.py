@@ -43,6 +43,7 @@ from capture.assets import (
     qemu_version,
 )
 from capture.configs import CONFIGS, Config
+from capture.figures import qemu_calls
 from capture.guest import GuestRun, qemu_argv, run_guest
 
 __all__ = ["capture", "import_and_replay", "main"]
@@ -100,11 +101,14 @@ def import_and_replay(capture_dir: Path, *, timeout: float = 600.0) -> dict[str,
                 shutil.copyfile(capture_dir / name, work / name)
         out = work / f"{manifest['config']}.jsonl"
         args = ["import", "qemu-log", str(work / "trace.log.xz"), "-o", str(out)]
+        started = time.monotonic()
         done = _viommud(args, timeout)
+        import_seconds = round(time.monotonic() - started, 2)
         result["import"] = {
             "ok": done.returncode == 0,
             "exit": done.returncode,
             "argv": ["viommud", *(a.replace(str(work) + "/", "") for a in args)],
+            "seconds": import_seconds,
             "stderr": done.stderr.strip()[-2000:],
         }
         if done.returncode != 0:
@@ -121,12 +125,14 @@ def import_and_replay(capture_dir: Path, *, timeout: float = 600.0) -> dict[str,
         calls = sum(report["backend"]["calls"].values()) if report else None
         result["replay"] = {
             "exit": replay.returncode,
-            "seconds": round(time.monotonic() - started, 1),
+            "seconds": round(time.monotonic() - started, 2),
             "backend_calls": calls,
             "missed": report["verify"]["missed"] if report else None,
             "report": report,
             "stderr": replay.stderr.strip()[-2000:],
         }
+        if report is not None:
+            result["qemu_calls"] = qemu_calls(result["model"], out, report)
     return result
 
 
@@ -141,6 +147,7 @@ def capture(
     memory_mib: int,
     replay: bool,
     log: Any = sys.stderr,
+    smp: int = 1,
 ) -> dict[str, Any]:
     """Boots ``config`` once and leaves its capture directory; returns its manifest."""
     started = time.monotonic()
@@ -160,7 +167,9 @@ def capture(
         disk.truncate(DISK_MIB << 20)
     initrd = workdir / "initramfs.cpio"
     initrd.write_bytes(initramfs.build(busybox.binary.read_bytes(), modules, workload))
-    argv = qemu_argv(config, binary, kernel.vmlinuz, initrd, workdir, memory_mib=memory_mib)
+    argv = qemu_argv(
+        config, binary, kernel.vmlinuz, initrd, workdir, memory_mib=memory_mib, smp=smp
+    )
     log.write(f"{config.name}: booting {kernel.release} under {binary.name} (TCG)\n")
     log.flush()
     run: GuestRun = run_guest(config, argv, workdir, timeout=timeout, log=log)
@@ -189,6 +198,7 @@ def capture(
         "ats": config.ats,
         "workload": asdict(workload),
         "memory_mib": memory_mib,
+        "smp": smp,
         "boot_seconds": run.seconds,
         "exit_code": run.exit_code,
         "timed_out": run.timed_out,
@@ -259,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="default ~/.cache/viommud-capture")
     parser.add_argument("--timeout", type=float, default=600.0, help="per boot, seconds")
     parser.add_argument("--memory", type=int, default=512, help="guest RAM, MiB")
+    parser.add_argument("--smp", type=int, default=1, help="guest vCPUs (QEMU threads, MTTCG)")
     parser.add_argument("--disk-kib", type=int, default=1024, help="disk workload (multiple of 64)")
     parser.add_argument("--no-net", action="store_true", help="skip the network workload")
     parser.add_argument("--no-rebind", action="store_true", help="skip the domain switches")
@@ -281,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown configuration {', '.join(unknown)} (see --list)")
+    if args.smp < 1:
+        parser.error("--smp must be at least 1")
     if args.disk_kib < 0 or args.disk_kib % 64:
         parser.error("--disk-kib must be a non-negative multiple of 64")
     workload = initramfs.Workload(
@@ -303,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 install=not args.no_install,
                 memory_mib=args.memory,
                 replay=not args.no_replay,
+                smp=args.smp,
             )
         except CaptureError as exc:
             print(f"{name}: {exc}", file=sys.stderr)

@@ -100,3 +100,12 @@ def test_a_crashed_qemu_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "QEMU closed the console before the guest powered off" in run.problems
     assert run.exit_code == 3
     assert run.dump is None
+
+
+def test_smp_sets_the_vcpus(tmp_path: Path) -> None:
+    default = _argv("smmuv3-strict", tmp_path)
+    assert default[default.index("-smp") + 1] == "1"
+    two = qemu_argv(
+        CONFIGS["vtd-legacy"], Path("/q"), Path("/k/vmlinuz"), Path("/k/initrd"), tmp_path, smp=2
+    )
+    assert two[two.index("-smp") + 1] == "2"

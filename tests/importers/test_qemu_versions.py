@@ -164,10 +164,11 @@ def smmuv3_log(version: str, stamp: bool) -> tuple[Log, bytes]:
     log.emit("smmuv3_write_mmio", 0x90, 0x4000000040000002, 8, 0)  # CMDQ_BASE, LOG2SIZE 2
     log.emit("smmuv3_write_mmio", 0x98, 0, 4, 0)
     queue = [cfgi, sync, tlbi, sync, cfgi, sync]
+    names = ["CFGI_STE", "SYNC", "TLBI_NH_VA", "SYNC", "CFGI_STE", "SYNC"]
     for prod in (2, 4, 6):
         for i in range(prod - 2, prod):
             log.emit("smmuv3_cmdq_consume", prod % 4, i % 4, prod >> 2 & 1, i >> 2 & 1)
-            log.emit("smmuv3_cmdq_opcode", "SMMU_CMD_X")
+            log.emit("smmuv3_cmdq_opcode", f"SMMU_CMD_{names[i]}")
         log.emit("smmuv3_write_mmio", 0x98, prod, 4, 0)
         if prod == 2:
             log.emit("smmuv3_translate_success", "smmuv3-iommu-memory-region-8-1", 8, 0x1000,
@@ -189,6 +190,8 @@ def test_smmuv3_raw_dump(
     cmds = [bytes.fromhex(r["data"]) for r in records if r["op"] == "cmds"]
     assert cmds == [dump[32:64], dump[0:32]]  # the first doorbell was overwritten
     assert any("1 doorbells (2 commands) are not in the queue dump" in n for n in header["notes"])
+    # the two doorbells in the dump, checked against the opcodes QEMU traced for them
+    assert any("the opcodes of 4 dump entries agree" in n for n in header["notes"])
     assert "queue.bin.xz" in stderr
     [ste] = [r for r in records if r["op"] == "ste"]
     assert bytes.fromhex(ste["data"])[0] == 0x9  # V=1, Config bypass

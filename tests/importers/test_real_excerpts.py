@@ -10,6 +10,9 @@ only, which viommud never nests (docs/vtd.md "Legacy mode"), and the report warn
 * ``qemu72-vtd-scalable-excerpt``: x-scalable-mode=on, lines 1-200 and 10600-10700.
 * ``qemu72-smmuv3-lazy``: the whole log of a lazy-mode SMMUv3 guest and its queue dump
   (found beside the log as ``LOG.cmdq.xz``).
+* ``qemu72-smmuv3-lazy-smp2``: the same with two vCPUs (``python -m capture.kit smmuv3-lazy
+  --smp 2``): QEMU 7.2's log has one PID for every thread, and the commands come in
+  producer order whichever vCPU wrote them; the dump agrees with every traced opcode.
 * ``qemu72-virtio-iommu-excerpt``: virtio-iommu, a 6.12 guest; lines 1-140 and 4100-4200,
   with net 00:03.0 moved to an identity (bypass) domain and back.
 """
@@ -86,6 +89,15 @@ def test_smmuv3_lazy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     )
     assert report["commands"]["by_kind"]["smmuv3:CMD_TLBI_NH_ASID"] == 44
     assert report["backend"]["calls"]["IOMMU_HWPT_INVALIDATE"] == 44
+
+
+def test_smmuv3_lazy_two_vcpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    header, records, report = run("qemu72-smmuv3-lazy-smp2", tmp_path, capsys)
+    assert [r["vsid"] for r in records if r["op"] == "ste"] == [8, 16]
+    assert any("the opcodes of 167 dump entries agree" in n for n in header["notes"])
+    tlbi = report["commands"]["by_kind"]["smmuv3:CMD_TLBI_NH_ASID"]
+    assert tlbi == report["backend"]["calls"]["IOMMU_HWPT_INVALIDATE"] == 68
+    assert report["baseline"]["invalidate_calls"] == tlbi + 1  # the boot-time TLBI_NSNH_ALL
 
 
 def test_virtio(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

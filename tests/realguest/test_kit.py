@@ -1,7 +1,7 @@
 """Boots every capture-kit configuration: a Debian kernel under QEMU (TCG) behind each vIOMMU,
 the initramfs workload, the trace and queue dump, then import and replay with the oracle.
 
-Marker ``realguest`` (not in the default run): ``pytest -m realguest``. Needs
+Marker ``guest`` (not in the default run): ``pytest -m guest``. Needs
 qemu-system-aarch64 and qemu-system-x86_64 (installed with apt-get when run as root), and the
 Debian kernel packages, fetched once into the kit's cache (``$VIOMMUD_CAPTURE_CACHE``,
 default ~/.cache/viommud-capture). Skips with the reason where QEMU is missing and cannot be
@@ -24,7 +24,7 @@ from capture.initramfs import Workload
 from capture.kit import capture
 from tests.capture.expectations import check_booted, check_replayed, replay_marks
 
-pytestmark = [pytest.mark.realguest, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.guest, pytest.mark.timeout(1200)]
 
 BOOT_TIMEOUT = 300.0
 _done: dict[str, dict[str, Any]] = {}

@@ -22,6 +22,8 @@ event                                      text after the name
                                            0x%lx low 0x%lx gen %u -> gen %u``
 ``smmuv3_write_mmio``                      ``addr: 0x%lx val:0x%lx size: 0x%x(%d)``
 ``smmuv3_cmdq_cfgi_ste``                   ``streamid= 0x%x`` (older: ``streamid =%d``)
+``smmuv3_cmdq_consume``                    ``prod=%d cons=%d prod.wrap=%d cons.wrap=%d``
+``smmuv3_cmdq_opcode``                     ``<--- %s`` (``SMMU_CMD_TLBI_NH_VA``, …)
 ``smmuv3_translate_success``               ``%s sid=0x%x iova=0x%lx translated=0x%lx perm=0x%x``
                                            (10.x: `` stage=%d`` more)
 ``smmuv3_translate_bypass`` / ``_abort``   ``%s sid=0x%x STE bypass iova:…`` / ``%s sid=0x%x
@@ -82,6 +84,9 @@ FORMATS: dict[str, re.Pattern[str]] = {
         "smmuv3_write_mmio": r"^addr: 0x(?P<addr>[0-9a-fA-F]+) val:\s*0x(?P<val>[0-9a-fA-F]+)"
         r"(?: size: .*)?$",
         "smmuv3_cmdq_cfgi_ste": rf"^streamid\s*=\s*{_NUM}\s*$",
+        "smmuv3_cmdq_consume": r"^prod=(?P<prod>\d+) cons=(?P<cons>\d+) prod\.wrap=(?P<pwrap>[01]) "
+        r"cons\.wrap=(?P<cwrap>[01])\s*$",
+        "smmuv3_cmdq_opcode": r"^<--- (?P<op>\S+)\s*$",
         "smmuv3_translate_success": rf"^\S* ?sid={_NUM} iova=",
         "smmuv3_translate_bypass": rf"^\S* ?sid={_NUM} STE bypass",
         "smmuv3_translate_abort": rf"^\S* ?sid={_NUM} abort on",
@@ -104,6 +109,15 @@ FORMATS: dict[str, re.Pattern[str]] = {
         r"\(iommu enabled=(?P<on>[01])\)\s*$",
     }.items()
 }
+# A trace event after other text on the same line: another writer's output without its
+# newline (a guest console or QEMU's own messages sharing the log's file). With the
+# ``PID@SEC.USEC:`` stamp any event of ours; without it, only the events of FORMATS, after a
+# space.
+_EMBEDDED = re.compile(
+    r"(?:\d+@\d+\.\d+:(?=(?:vtd_|smmuv3_|virtio_iommu_))|(?<=\s)(?=(?:"
+    + "|".join(sorted(FORMATS, key=len, reverse=True))
+    + r")\s))"
+)
 # xp /Ngx lines of QEMU's monitor: ADDR: 0xWORD 0xWORD ... (the old way to dump the CMDQ)
 DUMP_LINE = re.compile(r"^(?:0x)?(?P<addr>[0-9a-fA-F]+):(?P<words>(?:\s+0x[0-9a-fA-F]+)+)\s*$")
 U64 = (1 << 64) - 1
@@ -119,6 +133,7 @@ class Event:
     name: str
     fields: dict[str, str]
     text: str = ""  # the line, stripped (dump lines)
+    after: str = ""  # other text before the event on its line (_EMBEDDED)
 
 
 def _iso_seconds(text: str) -> float | None:
@@ -172,8 +187,15 @@ def events(lines: Iterable[str], *, dumps: bool = False) -> Iterator[Event]:
             yield Event(line_no, None, "dump", {}, line)
             continue
         match = _LINE.match(line)
+        after = ""
         if match is None or not match["event"].startswith(PREFIXES):
-            continue
+            embedded = _EMBEDDED.search(line, 1)
+            if embedded is None:
+                continue
+            after, line = line[: embedded.start()], line[embedded.start() :]
+            match = _LINE.match(line)
+            if match is None:
+                continue
         name = match["event"]
         t = None
         if match["sec"] is not None:
@@ -185,12 +207,31 @@ def events(lines: Iterable[str], *, dumps: bool = False) -> Iterator[Event]:
         fields: dict[str, str] = {}
         if pattern is not None:
             found = pattern.search(args)
+            if found is None and after and match["pid"] is None:
+                continue  # words in other text that only look like an event
             if found is None:
-                raise ImportLogError(f"line {line_no}: unreadable {name}: {args!r}")
+                raise ImportLogError(
+                    f"line {line_no}: unreadable {name}: {args!r} (not the format of QEMU "
+                    "7.2-10.x: another version's, or a line cut short)"
+                )
             fields = {k: v for k, v in found.groupdict().items() if v is not None}
             if not fields and found.groups():
                 fields = {"value": found.group(1)}
-        yield Event(line_no, t, name, fields, line)
+        yield Event(line_no, t, name, fields, line, after)
+
+
+def spliced_note(stream: Iterable[Event]) -> list[str]:
+    """The note for events read after other text on their line (``Event.after``)."""
+    lines = [ev.line for ev in stream if ev.after]
+    if not lines:
+        return []
+    shown = ", ".join(str(n) for n in lines[:5]) + (", …" if len(lines) > 5 else "")
+    return [
+        f"{len(lines)} trace events came after other text on their line (lines {shown}: "
+        "another writer's output without its newline, e.g. a guest console sharing the "
+        "log's file): read from the event's name on; give QEMU's trace a file of its own "
+        "(-D FILE)"
+    ]
 
 
 def device_id(vid: int) -> str:

@@ -27,7 +27,7 @@ from protocols.models import HostIommu, ViommuModel
 from viommud.host import HostConfig, PhysicalDevice, PhysicalIommu
 from viommud.importers import qemu_smmuv3, qemu_virtio, qemu_vtd
 from viommud.importers.options import HostSpec, ImportLogError, ImportOptions
-from viommud.importers.qemu_events import Event, device_id, events
+from viommud.importers.qemu_events import Event, device_id, events, spliced_note
 from viommud.importers.qemu_smmuv3 import parse_smmuv3
 from viommud.importers.qemu_vtd import Doorbell, parse_vtd
 
@@ -71,7 +71,7 @@ def convert(
     header's ``notes`` say what the log could not show."""
     stream = list(events(lines, dumps=True))
     model = options.model or detect_model([e for e in stream if e.name != "dump"])
-    notes: list[str] = []
+    notes: list[str] = spliced_note(stream)
     _check_units(options, model)
     if model == ViommuModel.VTD:
         vlog = parse_vtd(stream)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from protocols.models import HostIommu, ViommuModel
+from protocols.smmuv3 import Opcode
 from viommud.importers.options import HostSpec, ImportLogError, ImportOptions
 from viommud.importers.qemu_events import DUMP_LINE, Event, events, stream_id
 from viommud.importers.qemu_vtd import attachments
@@ -75,6 +76,11 @@ class Smmuv3Log:
     translations: list[tuple[int, int, str]] = field(default_factory=list)
     missing: int = 0  # doorbells left out: their commands are not in the memory given
     missing_commands: int = 0
+    # The last CMDQ_BASE's queue as QEMU consumed it: index with wrap bit -> (line, opcode
+    # name) of the last ``smmuv3_cmdq_opcode`` after a ``smmuv3_cmdq_consume`` naming it.
+    consumed: dict[int, tuple[int, str]] = field(default_factory=dict)
+    checked: int = 0  # dump entries whose opcode agreed with the one QEMU traced
+    from_dump: int = 0  # entries read from the raw dump
 
 
 def parse_smmuv3(
@@ -100,9 +106,18 @@ def read_smmuv3(
         if items and isinstance(items[0], Event)
         else list(events([str(x) for x in items], dumps=True))
     )
+    cons: int | None = None  # the entry QEMU is consuming (smmuv3_cmdq_consume)
     for ev in stream:
         if ev.name == "dump":
             _load_dump_line(ev.text, memory)
+            continue
+        if ev.name == "smmuv3_cmdq_consume":
+            cons = int(ev.fields["cons"]) | int(ev.fields["cwrap"]) << log2size
+            continue
+        if ev.name == "smmuv3_cmdq_opcode":
+            if cons is not None:
+                log.consumed[cons] = (ev.line, ev.fields["op"])
+                cons = None
             continue
         if ev.name in STE_KINDS:
             log.translations.append((ev.line, stream_id(ev), STE_KINDS[ev.name]))
@@ -113,6 +128,7 @@ def read_smmuv3(
         if offset == SMMU_CMDQ_BASE:
             base, log2size, have_base = value & 0x000F_FFFF_FFFF_FFE0, value & 0x1F, True
             epoch, published, prod = epoch + 1, 0, 0
+            log.consumed.clear()
         elif offset == SMMU_CMDQ_BASE + 4:  # the upper half written on its own
             base = (base & 0xFFFF_FFFF) | (value & 0xFFFFF) << 32
         elif offset == SMMU_CMDQ_PROD:
@@ -178,8 +194,40 @@ def _from_dump(log: Smmuv3Log, dump: bytes | None, name: str, published: int) ->
         for i in range(doorbell.count):
             offset = CMD_SIZE * ((doorbell.first + i) % entries)
             doorbell.entries.append(dump[offset : offset + CMD_SIZE])
+            _check_opcode(log, doorbell, i, name)
+        log.from_dump += doorbell.count
         kept.append(doorbell)
     log.doorbells = kept
+
+
+def _opcode(name: str) -> int | None:
+    """The opcode of QEMU's name for it (``SMMU_CMD_TLBI_NH_VA``, ``SMMU_CMD_SYNC``)."""
+    bare = name.removeprefix("SMMU_CMD_")
+    member = Opcode.__members__.get(bare) or Opcode.__members__.get("CMD_" + bare)
+    return None if member is None else int(member)
+
+
+def _check_opcode(log: Smmuv3Log, doorbell: Doorbell, i: int, name: str) -> None:
+    """A dump entry must hold the opcode QEMU traced when it consumed that entry: otherwise
+    the dump is not this run's queue (another capture's, or memory from another base)."""
+    span = 2 << log.log2size
+    traced = log.consumed.get((doorbell.first + i) % span)
+    if traced is None or doorbell.epoch != log.epochs - 1:
+        return
+    line, op_name = traced
+    expected = _opcode(op_name)
+    if expected is None:
+        return  # QEMU's "UNKNOWN" or a name of a later architecture version
+    got = doorbell.entries[i][0]
+    if got != expected:
+        index = (doorbell.first + i) % (1 << log.log2size)
+        raise ImportLogError(
+            f"line {line}: QEMU consumed {op_name} (opcode 0x{expected:02x}) at command-queue "
+            f"index {index}, but {name} holds opcode 0x{got:02x} there (the entry published "
+            f"by the CMDQ_PROD write of line {doorbell.line}): the dump is not this log's "
+            f"queue (another capture's, or taken at another base than 0x{log.base:x})"
+        )
+    log.checked += 1
 
 
 def read_dump(path: Path) -> bytes:
@@ -216,6 +264,16 @@ def notes(log: Smmuv3Log) -> list[str]:
         out.append(
             "the log has no smmuv3_translate_* events: what kind of STE QEMU used (stage 1, "
             "bypass, abort) is not visible, so every synthesized STE is stage 1"
+        )
+    if log.checked:
+        out.append(
+            f"the opcodes of {log.checked} dump entries agree with the smmuv3_cmdq_opcode "
+            "lines QEMU traced when it consumed them"
+        )
+    elif log.from_dump:
+        out.append(
+            "the queue dump is not checked against the log: no smmuv3_cmdq_consume / "
+            "smmuv3_cmdq_opcode lines for its entries"
         )
     if log.missing:
         out.append(

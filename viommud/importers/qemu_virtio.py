@@ -9,7 +9,8 @@ field of the request but the flags of ATTACH:
   another domain first detaches it, which logs a switch of its own);
 * ``virtio_iommu_detach`` -> DETACH; ``virtio_iommu_map`` -> MAP (``virt_end`` inclusive,
   flags READ 1, WRITE 2, MMIO 4); ``virtio_iommu_unmap`` -> UNMAP;
-* a run of ``virtio_iommu_fill_resv_property dev= E, type=T start= end=`` -> one PROBE of
+* a run of ``virtio_iommu_fill_resv_property dev= E, type=T start= end=`` (lines of other
+  threads may come between, not another request) -> one PROBE of
   endpoint E; its regions become the vIOMMU's ``msi_window`` (type 1, MSI) and ``resv_mem``
   (type 0, RESERVED). A PROBE of an endpoint without reserved regions leaves no trace.
 * ``virtio_iommu_get_config``: ``page_size_mask``, ``input_range``, ``domain_range``,
@@ -37,6 +38,15 @@ _REQUESTS = (
     "virtio_iommu_map",
     "virtio_iommu_unmap",
     "virtio_iommu_fill_resv_property",
+)
+
+
+# What ends a run of fill_resv_property lines: QEMU handling another request, under the
+# BQL as the PROBE is. Other lines (DMA translations of threads that do not take the BQL,
+# endpoint and domain allocations) may come between the lines of one PROBE.
+_ENDS_PROBE = frozenset(
+    {*_REQUESTS, "virtio_iommu_get_config", "virtio_iommu_set_config"}
+    - {"virtio_iommu_fill_resv_property"}
 )
 
 
@@ -68,7 +78,7 @@ def read_virtio(lines: Iterable[str] | Iterable[Event]) -> VirtioLog:
     for index, ev in enumerate(stream):
         f = ev.fields
         name = ev.name
-        if name != "virtio_iommu_fill_resv_property":
+        if name in _ENDS_PROBE:
             probe = None
         if name == "virtio_iommu_get_config" and not log.options:
             log.options = {
