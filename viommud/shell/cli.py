@@ -58,6 +58,17 @@ def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
     )
 
 
+def _positive(text: str) -> int:
+    """A ``--migrate-at`` value: a positive record count."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of records, got {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     """A ``--timeout`` value: a positive number of seconds."""
     try:
@@ -165,6 +176,14 @@ def _parser() -> argparse.ArgumentParser:
         "the vIOMMU's own 'compat' option",
     )
     rep.add_argument("--token-file", type=Path, help="token for a tcp:// --socket")
+    rep.add_argument(
+        "--migrate-at",
+        type=_positive,
+        metavar="N",
+        help="after N records save the session, load it into a fresh daemon process (with "
+        "--socket: a new session of that daemon) and replay the rest there "
+        "(docs/state-format.md)",
+    )
     rep.add_argument(
         "--timeout",
         type=_seconds,
@@ -406,6 +425,7 @@ def _replay(args: argparse.Namespace) -> int:
                         progress=progress,
                         group_commit=args.group_commit,
                         compat=args.compat,
+                        migrate_at=args.migrate_at,
                     )
                 )
             else:
@@ -419,6 +439,8 @@ def _replay(args: argparse.Namespace) -> int:
                         progress=progress,
                         group_commit=args.group_commit,
                         compat=args.compat,
+                        migrate_at=args.migrate_at,
+                        fresh_backend=args.backend,
                     )
                 )
     except OSError as exc:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from protocols.frames import MAX_PAYLOAD, PROTOCOL_VERSION, FrameType
-from viommud import __version__, wire
+from viommud import __version__, state, wire
 from viommud.backend.base import Backend
 from viommud.frontends.smmuv3.frontend import COMPAT_POLICIES
 from viommud.host import HostConfig, HostConfigError
@@ -203,6 +203,8 @@ class Connection:
             return reply
         if kind == FrameType.STATS:
             return wire.encode_json(FrameType.STATS_OK, frame.seq, session.report())
+        if kind in (FrameType.STATE_SAVE, FrameType.STATE_LOAD):
+            return self._state(frame, session)
         raise _Fatal(f"frame type 0x{kind:02x} is not a request")
 
     def _hello(self, frame: wire.Frame) -> bytes:
@@ -315,6 +317,26 @@ class Connection:
         if self.status is None:
             return encode_error(frame.seq, "this daemon does not report its status", fatal=False)
         return wire.encode_json(FrameType.STATUS_OK, frame.seq, self.status(self.client_id))
+
+    def _state(self, frame: wire.Frame, session: Session) -> bytes:
+        """STATE_SAVE / STATE_LOAD (docs/protocol.md §9): the session as a state document,
+        or a new session rebuilt from one, swapped in only once complete."""
+        if frame.type == FrameType.STATE_SAVE:
+            return wire.encode(FrameType.STATE, frame.seq, state.save(session))
+        try:
+            new = state.load(frame.payload, session, self.factory(session.backend.host))
+        except state.StateError as exc:
+            self.log.warning("state_refused", error=clip(str(exc), 512))
+            return encode_error(frame.seq, f"state refused: {exc}", fatal=False)
+        new.calls.on_error = self._backend_error
+        body: dict[str, Any] = {"viommus": {n: v.model for n, v in sorted(new.viommus.items())}}
+        body["records"] = len(new.journal.entries)
+        if new.calls.keep:
+            body["calls"] = new.drain_calls()
+        self.session = new
+        session.close()
+        self.log.info("state_loaded", viommus=sorted(new.viommus), records=body["records"])
+        return wire.encode_json(FrameType.STATE_LOADED, frame.seq, body)
 
     def describe(self) -> dict[str, Any]:
         """This client for STATUS: transport, peer, and its session's vIOMMUs and objects."""

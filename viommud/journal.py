@@ -1,0 +1,134 @@
+"""The journal of a session: the records that recreate its vIOMMUs (docs/state-format.md §2).
+
+Every configuration record the session applied and every piece of guest work that changed
+configuration, in order, less what changed nothing a later record can see: doorbells made
+only of TLB / ATC / CD-cache invalidations, prefetches and syncs that end with their own
+barrier (and follow no doorbell whose needs still wait for one), virtio-iommu requests
+answered with an error, PROBE and INVALIDATE requests, and everything of a vIOMMU that was
+destroyed. ``viommud.state`` turns it into the state document and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from protocols.models import ViommuModel
+from protocols.smmuv3 import Opcode
+from protocols.virtio_iommu import RequestType
+from protocols.vtd import DescType
+from viommud.replies import DoorbellReply, RequestReply
+from viommud.trace import Cmds, Record, Request, ViommuCreate, ViommuDestroy
+
+__all__ = ["Journal"]
+
+# SMMUv3 commands that change no state a later command can see (SMMUv3 §4.3-§4.5: TLB,
+# ATC and CD-cache invalidations, prefetches, syncs); CFGI_STE* and CFGI_ALL are kept.
+_SMMU_PLAIN = bytes(
+    sorted(
+        {
+            Opcode.PREFETCH_CONFIG,
+            Opcode.PREFETCH_ADDR,
+            Opcode.CFGI_CD,
+            Opcode.CFGI_CD_ALL,
+            Opcode.TLBI_NH_ALL,
+            Opcode.TLBI_NH_ASID,
+            Opcode.TLBI_NH_VA,
+            Opcode.TLBI_NH_VAA,
+            Opcode.TLBI_NSNH_ALL,
+            Opcode.ATC_INV,
+            Opcode.CMD_SYNC,
+        }
+    )
+)
+# VT-d descriptors of the same kind (VT-d §6.5.2): IOTLB and device-TLB invalidations and
+# waits; context-cache, PASID-cache and interrupt-entry-cache invalidations are kept.
+_VTD_PLAIN = frozenset(
+    {
+        DescType.IOTLB_INV,
+        DescType.DEV_TLB_INV,
+        DescType.INV_WAIT,
+        DescType.P_IOTLB_INV,
+        DescType.P_DEV_TLB_INV,
+    }
+)
+# A doorbell is plain when deleting these byte values from its commands' first bytes (the
+# SMMUv3 opcode; VT-d qw0[7:0] and qw0[15:8], whose bits 3:0 and 11:9 are the type) leaves
+# nothing.
+_VTD_LO_PLAIN = bytes(b for b in range(256) if b & 0xF in _VTD_PLAIN)  # qw0[3:0]
+_VTD_HI_PLAIN = bytes(b for b in range(256) if not b & 0x0E)  # qw0[11:9] = 0
+_VIRTIO_PLAIN = frozenset({RequestType.PROBE, RequestType.INVALIDATE})
+
+
+@dataclass(slots=True)
+class _Live:
+    """What the journal knows of one live vIOMMU."""
+
+    incarnation: int
+    model: str
+    width: int  # bytes per command (smmuv3 16, vtd 16 or 32); 0 for virtio-iommu
+    open: bool = False  # a kept doorbell left needs waiting for a later barrier
+
+
+@dataclass(slots=True)
+class Journal:
+    """The records that recreate a session's vIOMMUs, compacted as they arrive."""
+
+    entries: list[tuple[int, Record]] = field(default_factory=list)  # (incarnation, record)
+    live: dict[str, _Live] = field(default_factory=dict)
+    _next: int = 0
+
+    def config(self, record: Record, ok: bool) -> None:
+        """A configuration record was answered (``ok``: applied)."""
+        if not ok:
+            return
+        if isinstance(record, ViommuCreate):
+            self._next += 1
+            width = 0
+            if record.model == ViommuModel.SMMUV3:
+                width = 16
+            elif record.model == ViommuModel.VTD:
+                width = 32 if record.options.get("dw") == 256 else 16
+            self.live[record.viommu] = _Live(self._next, record.model, width)
+            self.entries.append((self._next, record))
+            return
+        live = self.live.get(record.viommu)
+        if live is None:
+            return
+        if isinstance(record, ViommuDestroy):
+            del self.live[record.viommu]
+            self.entries = [e for e in self.entries if e[0] != live.incarnation]
+            return
+        self.entries.append((live.incarnation, record))
+
+    def doorbell(self, viommu: str, data: bytes, reply: DoorbellReply) -> None:
+        """A doorbell was answered with ``reply``."""
+        live = self.live.get(viommu)
+        if live is None or not data or not live.width:
+            return
+        width = live.width
+        last = len(data) // width - 1
+        if live.model == ViommuModel.SMMUV3:
+            plain = not data[::width].translate(None, _SMMU_PLAIN)
+            ends = data[last * width] == Opcode.CMD_SYNC
+        else:
+            plain = not data[::width].translate(None, _VTD_LO_PLAIN) and not data[
+                1::width
+            ].translate(None, _VTD_HI_PLAIN)
+            ends = (
+                data[last * width] & 0xF == DescType.INV_WAIT and not data[last * width + 1] & 0xE
+            )
+        barrier = ends and all(e.index != last for e in reply.errors)
+        if plain and barrier and not live.open:
+            return  # its needs were settled by its own barrier, and it configured nothing
+        self.entries.append((live.incarnation, Cmds(0, viommu, bytes(data))))
+        live.open = not barrier
+
+    def request(self, viommu: str, data: bytes, reply: RequestReply) -> None:
+        """A virtio-iommu request was answered with ``reply``."""
+        live = self.live.get(viommu)
+        if live is None or reply.status != "OK" or not data or data[0] in _VIRTIO_PLAIN:
+            return
+        self.entries.append((live.incarnation, Request(0, viommu, bytes(data))))
+
+    def records(self) -> list[Record]:
+        return [record for _, record in self.entries]
