@@ -16,8 +16,9 @@ from protocols.models import ViommuModel
 from protocols.smmuv3 import Opcode
 from protocols.virtio_iommu import RequestType
 from protocols.vtd import DescType
+from viommud.guest.virtio import Map, Unmap, decode
 from viommud.replies import DoorbellReply, RequestReply
-from viommud.trace import Cmds, Record, Request, ViommuCreate, ViommuDestroy
+from viommud.trace import Cmds, DeviceDetach, Record, Request, ViommuCreate, ViommuDestroy
 
 __all__ = ["Journal"]
 
@@ -67,15 +68,31 @@ class _Live:
     model: str
     width: int  # bytes per command (smmuv3 16, vtd 16 or 32); 0 for virtio-iommu
     open: bool = False  # a kept doorbell left needs waiting for a later barrier
+    # virtio-iommu: (domain, virt_start, virt_end) -> the journal key of the MAP that made
+    # that mapping, while the mapping is known to be live (docs/state-format.md §2)
+    maps: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    unindexed: int = 0  # MAPs in the journal whose mapping is not in ``maps``
+
+    def forget(self) -> None:
+        """The mappings may have changed in ways the journal does not follow."""
+        self.unindexed += len(self.maps)
+        self.maps.clear()
 
 
 @dataclass(slots=True)
 class Journal:
     """The records that recreate a session's vIOMMUs, compacted as they arrive."""
 
-    entries: list[tuple[int, Record]] = field(default_factory=list)  # (incarnation, record)
+    # key (arrival order) -> (incarnation of its vIOMMU, record)
+    entries: dict[int, tuple[int, Record]] = field(default_factory=dict)
     live: dict[str, _Live] = field(default_factory=dict)
     _next: int = 0
+    _key: int = 0
+
+    def _add(self, live: _Live, record: Record) -> int:
+        self._key += 1
+        self.entries[self._key] = (live.incarnation, record)
+        return self._key
 
     def config(self, record: Record, ok: bool) -> None:
         """A configuration record was answered (``ok``: applied)."""
@@ -88,17 +105,21 @@ class Journal:
                 width = 16
             elif record.model == ViommuModel.VTD:
                 width = 32 if record.options.get("dw") == 256 else 16
-            self.live[record.viommu] = _Live(self._next, record.model, width)
-            self.entries.append((self._next, record))
+            made = _Live(self._next, record.model, width)
+            self.live[record.viommu] = made
+            self._add(made, record)
             return
         live = self.live.get(record.viommu)
         if live is None:
             return
         if isinstance(record, ViommuDestroy):
             del self.live[record.viommu]
-            self.entries = [e for e in self.entries if e[0] != live.incarnation]
+            gone = live.incarnation
+            self.entries = {k: e for k, e in self.entries.items() if e[0] != gone}
             return
-        self.entries.append((live.incarnation, record))
+        if isinstance(record, DeviceDetach):
+            live.forget()  # an endpoint that leaves may take a domain and its mappings
+        self._add(live, record)
 
     def doorbell(self, viommu: str, data: bytes, reply: DoorbellReply) -> None:
         """A doorbell was answered with ``reply``."""
@@ -120,7 +141,7 @@ class Journal:
         barrier = ends and all(e.index != last for e in reply.errors)
         if plain and barrier and not live.open:
             return  # its needs were settled by its own barrier, and it configured nothing
-        self.entries.append((live.incarnation, Cmds(0, viommu, bytes(data))))
+        self._add(live, Cmds(0, viommu, bytes(data)))
         live.open = not barrier
 
     def request(self, viommu: str, data: bytes, reply: RequestReply) -> None:
@@ -128,7 +149,47 @@ class Journal:
         live = self.live.get(viommu)
         if live is None or reply.status != "OK" or not data or data[0] in _VIRTIO_PLAIN:
             return
-        self.entries.append((live.incarnation, Request(0, viommu, bytes(data))))
+        if data[0] == RequestType.MAP:
+            req = decode(data)
+            if isinstance(req, Map):
+                key = self._add(live, Request(0, viommu, bytes(data)))
+                live.maps[req.domain, req.virt_start, req.virt_end] = key
+                return
+        elif data[0] == RequestType.UNMAP:
+            req = decode(data)
+            if isinstance(req, Unmap):
+                if not self._unmapped(live, req.domain, req.virt_start, req.virt_end):
+                    self._add(live, Request(0, viommu, bytes(data)))
+                return
+        live.forget()  # ATTACH, DETACH, ATTACH_TABLE may destroy a domain and its mappings
+        self._add(live, Request(0, viommu, bytes(data)))
+
+    def _unmapped(self, live: _Live, domain: int, start: int, end: int) -> bool:
+        """An UNMAP of ``[start, end]`` in ``domain`` answered OK: drop the MAPs of what it
+        removed. Returns whether the UNMAP itself can go too: it removed exactly the
+        mappings of MAPs in the journal (virtio-iommu §2.4: every mapping inside the range),
+        and the journal knows every live one (none straddles the range)."""
+        maps = live.maps
+        exact = maps.pop((domain, start, end), None)
+        if exact is not None:  # live mappings do not overlap: it removed that one only
+            del self.entries[exact]
+            return True
+        inside: list[tuple[int, int, int]] = []
+        straddle = False
+        for at in maps:
+            if at[0] == domain and at[1] <= end and start <= at[2]:
+                if start <= at[1] and at[2] <= end:
+                    inside.append(at)
+                else:
+                    straddle = True
+        if straddle or live.unindexed:
+            for at in [k for k in maps if k[0] == domain and k[1] <= end and start <= k[2]]:
+                del maps[at]
+                live.unindexed += 1  # gone, or no longer known to be whole
+            return False
+        for at in inside:
+            del self.entries[maps.pop(at)]
+        return True
 
     def records(self) -> list[Record]:
-        return [record for _, record in self.entries]
+        return [record for _, record in self.entries.values()]
