@@ -18,7 +18,7 @@ from protocols.virtio_iommu import RequestType
 from protocols.vtd import DescType
 from viommud.guest.virtio import Map, Unmap, decode
 from viommud.replies import DoorbellReply, RequestReply
-from viommud.trace import Cmds, DeviceDetach, Record, Request, ViommuCreate, ViommuDestroy
+from viommud.trace import Cmds, Record, Request, ViommuCreate, ViommuDestroy
 
 __all__ = ["Journal"]
 
@@ -117,8 +117,8 @@ class Journal:
             gone = live.incarnation
             self.entries = {k: e for k, e in self.entries.items() if e[0] != gone}
             return
-        if isinstance(record, DeviceDetach):
-            live.forget()  # an endpoint that leaves may take a domain and its mappings
+        # (a device_detach may destroy a domain with its mappings; the domain can only come
+        # back through an ATTACH, which makes the journal forget them: see ``request``)
         self._add(live, record)
 
     def doorbell(self, viommu: str, data: bytes, reply: DoorbellReply) -> None:
