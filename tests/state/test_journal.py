@@ -41,7 +41,8 @@ def _cmds(*commands: bytes) -> dict[str, Any]:
 
 
 def _req(request_type: int, **fields: int) -> dict[str, Any]:
-    return {"op": "request", "viommu": "v", "data": build_request(request_type, **fields).hex()}
+    data = build_request(request_type, "B", **fields)
+    return {"op": "request", "viommu": "v", "data": data.hex()}
 
 
 def _map(domain: int, start: int, end: int) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def migrated(host: HostConfig, objs: list[dict[str, Any]], at: int) -> int:
     return kept
 
 
-SMMU_SETUP = [
+SMMU_SETUP: list[dict[str, Any]] = [
     {"op": "viommu_create", "viommu": "v", "model": "smmuv3", "iommus": ["smmu0"]},
     {"op": "device_attach", "viommu": "v", "vid": 8, "device": "0000:01:00.0"},
     {"op": "ste", "viommu": "v", "vsid": 8, "data": STE.hex()},
@@ -99,7 +100,7 @@ def test_a_barrier_for_an_earlier_doorbell_is_kept() -> None:
     assert migrated(SMMU_HOST, objs, 6) == 6
 
 
-VIRTIO_SETUP = [
+VIRTIO_SETUP: list[dict[str, Any]] = [
     {
         "op": "viommu_create",
         "viommu": "v",

@@ -9,6 +9,7 @@ a fresh daemon process, in test_replay_migrate.py."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -55,9 +56,7 @@ def trace_path(name: str) -> Path:
 
 @cache
 def _tmpdir() -> str:
-    import tempfile  # noqa: PLC0415 - one directory for the whole module
-
-    return tempfile.mkdtemp(prefix="viommud-state-")
+    return tempfile.mkdtemp(prefix="viommud-state-")  # one directory for the whole module
 
 
 @cache

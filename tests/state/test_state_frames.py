@@ -22,7 +22,7 @@ from viommud.host import HostConfig
 from viommud.shell.connection import Connection
 from viommud.shell.status import backend_objects
 
-HOST = {
+HOST: dict[str, Any] = {
     "iommus": [{"id": "smmu0", "model": "arm-smmuv3"}],
     "devices": [
         {"id": "0000:01:00.0", "iommu": "smmu0", "sid": 8},
@@ -69,7 +69,8 @@ def saved_session(factory: Factory, **hello: Any) -> tuple[Connection, bytes]:
     frames.append(wire.encode_guest_data(FrameType.CMDS, 9, "v", CFGI))
     assert all(f.type != FrameType.ERROR for f in send(conn, *frames))
     (reply,) = send(conn, wire.encode(FrameType.STATE_SAVE, 10))
-    assert reply.type == FrameType.STATE and reply.seq == 10
+    assert reply.type == FrameType.STATE
+    assert reply.seq == 10
     return conn, reply.payload
 
 
@@ -85,18 +86,21 @@ def test_the_state_moves_to_a_new_session_and_goes_on_there() -> None:
     before = stats(source)
     target = connect(factory, calls=True, verify=True)
     (loaded,) = send(target, wire.encode(FrameType.STATE_LOAD, 5, document))
-    assert loaded.type == FrameType.STATE_LOADED and loaded.seq == 5
-    body = loaded.json()
+    assert loaded.type == FrameType.STATE_LOADED
+    assert loaded.seq == 5
+    body: dict[str, Any] = loaded.json()
     assert body["viommus"] == {"v": "smmuv3"}
     assert body["records"] == 4  # create, attach, ste, the CFGI_STE doorbell
     ioctls = [c["ioctl"] for c in body["calls"]]
-    assert "IOMMU_VIOMMU_ALLOC" in ioctls and "IOMMU_HWPT_ALLOC" in ioctls  # rebuilt anew
+    assert "IOMMU_VIOMMU_ALLOC" in ioctls
+    assert "IOMMU_HWPT_ALLOC" in ioctls  # rebuilt anew
     assert body["calls"][0]["seq"] == sum(before["backend"]["calls"].values()) + 1
     after = stats(target)
     for key in ("commands", "errors", "barriers", "baseline", "verify", "config_errors"):
         assert after[key] == before[key], key
     (answer,) = send(target, wire.encode_guest_data(FrameType.CMDS, 6, "v", TLBI))
-    assert answer.json()["errors"] == [] and answer.json()["syncs"] == 1
+    assert answer.json()["errors"] == []
+    assert answer.json()["syncs"] == 1
     assert answer.json()["calls"][0]["ioctl"] == "IOMMU_HWPT_INVALIDATE"  # still translating
     assert stats(target)["barriers"] == before["barriers"] + 1
 
@@ -129,7 +133,8 @@ def _bad_documents(document: bytes) -> list[tuple[str, bytes, str]]:
         ("rebuild", state.encode(broken), "does not rebuild: journal record 3"),
         ("viommus", _reencoded(document, viommus={"w": "vtd"}), "does not rebuild: it names"),
         ("compat", _reencoded(document, compat=3), "'compat' must be a string"),
-    ] + [("not-an-object", state.encode(doc)[:1] + b"]", "not valid JSON")]
+        ("not-an-object", state.encode(doc)[:1] + b"]", "not valid JSON"),
+    ]
 
 
 @pytest.mark.parametrize("case", range(12))
@@ -143,9 +148,12 @@ def test_a_bad_document_is_refused_and_the_session_is_unchanged(case: int) -> No
     (reply,) = send(target, wire.encode(FrameType.STATE_LOAD, 7, bad))
     assert reply.type == FrameType.ERROR, what
     body = reply.json()
-    assert body["fatal"] is False and reply.seq == 7
-    assert body["error"].startswith("state refused: ") and message in body["error"], body
-    assert target.session is before_session and stats(target) == before
+    assert body["fatal"] is False
+    assert reply.seq == 7
+    assert body["error"].startswith("state refused: ")
+    assert message in body["error"], body
+    assert target.session is before_session
+    assert stats(target) == before
     assert not target.closing
     for backend in factory.made[2:]:  # whatever the refused load built is gone
         assert backend_objects(backend) == []
@@ -168,7 +176,7 @@ def test_a_host_without_the_device_refuses_the_state() -> None:
     """The loading daemon's host lacks a device the state uses (docs/state-format.md §4)."""
     factory = Factory()
     _source, document = saved_session(factory)
-    small = {"iommus": HOST["iommus"], "devices": HOST["devices"][1:]}
+    small = {"iommus": HOST["iommus"], "devices": [HOST["devices"][1]]}
     target = connect(factory, host=small)
     (reply,) = send(target, wire.encode(FrameType.STATE_LOAD, 7, document))
     assert reply.type == FrameType.ERROR
@@ -179,5 +187,6 @@ def test_a_host_without_the_device_refuses_the_state() -> None:
 def test_state_frames_need_a_session() -> None:
     conn = Connection(1, Factory(), None, structlog.get_logger("viommud").bind(client=1))
     (reply,) = send(conn, wire.encode(FrameType.STATE_SAVE, 3))
-    assert reply.type == FrameType.ERROR and reply.json()["fatal"] is True
+    assert reply.type == FrameType.ERROR
+    assert reply.json()["fatal"] is True
     assert reply.json()["error"] == "the first frame must be HELLO"
