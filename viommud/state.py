@@ -83,8 +83,9 @@ def decode(blob: bytes) -> dict[str, Any]:
     return doc
 
 
-def save(session: Session) -> bytes:
-    """The state document of ``session`` (docs/state-format.md)."""
+def save(session: Session, *, frames: int | None = None) -> bytes:
+    """The state document of ``session`` (docs/state-format.md); ``frames``, when given, is
+    the number of request frames the session answered (a ``--state-dir`` file, §7)."""
     totals = session.report()
     totals["calls_seq"] = session.calls.seq
     doc = {
@@ -97,6 +98,8 @@ def save(session: Session) -> bytes:
         "journal": [record_to_json(r) for r in session.journal.records()],
         "totals": totals,
     }
+    if frames is not None:
+        doc["frames"] = frames
     return encode(doc)
 
 

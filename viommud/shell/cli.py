@@ -142,6 +142,14 @@ def _parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9708)",
     )
 
+    serve.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep each session's state in DIR, crash-safely, so that a client can resume it "
+        "after the daemon was killed or upgraded (docs/state-format.md)",
+    )
+
     rep = add("replay", "replay a trace and print the replay report")
     rep.add_argument("trace", type=Path)
     rep.add_argument("--socket", help="replay through this daemon (default: an embedded one)")
@@ -321,10 +329,17 @@ def _serve(args: argparse.Namespace) -> int:
     except BackendUnavailable as exc:
         print(f"viommud: {exc}", file=sys.stderr)
         return 2
+    if args.state_dir is not None:
+        try:
+            args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            print(f"viommud: cannot use --state-dir {args.state_dir}: {exc}", file=sys.stderr)
+            return 2
     server = Server(
         args.socket,
         factory=factory,
         fixed_host=fixed_host,
+        state_dir=args.state_dir,
         mode=mode,
         grace=args.grace,
         notify=systemd.notify,

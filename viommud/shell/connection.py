@@ -22,6 +22,7 @@ from viommud.session import RecordRefused, Session
 from viommud.shell.endpoints import token_matches
 from viommud.shell.logs import clip
 from viommud.shell.replies import encode_doorbell, encode_error, encode_response
+from viommud.shell.statedir import StateDir, StateDirError
 from viommud.shell.status import backend_objects, count_kinds, describe_viommu
 from viommud.trace import Request, TraceError, parse_record
 
@@ -37,6 +38,8 @@ MAX_HELLO_PAYLOAD = 1024 * 1024
 MAX_HOST_IOMMUS = 4096
 MAX_HOST_DEVICES = 65536  # validation is linear: 65,536 devices take ~0.16 s
 _HELLO_NAMES = ("client", "trace", "vm")  # optional strings, for logs and status
+# Frames a --state-dir file counts (``frames``): the session's records, doorbells, requests.
+_GUEST_FRAMES = frozenset({FrameType.RECORD, FrameType.CMDS, FrameType.REQUEST})
 
 
 class _Fatal(Exception):  # noqa: N818 - control flow: reply with a fatal ERROR, then close
@@ -58,6 +61,7 @@ class Connection:
         token: str | None = None,
         status: Callable[[int], dict[str, Any]] | None = None,
         metrics: Metrics | None = None,
+        state_dir: StateDir | None = None,
     ) -> None:
         self.client_id = client_id
         self.factory = factory
@@ -79,6 +83,12 @@ class Connection:
         self.trace = ""
         self.vm = ""
         self.viommu: str | None = None  # the vIOMMU being worked on, for backend_error
+        # serve --state-dir (shell/statedir.py): the session's token, request frames answered
+        # and how many of them the state file holds
+        self.state_dir = state_dir
+        self.session_token: str | None = None
+        self.frames = 0
+        self._stored = 0
 
     def receive(self, data: bytes) -> bytes:
         """Feed bytes from the peer; returns the reply bytes to send."""
@@ -88,6 +98,7 @@ class Connection:
             if self.group_commit:  # a run of doorbells waiting together: answered together
                 run = self.decoder.take_guest_data(FrameType.CMDS)
                 if run:
+                    self.frames += len(run)
                     out.append(self._group(run))
                     continue
             try:
@@ -99,6 +110,8 @@ class Connection:
                 break
             if frame is None:
                 break
+            if frame.type in _GUEST_FRAMES:
+                self.frames += 1
             try:
                 out.append(self._dispatch(frame))
             except _Fatal as exc:
@@ -110,6 +123,8 @@ class Connection:
             except Exception as exc:  # a bug must not take the daemon or other clients down
                 self.log.exception("internal_error", seq=frame.seq, frame_type=frame.type)
                 out.append(encode_error(frame.seq, f"internal error: {exc!r}", fatal=False))
+        if self.frames != self._stored and self.session_token is not None:
+            self._store()  # before the replies leave: the file is never older than them
         return b"".join(out)
 
     def _group(self, run: list[tuple[int, str, bytes]]) -> bytes:
@@ -266,6 +281,10 @@ class Connection:
             client_name=clip(names["client"] or ""),
             trace=clip(self.trace),
         )
+        if self.state_dir is not None:
+            reply.update(self._resume(hello.get("resume")))
+        elif hello.get("resume") is not None:
+            raise _Fatal("this daemon keeps no session state (serve --state-dir)")
         return wire.encode_json(FrameType.HELLO_OK, frame.seq, reply)
 
     def _host_for(self, requested: Any) -> HostConfig:
@@ -338,6 +357,50 @@ class Connection:
         self.log.info("state_loaded", viommus=sorted(new.viommus), records=body["records"])
         return wire.encode_json(FrameType.STATE_LOADED, frame.seq, body)
 
+    def _resume(self, token: Any) -> dict[str, Any]:
+        """serve --state-dir: a token for the new session, or the saved session of
+        ``token`` rebuilt into it (docs/state-format.md §7)."""
+        state_dir = self.state_dir
+        session = self.session
+        assert state_dir is not None
+        assert session is not None
+        try:
+            token, blob = state_dir.claim(token)
+        except StateDirError as exc:
+            raise _Fatal(f"cannot resume: {exc}") from None
+        out: dict[str, Any] = {"session_token": token}
+        if blob is not None:
+            try:
+                new = state.load(blob, session, self.factory(session.backend.host))
+                frames = int(state.decode(blob).get("frames", 0))
+            except (state.StateError, ValueError, TypeError) as exc:
+                state_dir.release(token)
+                raise _Fatal(f"cannot resume: state refused: {exc}") from None
+            new.calls.on_error = self._backend_error
+            new.drain_calls()
+            self.session = new
+            session.close()
+            self.frames = self._stored = frames
+            out["resumed"] = {
+                "viommus": {n: v.model for n, v in sorted(new.viommus.items())},
+                "frames": frames,
+            }
+            self.log.info("session_resumed", viommus=sorted(new.viommus), frames=frames)
+        self.session_token = token
+        self._store()
+        return out
+
+    def _store(self) -> None:
+        state_dir, session, token = self.state_dir, self.session, self.session_token
+        if state_dir is None or session is None or token is None:
+            return
+        try:
+            state_dir.store(token, session, self.frames)
+        except OSError as exc:
+            self.log.error("state_store_failed", error=str(exc))
+            return
+        self._stored = self.frames
+
     def describe(self) -> dict[str, Any]:
         """This client for STATUS: transport, peer, and its session's vIOMMUs and objects."""
         out: dict[str, Any] = {
@@ -367,6 +430,12 @@ class Connection:
             return None
         self.session = None
         self.viommu = None  # teardown failures name their vIOMMU themselves
+        token = self.session_token
+        if self.state_dir is not None and token is not None:
+            # kept for a client that resumes it; nothing to keep when it holds no vIOMMU
+            self.state_dir.release(token)
+            if not session.viommus:
+                self.state_dir.discard(token)
         report = session.report()  # commands and errors, while its vIOMMUs are still there
         session.close()
         report["backend"] = session.report()["backend"]  # with the teardown calls

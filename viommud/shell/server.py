@@ -39,6 +39,7 @@ from viommud.backend.select import emulated_backend
 from viommud.host import HostConfig
 from viommud.shell.connection import BackendFactory, Connection
 from viommud.shell.endpoints import TcpAddress, bind_tcp
+from viommud.shell.statedir import StateDir
 from viommud.shell.status import Snapshot, Totals, backend_objects, count_kinds
 from viommud.shell.systemd import ListenSocket
 
@@ -76,6 +77,7 @@ class Server:
         activated: Sequence[ListenSocket] = (),
         metrics: TcpAddress | None = None,
         notify: Callable[[str], object] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         """``tcp``: extra TCP listeners (inside network namespace ``netns`` when given), each
         needing ``token`` in HELLO. ``activated``: sockets from the service manager, served
@@ -94,6 +96,8 @@ class Server:
         self.activated = tuple(activated)
         self.metrics_address = metrics
         self.notify = notify
+        # serve --state-dir: sessions kept on disk for clients that resume them
+        self.state_dir = StateDir(Path(state_dir)) if state_dir is not None else None
         self.log = structlog.get_logger("viommud")
         self._servers: list[asyncio.Server] = []
         self._started = False
@@ -319,6 +323,7 @@ class Server:
             token=self.token if transport == "tcp" else None,
             status=self.status,
             metrics=self.metrics,
+            state_dir=self.state_dir,
         )
         self._connections[client_id] = connection
         self.clients += 1
