@@ -11,6 +11,7 @@ A client resumes with HELLO ``resume: TOKEN``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import secrets
@@ -29,10 +30,12 @@ class StateDirError(Exception):
 
 @dataclass(slots=True)
 class StateDir:
-    """The directory of saved sessions, shared by every connection of one daemon."""
+    """The directory of saved sessions. A session live on a connection holds an exclusive
+    ``flock`` on ``DIR/TOKEN.lock`` (so the claim holds across processes, and a process
+    that dies releases it)."""
 
     path: Path
-    in_use: set[str] = field(default_factory=set)  # tokens of sessions live on a connection
+    _locks: dict[str, int] = field(default_factory=dict)  # token -> the locked fd
 
     def __post_init__(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -40,26 +43,40 @@ class StateDir:
     def _file(self, token: str) -> Path:
         return self.path / f"{token}.state"
 
+    def _lock(self, token: str) -> bool:
+        fd = os.open(self.path / f"{token}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._locks[token] = fd
+        return True
+
     def claim(self, token: object) -> tuple[str, bytes | None]:
         """A token for a new session (``token`` None), or the saved state of ``token``;
         StateDirError for a token that is malformed, unknown or in use."""
         if token is None:
             token = secrets.token_hex(16)
-            self.in_use.add(token)
+            self._lock(token)
             return token, None
         if not isinstance(token, str) or not _TOKEN.fullmatch(token):
             raise StateDirError("'resume' must be a session token (32 lowercase hex digits)")
-        if token in self.in_use:
+        if not self._file(token).exists():
+            raise StateDirError("no saved session for that token")
+        if not self._lock(token):
             raise StateDirError("that session is live on another connection")
         try:
             blob = self._file(token).read_bytes()
         except FileNotFoundError:
+            self.release(token)
             raise StateDirError("no saved session for that token") from None
-        self.in_use.add(token)
         return token, blob
 
     def release(self, token: str) -> None:
-        self.in_use.discard(token)
+        fd = self._locks.pop(token, None)
+        if fd is not None:
+            os.close(fd)  # closing the fd drops the lock
 
     def store(self, token: str, session: Session, frames: int) -> None:
         """Write the session's state, crash-safely (atomic rename after fsync)."""
@@ -82,5 +99,7 @@ class StateDir:
             os.close(directory)
 
     def discard(self, token: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._file(token).unlink()
+        """Remove the session's file (and its lock file; call after ``release``)."""
+        for path in (self._file(token), self.path / f"{token}.lock"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
