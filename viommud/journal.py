@@ -67,6 +67,7 @@ class _Live:
     incarnation: int
     model: str
     width: int  # bytes per command (smmuv3 16, vtd 16 or 32); 0 for virtio-iommu
+    smmu: bool = False  # an smmuv3 (else a vtd, when ``width``)
     open: bool = False  # a kept doorbell left needs waiting for a later barrier
     # virtio-iommu: (domain, virt_start, virt_end) -> the journal key of the MAP that made
     # that mapping, while the mapping is known to be live (docs/state-format.md §2)
@@ -105,7 +106,7 @@ class Journal:
                 width = 16
             elif record.model == ViommuModel.VTD:
                 width = 32 if record.options.get("dw") == 256 else 16
-            made = _Live(self._next, record.model, width)
+            made = _Live(self._next, record.model, width, record.model == ViommuModel.SMMUV3)
             self.live[record.viommu] = made
             self._add(made, record)
             return
@@ -122,27 +123,32 @@ class Journal:
         self._add(live, record)
 
     def doorbell(self, viommu: str, data: bytes, reply: DoorbellReply) -> None:
-        """A doorbell was answered with ``reply``."""
+        """A doorbell was answered with ``reply`` (on every doorbell: kept cheap)."""
         live = self.live.get(viommu)
-        if live is None or not data or not live.width:
+        if live is None:
             return
         width = live.width
-        last = len(data) // width - 1
-        if live.model == ViommuModel.SMMUV3:
-            plain = not data[::width].translate(None, _SMMU_PLAIN)
-            ends = data[last * width] == Opcode.CMD_SYNC
+        if not width or len(data) < width:
+            return
+        at = len(data) - width  # the last command
+        if live.smmu:
+            ends = data[at] == Opcode.CMD_SYNC
+            plain = ends and not data[::width].translate(None, _SMMU_PLAIN)
         else:
-            plain = not data[::width].translate(None, _VTD_LO_PLAIN) and not data[
-                1::width
-            ].translate(None, _VTD_HI_PLAIN)
-            ends = (
-                data[last * width] & 0xF == DescType.INV_WAIT and not data[last * width + 1] & 0xE
+            ends = data[at] & 0xF == DescType.INV_WAIT and not data[at + 1] & 0xE
+            plain = (
+                ends
+                and not data[::width].translate(None, _VTD_LO_PLAIN)
+                and not data[1::width].translate(None, _VTD_HI_PLAIN)
             )
-        barrier = ends and all(e.index != last for e in reply.errors)
-        if plain and barrier and not live.open:
+        errors = reply.errors
+        if errors and ends:
+            last = at // width
+            ends = all(e.index != last for e in errors)
+        if plain and ends and not live.open:
             return  # its needs were settled by its own barrier, and it configured nothing
         self._add(live, Cmds(0, viommu, bytes(data)))
-        live.open = not barrier
+        live.open = not ends
 
     def request(self, viommu: str, data: bytes, reply: RequestReply) -> None:
         """A virtio-iommu request was answered with ``reply``."""
