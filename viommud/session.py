@@ -105,6 +105,11 @@ class Session:
 
     def doorbell(self, viommu: str, data: bytes) -> DoorbellReply:
         """One guest doorbell (a ``cmds`` record)."""
+        response = self._doorbell(viommu, data)
+        self.journal.doorbell(viommu, data, response)
+        return response
+
+    def _doorbell(self, viommu: str, data: bytes) -> DoorbellReply:
         instance = self._instance(viommu)
         verifier = self.verifier
         if verifier is None:
@@ -114,7 +119,6 @@ class Session:
             response = instance.doorbell(data)
             verifier.doorbell_end(viommu, {e.index for e in response.errors})
             self._log_missed(viommu)
-        self.journal.doorbell(viommu, data, response)
         return response
 
     def request(self, viommu: str, data: bytes) -> RequestReply:
@@ -161,17 +165,16 @@ class Session:
                 verifier.doorbell_end(viommu, failed)
                 self._log_missed(viommu)
 
-        single: set[int] = set()  # answers of ``doorbell`` (which journals its own)
-
         def one(data: bytes) -> DoorbellReply | Exception:
-            answer = self._one(viommu, data)
-            single.add(id(answer))
-            return answer
+            try:
+                return self._doorbell(viommu, data)
+            except RecordRefused as exc:
+                return exc
 
         answers = group_commit.run(model, doorbells, one, before=before, after=after)
         journal = self.journal
-        for data, answer in zip(doorbells, answers, strict=True):
-            if isinstance(answer, DoorbellReply) and id(answer) not in single:
+        for data, answer in zip(doorbells, answers, strict=True):  # in order, as one by one
+            if isinstance(answer, DoorbellReply):
                 journal.doorbell(viommu, data, answer)
         return answers
 
