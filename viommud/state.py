@@ -85,7 +85,7 @@ def decode(blob: bytes) -> dict[str, Any]:
 
 def save(session: Session, *, frames: int | None = None) -> bytes:
     """The state document of ``session`` (docs/state-format.md); ``frames``, when given, is
-    the number of request frames the session answered (a ``--state-dir`` file, §7)."""
+    the number of request frames the session answered (a ``--state-dir`` file, §6)."""
     totals = session.report()
     totals["calls_seq"] = session.calls.seq
     doc = {

@@ -1,4 +1,4 @@
-"""``serve --state-dir DIR`` (docs/state-format.md §7): a client that reconnects with its
+"""``serve --state-dir DIR`` (docs/state-format.md §6): a client that reconnects with its
 session token after the daemon was killed (SIGKILL while frames were in flight) or stopped
 and started again (an upgrade) finds its vIOMMUs rebuilt, learns how many of its frames the
 restored session holds, sends the rest and gets the replies an uninterrupted session gives."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from viommud.backend.base import Backend
 from viommud.backend.emulator import EmulatedIommufd
 from viommud.host import HostConfig
 from viommud.shell.connection import Connection
+from viommud.shell.statedir import StateDir
 from viommud.shell.status import backend_objects
 
 HOST: dict[str, Any] = {
@@ -190,3 +192,25 @@ def test_state_frames_need_a_session() -> None:
     assert reply.type == FrameType.ERROR
     assert reply.json()["fatal"] is True
     assert reply.json()["error"] == "the first frame must be HELLO"
+
+
+def test_a_loaded_state_is_kept_in_the_state_dir(tmp_path: Path) -> None:
+    """With serve --state-dir, the session a STATE_LOAD made is what the file holds as soon
+    as the STATE_LOADED reply leaves (docs/state-format.md §6)."""
+    factory = Factory()
+    _source, document = saved_session(factory)
+    conn = Connection(
+        1,
+        factory,
+        None,
+        structlog.get_logger("viommud").bind(client=1),
+        state_dir=StateDir(tmp_path),
+    )
+    hello = wire.encode_json(FrameType.HELLO, 1, {"protocol": 1, "host": HOST})
+    token = replies(conn.receive(hello))[0].json()["session_token"]
+    assert json.loads((tmp_path / f"{token}.state").read_bytes())["viommus"] == {}
+    (loaded,) = send(conn, wire.encode(FrameType.STATE_LOAD, 2, document))
+    assert loaded.type == FrameType.STATE_LOADED
+    saved = json.loads((tmp_path / f"{token}.state").read_bytes())
+    assert saved["viommus"] == {"v": "smmuv3"}
+    assert saved["frames"] == 0

@@ -354,12 +354,13 @@ class Connection:
             body["calls"] = new.drain_calls()
         self.session = new
         session.close()
+        self._stored = -1  # a --state-dir file is rewritten with the new session
         self.log.info("state_loaded", viommus=sorted(new.viommus), records=body["records"])
         return wire.encode_json(FrameType.STATE_LOADED, frame.seq, body)
 
     def _resume(self, token: Any) -> dict[str, Any]:
         """serve --state-dir: a token for the new session, or the saved session of
-        ``token`` rebuilt into it (docs/state-format.md §7)."""
+        ``token`` rebuilt into it (docs/state-format.md §6)."""
         state_dir = self.state_dir
         session = self.session
         assert state_dir is not None

@@ -1,5 +1,5 @@
 """``serve --state-dir DIR``: each session's state kept on disk, so that a client can resume
-its session after the daemon was killed or upgraded (docs/state-format.md §7).
+its session after the daemon was killed or upgraded (docs/state-format.md §6).
 
 One file per session, ``DIR/TOKEN.state``: the session's state document (viommud.state)
 with ``frames``, the number of request frames the session had answered. It is rewritten
