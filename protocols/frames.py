@@ -37,12 +37,16 @@ class FrameType(enum.IntEnum):
     REQUEST = 0x04  # binary: GuestData — one virtio-iommu request
     STATS = 0x05  # empty: ask for the session totals
     STATUS = 0x06  # JSON: {} or {"token": str}; the daemon's state, no session needed
+    STATE_SAVE = 0x08  # empty: ask for the session's state document (docs/state-format.md)
+    STATE_LOAD = 0x09  # a state document: rebuild the session from it
     HELLO_OK = 0x81  # JSON: {"protocol": 1, "server": str, "backend": str, "host": {...}}
     RESPONSE = 0x82  # JSON: a response (docs/trace-format.md §4), "calls" when asked for
     CMDS_OK = 0x83  # binary: CmdsOk — a doorbell answered with nothing but counts (compact)
     STATS_OK = 0x85  # JSON: session totals in the replay report's shape
     CMDS_OK_WRITES = 0x87  # binary: CmdsOkWrites — CMDS_OK plus VT-d status writes (compact)
     STATUS_OK = 0x86  # JSON: listeners, clients, live vIOMMUs/vdevices/HWPTs, totals
+    STATE = 0x88  # the state document (JSON bytes, docs/state-format.md)
+    STATE_LOADED = 0x89  # JSON: {"viommus": {name: model}, "records": int, "calls"?: [...]}
     ERROR = 0xFF  # JSON: {"error": str, "fatal": bool} — the request was refused
 
 

@@ -20,6 +20,7 @@ from viommud.backend.base import Backend
 from viommud.backend.calls import BackendCallError, CallLog, Iommufd
 from viommud.dispatcher import DispatchStats
 from viommud.group_commit import GroupCommit
+from viommud.journal import Journal
 from viommud.models import (
     ModelContext,
     ModelError,
@@ -71,6 +72,7 @@ class Session:
         self._retired_kinds: dict[str, int] = {}
         self._retired_errors: dict[str, int] = {}
         self.log = log
+        self.journal = Journal()  # what recreates the vIOMMUs (viommud.state)
         self._context = ModelContext(
             backend.host, self.iommufd, self.stats, log, policies or {}, compat
         )
@@ -92,6 +94,7 @@ class Session:
             response = ConfigReply(False, str(exc))
         if verifier is not None:
             verifier.after(record, response.ok)
+        self.journal.config(record, response.ok)
         if not response.ok:
             self.config_errors += 1
             if self.log is not None:
@@ -102,14 +105,20 @@ class Session:
 
     def doorbell(self, viommu: str, data: bytes) -> DoorbellReply:
         """One guest doorbell (a ``cmds`` record)."""
+        response = self._doorbell(viommu, data)
+        self.journal.doorbell(viommu, data, response)
+        return response
+
+    def _doorbell(self, viommu: str, data: bytes) -> DoorbellReply:
         instance = self._instance(viommu)
         verifier = self.verifier
         if verifier is None:
-            return instance.doorbell(data)
-        verifier.doorbell_begin(viommu, data)
-        response = instance.doorbell(data)
-        verifier.doorbell_end(viommu, {e.index for e in response.errors})
-        self._log_missed(viommu)
+            response = instance.doorbell(data)
+        else:
+            verifier.doorbell_begin(viommu, data)
+            response = instance.doorbell(data)
+            verifier.doorbell_end(viommu, {e.index for e in response.errors})
+            self._log_missed(viommu)
         return response
 
     def request(self, viommu: str, data: bytes) -> RequestReply:
@@ -117,15 +126,17 @@ class Session:
         instance = self._instance(viommu)
         verifier = self.verifier
         if verifier is None:
-            return instance.request(data)
-        verifier.request_begin(viommu, data)
-        status = "DEVERR"
-        try:
             reply = instance.request(data)
-            status = reply.status
-        finally:
-            verifier.request_end(viommu, status)
-        self._log_missed(viommu)
+        else:
+            verifier.request_begin(viommu, data)
+            status = "DEVERR"
+            try:
+                reply = instance.request(data)
+                status = reply.status
+            finally:
+                verifier.request_end(viommu, status)
+            self._log_missed(viommu)
+        self.journal.request(viommu, data, reply)
         return reply
 
     def doorbells(self, viommu: str, doorbells: list[bytes]) -> list[DoorbellReply | Exception]:
@@ -154,13 +165,18 @@ class Session:
                 verifier.doorbell_end(viommu, failed)
                 self._log_missed(viommu)
 
-        return group_commit.run(
-            model,
-            doorbells,
-            lambda data: self._one(viommu, data),
-            before=before,
-            after=after,
-        )
+        def one(data: bytes) -> DoorbellReply | Exception:
+            try:
+                return self._doorbell(viommu, data)
+            except RecordRefused as exc:
+                return exc
+
+        answers = group_commit.run(model, doorbells, one, before=before, after=after)
+        journal = self.journal
+        for data, answer in zip(doorbells, answers, strict=True):  # in order, as one by one
+            if isinstance(answer, DoorbellReply):
+                journal.doorbell(viommu, data, answer)
+        return answers
 
     def _one(self, viommu: str, data: bytes) -> DoorbellReply | Exception:
         try:
@@ -222,6 +238,50 @@ class Session:
         del self.viommus[instance.name]
         _merge(self._retired_kinds, instance.kind_counts())
         _merge(self._retired_errors, instance.error_counts())
+
+    # -- migration (viommud.state) --------------------------------------------------------
+    @property
+    def compat(self) -> str | None:
+        """The session's default compatibility policy (HELLO ``compat``)."""
+        return self._context.compat
+
+    def set_compat(self, compat: str | None) -> None:
+        self._context.compat = compat
+
+    def sibling(self, backend: Backend, *, compat: str | None) -> Session:
+        """A new, empty session on ``backend`` with this one's options."""
+        return Session(
+            backend,
+            keep_calls=self.calls.keep,
+            verify=self.verifier is not None,
+            log=self.log,
+            policies=self._context.policies,
+            compat=compat,
+        )
+
+    def restore_totals(self, saved: dict[str, Any]) -> None:
+        """Make the report's totals those of a saved session (``viommud.state``): the
+        commands, errors, barriers, baseline, config errors and oracle verdict become the
+        saved ones; the backend counts add the saved ones to the calls made here."""
+        kinds: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        for instance in self.viommus.values():
+            _merge(kinds, instance.kind_counts())
+            _merge(errors, instance.error_counts())
+        self._retired_kinds = _less(saved["by_kind"], kinds)
+        self._retired_errors = _less(saved["by_code"], errors)
+        self.stats.barriers = saved["barriers"]
+        self.stats.baseline_invalidate_calls = saved["baseline"]
+        self.config_errors = saved["config_errors"]
+        calls = self.calls
+        _merge(calls.calls, saved["calls"])
+        _merge(calls.errnos, saved["errnos"])
+        calls.invalidation_entries += saved["invalidation_entries"]
+        if self.verifier is not None:
+            ledger = self.verifier.ledger
+            ledger.missed = saved["missed"]
+            ledger.over = saved["over"]
+            ledger.missed_needs.clear()
 
     # -- reporting and teardown -----------------------------------------------------------
     def drain_calls(self) -> list[dict[str, Any]]:
@@ -294,3 +354,12 @@ def _config_keys(record: Record) -> dict[str, Any]:
 def _merge(into: dict[str, int], other: dict[str, int]) -> None:
     for key, value in other.items():
         into[key] = into.get(key, 0) + value
+
+
+def _less(total: dict[str, int], part: dict[str, int]) -> dict[str, int]:
+    """``total - part`` per key, leaving out zeros (counts the report adds to ``part``)."""
+    out = {key: value - part.get(key, 0) for key, value in total.items()}
+    for key, value in part.items():
+        if key not in total:
+            out[key] = -value
+    return {key: value for key, value in out.items() if value}

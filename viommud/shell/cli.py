@@ -59,6 +59,17 @@ def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
     )
 
 
+def _positive(text: str) -> int:
+    """A ``--migrate-at`` value: a positive record count."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of records, got {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     """A ``--timeout`` value: a positive number of seconds."""
     try:
@@ -210,6 +221,14 @@ def _parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9708)",
     )
 
+    serve.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep each session's state in DIR, crash-safely, so that a client can resume it "
+        "after the daemon was killed or upgraded (docs/state-format.md)",
+    )
+
     rep = add("replay", "replay a trace and print the replay report")
     rep.add_argument("trace", type=Path)
     rep.add_argument("--socket", help="replay through this daemon (default: an embedded one)")
@@ -245,6 +264,14 @@ def _parser() -> argparse.ArgumentParser:
         "'compat' option",
     )
     rep.add_argument("--token-file", type=Path, help="token for a tcp:// --socket")
+    rep.add_argument(
+        "--migrate-at",
+        type=_positive,
+        metavar="N",
+        help="after N records save the session, load it into a fresh daemon process (with "
+        "--socket: a new session of that daemon) and replay the rest there "
+        "(docs/state-format.md)",
+    )
     rep.add_argument(
         "--timeout",
         type=_seconds,
@@ -388,10 +415,17 @@ def _serve(args: argparse.Namespace) -> int:
     except BackendUnavailable as exc:
         print(f"viommud: {exc}", file=sys.stderr)
         return 2
+    if args.state_dir is not None:
+        try:
+            args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            print(f"viommud: cannot use --state-dir {args.state_dir}: {exc}", file=sys.stderr)
+            return 2
     server = Server(
         args.socket,
         factory=factory,
         fixed_host=fixed_host,
+        state_dir=args.state_dir,
         mode=mode,
         grace=args.grace,
         notify=systemd.notify,
@@ -519,6 +553,7 @@ def _replay(args: argparse.Namespace) -> int:
                         progress=progress,
                         group_commit=args.group_commit,
                         compat=args.compat,
+                        migrate_at=args.migrate_at,
                     )
                 )
             else:
@@ -532,6 +567,8 @@ def _replay(args: argparse.Namespace) -> int:
                         progress=progress,
                         group_commit=args.group_commit,
                         compat=args.compat,
+                        migrate_at=args.migrate_at,
+                        fresh_backend=args.backend,
                     )
                 )
     except OSError as exc:

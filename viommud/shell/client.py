@@ -166,10 +166,36 @@ class Client:
             raise ClientError(f"unexpected reply 0x{reply.type:02x} to STATUS from {self.target}")
         return body
 
+    async def state_save(self) -> bytes:
+        """The session's state document (STATE_SAVE, docs/state-format.md)."""
+        seq = self.next_seq()
+        self.send(wire.encode(FrameType.STATE_SAVE, seq))
+        await self.drain()
+        reply = await self.receive()
+        if reply.type != FrameType.STATE:
+            body = _body(reply, self.target)
+            raise ClientError(f"{self.target} refused STATE_SAVE: {_error_of(body)}")
+        return reply.payload
+
+    async def state_load(self, document: bytes) -> dict[str, Any]:
+        """Rebuild the session from a state document (STATE_LOAD); the STATE_LOADED body."""
+        seq = self.next_seq()
+        self.send(wire.encode(FrameType.STATE_LOAD, seq, document))
+        await self.drain()
+        reply = await self.receive()
+        body = _body(reply, self.target)
+        if reply.type != FrameType.STATE_LOADED or not isinstance(body, dict):
+            raise ClientError(f"{self.target} refused STATE_LOAD: {_error_of(body)}")
+        return body
+
     async def close(self) -> None:
         self._writer.close()
         with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
+
+
+def _error_of(body: Any) -> Any:
+    return body.get("error") if isinstance(body, dict) else body
 
 
 def _body(reply: wire.Frame, target: str) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 from protocols.frames import PROTOCOL_VERSION, FrameType
 from protocols.virtio_iommu import RequestType
-from viommud import __version__, wire
+from viommud import __version__, state, wire
 from viommud.backend.base import Backend
 from viommud.frontends.compat import COMPAT_POLICIES
 from viommud.host import HostConfig, HostConfigError
@@ -26,6 +26,7 @@ from viommud.shell.limits import MAX_HELLO_FRAME, Limits
 from viommud.shell.logs import DemotingLogger, clip
 from viommud.shell.progress import Progress
 from viommud.shell.replies import encode_doorbell, encode_error, encode_response
+from viommud.shell.statedir import StateDir, StateDirError
 from viommud.shell.status import backend_objects, count_kinds, describe_viommu
 from viommud.trace import (
     DeviceAttach,
@@ -47,6 +48,8 @@ MAX_HELLO_PAYLOAD = MAX_HELLO_FRAME
 MAX_HOST_IOMMUS = 4096
 MAX_HOST_DEVICES = 65536  # validation is linear: 65,536 devices take ~0.16 s
 _HELLO_NAMES = ("client", "trace", "vm")  # optional strings, for logs and status
+# Frames a --state-dir file counts (``frames``): the session's records, doorbells, requests.
+_GUEST_FRAMES = frozenset({FrameType.RECORD, FrameType.CMDS, FrameType.REQUEST})
 
 
 class _Fatal(Exception):  # noqa: N818 - control flow: reply with a fatal ERROR, then close
@@ -70,6 +73,7 @@ class Connection:
         limits: Limits | None = None,
         claims: Claims | None = None,
         handoff: bool = False,
+        state_dir: StateDir | None = None,
     ) -> None:
         """``limits``: frame sizes and per-session quotas (docs/operations.md §10).
         ``claims``: where physical devices are claimed (EBUSY across sessions).
@@ -101,6 +105,12 @@ class Connection:
         self.progress = Progress()
         self._attached: dict[tuple[str, int], str] = {}  # (vIOMMU, vid) -> device
         self._held: dict[str, int] = {}  # device -> attachments of this session
+        # serve --state-dir (shell/statedir.py): the session's token, request frames answered
+        # and how many of them the state file holds
+        self.state_dir = state_dir
+        self.session_token: str | None = None
+        self.frames = 0
+        self._stored = 0
 
     def receive(self, data: bytes) -> bytes:
         """Feed bytes from the peer; returns the reply bytes to send."""
@@ -110,6 +120,7 @@ class Connection:
             if self.group_commit:  # a run of doorbells waiting together: answered together
                 run = self.decoder.take_guest_data(FrameType.CMDS)
                 if run:
+                    self.frames += len(run)
                     out.append(self._group(run))
                     continue
             try:
@@ -121,6 +132,8 @@ class Connection:
                 break
             if frame is None:
                 break
+            if frame.type in _GUEST_FRAMES:
+                self.frames += 1
             try:
                 out.append(self._dispatch(frame))
                 if self.handed_off is not None:
@@ -134,6 +147,8 @@ class Connection:
             except Exception as exc:  # a bug must not take the daemon or other clients down
                 self.log.exception("internal_error", seq=frame.seq, frame_type=frame.type)
                 out.append(encode_error(frame.seq, f"internal error: {exc!r}", fatal=False))
+        if self.frames != self._stored and self.session_token is not None:
+            self._store()  # before the replies leave: the file is never older than them
         if self.session is not None and self.progress.due():
             self.log.info("session_progress", **_progress_keys(self.progress))
         return b"".join(out)
@@ -252,6 +267,8 @@ class Connection:
             return reply
         if kind == FrameType.STATS:
             return wire.encode_json(FrameType.STATS_OK, frame.seq, session.report())
+        if kind in (FrameType.STATE_SAVE, FrameType.STATE_LOAD):
+            return self._state(frame, session)
         raise _Fatal(f"frame type 0x{kind:02x} is not a request")
 
     def _hello(self, frame: wire.Frame) -> bytes:
@@ -324,6 +341,10 @@ class Connection:
             client_name=clip(names["client"] or ""),
             trace=clip(self.trace),
         )
+        if self.state_dir is not None:
+            reply.update(self._resume(hello.get("resume")))
+        elif hello.get("resume") is not None:
+            raise _Fatal("this daemon keeps no session state (serve --state-dir)")
         return wire.encode_json(FrameType.HELLO_OK, frame.seq, reply)
 
     # -- quotas and device ownership ---------------------------------------------------
@@ -444,6 +465,71 @@ class Connection:
             )
         return wire.encode_json(FrameType.STATUS_OK, frame.seq, self.status(self.client_id))
 
+    def _state(self, frame: wire.Frame, session: Session) -> bytes:
+        """STATE_SAVE / STATE_LOAD (docs/protocol.md §9): the session as a state document,
+        or a new session rebuilt from one, swapped in only once complete."""
+        if frame.type == FrameType.STATE_SAVE:
+            return wire.encode(FrameType.STATE, frame.seq, state.save(session))
+        try:
+            new = state.load(frame.payload, session, self.factory(session.backend.host))
+        except state.StateError as exc:
+            self.log.warning("state_refused", error=clip(str(exc), 512))
+            return encode_error(frame.seq, f"state refused: {exc}", fatal=False)
+        new.calls.on_error = self._backend_error
+        body: dict[str, Any] = {"viommus": {n: v.model for n, v in sorted(new.viommus.items())}}
+        body["records"] = len(new.journal.entries)
+        if new.calls.keep:
+            body["calls"] = new.drain_calls()
+        self.session = new
+        session.close()
+        self._stored = -1  # a --state-dir file is rewritten with the new session
+        self.log.info("state_loaded", viommus=sorted(new.viommus), records=body["records"])
+        return wire.encode_json(FrameType.STATE_LOADED, frame.seq, body)
+
+    def _resume(self, token: Any) -> dict[str, Any]:
+        """serve --state-dir: a token for the new session, or the saved session of
+        ``token`` rebuilt into it (docs/state-format.md §6)."""
+        state_dir = self.state_dir
+        session = self.session
+        assert state_dir is not None
+        assert session is not None
+        try:
+            token, blob = state_dir.claim(token)
+        except StateDirError as exc:
+            raise _Fatal(f"cannot resume: {exc}") from None
+        out: dict[str, Any] = {"session_token": token}
+        if blob is not None:
+            try:
+                new = state.load(blob, session, self.factory(session.backend.host))
+                frames = int(state.decode(blob).get("frames", 0))
+            except (state.StateError, ValueError, TypeError) as exc:
+                state_dir.release(token)
+                raise _Fatal(f"cannot resume: state refused: {exc}") from None
+            new.calls.on_error = self._backend_error
+            new.drain_calls()
+            self.session = new
+            session.close()
+            self.frames = self._stored = frames
+            out["resumed"] = {
+                "viommus": {n: v.model for n, v in sorted(new.viommus.items())},
+                "frames": frames,
+            }
+            self.log.info("session_resumed", viommus=sorted(new.viommus), frames=frames)
+        self.session_token = token
+        self._store()
+        return out
+
+    def _store(self) -> None:
+        state_dir, session, token = self.state_dir, self.session, self.session_token
+        if state_dir is None or session is None or token is None:
+            return
+        try:
+            state_dir.store(token, session, self.frames)
+        except OSError as exc:
+            self.log.error("state_store_failed", error=str(exc))
+            return
+        self._stored = self.frames
+
     def describe(self) -> dict[str, Any]:
         """This client for STATUS: transport, peer, and its session's vIOMMUs and objects."""
         out: dict[str, Any] = {
@@ -480,6 +566,12 @@ class Connection:
             self.log.info("session_progress", **_progress_keys(self.progress))
         self.session = None
         self.viommu = None  # teardown failures name their vIOMMU themselves
+        token = self.session_token
+        if self.state_dir is not None and token is not None:
+            # kept for a client that resumes it; nothing to keep when it holds no vIOMMU
+            self.state_dir.release(token)
+            if not session.viommus:
+                self.state_dir.discard(token)
         report = session.report()  # commands and errors, while its vIOMMUs are still there
         session.close()
         report["backend"] = session.report()["backend"]  # with the teardown calls

@@ -19,6 +19,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -89,8 +90,14 @@ async def replay(
     progress: bool = False,
     group_commit: bool = False,
     compat: str | None = None,
+    migrate_at: int | None = None,
+    migrate_to: Callable[[], Awaitable[Client]] | None = None,
 ) -> ReplayResult:
     """Replay ``trace`` on the daemon listening at ``socket_path``.
+
+    With ``migrate_at`` N, after the first N records the session is saved (STATE_SAVE),
+    loaded into a new session (STATE_LOAD) on the daemon ``migrate_to`` connects to (by
+    default a new connection to ``socket_path``) and the replay goes on there.
 
     With ``verify`` the daemon runs the oracle; a missed invalidation gives exit status 1.
     ``group_commit`` lets the daemon share host calls among doorbells that arrive together
@@ -119,6 +126,8 @@ async def replay(
             progress=bar,
             group_commit=group_commit,
             compat=compat,
+            migrate_at=migrate_at,
+            migrate_to=migrate_to or (lambda: Client.connect(socket_path, token=token)),
         )
     except ClientError as exc:
         return ReplayResult(EXIT_REFUSED, None, f"{header.name}: {exc}")
@@ -140,10 +149,12 @@ async def _run(
     progress: Progress | None = None,
     group_commit: bool = False,
     compat: str | None = None,
+    migrate_at: int | None = None,
+    migrate_to: Callable[[], Awaitable[Client]] | None = None,
 ) -> ReplayResult:
     header = reader.header
     extra = {"compat": compat} if compat is not None else {}
-    await client.hello(
+    hello: dict[str, Any] = dict(
         host=header.host.to_json(),
         calls=calls is not None,
         trace=header.name,
@@ -153,6 +164,8 @@ async def _run(
         group_commit=group_commit,
         **extra,
     )
+    await client.hello(**hello)
+    moved: list[Client] = []  # the client of the session the state moved to
     started = time.perf_counter()
     lines: dict[int, int] = {}  # seq -> trace line
     records = 0
@@ -196,22 +209,53 @@ async def _run(
             lines[seq] = record.line
             records += 1
             tally.add(record)
-            if len(lines) >= window:
+            if records == migrate_at and migrate_to is not None:
+                await client.drain()
+                error = await settle(0)
+                if error:
+                    break
+                client = await _migrate(client, migrate_to, hello, calls, moved)
+            elif len(lines) >= window:
                 await client.drain()
                 error = await settle(window // 2)
                 if error:
                     break
     except TraceError as exc:
         error = f"{reader.path}: {exc}"
-    await client.drain()
-    refusal = await settle(0)
-    error = error or refusal
-    elapsed = time.perf_counter() - started
-    if error:
-        return ReplayResult(EXIT_REFUSED, None, error)
-    totals = await client.stats()
+    try:
+        await client.drain()
+        refusal = await settle(0)
+        error = error or refusal
+        elapsed = time.perf_counter() - started
+        if error:
+            return ReplayResult(EXIT_REFUSED, None, error)
+        totals = await client.stats()
+    finally:
+        for other in moved:
+            await other.close()
     report = build_report(header.name, records, totals, elapsed, tally)
     return ReplayResult(EXIT_MISSED if report["verify"]["missed"] else EXIT_OK, report)
+
+
+async def _migrate(
+    client: Client,
+    migrate_to: Callable[[], Awaitable[Client]],
+    hello: dict[str, Any],
+    calls: IO[str] | None,
+    moved: list[Client],
+) -> Client:
+    """Save the session of ``client``, load it into a new session on the daemon
+    ``migrate_to`` connects to, and return that session's client (docs/state-format.md §5).
+    The rebuild's backend calls go to the call log."""
+    document = await client.state_save()
+    target = await migrate_to()
+    moved.append(target)
+    await target.hello(**hello)
+    loaded = await target.state_load(document)
+    await client.close()  # the source session ends: its vIOMMUs live on in the target
+    if calls is not None and loaded.get("calls"):
+        calls.writelines(json.dumps(c, separators=(",", ":")) + "\n" for c in loaded["calls"])
+    return target
 
 
 # Guest work that asks the host to invalidate something (docs/trace-format.md §3.6).
@@ -366,29 +410,81 @@ async def replay_embedded(
     progress: bool = False,
     group_commit: bool = False,
     compat: str | None = None,
+    migrate_at: int | None = None,
+    fresh_backend: str = "emulated",
 ) -> ReplayResult:
-    """Start a daemon on a temporary Unix socket in this process and replay through it."""
+    """Start a daemon on a temporary Unix socket in this process and replay through it.
+
+    With ``migrate_at`` the state moves after that many records to a fresh daemon process
+    (``viommud serve --backend fresh_backend`` on another temporary socket), which
+    answers the rest of the trace."""
     with tempfile.TemporaryDirectory(prefix="viommud-") as tmp:
         socket_path = Path(tmp) / "viommud.sock"
         server = Server(socket_path, factory=factory)
         await server.start()
         stop = asyncio.Event()
         serving = asyncio.create_task(server.run(stop.wait))
-        try:
-            return await replay(
-                trace,
-                socket_path,
-                responses=responses,
-                calls=calls,
-                verify=verify,
-                progress=progress,
-                group_commit=group_commit,
-                compat=compat,
-            )
-        finally:
-            stop.set()
-            with contextlib.suppress(asyncio.CancelledError):
-                await serving
+        async with contextlib.AsyncExitStack() as stack:
+
+            async def migrate_to() -> Client:
+                fresh = await stack.enter_async_context(
+                    fresh_daemon(Path(tmp) / "fresh.sock", fresh_backend)
+                )
+                return await Client.connect(fresh)
+
+            try:
+                return await replay(
+                    trace,
+                    socket_path,
+                    responses=responses,
+                    calls=calls,
+                    verify=verify,
+                    progress=progress,
+                    group_commit=group_commit,
+                    compat=compat,
+                    migrate_at=migrate_at,
+                    migrate_to=migrate_to,
+                )
+            finally:
+                stop.set()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+    raise AssertionError("unreachable")  # pragma: no cover - the block returns or raises
+
+
+@contextlib.asynccontextmanager
+async def fresh_daemon(socket_path: Path, backend: str = "emulated") -> AsyncIterator[Path]:
+    """A new ``viommud serve`` process on ``socket_path``, stopped (SIGTERM, then SIGKILL
+    after 10 s) when the block ends."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "viommud",
+        "serve",
+        "--socket",
+        str(socket_path),
+        "--backend",
+        backend,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60.0
+        while not await asyncio.to_thread(socket_path.exists):
+            if process.returncode is not None or time.monotonic() > deadline:
+                raise ClientError(f"the fresh daemon on {socket_path} did not start")
+            await asyncio.sleep(0.05)
+        yield socket_path
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                async with asyncio.timeout(10.0):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
 
 
 def render_table(report: dict[str, Any]) -> str:

@@ -47,6 +47,7 @@ from viommud.shell.logs import clip
 from viommud.shell.progress import merged
 from viommud.shell.replies import encode_error
 from viommud.shell.sessions import Handed, Spawner
+from viommud.shell.statedir import StateDir
 from viommud.shell.status import Snapshot, Totals, backend_objects, count_kinds
 from viommud.shell.stream import SHUTTING_DOWN, forget_error, pump
 from viommud.shell.systemd import ListenSocket
@@ -91,6 +92,7 @@ class Server:
         allow_uids: Sequence[int] = (),
         group: int | None = None,
         session_loop: str = "asyncio",
+        state_dir: Path | None = None,
     ) -> None:
         """``tcp``: extra TCP listeners (inside network namespace ``netns`` when given), each
         needing ``token`` in HELLO. ``activated``: sockets from the service manager, served
@@ -115,6 +117,8 @@ class Server:
         self.activated = tuple(activated)
         self.metrics_address = metrics
         self.notify = notify
+        # serve --state-dir: sessions kept on disk for clients that resume them
+        self.state_dir = StateDir(Path(state_dir)) if state_dir is not None else None
         self.log = structlog.get_logger("viommud")
         self._servers: list[asyncio.Server] = []
         self._started = False
@@ -439,6 +443,7 @@ class Server:
             limits=self.limits,
             claims=self.registry.owner(client_id, f"client {client_id}"),
             handoff=self.processes,
+            state_dir=None if self.processes else self.state_dir,
         )
         self._connections[client_id] = connection
         self.clients += 1
@@ -534,6 +539,8 @@ class Server:
             "limits": self.limits.to_json(),
             "log": dict(logs.CONFIGURED),
             "loop": self.session_loop,
+            # serve --state-dir: the session process keeps (and resumes) the session's state
+            "state_dir": str(self.state_dir.path) if self.state_dir is not None else None,
         }
         try:
             handed.start(setup, connection.handed_off + leftover)

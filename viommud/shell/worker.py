@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from viommud.backend.select import backend_factory
@@ -36,6 +37,7 @@ from viommud.host import HostConfig
 from viommud.shell import logs
 from viommud.shell.connection import Connection
 from viommud.shell.limits import Limits
+from viommud.shell.statedir import StateDir
 from viommud.shell.stream import forget_error, pump
 
 SETUP_CHUNK = 1 << 20
@@ -137,6 +139,7 @@ async def serve(control: socket.socket, fd: int, setup: dict[str, Any], rest: by
         peer=setup["peer"],
         limits=limits,
         claims=link,
+        state_dir=StateDir(Path(setup["state_dir"])) if setup.get("state_dir") else None,
     )
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_connection(sock=sock)
