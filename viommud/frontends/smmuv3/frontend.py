@@ -36,6 +36,7 @@ from viommud.events import (
     Invalidation,
     Scope,
     StreamTableInvalidated,
+    new_invalidation,
 )
 from viommud.guest.smmuv3 import COMMAND, DEFINED, kind_name
 
@@ -45,6 +46,7 @@ NEED_DATA: Final = None  # what next_event() returns once the doorbell is fully 
 ATC_INV_SIZE_ALL = 52
 
 _SYNC_DEFINED = DEFINED[Opcode.CMD_SYNC]
+_TLBI_NH_VA = int(Opcode.TLBI_NH_VA)
 
 # Commands this vSMMU recognises but does not implement, with the reason given to the guest.
 _NO_HYP = "EL2 TLB invalidation needs IDR0.HYP, which this vSMMU does not advertise"
@@ -345,28 +347,41 @@ class SmmuV3Frontend:
         m0, m1 = DEFINED[w0 & 0xFF]
         if w0 & ~m0 or w1 & ~m1:
             return self._common_checks(index, w0, w1)
-        error = self._check_range(index, w0, w1)
-        if error is not None:
-            return error
-        if self.features.compat == QEMU:
+        features = self.features
+        tg = (w1 >> 10) & 3
+        num, scale = (w0 >> 12) & 0x1F, (w0 >> 20) & 0x1F
+        # _check_range's verdict without the call when the encoding is a plain valid range
+        # (TG != 0, RIL, not the reserved TTL/NUM/SCALE = 0 nor 16 KB TTL=1) or address
+        if features.compat == QEMU:
             w0, w1 = _qemu_range(w0, w1)
-        tg = _field(w1, 10, 2)
+            tg = (w1 >> 10) & 3
+            num, scale = (w0 >> 12) & 0x1F, (w0 >> 20) & 0x1F
+        elif not (
+            tg
+            and features.ril
+            and (num or scale or w1 & 0x300)
+            and not (tg == 2 and (w1 >> 8) & 3 == 1)
+        ):
+            error = self._check_range(index, w0, w1)
+            if error is not None:
+                return error
         addr = w1 & ~0xFFF & 0xFFFFFFFFFFFFFFFF
         if tg:
             granule = 1 << (tg * 2 + 10)
-            size = ((_field(w0, 12, 5) + 1) << _field(w0, 20, 5)) * granule
+            size = ((num + 1) << scale) * granule
         else:
             granule, size = 0, 1 << 12  # a single address: every entry that contains it
-        return Invalidation(
+        return new_invalidation(
             index,
             Cache.TLB,
             Scope.RANGE,
-            asid=(w0 >> 48) if w0 & 0xFF == Opcode.TLBI_NH_VA else None,
-            addr=addr,
-            size=size,
-            granule=granule,
-            leaf=bool(w1 & 1),
-            raw=COMMAND.pack(w0, w1),
+            None,
+            (w0 >> 48) if w0 & 0xFF == _TLBI_NH_VA else None,
+            addr,
+            size,
+            granule,
+            bool(w1 & 1),
+            COMMAND.pack(w0, w1),
         )
 
     def _on_atc_inv(self, index: int, w0: int, w1: int) -> Event | None:
