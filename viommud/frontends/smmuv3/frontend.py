@@ -350,17 +350,20 @@ class SmmuV3Frontend:
         features = self.features
         tg = (w1 >> 10) & 3
         num, scale = (w0 >> 12) & 0x1F, (w0 >> 20) & 0x1F
-        # _check_range's verdict without the call when the encoding is a plain valid range
-        # (TG != 0, RIL, not the reserved TTL/NUM/SCALE = 0 nor 16 KB TTL=1) or address
+        # _check_range is called only when it could refuse: a single address (TG=0) with
+        # NUM/SCALE/TTL set, or a range without RIL / reserved TTL=NUM=SCALE=0 / 16 KB TTL=1
         if features.compat == QEMU:
             w0, w1 = _qemu_range(w0, w1)
             tg = (w1 >> 10) & 3
             num, scale = (w0 >> 12) & 0x1F, (w0 >> 20) & 0x1F
-        elif not (
-            tg
-            and features.ril
-            and (num or scale or w1 & 0x300)
-            and not (tg == 2 and (w1 >> 8) & 3 == 1)
+        elif (
+            (num or scale or w1 & 0x300)  # TG=0: a single address needs all three 0
+            if not tg
+            else not (
+                features.ril
+                and (num or scale or w1 & 0x300)
+                and not (tg == 2 and (w1 >> 8) & 3 == 1)
+            )
         ):
             error = self._check_range(index, w0, w1)
             if error is not None:
