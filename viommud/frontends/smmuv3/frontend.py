@@ -177,17 +177,17 @@ class SmmuV3Frontend:
                 f"got {len(data)} bytes",
                 bytes(data),
             )
-        summary = DoorbellSummary()
         events = self._events
+        append = events.append
         counts = self.opcode_counts
         handlers = _HANDLERS
         if self.features.compat == QEMU:
             handlers = _QEMU_HANDLERS
             data = _qemu_fields(data)
+        syncs = 0
         for index, (w0, w1) in enumerate(COMMAND.iter_unpack(data)):
             opcode = w0 & 0xFF
             counts[opcode] += 1
-            summary.consumed += 1
             handler = handlers.get(opcode)
             event = (
                 handler(self, index, w0, w1)
@@ -197,10 +197,10 @@ class SmmuV3Frontend:
             if event is None:
                 continue
             if type(event) is Barrier:
-                summary.syncs += 1
-                self.barriers += 1
-            events.append(event)
-        self.last = summary
+                syncs += 1
+            append(event)
+        self.barriers += syncs
+        self.last = DoorbellSummary(len(data) // COMMAND_SIZE, syncs)
 
     def next_event(self) -> Event | None:
         """The next event of the doorbell, or NEED_DATA when it is fully consumed."""
