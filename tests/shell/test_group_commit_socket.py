@@ -135,3 +135,9 @@ async def test_compact_status_writes_stand_for_the_json_response(daemon: Daemon)
     kinds = {kind for kind, _ in compact}
     assert FrameType.CMDS_OK_WRITES in kinds
     assert all(kind == FrameType.RESPONSE for kind, _ in plain)
+
+
+@pytest.mark.parametrize("value", [True, -1])
+async def test_group_commit_must_be_a_number_of_vcpus(daemon: Daemon, value: int) -> None:
+    with pytest.raises(ValueError, match="number of racing vCPUs"):
+        await replay(FIXTURES / "smmuv3-every-opcode.jsonl", daemon.socket, group_commit=value)

@@ -100,6 +100,8 @@ async def replay(
     for a guest that waits on each sync. ``compat`` is the session's
     default compatibility policy (HELLO ``compat``, docs/protocol.md).
     ``socket_path`` may be ``tcp://ADDR:PORT``; ``token`` is then presented in HELLO."""
+    if isinstance(group_commit, bool) or group_commit < 0:  # True was the old on/off flag
+        raise ValueError(f"group_commit is a number of racing vCPUs (0: off), got {group_commit!r}")
     try:
         reader = TraceReader(trace)
     except TraceError as exc:
@@ -144,8 +146,6 @@ async def _run(
     group_commit: int = 0,
     compat: str | None = None,
 ) -> ReplayResult:
-    if group_commit < 0:
-        raise ValueError(f"group_commit must be >= 0, got {group_commit}")
     header = reader.header
     extra = {"compat": compat} if compat is not None else {}
     await client.hello(
