@@ -44,6 +44,19 @@ ECHO_REQUEST = json.dumps(
 ).encode()
 
 
+# STATS_OK in the replay report's shape, all zero (so `viommud replay` runs against the echo)
+ECHO_STATS = json.dumps(
+    {
+        "commands": {"total": 0, "by_kind": {}},
+        "errors": {"total": 0, "by_code": {}},
+        "barriers": 0,
+        "backend": {"calls": {}, "invalidation_entries": 0, "errnos": {}},
+        "baseline": {"invalidate_calls": 0},
+    },
+    separators=(",", ":"),
+).encode()
+
+
 def _vtd_reply(seq: int, data: bytes, width: int, compact: bool) -> bytes:
     """The daemon's answer to a clean VT-d doorbell ending in a wait with a status write."""
     n = len(data) // width
@@ -80,6 +93,8 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 if record.get("op") == "viommu_create" and record.get("model") == "vtd":
                     vtd[record["viommu"]] = record.get("options", {}).get("dw", 128) // 8
                 out.append(wire.encode(FrameType.RESPONSE, frame.seq, ECHO_RECORD))
+            elif kind == FrameType.STATS:  # a replay client's end: totals of nothing
+                out.append(wire.encode(FrameType.STATS_OK, frame.seq, ECHO_STATS))
             elif kind == FrameType.HELLO:
                 hello = frame.json()
                 compact_writes = bool(hello.get("compact")) and bool(hello.get("compact_writes"))

@@ -56,6 +56,54 @@ class Invalidation:
     raw: bytes = b""
 
 
+_new_object = object.__new__
+_INV_SETTERS = tuple(
+    Invalidation.__dict__[name].__set__
+    for name in (
+        "index",
+        "caches",
+        "scope",
+        "device",
+        "asid",
+        "addr",
+        "size",
+        "granule",
+        "leaf",
+        "raw",
+    )
+)
+
+
+def new_invalidation(  # noqa: PLR0917 - every field, positionally, for speed
+    index: int,
+    caches: Cache,
+    scope: Scope,
+    device: int | None,
+    asid: int | None,
+    addr: int,
+    size: int,
+    granule: int,
+    leaf: bool,
+    raw: bytes,
+) -> Invalidation:
+    """``Invalidation(...)`` for the decode loops: the same frozen value (equal, hashed and
+    printed alike), built through its slots without the dataclass ``__init__``'s
+    ``object.__setattr__`` per field (a third of its cost)."""
+    inv: Invalidation = _new_object(Invalidation)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _INV_SETTERS
+    s0(inv, index)
+    s1(inv, caches)
+    s2(inv, scope)
+    s3(inv, device)
+    s4(inv, asid)
+    s5(inv, addr)
+    s6(inv, size)
+    s7(inv, granule)
+    s8(inv, leaf)
+    s9(inv, raw)
+    return inv
+
+
 @dataclass(frozen=True, slots=True)
 class StreamTableInvalidated:
     """SMMUv3 CFGI_STE / CFGI_STE_RANGE / CFGI_ALL (SMMUv3 §4.3): the VMM re-reads the vSTEs

@@ -138,3 +138,43 @@ def test_decode_benchmark_runs() -> None:
         assert row["construct_per_s"] > 0
         assert row["fast_per_s"] > 0
         assert row["speedup"] > 1, row["model"]
+
+
+def _rows(script: str, *extra: str) -> list[dict[str, object]]:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--quick", "--json", *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        cwd=ROOT,
+    )
+    rows: list[dict[str, object]] = json.loads(out.stdout)
+    return rows
+
+
+@pytest.mark.slow
+def test_doorbell_benchmark_splits_by_layer() -> None:
+    rows = _rows("doorbell.py", "--rounds", "1")
+    assert [r["workload"] for r in rows] == ["real-strict", "strict", "noril-64"]
+    for row in rows:
+        layers = row["layers_us"]
+        assert isinstance(layers, dict)
+        assert set(layers) == {"frontend", "dispatcher", "emulator", "rest"}
+        assert row["us_per_doorbell_median"] > 0  # type: ignore[operator]
+
+
+@pytest.mark.slow
+def test_replay_floor_states_the_group_commit_n() -> None:
+    """Per doorbell and ``--group-commit 4``: the report's N is the one asked for, and with
+    at most 4 doorbells pending the strict trace needs at least a quarter of the calls."""
+    rows = _rows("replay_floor.py", "--rounds", "1", "--workload", "strict", "--group-commit", "4")
+    modes = rows[0]["modes"]
+    assert isinstance(modes, dict)
+    alone, grouped = modes["per-doorbell"], modes["group-commit 4"]
+    assert alone["group_commit"] == 0
+    assert grouped["group_commit"] == 4
+    assert alone["invalidate_calls"] == alone["baseline_calls"]
+    assert alone["invalidate_calls"] / 4 <= grouped["invalidate_calls"] < alone["invalidate_calls"]
+    assert alone["ratio"] > 0
+    assert grouped["ratio"] > 0

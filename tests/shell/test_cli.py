@@ -24,6 +24,7 @@ REPORT_KEYS = {
     "backend",
     "baseline",
     "verify",
+    "group_commit",
     "elapsed_s",
     "commands_per_s",
 }
@@ -52,6 +53,26 @@ def test_replay_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "guest errors" in out
     assert "CERROR_ILL 21" in out
     assert "missed 0, over 0" in out  # the oracle runs by default and says what it found
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_group_commit_needs_a_number_of_vcpus(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", str(FIXTURES / "smmuv3-every-opcode.jsonl"), "--group-commit", value])
+    assert exc.value.code == 2
+    assert "expected a number of racing vCPUs" in capsys.readouterr().err
+
+
+def test_replay_table_states_the_group_commit_assumption(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    trace = str(FIXTURES / "smmuv3-every-opcode.jsonl")
+    assert main(["replay", trace, "--group-commit", "8"]) == 0
+    assert "8 vCPUs racing per vIOMMU" in capsys.readouterr().out
+    assert main(["replay", trace, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["group_commit"] == 0
 
 
 def test_replay_no_verify(capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,7 +160,7 @@ def test_serve_replay_health_and_sigterm(tmp_path: Path, loop: str, group: bool)
                 "--socket",
                 str(socket),
                 "--json",
-                *(["--group-commit"] if group else []),
+                *(["--group-commit", "128"] if group else []),
             ],
             capture_output=True,
             text=True,

@@ -19,7 +19,7 @@ from viommud.trace import Cmds, TraceReader, record_to_json
 TRACES = sorted(p.name for p in FIXTURES.glob("*.jsonl*"))
 
 
-async def _replay(daemon: Daemon, name: str, group: bool) -> tuple[list[str], dict[str, Any]]:
+async def _replay(daemon: Daemon, name: str, group: int) -> tuple[list[str], dict[str, Any]]:
     responses = io.StringIO()
     result = await replay(
         FIXTURES / name, daemon.socket, responses=responses, verify=True, group_commit=group
@@ -30,8 +30,8 @@ async def _replay(daemon: Daemon, name: str, group: bool) -> tuple[list[str], di
 
 @pytest.mark.parametrize("name", TRACES)
 async def test_fixture_answers_the_same_with_group_commit(daemon: Daemon, name: str) -> None:
-    alone, alone_report = await _replay(daemon, name, False)
-    grouped, grouped_report = await _replay(daemon, name, True)
+    alone, alone_report = await _replay(daemon, name, 0)
+    grouped, grouped_report = await _replay(daemon, name, 128)
     assert grouped == alone
     for key in ("commands", "errors", "barriers", "baseline"):
         assert grouped_report[key] == alone_report[key], key
@@ -41,11 +41,32 @@ async def test_fixture_answers_the_same_with_group_commit(daemon: Daemon, name: 
 
 
 async def test_real_smmuv3_trace_collapses_to_few_calls(daemon: Daemon) -> None:
-    _, report = await _replay(daemon, "smmuv3-linux61-strict.jsonl.xz", True)
+    _, report = await _replay(daemon, "smmuv3-linux61-strict.jsonl.xz", 128)
     calls = report["backend"]["calls"]["IOMMU_HWPT_INVALIDATE"]
     # One call per group of waiting doorbells instead of one per doorbell (6,220).
     assert calls < report["baseline"]["invalidate_calls"] // 10
     assert report["verify"] == {"enabled": True, "missed": 0, "over": report["verify"]["over"]}
+    assert report["group_commit"] == 128
+
+
+@pytest.mark.parametrize("vcpus", [1, 4])
+async def test_group_commit_n_bounds_the_doorbells_pending_together(
+    daemon: Daemon, vcpus: int
+) -> None:
+    """``group_commit=N``: at most N doorbells of a vIOMMU wait at once, so a group holds at
+    most N of them and the real trace (6,221 doorbells with forwarded work, one call each
+    alone) needs at least 6,221 / N calls; N=1 is the per-doorbell count exactly."""
+    _, alone = await _replay(daemon, "smmuv3-linux61-strict.jsonl.xz", 0)
+    _, report = await _replay(daemon, "smmuv3-linux61-strict.jsonl.xz", vcpus)
+    assert alone["group_commit"] == 0
+    assert report["group_commit"] == vcpus
+    per_doorbell = alone["backend"]["calls"]["IOMMU_HWPT_INVALIDATE"]
+    calls = report["backend"]["calls"]["IOMMU_HWPT_INVALIDATE"]
+    if vcpus == 1:
+        assert calls == per_doorbell
+    else:
+        assert -(-per_doorbell // vcpus) <= calls < per_doorbell
+    assert report["verify"]["missed"] == 0
 
 
 async def test_pipelined_group_keeps_order_around_records_and_refusals(daemon: Daemon) -> None:
@@ -114,3 +135,9 @@ async def test_compact_status_writes_stand_for_the_json_response(daemon: Daemon)
     kinds = {kind for kind, _ in compact}
     assert FrameType.CMDS_OK_WRITES in kinds
     assert all(kind == FrameType.RESPONSE for kind, _ in plain)
+
+
+@pytest.mark.parametrize("value", [True, -1])
+async def test_group_commit_must_be_a_number_of_vcpus(daemon: Daemon, value: int) -> None:
+    with pytest.raises(ValueError, match="number of racing vCPUs"):
+        await replay(FIXTURES / "smmuv3-every-opcode.jsonl", daemon.socket, group_commit=value)

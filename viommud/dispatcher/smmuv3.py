@@ -176,7 +176,8 @@ class SmmuDispatcher:
             if not targets:
                 return
         rank = class_rank(inv.raw[0])
-        if any(sealed < rank for sealed in self._sealed):
+        sealed = self._sealed
+        if sealed and min(sealed) < rank:
             self._flush(errors)  # a later step that depends on work sealed by a SYNC
         if not self._pending:
             self._first_barrier = stats.barriers + 1

@@ -45,6 +45,10 @@ DEFAULT_FLOOD_PAGES = 512
 
 _ADDR_MASK = 0xFFFFFFFFFFFFF000
 _VMID_FIELD = 0xFFFF << 32
+# opcodes as plain ints for the per-entry loops (an enum comparison costs more)
+_TLBI_NH_VA = int(Opcode.TLBI_NH_VA)
+_CFGI_CD_ALL = int(Opcode.CFGI_CD_ALL)
+_ATC_INV = int(Opcode.ATC_INV)
 
 
 @dataclass(slots=True)
@@ -88,17 +92,20 @@ def drop_duplicates(entries: Iterable[Entry]) -> list[Entry]:
 
 
 def drop_covered_by_vm_wide(entries: list[Entry]) -> list[Entry]:
-    wide = next((e for e in entries if e.opcode in TLBI_VM_WIDE_OPS), None)
+    wide = next((e for e in entries if e.raw[0] in TLBI_VM_WIDE_OPS), None)
     if wide is None:
         return entries
-    return [e for e in entries if e.opcode not in TLBI_OPS or e is wide]
+    return [e for e in entries if e.raw[0] not in TLBI_OPS or e is wide]
 
 
 def drop_covered_by_device_wide(entries: list[Entry]) -> list[Entry]:
-    cd_all = {e.words[0] >> 32 for e in entries if e.opcode == Opcode.CFGI_CD_ALL}
+    opcodes = {e.raw[0] for e in entries}
+    if _CFGI_CD_ALL not in opcodes and _ATC_INV not in opcodes:
+        return entries  # nothing device-wide (the common case: TLB work only)
+    cd_all = {e.words[0] >> 32 for e in entries if e.raw[0] == _CFGI_CD_ALL}
     atc_all = set()
     for e in entries:
-        if e.opcode == Opcode.ATC_INV:
+        if e.raw[0] == _ATC_INV:
             w0, w1 = e.words
             if not w0 & (1 << 11) and w1 & 0x3F == 52:
                 atc_all.add(w0 >> 32)
@@ -146,7 +153,8 @@ def encode_range(
 
 def _range_key(e: Entry) -> tuple[int, int, int] | None:
     """(W0 without NUM/SCALE, W1 without the address) for a range TLBI with TG != 0."""
-    if e.opcode not in TLBI_RANGE_OPS:
+    raw = e.raw
+    if raw[0] not in TLBI_RANGE_OPS or not (raw[9] >> 2) & 3:  # W1[11:10] is TG
         return None
     w0, w1 = e.words
     if not (w1 >> 10) & 3:
@@ -222,9 +230,10 @@ def promote_floods(entries: list[Entry], threshold: int = DEFAULT_FLOOD_PAGES) -
     rewrites it anyway). Not NH_ASID: that would spare the global entries NH_VA removes."""
     pages: dict[int, int] = {}
     for e in entries:
-        if e.opcode == Opcode.TLBI_NH_VA:
-            asid = e.words[0] >> 48
-            pages[asid] = pages.get(asid, 0) + (_pages(e)[1] if _range_key(e) else 1)
+        raw = e.raw
+        if raw[0] == _TLBI_NH_VA:
+            asid = raw[6] | raw[7] << 8  # W0[63:48]
+            pages[asid] = pages.get(asid, 0) + (_pages(e)[1] if (raw[9] >> 2) & 3 else 1)
     flooded = {asid for asid, n in pages.items() if n > threshold}
     if not flooded:
         return entries
@@ -286,6 +295,9 @@ def merge_atc(entries: list[Entry]) -> list[Entry]:
 
 
 def order_by_class(entries: list[Entry]) -> list[Entry]:
+    if all(e.raw[0] in TLBI_OPS for e in entries):
+        return list(entries)  # one class, all keys equal: the stable sort keeps the order
+
     def key(e: Entry) -> tuple[int, int, int]:
         rank = class_rank(e.opcode)
         if rank == 1:

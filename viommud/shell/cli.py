@@ -134,6 +134,19 @@ def _limit_options(serve: argparse.ArgumentParser) -> None:
         )
 
 
+def _vcpus(text: str) -> int:
+    """A ``--group-commit`` value: how many vCPUs race for a vIOMMU's queue (>= 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of racing vCPUs (1 or more), got {text!r}"
+        )
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="viommud", description="VMM-side virtual-IOMMU emulator daemon"
@@ -251,9 +264,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "--group-commit",
-        action="store_true",
-        help="let doorbells that arrive together share host calls (docs/coalescing.md); "
-        "fewer calls, counts that depend on timing",
+        type=_vcpus,
+        default=0,
+        metavar="N",
+        help="model N vCPUs racing for each vIOMMU's queue: at most N doorbells of one "
+        "vIOMMU pending at once, and doorbells that arrive together share host calls "
+        "(docs/coalescing.md); fewer calls, counts that depend on timing. Default: off, "
+        "every doorbell on its own (a guest that waits on each sync)",
     )
     rep.add_argument(
         "--compat",

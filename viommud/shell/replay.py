@@ -88,7 +88,7 @@ async def replay(
     verify: bool = False,
     token: str | None = None,
     progress: bool = False,
-    group_commit: bool = False,
+    group_commit: int = 0,
     compat: str | None = None,
     migrate_at: int | None = None,
     migrate_to: Callable[[], Awaitable[Client]] | None = None,
@@ -100,10 +100,15 @@ async def replay(
     default a new connection to ``socket_path``) and the replay goes on there.
 
     With ``verify`` the daemon runs the oracle; a missed invalidation gives exit status 1.
-    ``group_commit`` lets the daemon share host calls among doorbells that arrive together
-    (call counts then depend on timing; responses do not). ``compat`` is the session's
+    ``group_commit`` N > 0 models N vCPUs racing for each vIOMMU's queue, each waiting on its
+    own sync: at most N doorbells of one vIOMMU are unanswered at once, and the daemon may
+    share host calls among those that arrive together (call counts then depend on timing;
+    responses do not). 0 (the default): the daemon handles every doorbell on its own, as
+    for a guest that waits on each sync. ``compat`` is the session's
     default compatibility policy (HELLO ``compat``, docs/protocol.md).
     ``socket_path`` may be ``tcp://ADDR:PORT``; ``token`` is then presented in HELLO."""
+    if isinstance(group_commit, bool) or group_commit < 0:  # True was the old on/off flag
+        raise ValueError(f"group_commit is a number of racing vCPUs (0: off), got {group_commit!r}")
     try:
         reader = TraceReader(trace)
     except TraceError as exc:
@@ -147,7 +152,7 @@ async def _run(
     window: int,
     verify: bool,
     progress: Progress | None = None,
-    group_commit: bool = False,
+    group_commit: int = 0,
     compat: str | None = None,
     migrate_at: int | None = None,
     migrate_to: Callable[[], Awaitable[Client]] | None = None,
@@ -161,7 +166,7 @@ async def _run(
         verify=verify,
         compact=True,
         compact_writes=True,
-        group_commit=group_commit,
+        group_commit=group_commit > 0,
         **extra,
     )
     await client.hello(**hello)
@@ -172,35 +177,70 @@ async def _run(
     tally = ConfigTally()
     error: str | None = None
 
+    # --group-commit N: the unanswered doorbells of each vIOMMU (N vCPUs, each waiting on
+    # its own sync, so at most N of them can be pending together)
+    doorbell_of: dict[int, str] = {}
+    pending: dict[str, int] = {}
+
+    async def receive_one() -> str | None:
+        """Read and write out one reply; returns a refusal, if it is one."""
+        frame = await client.receive()
+        line = lines.pop(frame.seq, None)
+        if line is None:
+            raise ClientError(f"reply for unknown request {frame.seq}")
+        viommu = doorbell_of.pop(frame.seq, None)
+        if viommu is not None:
+            pending[viommu] -= 1
+        body = frame.response()
+        if frame.type == FrameType.ERROR:
+            refusal = f"line {line}: the daemon refused the record: {body['error']}"
+            if body.get("fatal"):
+                raise ClientError(refusal)
+            return refusal
+        call_log = body.pop("calls", None)
+        if calls is not None and call_log:
+            calls.writelines(json.dumps(c, separators=(",", ":")) + "\n" for c in call_log)
+        if responses is not None:
+            responses.write(json.dumps({"record": line, **body}, separators=(",", ":")) + "\n")
+        return None
+
     async def settle(limit: int) -> str | None:
         """Read replies until at most ``limit`` are outstanding; returns a refusal, if any."""
         refusal = None
         waiting = len(lines)
         while len(lines) > limit:
-            frame = await client.receive()
-            line = lines.pop(frame.seq, None)
-            if line is None:
-                raise ClientError(f"reply for unknown request {frame.seq}")
-            body = frame.response()
-            if frame.type == FrameType.ERROR:
-                refusal = refusal or f"line {line}: the daemon refused the record: {body['error']}"
-                if body.get("fatal"):
-                    raise ClientError(refusal)
-                continue
-            call_log = body.pop("calls", None)
-            if calls is not None and call_log:
-                calls.writelines(json.dumps(c, separators=(",", ":")) + "\n" for c in call_log)
-            if responses is not None:
-                responses.write(json.dumps({"record": line, **body}, separators=(",", ":")) + "\n")
+            refusal = await receive_one() or refusal
+        if progress is not None:
+            progress.update(waiting - len(lines))
+        return refusal
+
+    async def vcpus_free(viommu: str) -> str | None:
+        """Read replies until fewer than ``group_commit`` doorbells of ``viommu`` wait."""
+        refusal = None
+        waiting = len(lines)
+        await client.drain()
+        while pending.get(viommu, 0) >= group_commit:
+            refusal = await receive_one() or refusal
         if progress is not None:
             progress.update(waiting - len(lines))
         return refusal
 
     try:
         for record in reader:
+            if (
+                group_commit
+                and isinstance(record, Cmds)
+                and pending.get(record.viommu, 0) >= group_commit
+            ):
+                error = await vcpus_free(record.viommu)
+                if error:
+                    break
             seq = client.next_seq()
             if isinstance(record, Cmds):
                 frame = wire.encode_guest_data(FrameType.CMDS, seq, record.viommu, record.data)
+                if group_commit:
+                    doorbell_of[seq] = record.viommu
+                    pending[record.viommu] = pending.get(record.viommu, 0) + 1
             elif isinstance(record, Request):
                 frame = wire.encode_guest_data(FrameType.REQUEST, seq, record.viommu, record.data)
             else:
@@ -233,7 +273,7 @@ async def _run(
     finally:
         for other in moved:
             await other.close()
-    report = build_report(header.name, records, totals, elapsed, tally)
+    report = build_report(header.name, records, totals, elapsed, tally, group_commit=group_commit)
     return ReplayResult(EXIT_MISSED if report["verify"]["missed"] else EXIT_OK, report)
 
 
@@ -379,6 +419,8 @@ def build_report(
     totals: dict[str, Any],
     elapsed: float,
     tally: ConfigTally | None = None,
+    *,
+    group_commit: int = 0,
 ) -> dict[str, Any]:
     commands = totals["commands"]["total"]
     report = {
@@ -391,6 +433,7 @@ def build_report(
         "baseline": totals["baseline"],
         "verify": totals.get("verify", {"enabled": False, "missed": 0, "over": 0}),
         "config_errors": totals.get("config_errors", 0),
+        "group_commit": group_commit,
         "elapsed_s": round(elapsed, 6),
         "commands_per_s": round(commands / elapsed, 1) if elapsed > 0 else 0.0,
     }
@@ -408,7 +451,7 @@ async def replay_embedded(
     calls: IO[str] | None = None,
     verify: bool = False,
     progress: bool = False,
-    group_commit: bool = False,
+    group_commit: int = 0,
     compat: str | None = None,
     migrate_at: int | None = None,
     fresh_backend: str = "emulated",
@@ -513,6 +556,13 @@ def render_table(report: dict[str, Any]) -> str:
             f"missed {verify['missed']}, over {verify['over']}" if verify["enabled"] else "off",
         ),
         ("elapsed", f"{report['elapsed_s']:.3f} s  ({report['commands_per_s']:,.0f} commands/s)"),
+        (
+            "group commit",
+            f"{report['group_commit']} vCPUs racing per vIOMMU (at most that many doorbells "
+            "pending together)"
+            if report.get("group_commit")
+            else "off (each doorbell on its own)",
+        ),
     ]
     rows += [("warning", text) for text in report.get("warnings", [])]
     width = max(len(k) for k, _ in rows)

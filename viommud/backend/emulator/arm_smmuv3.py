@@ -225,9 +225,10 @@ class ArmSmmuV3Driver(IommuDriver):
             self.fast_invalidate
             and not core.unit(viommu.iommu).faults  # injected faults take the reference walk
             and _packed_arm_array(array)
-            and array.entry_num >= VECTOR_MIN
         ):
-            return self._cache_invalidate_packed(core, viommu, array)
+            if array.entry_num >= VECTOR_MIN:
+                return self._cache_invalidate_packed(core, viommu, array)
+            return self._cache_invalidate_short(core, viommu, array)
         try:
             cmds = copy_full_array(
                 core.memory,
@@ -278,6 +279,30 @@ class ArmSmmuV3Driver(IommuDriver):
                 return err, base + cur - 1
             last = cur
         return ENOERR, base + cur
+
+    def _cache_invalidate_short(
+        self, core: IommufdCore, viommu: ViommuObject, array: UserArray
+    ) -> tuple[int, int]:
+        """The mainline walk over fewer than ``VECTOR_MIN`` (< 63) plain 16-byte entries, on
+        the words: the same copy as ``copy_full_array`` (one read, EFAULT for a fault
+        anywhere), one group, converted whole before it is issued, so a conversion failure
+        at entry ``i`` issues nothing and reports ``i`` (``_invalidate_entries``)."""
+        try:
+            blob = core.memory.read(array.uptr, array.entry_num * ARM_CMD_SIZE)
+        except UserFault:
+            return errno.EFAULT, 0
+        convert = self.convert_words
+        converted: list[bytes] = []
+        for index, (w0, w1) in enumerate(_QQ.iter_unpack(blob)):
+            raw = convert(core, viommu, w0, w1)
+            if raw is None:
+                return errno.EIO, index
+            converted.append(raw)
+        err = core.unit(viommu.iommu).issue(converted)
+        core.apply_host_commands(viommu.iommu, converted)
+        if err:
+            return err, len(converted) - 1
+        return ENOERR, len(converted)
 
     def _cache_invalidate_packed(
         self, core: IommufdCore, viommu: ViommuObject, array: UserArray
@@ -370,7 +395,11 @@ class ArmSmmuV3Driver(IommuDriver):
         core: IommufdCore, viommu: ViommuObject, cmd: uapi.ViommuArmSmmuv3Invalidate
     ) -> bytes | None:
         """``arm_vsmmu_convert_user_cmd`` (§3.3); None for EIO."""
-        w0, w1 = cmd.cmd0, cmd.cmd1
+        return ArmSmmuV3Driver.convert_words(core, viommu, cmd.cmd0, cmd.cmd1)
+
+    @staticmethod
+    def convert_words(core: IommufdCore, viommu: ViommuObject, w0: int, w1: int) -> bytes | None:
+        """``convert`` on the entry's two words."""
         op = w0 & CMDQ_0_OP
         if op == _TLBI_NSNH_ALL:
             w0 = _TLBI_NH_ALL | (viommu.vmid << 32)

@@ -186,9 +186,12 @@ class IommufdContext:
     def apply_host_commands(self, iommu_id: str, commands: list[bytes]) -> None:
         """Apply commands issued on the host queue of ``iommu_id`` to its caches."""
         sids = self._sid_maps[iommu_id]
+        model = self.cache_model
+        if not (model.iotlb.get(iommu_id) or model.config.get(iommu_id) or any(model.atc.values())):
+            return  # nothing cached that a command could remove (each drop_* returns at once)
         for raw in commands:
             w0, w1 = _QQ.unpack(raw)
-            self.cache_model.smmu_command(iommu_id, w0, w1, sids)
+            model.smmu_command(iommu_id, w0, w1, sids)
 
     def record_vtd_flush(self, hwpt: HwptNestedObject, inv: uapi.HwptVtdS1Invalidate) -> None:
         """One VT-d stage-1 invalidation: P_IOTLB per unit, device TLBs of ATS devices."""

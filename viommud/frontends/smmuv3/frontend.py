@@ -36,6 +36,7 @@ from viommud.events import (
     Invalidation,
     Scope,
     StreamTableInvalidated,
+    new_invalidation,
 )
 from viommud.frontends.compat import ARCHITECTURE, QEMU, compat_option
 from viommud.guest.smmuv3 import COMMAND, DEFINED, kind_name
@@ -46,6 +47,7 @@ NEED_DATA: Final = None  # what next_event() returns once the doorbell is fully 
 ATC_INV_SIZE_ALL = 52
 
 _SYNC_DEFINED = DEFINED[Opcode.CMD_SYNC]
+_TLBI_NH_VA = int(Opcode.TLBI_NH_VA)
 
 # Commands this vSMMU recognises but does not implement, with the reason given to the guest.
 _NO_HYP = "EL2 TLB invalidation needs IDR0.HYP, which this vSMMU does not advertise"
@@ -170,17 +172,17 @@ class SmmuV3Frontend:
                 f"got {len(data)} bytes",
                 bytes(data),
             )
-        summary = DoorbellSummary()
         events = self._events
+        append = events.append
         counts = self.opcode_counts
         handlers = _HANDLERS
         if self.features.compat == QEMU:
             handlers = _QEMU_HANDLERS
             data = _qemu_fields(data)
+        syncs = 0
         for index, (w0, w1) in enumerate(COMMAND.iter_unpack(data)):
             opcode = w0 & 0xFF
             counts[opcode] += 1
-            summary.consumed += 1
             handler = handlers.get(opcode)
             event = (
                 handler(self, index, w0, w1)
@@ -190,10 +192,10 @@ class SmmuV3Frontend:
             if event is None:
                 continue
             if type(event) is Barrier:
-                summary.syncs += 1
-                self.barriers += 1
-            events.append(event)
-        self.last = summary
+                syncs += 1
+            append(event)
+        self.barriers += syncs
+        self.last = DoorbellSummary(len(data) // COMMAND_SIZE, syncs)
 
     def next_event(self) -> Event | None:
         """The next event of the doorbell, or NEED_DATA when it is fully consumed."""
@@ -340,28 +342,44 @@ class SmmuV3Frontend:
         m0, m1 = DEFINED[w0 & 0xFF]
         if w0 & ~m0 or w1 & ~m1:
             return self._common_checks(index, w0, w1)
-        error = self._check_range(index, w0, w1)
-        if error is not None:
-            return error
-        if self.features.compat == QEMU:
+        features = self.features
+        tg = (w1 >> 10) & 3
+        num, scale = (w0 >> 12) & 0x1F, (w0 >> 20) & 0x1F
+        # _check_range is called only when it could refuse: a single address (TG=0) with
+        # NUM/SCALE/TTL set, or a range without RIL / reserved TTL=NUM=SCALE=0 / 16 KB TTL=1
+        if features.compat == QEMU:
             w0, w1 = _qemu_range(w0, w1)
-        tg = _field(w1, 10, 2)
+            tg = (w1 >> 10) & 3
+            num, scale = (w0 >> 12) & 0x1F, (w0 >> 20) & 0x1F
+        elif (
+            (num or scale or w1 & 0x300)  # TG=0: a single address needs all three 0
+            if not tg
+            else not (
+                features.ril
+                and (num or scale or w1 & 0x300)
+                and not (tg == 2 and (w1 >> 8) & 3 == 1)
+            )
+        ):
+            error = self._check_range(index, w0, w1)
+            if error is not None:
+                return error
         addr = w1 & ~0xFFF & 0xFFFFFFFFFFFFFFFF
         if tg:
             granule = 1 << (tg * 2 + 10)
-            size = ((_field(w0, 12, 5) + 1) << _field(w0, 20, 5)) * granule
+            size = ((num + 1) << scale) * granule
         else:
             granule, size = 0, 1 << 12  # a single address: every entry that contains it
-        return Invalidation(
+        return new_invalidation(
             index,
             Cache.TLB,
             Scope.RANGE,
-            asid=(w0 >> 48) if w0 & 0xFF == Opcode.TLBI_NH_VA else None,
-            addr=addr,
-            size=size,
-            granule=granule,
-            leaf=bool(w1 & 1),
-            raw=COMMAND.pack(w0, w1),
+            None,
+            (w0 >> 48) if w0 & 0xFF == _TLBI_NH_VA else None,
+            addr,
+            size,
+            granule,
+            bool(w1 & 1),
+            COMMAND.pack(w0, w1),
         )
 
     def _on_atc_inv(self, index: int, w0: int, w1: int) -> Event | None:
