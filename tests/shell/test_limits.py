@@ -18,8 +18,9 @@ import structlog
 from protocols.frames import FrameType
 from tests.conftest import FIXTURES
 from tests.shell.conftest import running
-from tests.shell.test_isolation import LIGHT, SETUP, SYNC, round_trips, session
+from tests.shell.test_isolation import HOST, LIGHT, SETUP, SYNC, round_trips, session
 from viommud import wire
+from viommud.host import HostConfig
 from viommud.shell import cli
 from viommud.shell import server as server_module
 from viommud.shell.client import Client, ClientError
@@ -31,6 +32,9 @@ from viommud.trace import DeviceAttach, ViommuCreate, record_to_json
 
 ATTACH = SETUP[1]
 assert isinstance(ATTACH, DeviceAttach)
+# Device ownership is the daemon's when its host is (serve --host) or the backend is real: a
+# client-supplied host on the emulated kernel is that session's own machine.
+DAEMON_HOST = HostConfig.from_json(HOST)
 
 
 async def record(client: Client, rec: Any) -> wire.Frame:
@@ -57,7 +61,9 @@ async def raw(path: Path, data: bytes = b"", wait: float = 10) -> list[wire.Fram
 
 @pytest.mark.parametrize("processes", [False, True], ids=["in-process", "processes"])
 async def test_a_device_belongs_to_one_live_session(tmp_path: Path, processes: bool) -> None:
-    async with running(tmp_path, processes=processes, backend="emulated") as server:
+    async with running(
+        tmp_path, processes=processes, backend="emulated", fixed_host=DAEMON_HOST
+    ) as server:
         first = await session(server, SETUP[:2], vm="first")  # viommu_create, attach 01:00.0
         second = await session(server, LIGHT)
         refused = await record(second, ATTACH)
@@ -78,8 +84,20 @@ async def test_a_device_belongs_to_one_live_session(tmp_path: Path, processes: b
         await second.close()
 
 
+async def test_a_client_supplied_host_owns_its_emulated_devices(tmp_path: Path) -> None:
+    """Without serve --host, each session's emulated machine is its own: two sessions may
+    attach "the same" device (64 replays of one trace at once must not contend)."""
+    async with running(tmp_path, backend="emulated") as server:
+        first = await session(server, SETUP[:2])
+        second = await session(server, LIGHT)
+        assert (await record(second, ATTACH)).json() == {"ok": True}
+        assert server.registry.held() == {}
+        await first.close()
+        await second.close()
+
+
 async def test_detach_and_destroy_give_devices_back(tmp_path: Path) -> None:
-    async with running(tmp_path) as server:
+    async with running(tmp_path, fixed_host=DAEMON_HOST) as server:
         first = await session(server, SETUP[:3])
         assert set(server.registry.held()) == {"0000:01:00.0", "0000:02:00.0"}
         detach = {"op": "device_detach", "viommu": "v0", "vid": 8}

@@ -361,12 +361,23 @@ class Connection:
         if isinstance(record, DeviceAttach) and record.device not in self._held:
             if len(self._held) >= limits.max_devices:
                 return f"quota: at most {limits.max_devices} devices per session (--max-devices)"
-            holder = self.claims.claim(record.device) if self.claims is not None else None
+            holder = (
+                self.claims.claim(record.device)
+                if self.claims is not None and self._devices_shared(session)
+                else None
+            )
             if holder is not None:
                 self.log.warning("device_busy", device=record.device, holder=holder)
                 return busy_message(record.device, holder)
             self._held[record.device] = 0
         return None
+
+    def _devices_shared(self, session: Session) -> bool:
+        """Whether this session's physical devices are the other sessions' too: the daemon's
+        own host (``serve --host``) or a real /dev/iommu. A client-supplied host on the
+        emulated kernel is that session's alone (its own emulated machine), so 64 replays of
+        one trace at once do not contend for its devices."""
+        return self.fixed_host is not None or session.backend.name != "emulated"
 
     def _after(self, record: Record, *, ok: bool) -> None:
         """Keep the device claims in line with what the session holds after ``record``."""
