@@ -2,7 +2,8 @@
 
     python bench/memory.py [--json] [--quick]
 
-Each part runs ``viommud serve`` in a child process (bench/transport.py) and reads the
+Each part runs ``viommud serve --in-process`` in a child process (every session in the
+daemon's own process; bench/session_rss.py measures a session process) and reads the
 daemon's ``VmRSS`` from ``/proc/<pid>/status`` (the pid comes from the socket's peer
 credentials) at each step:
 
@@ -41,13 +42,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import workloads
-from bench.transport import Pipe, frames, spawned
+from bench.daemon_load import daemon
+from bench.transport import Pipe, frames
 from fixtures.generate_virtio import HOST as VIRTIO_HOST
 from fixtures.generate_virtio import LINUX_OPTIONS
 from protocols.frames import FrameType
 from protocols.virtio_iommu import RequestType, build_request
 from viommud import wire
 
+# Every session in the daemon's own process (``serve --in-process``): what is measured is
+# the data a vdevice or a mapping costs, read from one process (with one process per
+# session each would be its own process, and the listener's RSS would not move).
+IN_PROCESS = ("--log-level", "error", "--in-process")
 TARGET_PER_VDEVICE = 2048
 TARGET_PER_MAPPING = 100
 PAGE = 4096
@@ -129,7 +135,9 @@ def trivial_session() -> tuple[dict[str, Any], list[bytes]]:
         },
         {"op": "device_attach", "viommu": "p", "vid": ENDPOINT, "device": VIRTIO_DEVICE},
     ]
-    host, setup, doorbells = frames(records)
+    # devices of a PCI domain no measured session uses (a device has one session at a time)
+    renamed = json.loads(json.dumps(records).replace('"0000:', '"ffff:'))
+    host, setup, doorbells = frames(renamed)
     assert not doorbells
     n = len(setup) + 1
     setup += [
@@ -163,25 +171,34 @@ def map_request(i: int) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-async def vdevices(path: str, vms: int, per_vm: int) -> dict[str, Any]:
-    pid = daemon_pid(path)
-    baseline_pipe = await open_baseline(path)
-    rss: dict[str, int] = {"baseline": rss_kib(pid)}
+def vm_frames(vm: int, per_vm: int) -> tuple[dict[str, Any], list[bytes]]:
+    """HELLO host and set-up frames of VM ``vm``: its devices in a PCI domain of its own
+    (``0000:00:01.0`` becomes ``0003:00:01.0`` for VM 3), as a physical device belongs to
+    one live session at a time (docs/operations.md §10)."""
     records, devs = workloads.setup(
         "vm", workloads.host(1, per_vm, ats=False), {"v": ["smmu0"]}, {}
     )
     assert len(devs["v"]) == per_vm
-    host, setup, doorbells = frames(records)
+    renamed = json.loads(json.dumps(records).replace('"0000:', f'"{vm:04x}:'))
+    host, setup, doorbells = frames(renamed)
     assert not doorbells
-    create, attach = setup[:1], setup[1:]  # viommu_create, then per device: attach, STE, CFGI
-    pipes = [await Pipe.open(path, host) for _ in range(vms)]
+    return host, setup
+
+
+async def vdevices(path: str, vms: int, per_vm: int) -> dict[str, Any]:
+    pid = daemon_pid(path)
+    baseline_pipe = await open_baseline(path)
+    rss: dict[str, int] = {"baseline": rss_kib(pid)}
+    per = [vm_frames(vm + 1, per_vm) for vm in range(vms)]
+    # viommu_create, then per device: attach, STE, CFGI
+    pipes = [await Pipe.open(path, host) for host, _ in per]
     rss["sessions"] = rss_kib(pid)
-    for pipe in pipes:
-        await send_all(pipe, create)
+    for pipe, (_, setup) in zip(pipes, per, strict=True):
+        await send_all(pipe, setup[:1])
     rss["viommus"] = rss_kib(pid)
     started = time.perf_counter()
-    for pipe in pipes:
-        await send_all(pipe, attach)
+    for pipe, (_, setup) in zip(pipes, per, strict=True):
+        await send_all(pipe, setup[1:])
     seconds = time.perf_counter() - started
     rss["vdevices"] = rss_kib(pid)
     for pipe in pipes:
@@ -284,11 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     vms, per_vm = (8, 4) if args.quick else (64, 16)
     count, forwarded = (20_000, 2_000) if args.quick else (1_000_000, FORWARDED_MAPPINGS)
-    with spawned("daemon") as path:
+    with daemon(*IN_PROCESS) as path:
         dev = asyncio.run(vdevices(path, vms, per_vm))
-    with spawned("daemon") as path:
+    with daemon(*IN_PROCESS) as path:
         maps = asyncio.run(mappings(path, count, forwarded=False))
-    with spawned("daemon") as path:
+    with daemon(*IN_PROCESS) as path:
         fwd = asyncio.run(mappings(path, forwarded, forwarded=True))
     results = {"vdevices": dev, "mappings": maps, "mappings_forwarded": fwd}
     if args.json:

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import workloads
 from bench.memory import clean, daemon_pid, stats
 from bench.transport import Pipe, frames, spawned
-from protocols.frames import HEADER_SIZE
+from protocols.frames import HEADER_SIZE, FrameType
 from protocols.smmuv3 import Opcode
 
 TARGET = 1.2  # per-command cost within 20% of the 1x point
@@ -113,8 +113,25 @@ def shapes(quick: bool) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-async def session(path: str, host: dict[str, Any], setup: list[bytes]) -> tuple[Pipe, int]:
+def own_devices(
+    host: dict[str, Any], setup: list[bytes], client: int
+) -> tuple[dict[str, Any], list[bytes]]:
+    """``host`` and ``setup`` with the devices in PCI domain ``client`` (``0000:00:01.0``
+    becomes ``0003:00:01.0``): a physical device belongs to one live session at a time
+    (docs/operations.md §10). Same length, so only the RECORD frames' JSON changes."""
+    tag = f'"{client:04x}:'
+    renamed = json.loads(json.dumps(host).replace('"0000:', tag))
+    frames_out = [
+        f.replace(b'"0000:', tag.encode()) if f[1] == FrameType.RECORD else f for f in setup
+    ]
+    return renamed, frames_out
+
+
+async def session(
+    path: str, host: dict[str, Any], setup: list[bytes], client: int = 0
+) -> tuple[Pipe, int]:
     """A client with its vIOMMU set up; returns it and the commands its set-up counted."""
+    host, setup = own_devices(host, setup, client)
     pipe = await Pipe.open(path, host)
     pipe.writer.write(b"".join(setup))
     await pipe.writer.drain()
@@ -139,7 +156,7 @@ async def replay(
 ) -> list[Sample]:
     """``clients`` sessions replay ``pieces`` in order, every client the same piece at once;
     one sample per piece: the wall time until every client has its replies."""
-    opened = [await session(path, host, setup) for _ in range(clients)]
+    opened = [await session(path, host, setup, k) for k in range(clients)]
     samples = []
     for piece in pieces:
         started = time.perf_counter()

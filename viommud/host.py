@@ -90,7 +90,7 @@ class HostConfig:
             )
             if not isinstance(did, str) or not did:
                 raise HostConfigError(f"host.devices[{i}].id must be a non-empty string")
-            if iommu not in iommu_ids:
+            if not isinstance(iommu, str) or iommu not in iommu_ids:  # a list is no id
                 raise HostConfigError(f"host.devices[{i}].iommu {iommu!r} is not a host iommu")
             if not isinstance(sid, int) or isinstance(sid, bool) or not 0 <= sid < 2**32:
                 raise HostConfigError(f"host.devices[{i}].sid must be an integer in [0, 2^32)")

@@ -101,6 +101,14 @@ def test_malformed_line_names_its_number_and_stops(tmp_path: Path, line: str, me
             {**HEADER, "host": {"iommus": [], "devices": [{"id": "d", "iommu": "z", "sid": 1}]}},
             "is not a host iommu",
         ),
+        (  # found by tests/fuzz: an unhashable iommu raised TypeError (an internal error)
+            {**HEADER, "host": {"iommus": [], "devices": [{"id": "d", "iommu": [1], "sid": 1}]}},
+            "is not a host iommu",
+        ),
+        (
+            {**HEADER, "host": {"iommus": [{"id": "a", "model": ["arm-smmuv3"]}]}},
+            "model must be one of",
+        ),
     ],
 )
 def test_bad_header_is_line_1(tmp_path: Path, header: dict[str, object], message: str) -> None:

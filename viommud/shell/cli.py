@@ -446,6 +446,7 @@ def _serve(args: argparse.Namespace) -> int:
         mode=mode,
         grace=args.grace,
         notify=systemd.notify,
+        watchdog=systemd.watchdog_interval(os.environ, os.getpid()),
         limits=Limits(**{name: getattr(args, name) for name, _, _ in _LIMIT_FLAGS.values()}),
         processes=not args.in_process,
         backend=args.backend,

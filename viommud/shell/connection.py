@@ -23,7 +23,7 @@ from viommud.session import RecordRefused, Session
 from viommud.shell.claims import Claims, busy_message
 from viommud.shell.endpoints import token_matches
 from viommud.shell.limits import MAX_HELLO_FRAME, Limits
-from viommud.shell.logs import DemotingLogger, clip
+from viommud.shell.logs import SessionLogger, clip
 from viommud.shell.progress import Progress
 from viommud.shell.replies import encode_doorbell, encode_error, encode_response
 from viommud.shell.statedir import StateDir, StateDirError
@@ -149,8 +149,10 @@ class Connection:
                 out.append(encode_error(frame.seq, f"internal error: {exc!r}", fatal=False))
         if self.frames != self._stored and self.session_token is not None:
             self._store()  # before the replies leave: the file is never older than them
-        if self.session is not None and self.progress.due():
-            self.log.info("session_progress", **_progress_keys(self.progress))
+        if self.session is not None:
+            self.log.flush()  # repeated warnings whose second is over
+            if self.progress.due():
+                self.log.info("session_progress", **_progress_keys(self.progress))
         return b"".join(out)
 
     def _group(self, run: list[tuple[int, str, bytes]]) -> bytes:
@@ -316,7 +318,9 @@ class Connection:
         # Every later line of this session names its VM (HELLO "vm", else the trace name),
         # cut short on the log: the client chose it.
         self.vm = names["vm"] or self.trace
-        self.log = self.log.bind(vm=clip(self.vm))
+        # per-batch lines at DEBUG (session_progress sums them up once a second), repeated
+        # warnings aggregated per (event, vIOMMU, code) and second (docs/operations.md §5)
+        self.log = SessionLogger(self.log.bind(vm=clip(self.vm)))
         if self.claims is not None:
             self.claims.name(clip(self.vm))
         # Compact replies (CMDS_OK) only for clients that asked and need no call log.
@@ -329,8 +333,7 @@ class Connection:
             backend,
             keep_calls=bool(hello.get("calls")),
             verify=bool(hello.get("verify")),
-            # per-batch lines at DEBUG; session_progress sums them up once a second
-            log=DemotingLogger(self.log),
+            log=self.log,
             compat=compat,
         )
         self.session.calls.on_error = self._backend_error
@@ -573,6 +576,7 @@ class Connection:
         session = self.session
         if session is None:
             return None
+        self.log.flush(all_windows=True)
         if self.progress.doorbells or self.progress.requests:
             self.log.info("session_progress", **_progress_keys(self.progress))
         self.session = None

@@ -12,6 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import structlog
@@ -108,24 +111,147 @@ def clip(text: str, limit: int = CLIP) -> str:
 PER_BATCH_EVENTS = frozenset({"batch_forwarded", "group_forwarded", "request_completed"})
 
 
-class DemotingLogger:
-    """A bound logger whose per-batch ``info`` lines (``PER_BATCH_EVENTS``) are logged at
-    DEBUG; everything else passes through. ``bind`` keeps the demotion."""
+# Warnings a client can repeat as often as it likes (a doorbell of 100,000 bad commands is
+# 100,000 guest errors) are aggregated per session: at most one line per (event, vIOMMU,
+# code) per ``REPEAT_WINDOW`` seconds; the ones held back are counted and reported by one
+# ``events_suppressed`` line when the window ends, with the first held-back line's keys
+# (its offending bytes among them). The value names the key that is the "code".
+AGGREGATED = {
+    "guest_error": "code",
+    "backend_error": "errno",
+    "config_record_failed": "op",
+    "device_busy": "device",
+    "host_resync_failed": "",
+    "verify_missed": "",
+    "internal_error": "frame_type",
+}
+REPEAT_WINDOW = 1.0
+LONG = 512  # characters of any string on a session's warning / error / debug line
 
-    __slots__ = ("_inner",)
 
-    def __init__(self, inner: Any) -> None:
+@dataclass(slots=True)
+class _Window:
+    started: float
+    log: Any  # the inner logger of the first line (its vIOMMU), for the summary
+    level: str
+    code: Any
+    count: int = 0
+    first: dict[str, Any] | None = None
+
+
+class _Repeats:
+    """One session's open windows, shared by every logger bound from its root."""
+
+    __slots__ = ("clock", "windows")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.windows: dict[tuple[str, Any, Any], _Window] = {}
+
+    def report(self, event: str, window: _Window) -> None:
+        if not window.count:
+            return
+        log, code, count, first = window.log, window.code, window.count, window.first
+        if window.level == "error":  # the level of the lines it stands for
+            log.error("events_suppressed", suppressed=event, code=code, count=count, first=first)
+        else:
+            log.warning("events_suppressed", suppressed=event, code=code, count=count, first=first)
+
+    def flush(self, *, all_windows: bool = False) -> None:
+        """Report (and close) every window whose second is over, or every window."""
+        if not self.windows:
+            return
+        now = self.clock()
+        for key, window in list(self.windows.items()):
+            if all_windows or now - window.started >= REPEAT_WINDOW:
+                del self.windows[key]
+                self.report(key[0], window)
+
+
+def _clipped(kw: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` with every string longer than ``LONG`` cut (``clip``): a virtio request's
+    ``raw_hex`` or a client's device name cannot make a line megabytes long."""
+    for value in kw.values():
+        if isinstance(value, str) and len(value) > LONG:
+            return {k: clip(v, LONG) if isinstance(v, str) else v for k, v in kw.items()}
+    return kw
+
+
+class SessionLogger:
+    """A session's logger (docs/operations.md §5): per-batch ``info`` lines
+    (``PER_BATCH_EVENTS``) go out at DEBUG; the events of ``AGGREGATED`` at most once per
+    (event, vIOMMU, code) per ``REPEAT_WINDOW`` seconds, the rest counted into
+    ``events_suppressed``; long strings are clipped. ``bind`` shares the windows."""
+
+    __slots__ = ("_inner", "_repeats", "_viommu")
+
+    def __init__(
+        self,
+        inner: Any,
+        repeats: _Repeats | None = None,
+        viommu: Any = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._inner = inner
+        self._repeats = repeats if repeats is not None else _Repeats(clock)
+        self._viommu = viommu
 
-    def bind(self, **context: Any) -> DemotingLogger:
-        return DemotingLogger(self._inner.bind(**context))
+    def bind(self, **context: Any) -> SessionLogger:
+        return SessionLogger(
+            self._inner.bind(**context), self._repeats, context.get("viommu", self._viommu)
+        )
 
     def info(self, event: str, *args: Any, **kw: Any) -> Any:
         inner = self._inner  # the events are the models' (documented there)
         return (inner.debug if event in PER_BATCH_EVENTS else inner.info)(event, *args, **kw)
 
+    def debug(self, event: str, *args: Any, **kw: Any) -> Any:
+        inner = self._inner
+        return inner.debug(event, *args, **_clipped(kw))
+
+    def warning(self, event: str, *args: Any, **kw: Any) -> Any:
+        return self._emit("warning", event, args, kw)
+
+    def error(self, event: str, *args: Any, **kw: Any) -> Any:
+        return self._emit("error", event, args, kw)
+
+    def exception(self, event: str, *args: Any, **kw: Any) -> Any:
+        return self._emit("exception", event, args, kw)
+
+    def flush(self, *, all_windows: bool = False) -> None:
+        """Report the windows that are over (the connection calls this after every chunk,
+        the session process once a second), or all of them (at the session's end)."""
+        self._repeats.flush(all_windows=all_windows)
+
+    def _emit(self, level: str, event: str, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+        kw = _clipped(kw)
+        inner = self._inner
+        code_key = AGGREGATED.get(event)
+        if code_key is not None:
+            repeats = self._repeats
+            code = kw.get(code_key) if code_key else None
+            key = (event, kw.get("viommu", self._viommu), code)
+            now = repeats.clock()
+            window = repeats.windows.get(key)
+            if window is not None:
+                if now - window.started < REPEAT_WINDOW:
+                    window.count += 1
+                    if window.first is None:
+                        window.first = kw
+                    return None
+                del repeats.windows[key]
+                repeats.report(event, window)
+            repeats.windows[key] = _Window(
+                now, inner, "error" if level != "warning" else "warning", code
+            )
+        return getattr(inner, level)(event, *args, **kw)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+DemotingLogger = SessionLogger  # its first job; the name the callers know
 
 
 def get_logger(**context: Any) -> Any:

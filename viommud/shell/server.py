@@ -93,6 +93,7 @@ class Server:
         group: int | None = None,
         session_loop: str = "asyncio",
         state_dir: Path | None = None,
+        watchdog: float | None = None,
     ) -> None:
         """``tcp``: extra TCP listeners (inside network namespace ``netns`` when given), each
         needing ``token`` in HELLO. ``activated``: sockets from the service manager, served
@@ -103,7 +104,9 @@ class Server:
         whose backend is ``backend`` by name (``factory`` serves in-process sessions).
         ``allow_uids``: Unix peers allowed besides the daemon's own user (empty: any the
         socket's permissions let in). ``group``: the socket's group. ``session_loop``:
-        the event loop of session processes (``asyncio`` or ``uvloop``)."""
+        the event loop of session processes (``asyncio`` or ``uvloop``). ``watchdog``:
+        seconds between two ``WATCHDOG=1`` states sent through ``notify`` from the event
+        loop (systemd.watchdog_interval: half of ``WatchdogSec=``); None sends none."""
         if not token and (tcp or any(not listen.is_unix for listen in activated)):
             raise ValueError("TCP listeners need a token (--token-file)")
         self.socket_path = Path(socket_path)
@@ -119,6 +122,8 @@ class Server:
         self.notify = notify
         # serve --state-dir: sessions kept on disk for clients that resume them
         self.state_dir = StateDir(Path(state_dir)) if state_dir is not None else None
+        self.watchdog = watchdog
+        self._watchdog_task: asyncio.Task[None] | None = None
         self.log = structlog.get_logger("viommud")
         self._servers: list[asyncio.Server] = []
         self._started = False
@@ -184,6 +189,8 @@ class Server:
             "READY=1\nSTATUS=serving on "
             + ", ".join(f"{listener['kind']} {listener['address']}" for listener in self.listeners)
         )
+        if self.watchdog is not None and self.notify is not None:
+            self._watchdog_task = asyncio.create_task(self._keep_alive(self.watchdog))
 
     async def _start_unix(self) -> None:
         path = self.socket_path
@@ -259,6 +266,22 @@ class Server:
         self.listeners.append({"kind": kind, "address": bound, "activated": True})
         self.log.info("listener_started", kind=kind, address=bound, activated=True)
 
+    async def _keep_alive(self, interval: float) -> None:
+        """``WATCHDOG=1`` every ``interval`` seconds while the event loop runs: a listener
+        whose loop is stuck stops sending it and the service manager restarts it. A failed
+        ping is logged once, not once per ping, until one gets through again."""
+        failing = False
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if self.notify is not None:
+                    self.notify("WATCHDOG=1")
+                failing = False
+            except OSError as exc:
+                if not failing:
+                    self.log.warning("notify_failed", state="WATCHDOG=1", error=str(exc))
+                failing = True
+
     def _notify(self, state: str) -> None:
         if self.notify is None:
             return
@@ -287,7 +310,7 @@ class Server:
         gets a fatal ERROR ``shutting down``; after ``grace`` seconds whatever still runs is
         ended (a session process is killed)."""
         self.log.info("shutdown_started", clients=len(self._tasks))
-        self._notify("STOPPING=1")
+        self._notify("STOPPING=1")  # the watchdog goes on pinging through the drain
         self._stopping = True
         servers, self._servers = self._servers, []
         for server in servers:
@@ -305,6 +328,9 @@ class Server:
             if pending:
                 await asyncio.wait(pending)
         await self._unbind()
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
+            self._watchdog_task = None
         self._started = False
         self._stopping = False
         loop = asyncio.get_running_loop()

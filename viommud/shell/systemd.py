@@ -9,6 +9,10 @@ Both protocols are small and stable (sd_listen_fds(3), sd_notify(3)):
 * **Readiness.** With ``Type=notify`` the manager waits for ``READY=1`` on the datagram
   socket named by ``NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract namespace);
   ``notify()`` sends it, and ``STOPPING=1`` / ``STATUS=...`` lines the same way.
+* **Watchdog.** With ``WatchdogSec=`` the manager sets ``WATCHDOG_USEC`` (and
+  ``WATCHDOG_PID``) and restarts the service unless ``WATCHDOG=1`` arrives within that
+  time; ``watchdog_interval()`` says how often to send it (half the timeout, as
+  sd_watchdog_enabled(3) advises), the listener's event loop sends it.
 """
 
 from __future__ import annotations
@@ -89,11 +93,25 @@ def listen_sockets(
     return out
 
 
+def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
+    """Seconds between two ``WATCHDOG=1`` pings (half of ``WATCHDOG_USEC``), or None when
+    the manager asks for none (no or a bad ``WATCHDOG_USEC``, a ``WATCHDOG_PID`` that is
+    another process's). No I/O."""
+    if environ.get("WATCHDOG_PID", str(pid)) != str(pid):
+        return None
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    return usec / 2e6 if usec > 0 else None
+
+
 def notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
     """Send ``state`` (e.g. ``"READY=1"``) to the service manager.
 
     Returns False when not started by a manager that listens (no ``NOTIFY_SOCKET``); raises
-    OSError when the socket is named but cannot be reached.
+    OSError when the socket is named but cannot be reached, or when its queue is full (the
+    send never blocks: it runs in the listener's event loop).
     """
     env = os.environ if environ is None else environ
     address = env.get("NOTIFY_SOCKET", "")
@@ -104,6 +122,7 @@ def notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
     elif not address.startswith("/"):
         raise OSError(f"NOTIFY_SOCKET={address!r} is neither a path nor an abstract name")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.setblocking(False)
         sock.connect(address)
-        sock.sendall(state.encode())
+        sock.send(state.encode())
     return True

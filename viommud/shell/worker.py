@@ -98,6 +98,8 @@ class Link:
         while True:
             await asyncio.sleep(PUSH_INTERVAL)
             self.push(connection)
+            if connection.session is not None:
+                connection.log.flush()  # repeated warnings of a burst that has ended
 
 
 def _latency(connection: Connection) -> dict[str, Any]:
