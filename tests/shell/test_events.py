@@ -18,6 +18,7 @@ from protocols.frames import FrameType
 from tests.shell.conftest import replies
 from viommud import wire
 from viommud.backend.base import Backend
+from viommud.backend.calls import BackendCallError, Iommufd
 from viommud.backend.emulator import EmulatedIommufd, testing
 from viommud.host import HostConfig
 from viommud.shell.connection import Connection
@@ -178,3 +179,58 @@ def test_a_bad_events_value_in_hello_is_fatal(value: Any) -> None:
 
 def _kinds(be: EmulatedIommufd) -> dict[str, int]:
     return count_kinds(be.live_objects())
+
+
+def test_group_commit_sends_the_events_after_the_groups_replies() -> None:
+    rig = _attached({"events": True, "group_commit": True})
+    testing.inject_event(rig.be, "0000:01:00.0", _record(0x10))
+    sync = struct.pack("<QQ", 0x46, 0)  # CMD_SYNC
+    frames = b"".join(wire.encode_guest_data(FrameType.CMDS, 10 + k, "v", sync) for k in range(3))
+    out = rig.send(frames)
+    assert [f.type for f in out[:3]] == [FrameType.RESPONSE] * 3
+    assert [f.seq for f in out[:3]] == [10, 11, 12]
+    assert [e["sequence"] for e in _events_only(out[3:])] == [0]
+
+
+def test_events_follow_a_non_fatal_error_too() -> None:
+    rig = _attached({"events": True})
+    testing.inject_event(rig.be, "0000:01:00.0", _record(0x10))
+    out = rig.send(wire.encode_guest_data(FrameType.CMDS, 20, "nope", b"\0" * 16))
+    assert out[0].type == FrameType.ERROR
+    assert out[0].json()["fatal"] is False
+    assert len(_events(out)) == 1
+
+
+def test_a_state_loaded_session_keeps_its_events() -> None:
+    rig = _attached({"events": True})
+    (state,) = rig.send(wire.encode(FrameType.STATE_SAVE, 30, b""))
+    assert state.type == FrameType.STATE
+    other = Rig({"events": 4})
+    (loaded,) = other.send(wire.encode(FrameType.STATE_LOAD, 31, state.payload))
+    assert loaded.type == FrameType.STATE_LOADED, loaded.json()
+    assert _kinds(other.be).get("VEVENTQ") == 1
+    testing.inject_event(other.be, "0000:01:00.0", _record(0x12))
+    (event,) = _events(other.stats())
+    assert bytes.fromhex(event["record"])[4:8] == VSID.to_bytes(4, "little")
+
+
+def _events_only(frames: list[wire.Frame]) -> list[dict[str, Any]]:
+    assert all(f.type == FrameType.EVENT for f in frames)
+    return [f.json() for f in frames]
+
+
+@pytest.mark.parametrize("failing", ["veventq_alloc", "vdevice_alloc"])
+def test_a_failed_attach_leaves_no_veventq_behind(
+    failing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise BackendCallError(failing, errno.ENOMEM, {})
+
+    rig = Rig({"events": True})
+    rig.record(CREATE)
+    monkeypatch.setattr(Iommufd, failing, refuse)
+    (reply,) = rig.record(ATTACH)
+    assert reply.json()["ok"] is False
+    assert reply.json()["error"] == f"attaching 0000:01:00.0: {failing} failed: ENOMEM"
+    assert _kinds(rig.be) == {"IOAS": 1}  # the queue, its fd, the vIOMMU and S2 are gone
+    assert not rig.be._event_files
