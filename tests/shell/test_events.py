@@ -234,3 +234,14 @@ def test_a_failed_attach_leaves_no_veventq_behind(
     assert reply.json()["error"] == f"attaching 0000:01:00.0: {failing} failed: ENOMEM"
     assert _kinds(rig.be) == {"IOAS": 1}  # the queue, its fd, the vIOMMU and S2 are gone
     assert not rig.be._event_files
+
+
+def test_events_with_the_oracle_on() -> None:
+    rig = _attached({"events": True, "verify": True})
+    testing.inject_event(rig.be, "0000:01:00.0", _record(0x10))
+    sync = struct.pack("<QQ", 0x46, 0)  # CMD_SYNC
+    out = rig.send(wire.encode_guest_data(FrameType.CMDS, 40, "v", sync))
+    assert out[0].json()["errors"] == []
+    assert len(_events(out)) == 1
+    (stats,) = rig.stats()
+    assert stats.json()["verify"]["missed"] == 0
