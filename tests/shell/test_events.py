@@ -245,3 +245,20 @@ def test_events_with_the_oracle_on() -> None:
     assert len(_events(out)) == 1
     (stats,) = rig.stats()
     assert stats.json()["verify"]["missed"] == 0
+
+
+def test_a_failed_event_read_sends_no_event_and_the_session_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rig = _attached({"events": True})
+    testing.inject_event(rig.be, "0000:01:00.0", _record(0x10))
+
+    def broken(self: Iommufd, fd: int, count: int) -> bytes:
+        raise BackendCallError("read", errno.EIO, {"fd": fd})
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Iommufd, "read_events", broken)
+        out = rig.stats()
+    assert [f.type for f in out] == [FrameType.STATS_OK]
+    (event,) = _events(rig.stats())  # the record stayed queued
+    assert event["sequence"] == 0
