@@ -47,6 +47,7 @@ class FrameType(enum.IntEnum):
     STATUS_OK = 0x86  # JSON: listeners, clients, live vIOMMUs/vdevices/HWPTs, totals
     STATE = 0x88  # the state document (JSON bytes, docs/state-format.md)
     STATE_LOADED = 0x89  # JSON: {"viommus": {name: model}, "records": int, "calls"?: [...]}
+    EVENT = 0x8A  # JSON: a host event for the guest (vEVENTQ record); answers no request
     ERROR = 0xFF  # JSON: {"error": str, "fatal": bool} — the request was refused
 
 

@@ -69,3 +69,29 @@ class ConfigReply:
 CONFIG_OK = ConfigReply(True)
 
 Reply = DoorbellReply | RequestReply | ConfigReply
+
+
+@dataclass(frozen=True, slots=True)
+class GuestEvent:
+    """One record read from a vEVENTQ of a vIOMMU (docs/protocol.md, EVENT): the kernel's
+    ``sequence`` and lost-events flag, and the payload (for SMMUv3 the 32-byte event record
+    with the vSID in place of the physical StreamID; empty for a lost-events header)."""
+
+    viommu: str
+    model: str
+    iommu: str  # the physical IOMMU whose vIOMMU object's queue held it
+    sequence: int
+    lost: bool
+    record: bytes = b""
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {
+            "viommu": self.viommu,
+            "model": self.model,
+            "iommu": self.iommu,
+            "sequence": self.sequence,
+            "lost": self.lost,
+        }
+        if self.record:
+            body["record"] = self.record.hex()
+        return body

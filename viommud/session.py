@@ -29,7 +29,14 @@ from viommud.models import (
     factories,
 )
 from viommud.oracle.verifier import Verifier
-from viommud.replies import CONFIG_OK, ConfigReply, DoorbellReply, Reply, RequestReply
+from viommud.replies import (
+    CONFIG_OK,
+    ConfigReply,
+    DoorbellReply,
+    GuestEvent,
+    Reply,
+    RequestReply,
+)
 from viommud.topology import TopologyError
 from viommud.trace import (
     Cmds,
@@ -59,7 +66,10 @@ class Session:
         log: Any = None,
         policies: dict[str, Any] | None = None,
         compat: str | None = None,
+        event_depth: int = 0,
     ) -> None:
+        """``event_depth``: each SMMUv3 vIOMMU object gets a vEVENTQ this deep (HELLO
+        ``events``, docs/protocol.md); 0: no vEVENTQ, no events."""
         self.backend = backend
         self.calls = CallLog(keep=keep_calls)
         self.verifier = Verifier(backend.host) if verify else None
@@ -74,7 +84,7 @@ class Session:
         self.log = log
         self.journal = Journal()  # what recreates the vIOMMUs (viommud.state)
         self._context = ModelContext(
-            backend.host, self.iommufd, self.stats, log, policies or {}, compat
+            backend.host, self.iommufd, self.stats, log, policies or {}, compat, event_depth
         )
         self.closed = False
 
@@ -239,6 +249,19 @@ class Session:
         _merge(self._retired_kinds, instance.kind_counts())
         _merge(self._retired_errors, instance.error_counts())
 
+    # -- events (docs/protocol.md, EVENT) ---------------------------------------------------
+    def events(self) -> list[GuestEvent]:
+        """Host events queued for the guest since the last call, vIOMMU by vIOMMU in name
+        order (an empty list when the session has no vEVENTQ)."""
+        if not self._context.event_depth:
+            return []
+        out: list[GuestEvent] = []
+        for _, instance in sorted(self.viommus.items()):
+            drain = getattr(instance, "events", None)
+            if drain is not None:
+                out += drain()
+        return out
+
     # -- migration (viommud.state) --------------------------------------------------------
     @property
     def compat(self) -> str | None:
@@ -257,6 +280,7 @@ class Session:
             log=self.log,
             policies=self._context.policies,
             compat=compat,
+            event_depth=self._context.event_depth,
         )
 
     def restore_totals(self, saved: dict[str, Any]) -> None:

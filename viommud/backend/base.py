@@ -65,6 +65,14 @@ class Backend(Protocol):
         """Issue ``request`` with the packed structure ``arg``; returns 0 or an errno."""
         ...
 
+    def read(self, fd: int, count: int) -> tuple[int, bytes]:
+        """``read(fd, count)`` on a vEVENTQ or FAULT fd: ``(errno, data)``; never blocks."""
+        ...
+
+    def close_fd(self, fd: int) -> None:
+        """Close an event fd (vEVENTQ, FAULT): the object may then be destroyed."""
+        ...
+
     def close(self) -> None:
         """Close the iommufd: every object it holds is destroyed, leaf first."""
         ...

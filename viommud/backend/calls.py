@@ -306,6 +306,32 @@ class Iommufd:
         )
         return int(out.out_vdevice_id)
 
+    # -- vEVENTQ (iommufd uAPI IOMMU_VEVENTQ_ALLOC; docs/smmuv3.md, "Events") -------------
+    def veventq_alloc(
+        self, iommu: str, viommu_id: int, veventq_type: int, depth: int
+    ) -> tuple[int, int]:
+        """A vEVENTQ of ``veventq_type`` on ``viommu_id``: ``(object id, fd)``."""
+        out = self._simple(
+            iommu,
+            self.backend.iommufd,
+            uapi.IOMMU_VEVENTQ_ALLOC,
+            uapi.VeventqAlloc(viommu_id=viommu_id, type=veventq_type, veventq_depth=depth),
+            {"viommu_id": viommu_id, "type": veventq_type, "veventq_depth": depth},
+            out_field="out_veventq_id",
+        )
+        return int(out.out_veventq_id), int(out.out_veventq_fd)
+
+    def read_events(self, fd: int, count: int) -> bytes:
+        """``read(2)`` on a vEVENTQ fd: whole records (header + payload) that fit in
+        ``count``; empty when none is queued. Not a call-log entry (not an ioctl)."""
+        err, data = self.backend.read(fd, count)
+        if err:
+            raise BackendCallError("read", err, {"fd": fd})
+        return data
+
+    def close_event_fd(self, fd: int) -> None:
+        self.backend.close_fd(fd)
+
     def destroy(self, iommu: str | None, obj_id: int) -> None:
         self._simple(
             iommu, self.backend.iommufd, uapi.IOMMU_DESTROY, uapi.Destroy(id=obj_id), {"id": obj_id}

@@ -40,6 +40,8 @@ class ModelContext:
     # (smmuv3, vtd, virtio-iommu); a vIOMMU's own ``compat`` option wins. None: the model's
     # default ("architecture").
     compat: str | None = None
+    # Depth of the vEVENTQ each vIOMMU object gets (HELLO ``events``); 0: no events.
+    event_depth: int = 0
 
 
 class Viommu(Protocol):

@@ -35,7 +35,14 @@ from viommud.models.base import (
     log_group,
     viommu_log,
 )
-from viommud.replies import CONFIG_OK, CommandError, ConfigReply, DoorbellReply, RequestReply
+from viommud.replies import (
+    CONFIG_OK,
+    CommandError,
+    ConfigReply,
+    DoorbellReply,
+    GuestEvent,
+    RequestReply,
+)
 from viommud.topology import TopologyStatus
 from viommud.topology.smmuv3 import SmmuTopology
 from viommud.trace import DeviceAttach, DeviceDetach, Record, Ste, ViommuCreate
@@ -63,7 +70,9 @@ class SmmuV3Viommu:
         except ValueError as exc:
             raise ModelError(str(exc)) from None
         frontend = SmmuV3Frontend(features)
-        topology = SmmuTopology(record.viommu, record.iommus, ctx.host, ctx.iommufd)
+        topology = SmmuTopology(
+            record.viommu, record.iommus, ctx.host, ctx.iommufd, event_depth=ctx.event_depth
+        )
         dispatcher = SmmuDispatcher(topology, ctx.iommufd, ctx.stats)
         if ViommuModel.SMMUV3 in ctx.policies:
             dispatcher.policy = ctx.policies[ViommuModel.SMMUV3]
@@ -187,6 +196,13 @@ class SmmuV3Viommu:
 
     def request(self, data: bytes) -> RequestReply:
         raise RecordRefused(f"vIOMMU {self.name!r} is an smmuv3: it takes no virtio requests")
+
+    def events(self) -> list[GuestEvent]:
+        """The vEVENTQ records queued since the last call (docs/smmuv3.md, "Events")."""
+        return [
+            GuestEvent(self.name, self.model, iommu, sequence, lost, record)
+            for iommu, sequence, lost, record in self.topology.read_events()
+        ]
 
     def kind_counts(self) -> dict[str, int]:
         return self.frontend.kind_counts()

@@ -16,6 +16,7 @@ from protocols.frames import PROTOCOL_VERSION, FrameType
 from protocols.virtio_iommu import RequestType
 from viommud import __version__, state, wire
 from viommud.backend.base import Backend
+from viommud.backend.calls import BackendCallError
 from viommud.frontends.compat import COMPAT_POLICIES
 from viommud.host import HostConfig, HostConfigError
 from viommud.replies import DoorbellReply
@@ -122,6 +123,7 @@ class Connection:
                 if run:
                     self.frames += len(run)
                     out.append(self._group(run))
+                    out += self._events()
                     continue
             try:
                 frame = self.decoder.next_frame()
@@ -147,6 +149,8 @@ class Connection:
             except Exception as exc:  # a bug must not take the daemon or other clients down
                 self.log.exception("internal_error", seq=frame.seq, frame_type=frame.type)
                 out.append(encode_error(frame.seq, f"internal error: {exc!r}", fatal=False))
+            if not self.closing and self.handed_off is None:
+                out += self._events()
         if self.frames != self._stored and self.session_token is not None:
             self._store()  # before the replies leave: the file is never older than them
         if self.session is not None:
@@ -190,6 +194,19 @@ class Connection:
             self.progress.batch("cmds", elapsed, commands=0, errors=0, host_calls=0)
         self.progress.host_calls += session.calls.seq - calls_before
         return b"".join(r for r in replies if r is not None)
+
+    def _events(self) -> list[bytes]:
+        """EVENT frames for the host events that reached the session's vEVENTQs, sent right
+        after the reply during which they appeared (docs/protocol.md §10)."""
+        session = self.session
+        if session is None:
+            return []
+        try:
+            events = session.events()
+        except BackendCallError as exc:  # a failed read(2): the events stay where they are
+            self.log.error("event_read_failed", error=str(exc))
+            return []
+        return [wire.encode_json(FrameType.EVENT, 0, event.to_json()) for event in events]
 
     def _doorbell_reply(self, seq: int, reply: DoorbellReply) -> bytes:
         return encode_doorbell(
@@ -300,6 +317,7 @@ class Connection:
         if hello.get("probe"):
             self.closing = True  # health check: answer and hang up, no session
             return wire.encode_json(FrameType.HELLO_OK, frame.seq, reply)
+        event_depth = _event_depth(hello.get("events"))
         compat = hello.get("compat")
         if compat is not None and compat not in COMPAT_POLICIES:
             raise _Fatal("bad HELLO: 'compat' must be 'architecture' or 'qemu'")
@@ -335,6 +353,7 @@ class Connection:
             verify=bool(hello.get("verify")),
             log=self.log,
             compat=compat,
+            event_depth=event_depth,
         )
         self.session.calls.on_error = self._backend_error
         # the session may send large doorbells now
@@ -591,6 +610,20 @@ class Connection:
         session.close()
         report["backend"] = session.report()["backend"]  # with the teardown calls
         return report
+
+
+MAX_EVENT_DEPTH = 65536
+
+
+def _event_depth(value: Any) -> int:
+    """HELLO ``events``: absent / false: 0 (no events); true: 64; an integer: that depth."""
+    if value is None or value is False:
+        return 0
+    if value is True:
+        return 64
+    if isinstance(value, int) and 1 <= value <= MAX_EVENT_DEPTH:
+        return value
+    raise _Fatal(f"bad HELLO: 'events' must be a boolean or a queue depth 1..{MAX_EVENT_DEPTH}")
 
 
 def _progress_keys(progress: Progress) -> dict[str, Any]:

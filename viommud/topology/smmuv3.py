@@ -34,6 +34,10 @@ from viommud.topology import PiommuStatus, TopologyError, TopologyStatus, Vdevic
 STE0_MASK = 0xF8FFFFFFFFFFFFFF
 STE1_MASK = 0x380000FF
 _STE_WORDS = struct.Struct("<QQ")
+# vEVENTQ reads (iommufd uAPI): an 8-byte header, then 32 bytes for a real ARM event.
+_VEVENT_HEADER = 8
+_VEVENT_ARM = 32
+_EVENT_READ = 4096
 
 
 class StreamConfig(enum.Enum):
@@ -96,6 +100,9 @@ class PiommuSlot:
     # Whether any device here has had a stage-1 (translate) vSTE since the vIOMMU object was
     # made: only then can this physical SMMU hold stage-1 TLB entries of the guest.
     s1_seen: bool = False
+    # The vEVENTQ (type ARM_SMMUV3) on the vIOMMU object, when the session asked for events.
+    veventq_id: int = 0
+    veventq_fd: int = -1
 
 
 @dataclass(slots=True)
@@ -122,6 +129,8 @@ class SmmuTopology:
     ioas_id: int | None = None
     slots: dict[str, PiommuSlot] = field(default_factory=dict)
     vdevices: dict[int, VDevice] = field(default_factory=dict)
+    # Depth of the vEVENTQ allocated on each vIOMMU object; 0: no vEVENTQ (events off).
+    event_depth: int = 0
 
     # -- lookups ------------------------------------------------------------------------
     def vdevice(self, vsid: int) -> VDevice | None:
@@ -164,12 +173,19 @@ class SmmuTopology:
                 )
                 made.append(viommu)
                 slot = PiommuSlot(pdev.iommu, s2, viommu)
+                if self.event_depth:
+                    slot.veventq_id, slot.veventq_fd = fd.veventq_alloc(
+                        pdev.iommu, viommu, uapi.IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, self.event_depth
+                    )
+                    made.append(slot.veventq_id)
             vdevice_id = fd.vdevice_alloc(pdev.iommu, slot.viommu_id, bound.dev_id, vid)
             made.append(vdevice_id)
             # Until the guest installs an STE the device translates as the nesting parent
             # does (GPA -> HPA), as a VFIO device does before QEMU's first CFGI_STE.
             fd.attach(bound, slot.s2_hwpt_id)
         except BackendCallError as exc:
+            if slot is not None and slot.veventq_fd >= 0 and pdev.iommu not in self.slots:
+                fd.close_event_fd(slot.veventq_fd)  # the fd holds the vEVENTQ
             for obj in reversed(made):
                 self._try_destroy(pdev.iommu, obj)
             fd.unbind(bound)
@@ -194,6 +210,9 @@ class SmmuTopology:
         del self.vdevices[vid]
         slot.devices.discard(vid)
         if not slot.devices:
+            if slot.veventq_id:
+                fd.close_event_fd(slot.veventq_fd)  # the open fd holds the vEVENTQ
+                fd.destroy(slot.iommu, slot.veventq_id)
             fd.destroy(slot.iommu, slot.viommu_id)
             fd.destroy(slot.iommu, slot.s2_hwpt_id)
             del self.slots[slot.iommu]
@@ -235,6 +254,27 @@ class SmmuTopology:
         if self.ioas_id is not None:
             self.iommufd.destroy(None, self.ioas_id)
             self.ioas_id = None
+
+    # -- events (docs/smmuv3.md, "Events") ---------------------------------------------
+    def read_events(self) -> list[tuple[str, int, bool, bytes]]:
+        """Drain the vEVENTQ of every vIOMMU object as the VMM's read(2) would:
+        ``(physical SMMU, sequence, lost, record)`` in queue order, per SMMU in name order.
+        A record is the 32-byte ``iommu_vevent_arm_smmuv3`` (vSID already in place); a
+        lost-events header has none."""
+        out: list[tuple[str, int, bool, bytes]] = []
+        for iommu, slot in sorted(self.slots.items()):
+            if slot.veventq_fd < 0:
+                continue
+            while data := self.iommufd.read_events(slot.veventq_fd, _EVENT_READ):
+                at = 0
+                while at + _VEVENT_HEADER <= len(data):
+                    head = uapi.decode(uapi.VeventHeader, data[at : at + _VEVENT_HEADER])
+                    at += _VEVENT_HEADER
+                    lost = bool(head.flags & uapi.IOMMU_VEVENTQ_FLAG_LOST_EVENTS)
+                    record = b"" if lost else data[at : at + _VEVENT_ARM]
+                    at += len(record)
+                    out.append((iommu, head.sequence, lost, record))
+        return out
 
     # -- STE install (CFGI_STE and friends) ---------------------------------------------
     def install_ste(self, vid: int, ste: bytes) -> bool:
