@@ -67,9 +67,13 @@ class Session:
         policies: dict[str, Any] | None = None,
         compat: str | None = None,
         event_depth: int = 0,
+        journal: bool = True,
     ) -> None:
         """``event_depth``: each SMMUv3 vIOMMU object gets a vEVENTQ this deep (HELLO
-        ``events``, docs/protocol.md); 0: no vEVENTQ, no events."""
+        ``events``, docs/protocol.md); 0: no vEVENTQ, no events. ``journal``: keep what
+        recreates the vIOMMUs, so the session can be saved (viommud.state; HELLO ``state``);
+        it holds every live virtio-iommu mapping, so a session that will never be saved
+        goes without."""
         self.backend = backend
         self.calls = CallLog(keep=keep_calls)
         self.verifier = Verifier(backend.host) if verify else None
@@ -82,7 +86,7 @@ class Session:
         self._retired_kinds: dict[str, int] = {}
         self._retired_errors: dict[str, int] = {}
         self.log = log
-        self.journal = Journal()  # what recreates the vIOMMUs (viommud.state)
+        self.journal = Journal() if journal else None  # what recreates the vIOMMUs
         self._context = ModelContext(
             backend.host, self.iommufd, self.stats, log, policies or {}, compat, event_depth
         )
@@ -104,7 +108,8 @@ class Session:
             response = ConfigReply(False, str(exc))
         if verifier is not None:
             verifier.after(record, response.ok)
-        self.journal.config(record, response.ok)
+        if self.journal is not None:
+            self.journal.config(record, response.ok)
         if not response.ok:
             self.config_errors += 1
             if self.log is not None:
@@ -116,7 +121,8 @@ class Session:
     def doorbell(self, viommu: str, data: bytes) -> DoorbellReply:
         """One guest doorbell (a ``cmds`` record)."""
         response = self._doorbell(viommu, data)
-        self.journal.doorbell(viommu, data, response)
+        if self.journal is not None:
+            self.journal.doorbell(viommu, data, response)
         return response
 
     def _doorbell(self, viommu: str, data: bytes) -> DoorbellReply:
@@ -146,7 +152,8 @@ class Session:
             finally:
                 verifier.request_end(viommu, status)
             self._log_missed(viommu)
-        self.journal.request(viommu, data, reply)
+        if self.journal is not None:
+            self.journal.request(viommu, data, reply)
         return reply
 
     def doorbells(self, viommu: str, doorbells: list[bytes]) -> list[DoorbellReply | Exception]:
@@ -183,9 +190,10 @@ class Session:
 
         answers = group_commit.run(model, doorbells, one, before=before, after=after)
         journal = self.journal
-        for data, answer in zip(doorbells, answers, strict=True):  # in order, as one by one
-            if isinstance(answer, DoorbellReply):
-                journal.doorbell(viommu, data, answer)
+        if journal is not None:
+            for data, answer in zip(doorbells, answers, strict=True):  # in order, one by one
+                if isinstance(answer, DoorbellReply):
+                    journal.doorbell(viommu, data, answer)
         return answers
 
     def _one(self, viommu: str, data: bytes) -> DoorbellReply | Exception:

@@ -86,6 +86,11 @@ def decode(blob: bytes) -> dict[str, Any]:
 def save(session: Session, *, frames: int | None = None) -> bytes:
     """The state document of ``session`` (docs/state-format.md); ``frames``, when given, is
     the number of request frames the session answered (a ``--state-dir`` file, §6)."""
+    if session.journal is None:
+        raise StateError(
+            "this session keeps no state: ask for it in HELLO (state: true) or serve with "
+            "--state-dir"
+        )
     totals = session.report()
     totals["calls_seq"] = session.calls.seq
     doc = {

@@ -202,7 +202,7 @@ def test_events_follow_a_non_fatal_error_too() -> None:
 
 
 def test_a_state_loaded_session_keeps_its_events() -> None:
-    rig = _attached({"events": True})
+    rig = _attached({"events": True, "state": True})
     (state,) = rig.send(wire.encode(FrameType.STATE_SAVE, 30, b""))
     assert state.type == FrameType.STATE
     other = Rig({"events": 4})

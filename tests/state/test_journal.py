@@ -65,6 +65,7 @@ def migrated(host: HostConfig, objs: list[dict[str, Any]], at: int) -> int:
     want: list[Reply] = [straight.handle(r) for r in records]
     source = Session(EmulatedIommufd(host), verify=True)
     got = [source.handle(r) for r in records[:at]]
+    assert source.journal is not None
     kept = len(source.journal.entries)
     target = state.load(
         state.save(source), Session(EmulatedIommufd(host), verify=True), EmulatedIommufd(host)
@@ -153,3 +154,12 @@ def test_map_unmap_pairs_leave_the_journal(at: int) -> None:
     ]
     kept = migrated(VIRTIO_HOST, objs, at)
     assert kept == {3: 3, 4: 4, 5: 3, 6: 2}[at]
+
+
+def test_a_session_without_a_journal_keeps_no_state() -> None:
+    """A session that did not ask for state (HELLO ``state``) keeps no journal, which would
+    hold every live virtio-iommu mapping; STATE_SAVE then says how to ask for it."""
+    session = Session(EmulatedIommufd(SMMU_HOST), journal=False)
+    assert session.journal is None
+    with pytest.raises(state.StateError, match=r"HELLO \(state: true\)"):
+        state.save(session)

@@ -225,6 +225,8 @@ def test_migration_under_group_commit(name: str) -> None:
     alone = Session(EmulatedIommufd(host))
     for record in records[:n]:
         _answer(alone, record)
+    assert source.journal is not None
+    assert alone.journal is not None
     assert source.journal.records() == alone.journal.records()  # as if one by one
     target = state.load(
         state.save(source), Session(EmulatedIommufd(host), verify=True), EmulatedIommufd(host)

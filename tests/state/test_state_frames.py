@@ -56,9 +56,22 @@ class Factory:
 
 def connect(factory: Factory, host: dict[str, Any] = HOST, **hello: Any) -> Connection:
     conn = Connection(1, factory, None, structlog.get_logger("viommud").bind(client=1))
-    frame = wire.encode_json(FrameType.HELLO, 1, {"protocol": 1, "host": host, **hello})
+    frame = wire.encode_json(
+        FrameType.HELLO, 1, {"protocol": 1, "host": host, "state": True, **hello}
+    )
     assert replies(conn.receive(frame))[0].type == FrameType.HELLO_OK
     return conn
+
+
+def test_state_save_needs_hello_state() -> None:
+    """Without HELLO ``state`` the session keeps no journal (it would hold every live
+    mapping): STATE_SAVE is refused, non-fatally, saying how to ask for it."""
+    conn = connect(Factory(), state=False)
+    (reply,) = send(conn, wire.encode(FrameType.STATE_SAVE, 2, b""))
+    assert reply.type == FrameType.ERROR
+    body = reply.json()
+    assert body["fatal"] is False
+    assert body["error"].startswith("state refused: this session keeps no state")
 
 
 def send(conn: Connection, *frames: bytes) -> list[wire.Frame]:

@@ -354,6 +354,8 @@ class Connection:
             log=self.log,
             compat=compat,
             event_depth=event_depth,
+            # STATE_SAVE needs the journal; it holds every live mapping, so only on request
+            journal=bool(hello.get("state")) or self.state_dir is not None,
         )
         self.session.calls.on_error = self._backend_error
         # the session may send large doorbells now
@@ -502,7 +504,10 @@ class Connection:
         """STATE_SAVE / STATE_LOAD (docs/protocol.md §9): the session as a state document,
         or a new session rebuilt from one, swapped in only once complete."""
         if frame.type == FrameType.STATE_SAVE:
-            return wire.encode(FrameType.STATE, frame.seq, state.save(session))
+            try:
+                return wire.encode(FrameType.STATE, frame.seq, state.save(session))
+            except state.StateError as exc:
+                return encode_error(frame.seq, f"state refused: {exc}", fatal=False)
         try:
             new = state.load(frame.payload, session, self.factory(session.backend.host))
         except state.StateError as exc:
@@ -510,7 +515,7 @@ class Connection:
             return encode_error(frame.seq, f"state refused: {exc}", fatal=False)
         new.calls.on_error = self._backend_error
         body: dict[str, Any] = {"viommus": {n: v.model for n, v in sorted(new.viommus.items())}}
-        body["records"] = len(new.journal.entries)
+        body["records"] = len(new.journal.entries) if new.journal is not None else 0
         if new.calls.keep:
             body["calls"] = new.drain_calls()
         self.session = new

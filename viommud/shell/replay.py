@@ -169,6 +169,8 @@ async def _run(
         group_commit=group_commit > 0,
         **extra,
     )
+    if migrate_at is not None:
+        hello["state"] = True  # the session keeps what STATE_SAVE needs
     await client.hello(**hello)
     moved: list[Client] = []  # the client of the session the state moved to
     started = time.perf_counter()
