@@ -20,6 +20,7 @@ from viommud import state, wire
 from viommud.backend.base import Backend
 from viommud.backend.emulator import EmulatedIommufd
 from viommud.host import HostConfig
+from viommud.shell.claims import Registry
 from viommud.shell.connection import Connection
 from viommud.shell.statedir import StateDir
 from viommud.shell.status import backend_objects
@@ -227,3 +228,51 @@ def test_a_loaded_state_is_kept_in_the_state_dir(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / f"{token}.state").read_bytes())
     assert saved["viommus"] == {"v": "smmuv3"}
     assert saved["frames"] == 0
+
+
+def _owned(registry: Registry, client: int, factory: Factory) -> Connection:
+    """A connection to a daemon that owns its host (serve --host): devices are claimed."""
+    conn = Connection(
+        client,
+        factory,
+        HostConfig.from_json(HOST),
+        structlog.get_logger("viommud").bind(client=client),
+        claims=registry.owner(client, f"client {client}"),
+    )
+    hello = {"protocol": 1, "host": HOST, "state": True}
+    assert replies(conn.receive(wire.encode_json(FrameType.HELLO, 1, hello)))[0].type == (
+        FrameType.HELLO_OK
+    )
+    return conn
+
+
+def test_a_loaded_session_claims_its_devices() -> None:
+    """A session rebuilt by STATE_LOAD holds its devices as its attaches would have: while
+    another session holds one, the load is refused and nothing is kept; once loaded, a third
+    session's attach of it gets EBUSY."""
+    registry, factory = Registry(), Factory()
+    source = _owned(registry, 1, factory)
+    frames = [wire.encode_json(FrameType.RECORD, 2 + i, r) for i, r in enumerate(SETUP)]
+    assert all(f.type != FrameType.ERROR for f in send(source, *frames))
+    (saved,) = send(source, wire.encode(FrameType.STATE_SAVE, 10))
+    source.close()
+    holder = _owned(registry, 2, factory)
+    (ok,) = send(holder, wire.encode_json(FrameType.RECORD, 2, SETUP[0]))
+    (ok,) = send(holder, wire.encode_json(FrameType.RECORD, 3, SETUP[1]))
+    assert ok.json() == {"ok": True}
+    target = _owned(registry, 3, factory)
+    (refused,) = send(target, wire.encode(FrameType.STATE_LOAD, 2, saved.payload))
+    assert refused.type == FrameType.ERROR
+    assert "EBUSY: device '0000:01:00.0'" in refused.json()["error"]
+    assert registry.held() == {"0000:01:00.0": 2}
+    holder.close()
+    (loaded,) = send(target, wire.encode(FrameType.STATE_LOAD, 3, saved.payload))
+    assert loaded.type == FrameType.STATE_LOADED
+    assert registry.held() == {"0000:01:00.0": 3}
+    other = _owned(registry, 4, factory)
+    send(other, wire.encode_json(FrameType.RECORD, 2, SETUP[0]))
+    (busy,) = send(other, wire.encode_json(FrameType.RECORD, 3, SETUP[1]))
+    assert busy.json()["error"].startswith("EBUSY: device '0000:01:00.0'")
+    target.close()
+    other.close()
+    assert registry.held() == {}

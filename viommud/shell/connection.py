@@ -431,6 +431,24 @@ class Connection:
         if self.claims is not None:
             self.claims.release(device)
 
+    def _adopt(self, new: Session) -> str | None:
+        """Claim the devices a rebuilt session (STATE_LOAD, resume) holds, as their attaches
+        would have; None, or why not (a device another session holds: nothing is kept)."""
+        journal = new.journal
+        if journal is None:
+            return None
+        attached, held = dict(self._attached), dict(self._held)
+        for record in journal.records():
+            refusal = self._before(new, record) if isinstance(record, DeviceAttach) else None
+            if refusal is not None:
+                for device in [d for d in self._held if d not in held]:
+                    if self.claims is not None:
+                        self.claims.release(device)
+                self._attached, self._held = attached, held
+                return refusal
+            self._after(record, ok=True)
+        return None
+
     def _mapping_quota(self, session: Session, viommu: str, data: bytes) -> str | None:
         """A virtio MAP request beyond ``max_mappings`` mappings in the session is refused."""
         if not data or data[0] != RequestType.MAP:
@@ -513,6 +531,11 @@ class Connection:
         except state.StateError as exc:
             self.log.warning("state_refused", error=clip(str(exc), 512))
             return encode_error(frame.seq, f"state refused: {exc}", fatal=False)
+        refusal = self._adopt(new)
+        if refusal is not None:
+            new.close()
+            self.log.warning("state_refused", error=clip(refusal, 512))
+            return encode_error(frame.seq, f"state refused: {refusal}", fatal=False)
         new.calls.on_error = self._backend_error
         body: dict[str, Any] = {"viommus": {n: v.model for n, v in sorted(new.viommus.items())}}
         body["records"] = len(new.journal.entries) if new.journal is not None else 0
@@ -543,6 +566,11 @@ class Connection:
             except (state.StateError, ValueError, TypeError) as exc:
                 state_dir.release(token)
                 raise _Fatal(f"cannot resume: state refused: {exc}") from None
+            refusal = self._adopt(new)
+            if refusal is not None:
+                new.close()
+                state_dir.release(token)
+                raise _Fatal(f"cannot resume: {refusal}")
             new.calls.on_error = self._backend_error
             new.drain_calls()
             self.session = new
