@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +18,21 @@ from viommud.shell.server import Server
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 REAL_SMMUV3 = FIXTURES / "smmuv3-linux61-strict.jsonl.xz"
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, **options: Any) -> AsyncIterator[Server]:
+    """A started Server on ``tmp_path/viommud.sock`` plus ``options`` (factory, tcp, metrics,
+    ...), stopped on exit."""
+    server = Server(tmp_path / "viommud.sock", grace=1.0, **options)
+    await server.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.run(stop.wait))
+    try:
+        yield server
+    finally:
+        stop.set()
+        await task
 
 
 @dataclass
@@ -35,16 +52,8 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
         made.append(backend)
         return backend
 
-    socket = tmp_path / "viommud.sock"
-    server = Server(socket, factory=factory, grace=1.0)
-    await server.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop.wait))
-    try:
-        yield Daemon(socket, server, made)
-    finally:
-        stop.set()
-        await task
+    async with running(tmp_path, factory=factory) as server:
+        yield Daemon(server.socket_path, server, made)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ device faults, so this test backend queues injected ones.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,13 @@ from typing import Any
 import pytest
 
 from protocols.virtio_iommu import FaultFlag, FaultReason, RequestType, build_request, parse_fault
-from tests.conftest import Daemon
+from tests.conftest import Daemon, running
 from tests.models.virtio_replaying import GEN, replay_records
 from tests.replies import as_json
 from viommud.backend.base import Backend
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.events import DeviceFault
 from viommud.host import HostConfig
-from viommud.shell.server import Server
 
 DEVICE = "0000:01:00.0"
 
@@ -68,16 +66,8 @@ async def faulting(tmp_path: Path) -> AsyncIterator[Daemon]:
         made.append(backend)
         return backend
 
-    socket = tmp_path / "faults.sock"
-    server = Server(socket, factory=factory, grace=1.0)
-    await server.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop.wait))
-    try:
-        yield Daemon(socket, server, made)
-    finally:
-        stop.set()
-        await task
+    async with running(tmp_path, factory=factory) as server:
+        yield Daemon(server.socket_path, server, made)
 
 
 def _req(request_type: int, **fields: Any) -> dict[str, Any]:

@@ -3,32 +3,16 @@ frames of a byte stream."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import secrets
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
+from tests.conftest import running
 from viommud import wire
 from viommud.shell.endpoints import TcpAddress
-from viommud.shell.server import Server
+
+__all__ = ["TOKEN", "loopback", "replies", "running", "without_timing"]
 
 TOKEN = secrets.token_hex(16)
-
-
-@contextlib.asynccontextmanager
-async def running(tmp_path: Path, **options: Any) -> AsyncIterator[Server]:
-    """A started Server on ``tmp_path/viommud.sock`` plus ``options`` (tcp, metrics, ...)."""
-    server = Server(tmp_path / "viommud.sock", grace=1.0, **options)
-    await server.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop.wait))
-    try:
-        yield server
-    finally:
-        stop.set()
-        await task
 
 
 def loopback() -> TcpAddress:
