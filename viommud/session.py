@@ -20,6 +20,7 @@ from viommud.backend.base import Backend
 from viommud.backend.calls import BackendCallError, CallLog, Iommufd
 from viommud.dispatcher import DispatchStats
 from viommud.group_commit import GroupCommit
+from viommud.guest_memory import GuestResources
 from viommud.journal import Journal
 from viommud.models import (
     ModelContext,
@@ -87,6 +88,8 @@ class Session:
         self._retired_errors: dict[str, int] = {}
         self.log = log
         self.journal = Journal() if journal else None  # what recreates the vIOMMUs
+        # Guest RAM memfds and device cdevs the VMM passed (docs/protocol.md); owned here.
+        self.resources = GuestResources()
         self._context = ModelContext(
             backend.host, self.iommufd, self.stats, log, policies or {}, compat, event_depth
         )
@@ -357,6 +360,7 @@ class Session:
                     self.log.error("teardown_failed", viommu=instance.name, error=str(exc))
         self.viommus.clear()
         self.backend.close()
+        self.resources.close()
 
 
 _CONFIG_EVENTS: dict[type, str] = {
