@@ -164,6 +164,17 @@ def test_warning_reason(case: str, tmp_path: Path, capsys: pytest.CaptureFixture
     assert f"warning               {warning}" in table.splitlines()
 
 
+@pytest.mark.parametrize(("tlbis", "said"), [(1, "once"), (2, "2 times"), (3, "3 times")])
+def test_warning_counts_invalidations(
+    tlbis: int, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "t.jsonl"
+    records = smmu(*(cmds("s", TLBI_ASID, SYNC) for _ in range(tlbis)), attach=None)
+    write_trace(path, {"format": "viommud-trace", "version": 1, "host": HOST}, records)
+    [warning] = replay(path, capsys, "--json")["warnings"]
+    assert warning.startswith(f"the guest invalidated {said} and no invalidation reached")
+
+
 _LEGACY = (
     "every translating device uses legacy-mode or second-stage (PGTT=2/3) tables, which viommud "
     "never nests as stage 1: those devices are blocked (docs/vtd.md, Legacy mode)"

@@ -376,7 +376,8 @@ class ConfigTally:
         reached = sum(calls.get(name, 0) for name in _REACHING)
         if not asked or reached:
             return []
-        head = f"the guest invalidated {asked} times and no invalidation reached the host: "
+        times = "once" if asked == 1 else f"{asked} times"
+        head = f"the guest invalidated {times} and no invalidation reached the host: "
         if not self.attached and self.emulated:
             return [head + "only emulated endpoints, no host device attached"]
         if not self.attached:
