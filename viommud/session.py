@@ -91,8 +91,17 @@ class Session:
         # Guest RAM memfds and device cdevs the VMM passed (docs/protocol.md); owned here.
         self.resources = GuestResources()
         self._context = ModelContext(
-            backend.host, self.iommufd, self.stats, log, policies or {}, compat, event_depth
+            backend.host,
+            self.iommufd,
+            self.stats,
+            log,
+            policies or {},
+            compat,
+            event_depth,
+            self.resources,
         )
+        # A device whose cdev the VMM passed is bound through that fd (docs/backend.md).
+        self.iommufd.take_device_fd = self.resources.take_device
         self.closed = False
 
     # -- records --------------------------------------------------------------------------
