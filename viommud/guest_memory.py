@@ -54,6 +54,7 @@ class GuestResources:
 
     regions: tuple[RamRegion, ...] = ()
     devices: dict[str, int] = field(default_factory=dict)  # host device name -> cdev fd
+    given: set[str] = field(default_factory=set)  # every device a cdev fd was given for
 
     def set_memory(self, regions: Iterable[RamRegion]) -> None:
         """Take the guest RAM layout. Checks what can be checked before any ioctl: page
@@ -76,6 +77,7 @@ class GuestResources:
             os.close(fd)
             raise GuestResourceError(errno.EEXIST, f"device {device!r} was already given an fd")
         self.devices[device] = fd
+        self.given.add(device)
 
     def take_device(self, device: str) -> int | None:
         """Hand over the cdev fd of ``device`` (None: none was given): binding it passes
@@ -88,6 +90,11 @@ class GuestResources:
         _close_all([*(r.fd for r in self.regions), *self.devices.values()])
         self.regions = ()
         self.devices.clear()
+
+    def layout(self) -> list[list[int]]:
+        """The guest-physical layout of the RAM: ``[gpa, size]`` per region (what a state
+        document records; fds cannot travel in one)."""
+        return [[r.gpa, r.size] for r in self.regions]
 
 
 def _check_layout(regions: tuple[RamRegion, ...]) -> None:

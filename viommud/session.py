@@ -100,9 +100,16 @@ class Session:
             event_depth,
             self.resources,
         )
-        # A device whose cdev the VMM passed is bound through that fd (docs/backend.md).
-        self.iommufd.take_device_fd = self.resources.take_device
+        self.use_resources(self.resources)
         self.closed = False
+
+    def use_resources(self, resources: GuestResources) -> None:
+        """Make ``resources`` the session's (STATE_LOAD moves them to the rebuilt session):
+        the models read its RAM; a device whose cdev the VMM passed is bound through that
+        fd (docs/backend.md)."""
+        self.resources = resources
+        self._context.resources = resources
+        self.iommufd.take_device_fd = resources.take_device
 
     # -- records --------------------------------------------------------------------------
     def handle(self, record: Record) -> Reply:
