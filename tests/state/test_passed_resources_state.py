@@ -20,6 +20,7 @@ from viommud import state
 from viommud.backend.emulator.kernel import EmulatedIommufd
 from viommud.backend.emulator.objects import IoasObject
 from viommud.guest_memory import RamRegion
+from viommud.replies import ConfigReply
 from viommud.session import Session
 from viommud.trace import DeviceAttach, ViommuCreate
 
@@ -36,6 +37,12 @@ def memfd(size: int = 16 * MiB) -> int:
     return fd
 
 
+def ok(session: Session, record: ViommuCreate | DeviceAttach) -> None:
+    reply = session.handle(record)
+    assert isinstance(reply, ConfigReply)
+    assert reply.ok, reply.error
+
+
 def given(ram: bool = True, device: bool = True, gpa: int = 0) -> Session:
     s = Session(EmulatedIommufd(HOST))
     if ram:
@@ -49,8 +56,8 @@ def given(ram: bool = True, device: bool = True, gpa: int = 0) -> Session:
 def saved() -> Iterator[bytes]:
     base = open_fds()
     s = given()
-    assert s.handle(ViommuCreate(1, "x", "smmuv3", ("smmu0",), {})).ok
-    assert s.handle(DeviceAttach(2, "x", 8, "a0")).ok
+    ok(s, ViommuCreate(1, "x", "smmuv3", ("smmu0",), {}))
+    ok(s, DeviceAttach(2, "x", 8, "a0"))
     yield state.save(s)
     s.close()
     assert open_fds() == base
@@ -63,7 +70,7 @@ def test_the_document_records_the_layout_and_the_passed_devices(saved: bytes) ->
 
 def test_a_session_without_passed_resources_saves_no_resources_key() -> None:
     s = Session(EmulatedIommufd(HOST))
-    assert s.handle(ViommuCreate(1, "x", "smmuv3", ("smmu0",), {})).ok
+    ok(s, ViommuCreate(1, "x", "smmuv3", ("smmu0",), {}))
     assert "resources" not in json.loads(state.save(s))
     s.close()
 
@@ -108,7 +115,7 @@ def test_load_with_them_rebuilds_on_the_passed_ram(saved: bytes) -> None:
         for obj in ioas
         if isinstance(obj, IoasObject)
     ] == [[(0, 16 * MiB)]]
-    assert [f.pdev.id for f in backend._files.values() if f.os_fd >= 0] == ["a0"]  # noqa: SLF001
+    assert [f.pdev.id for f in backend._files.values() if f.os_fd >= 0] == ["a0"]
     new.close()
     assert open_fds() == base  # the memfd and the cdev closed once, by the new session
 
