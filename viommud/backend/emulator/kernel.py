@@ -21,6 +21,8 @@ kernel's layout:
   ``IommufdCore``, what a driver may ask of the core;
 * ``arm_smmuv3``, ``intel``, ``selftest`` - the ARM SMMUv3, Intel VT-d and selftest mock
   drivers; the mock (§5) and IOMMU_TEST_CMD are loaded with ``selftest=True``;
+* ``files`` - the files the kernel holds (fds passed in with ``import_fd``, the files of
+  IOAS_MAP_FILE areas) and what pinning their pages (``memfd_pin_folios``) refuses;
 * ``caches`` - per physical IOMMU IOTLB and configuration caches and per device ATC /
   device TLB, where every host invalidation is applied and journalled;
 * ``testing`` - inspection, cache filling and fault injection for tests.
