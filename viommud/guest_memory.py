@@ -20,7 +20,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["PAGE_SIZE", "GuestResourceError", "GuestResources", "RamRegion"]
+__all__ = ["PAGE_SIZE", "GuestResourceError", "GuestResources", "RamRegion", "synthetic_memfd"]
 
 PAGE_SIZE = 4096
 
@@ -54,6 +54,7 @@ class GuestResources:
 
     regions: tuple[RamRegion, ...] = ()
     devices: dict[str, int] = field(default_factory=dict)  # host device name -> cdev fd
+    given: set[str] = field(default_factory=set)  # every device a cdev fd was given for
 
     def set_memory(self, regions: Iterable[RamRegion]) -> None:
         """Take the guest RAM layout. Checks what can be checked before any ioctl: page
@@ -76,12 +77,24 @@ class GuestResources:
             os.close(fd)
             raise GuestResourceError(errno.EEXIST, f"device {device!r} was already given an fd")
         self.devices[device] = fd
+        self.given.add(device)
+
+    def take_device(self, device: str) -> int | None:
+        """Hand over the cdev fd of ``device`` (None: none was given): binding it passes
+        it to the backend, which closes it when the device is unbound. A device attached
+        again after that is opened by name, unless the VMM passes a new fd."""
+        return self.devices.pop(device, None)
 
     def close(self) -> None:
         """Close every fd still owned (the session ended)."""
         _close_all([*(r.fd for r in self.regions), *self.devices.values()])
         self.regions = ()
         self.devices.clear()
+
+    def layout(self) -> list[list[int]]:
+        """The guest-physical layout of the RAM: ``[gpa, size]`` per region (what a state
+        document records; fds cannot travel in one)."""
+        return [[r.gpa, r.size] for r in self.regions]
 
 
 def _check_layout(regions: tuple[RamRegion, ...]) -> None:
@@ -119,3 +132,16 @@ def _close_all(fds: Iterable[int]) -> None:
     for fd in set(fds):
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def synthetic_memfd(size: int, name: str = "viommud-guest-ram") -> int:
+    """A sparse memfd of ``size`` bytes (nothing is allocated until a page is touched or
+    pinned): the synthetic guest RAM of a session without passed RAM on a backend whose
+    user memory is not sparse (/dev/iommu). The caller owns and closes it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

@@ -91,9 +91,25 @@ class Session:
         # Guest RAM memfds and device cdevs the VMM passed (docs/protocol.md); owned here.
         self.resources = GuestResources()
         self._context = ModelContext(
-            backend.host, self.iommufd, self.stats, log, policies or {}, compat, event_depth
+            backend.host,
+            self.iommufd,
+            self.stats,
+            log,
+            policies or {},
+            compat,
+            event_depth,
+            self.resources,
         )
+        self.use_resources(self.resources)
         self.closed = False
+
+    def use_resources(self, resources: GuestResources) -> None:
+        """Make ``resources`` the session's (STATE_LOAD moves them to the rebuilt session):
+        the models read its RAM; a device whose cdev the VMM passed is bound through that
+        fd (docs/backend.md)."""
+        self.resources = resources
+        self._context.resources = resources
+        self.iommufd.take_device_fd = resources.take_device
 
     # -- records --------------------------------------------------------------------------
     def handle(self, record: Record) -> Reply:

@@ -27,12 +27,13 @@ from typing import Any
 from viommud import __version__
 from viommud.backend.base import Backend
 from viommud.backend.calls import BackendCallError
+from viommud.guest_memory import GuestResources
 from viommud.host import HostConfig, HostConfigError
 from viommud.models import RecordRefused
 from viommud.replies import ConfigReply
 from viommud.session import Session
 from viommud.topology import TopologyError
-from viommud.trace import Record, TraceError, parse_record, record_to_json
+from viommud.trace import DeviceAttach, Record, TraceError, parse_record, record_to_json
 
 __all__ = ["FORMAT", "VERSION", "StateError", "decode", "encode", "load", "save"]
 
@@ -80,7 +81,31 @@ def decode(blob: bytes) -> dict[str, Any]:
     compat = doc.get("compat")
     if compat is not None and not isinstance(compat, str):
         raise StateError("bad state: 'compat' must be a string or null")
+    _resources(doc)
     return doc
+
+
+def _resources(doc: dict[str, Any]) -> tuple[list[list[int]], list[str]]:
+    """The ``resources`` of a document (docs/state-format.md §1): the passed RAM layout and
+    the devices bound through a passed cdev; empty when absent."""
+    raw = doc.get("resources", {})
+    ram = raw.get("ram", []) if isinstance(raw, dict) else None
+    devices = raw.get("devices", []) if isinstance(raw, dict) else None
+    if (
+        not isinstance(ram, list)
+        or not all(
+            isinstance(r, list)
+            and len(r) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r)
+            for r in ram
+        )
+        or not isinstance(devices, list)
+        or not all(isinstance(d, str) for d in devices)
+    ):
+        raise StateError(
+            "bad state: 'resources' must be {ram: [[gpa, size], ...], devices: [name, ...]}"
+        )
+    return ram, devices
 
 
 def save(session: Session, *, frames: int | None = None) -> bytes:
@@ -103,9 +128,54 @@ def save(session: Session, *, frames: int | None = None) -> bytes:
         "journal": [record_to_json(r) for r in session.journal.records()],
         "totals": totals,
     }
+    passed = _passed(session)
+    if passed:
+        doc["resources"] = passed
     if frames is not None:
         doc["frames"] = frames
     return encode(doc)
+
+
+def _passed(session: Session) -> dict[str, Any]:
+    """What the VMM passed that the rebuild needs again (fds cannot travel in a document):
+    the RAM layout, and the devices attached through a passed cdev."""
+    resources = session.resources
+    attached = (
+        {r.device for r in session.journal.records() if isinstance(r, DeviceAttach)}
+        if session.journal is not None
+        else set()
+    )
+    out: dict[str, Any] = {}
+    if resources.regions:
+        out["ram"] = resources.layout()
+    devices = sorted(resources.given & attached)
+    if devices:
+        out["devices"] = devices
+    return out
+
+
+def _check_passed(doc: dict[str, Any], resources: GuestResources) -> None:
+    """Refuse a load whose session was not given what the saved one had been given."""
+    ram, devices = _resources(doc)
+    have = resources.layout()
+    if ram != have:
+        if ram and not have:
+            raise StateError(
+                "the saved session's guest RAM was passed by its VMM ("
+                + ", ".join(f"{gpa:#x}+{size:#x}" for gpa, size in ram)
+                + "): pass the same RAM (a MEMORY frame) before STATE_LOAD"
+            )
+        raise StateError(
+            f"guest RAM layout differs: the state's is {ram or 'synthetic'}, this session "
+            f"was given {have}"
+        )
+    missing = [d for d in devices if d not in resources.devices]
+    if missing:
+        raise StateError(
+            "the saved session bound "
+            + ", ".join(missing)
+            + " through a cdev its VMM passed: pass the fd of each before STATE_LOAD"
+        )
 
 
 def load(blob: bytes, like: Session, backend: Backend) -> Session:
@@ -131,7 +201,12 @@ def load(blob: bytes, like: Session, backend: Backend) -> Session:
         except TraceError as exc:
             raise StateError(f"bad state: journal record {index + 1}: {exc.message}") from None
     totals = _totals(doc["totals"])
+    _check_passed(doc, like.resources)
     session = like.sibling(backend, compat=doc["compat"])
+    # The RAM and cdevs the VMM passed move to the rebuilt session (back on a refusal;
+    # cdevs a failed rebuild bound and unbound again are closed: pass them anew).
+    session.use_resources(like.resources)
+    like.use_resources(GuestResources())
     # The rebuild's calls continue the saved call log's numbering and barrier count.
     session.calls.seq = totals["calls_seq"]
     session.stats.barriers = totals["barriers"]
@@ -151,15 +226,22 @@ def load(blob: bytes, like: Session, backend: Backend) -> Session:
             )
         session.restore_totals(totals)
     except (StateError, RecordRefused, TopologyError, BackendCallError, ValueError) as exc:
-        session.close()
+        _give_back(session, like)
         if isinstance(exc, StateError):
             raise
         raise StateError(f"the state does not rebuild: {exc}") from None
     except BaseException:
-        session.close()
+        _give_back(session, like)
         raise
     session.set_compat(like.compat)
     return session
+
+
+def _give_back(session: Session, like: Session) -> None:
+    """A refused rebuild: close it, the VMM's RAM and unused cdevs back to ``like``."""
+    like.use_resources(session.resources)
+    session.use_resources(GuestResources())
+    session.close()
 
 
 def _totals(raw: dict[str, Any]) -> dict[str, Any]:

@@ -38,6 +38,19 @@ IOMMU_IOAS_MAP_LAYOUT = (
     * "struct iommu_ioas_map, 40 bytes, min_size 40 (include/uapi/linux/iommufd.h)"
 )
 
+IOMMU_IOAS_MAP_FILE_LAYOUT = (
+    Struct(
+        "size" / Int32ul,
+        "flags" / Int32ul * "FIXED_IOVA | WRITEABLE | READABLE; others EOPNOTSUPP",
+        "ioas_id" / Int32ul,
+        "fd" / Int32sl * "the file to map (a memfd: shmem or hugetlbfs)",
+        "start" / Int64ul * "byte offset in the file of the first byte mapped",
+        "length" / Int64ul,
+        "iova" / Int64ul * "in with FIXED_IOVA; out: the IOVA chosen",
+    )
+    * "struct iommu_ioas_map_file, 40 bytes, min_size 40 (include/uapi/linux/iommufd.h)"
+)
+
 IOMMU_IOAS_UNMAP_LAYOUT = (
     Struct(
         "size" / Int32ul,

@@ -24,6 +24,7 @@ from protocols.iommufd.layouts import (
     IOMMU_HWPT_PGFAULT_LAYOUT,
     IOMMU_HWPT_SELFTEST_LAYOUT,
     IOMMU_IOAS_ALLOC_LAYOUT,
+    IOMMU_IOAS_MAP_FILE_LAYOUT,
     IOMMU_IOAS_MAP_LAYOUT,
     IOMMU_IOAS_UNMAP_LAYOUT,
     IOMMU_TEST_CHECK_DEV_CACHE_LAYOUT,
@@ -301,6 +302,7 @@ class VfioDeviceDetachIommufdPt(UapiStruct):
 
 _IOAS_MAP = struct.Struct("<IIIIQQQ")
 _IOAS_UNMAP = struct.Struct("<IIQQ")
+_IOAS_MAP_FILE = struct.Struct("<IIIiQQQ")
 _VEVENTQ_ALLOC = struct.Struct("<IIIIIIII")
 _HW_QUEUE_ALLOC = struct.Struct("<IIIIIIQQ")
 _FOUR_U32 = struct.Struct("<IIII")
@@ -328,6 +330,24 @@ class IoasMap(UapiStruct):
     ioas_id: int = 0
     reserved: int = 0
     user_va: int = 0
+    length: int = 0
+    iova: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IoasMapFile(UapiStruct):
+    """``struct iommu_ioas_map_file``: map ``length`` bytes of file ``fd`` from byte
+    ``start`` at ``iova`` (IOMMU_IOAS_MAP_FILE; pages are pinned from the file)."""
+
+    FORMAT: ClassVar[struct.Struct] = _IOAS_MAP_FILE
+    MIN_SIZE: ClassVar[int] = 40
+    LAYOUT: ClassVar[Any] = IOMMU_IOAS_MAP_FILE_LAYOUT
+
+    size: int = _IOAS_MAP_FILE.size
+    flags: int = 0
+    ioas_id: int = 0
+    fd: int = -1
+    start: int = 0
     length: int = 0
     iova: int = 0
 
@@ -687,6 +707,7 @@ STRUCTS: tuple[type[UapiStruct], ...] = (
     VfioDeviceAttachIommufdPt,
     VfioDeviceDetachIommufdPt,
     IoasMap,
+    IoasMapFile,
     IoasUnmap,
     VeventqAlloc,
     HwQueueAlloc,

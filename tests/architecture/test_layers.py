@@ -24,6 +24,7 @@ VALUES = {
     "viommud.trace",
     "viommud.mappings",
     "viommud.virtio_state",
+    "viommud.guest_memory",
 }
 BACKEND_API = {"viommud.backend.base", "viommud.backend.calls"}
 

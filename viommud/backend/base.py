@@ -7,7 +7,8 @@ positive errno. Pointers inside structures (``data_uptr``) are addresses in the 
 ``memory``: emulated user memory for the emulator, real process memory for /dev/iommu.
 
 ``fd`` is either ``iommufd`` (the open /dev/iommu) or a device fd from ``open_device``
-(a VFIO cdev, on which VFIO_DEVICE_BIND_IOMMUFD / ATTACH / DETACH are issued).
+(a VFIO cdev, on which VFIO_DEVICE_BIND_IOMMUFD / ATTACH / DETACH are issued). Fds a VMM
+passed enter through ``adopt_device`` (its device cdevs) and ``import_fd`` (guest RAM).
 """
 
 from __future__ import annotations
@@ -61,6 +62,19 @@ class Backend(Protocol):
         """Close a device fd: the device is unbound from the iommufd."""
         ...
 
+    def adopt_device(self, device: str, os_fd: int) -> None:
+        """Take ``os_fd``, a VFIO cdev the VMM passed, as host device ``device``'s: from
+        then on ``open_device(device)`` returns it (its number) until it is closed. The
+        backend owns ``os_fd`` from the call on, also when it raises ``OSError``
+        (ENODEV: no such host device; EBUSY: a passed fd of that device is still open)."""
+        ...
+
+    def import_fd(self, os_fd: int) -> int:
+        """Make ``os_fd`` (a guest RAM memfd) usable in ioctls: returns the number to put in
+        IOMMU_IOAS_MAP_FILE's ``fd``. The caller keeps ``os_fd`` open until ``close_fd`` of
+        that number (the emulator holds a duplicate; /dev/iommu takes the fd itself)."""
+        ...
+
     def ioctl(self, fd: int, request: int, arg: bytearray) -> int:
         """Issue ``request`` with the packed structure ``arg``; returns 0 or an errno."""
         ...
@@ -70,7 +84,8 @@ class Backend(Protocol):
         ...
 
     def close_fd(self, fd: int) -> None:
-        """Close an event fd (vEVENTQ, FAULT): the object may then be destroyed."""
+        """Close an event fd (vEVENTQ, FAULT): the object may then be destroyed; or forget
+        a number ``import_fd`` returned (mappings made from it stay)."""
         ...
 
     def close(self) -> None:

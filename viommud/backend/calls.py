@@ -109,6 +109,9 @@ class Iommufd:
         self.log = log if log is not None else CallLog()
         self._scratch = 0
         self._scratch_size = 0
+        # Where ``bind`` finds a VFIO cdev fd the VMM passed for a device (the session's
+        # guest resources hand it over, once); None or a None answer: open it by name.
+        self.take_device_fd: Callable[[str], int | None] | None = None
 
     # -- plumbing -----------------------------------------------------------------------
     def _buffer(self, data: bytes) -> int:
@@ -149,7 +152,11 @@ class Iommufd:
 
     # -- devices (VFIO cdev) --------------------------------------------------------------
     def bind(self, device: str, iommu: str) -> BoundDevice:
+        """Open ``device`` (the cdev the VMM passed, if any, else by name) and bind it."""
         try:
+            passed = self.take_device_fd(device) if self.take_device_fd is not None else None
+            if passed is not None:
+                self.backend.adopt_device(device, passed)  # the backend owns it from here
             fd = self.backend.open_device(device)
         except OSError as exc:
             err = exc.errno or errno_mod.ENODEV
@@ -236,6 +243,56 @@ class Iommufd:
             out_field="iova",
         )
         return int(out.iova)
+
+    def ioas_map_file(
+        self,
+        iommu: str | None,
+        ioas_id: int,
+        fd: int,
+        start: int,
+        length: int,
+        *,
+        iova: int | None = None,
+        flags: int = uapi.IOMMU_IOAS_MAP_READABLE | uapi.IOMMU_IOAS_MAP_WRITEABLE,
+    ) -> int:
+        """``IOMMU_IOAS_MAP_FILE`` of bytes ``[start, start + length)`` of ``fd`` (a number
+        from ``import_fd``) at ``iova`` (FIXED_IOVA), or where the kernel chooses when
+        ``iova`` is None; ``flags`` are the protection bits. Returns the IOVA."""
+        flags &= uapi.IOMMU_IOAS_MAP_READABLE | uapi.IOMMU_IOAS_MAP_WRITEABLE
+        if iova is not None:
+            flags |= uapi.IOMMU_IOAS_MAP_FIXED_IOVA
+        out = self._simple(
+            iommu,
+            self.backend.iommufd,
+            uapi.IOMMU_IOAS_MAP_FILE,
+            uapi.IoasMapFile(
+                flags=flags,
+                ioas_id=ioas_id,
+                fd=fd,
+                start=start,
+                length=length,
+                iova=iova if iova is not None else 0,
+            ),
+            {
+                "ioas_id": ioas_id,
+                "iova": iova,
+                "length": length,
+                "fd": fd,
+                "start": start,
+                "flags": flags,
+            },
+            out_field="iova",
+        )
+        return int(out.iova)
+
+    def import_fd(self, os_fd: int) -> int:
+        """``Backend.import_fd``: the number IOAS_MAP_FILE takes for ``os_fd`` (no ioctl,
+        not logged)."""
+        return self.backend.import_fd(os_fd)
+
+    def close_imported(self, fd: int) -> None:
+        """Forget a number ``import_fd`` returned (mappings made from it stay)."""
+        self.backend.close_fd(fd)
 
     def ioas_unmap(self, iommu: str | None, ioas_id: int, iova: int, length: int) -> int:
         """``IOMMU_IOAS_UNMAP``; returns the bytes unmapped (iova 0, length 2^64-1: all)."""

@@ -120,8 +120,14 @@ class RealIommufd:
         self.iommufd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self._devices: dict[int, str] = {}
         self._fds: set[int] = set()  # event fds handed out by the kernel
+        self._adopted: dict[str, int] = {}  # device -> the cdev fd the VMM passed
+        self._imported: set[int] = set()  # guest RAM fds (the caller's: never closed here)
 
     def open_device(self, device: str) -> int:
+        adopted = self._adopted.get(device)
+        if adopted is not None:
+            self._devices[adopted] = device
+            return adopted
         try:
             self.host.device(device)
         except KeyError:
@@ -133,9 +139,33 @@ class RealIommufd:
         return fd
 
     def close_device(self, fd: int) -> None:
-        if self._devices.pop(fd, None) is None:
-            raise OSError(errno.EBADF, f"fd {fd} is not an open device")
-        os.close(fd)
+        device = self._devices.pop(fd, None)
+        if device is None:
+            if fd not in self._adopted.values():
+                raise OSError(errno.EBADF, f"fd {fd} is not an open device")
+            device = next(name for name, adopted in self._adopted.items() if adopted == fd)
+        if self._adopted.get(device) == fd:
+            del self._adopted[device]
+        os.close(fd)  # the kernel unbinds a cdev when its file is released
+
+    def adopt_device(self, device: str, os_fd: int) -> None:
+        """The VMM's cdev fd of ``device`` (owned here from now on, closed by close_device
+        or close). Whether it is a VFIO cdev, and of that device, is the kernel's to say at
+        VFIO_DEVICE_BIND_IOMMUFD (ENOTTY for a file without VFIO's ioctls)."""
+        try:
+            self.host.device(device)
+        except KeyError:
+            os.close(os_fd)
+            raise OSError(errno.ENODEV, f"no host device {device!r}") from None
+        if device in self._adopted:
+            os.close(os_fd)
+            raise OSError(errno.EBUSY, f"device {device!r} already has a passed fd open")
+        self._adopted[device] = os_fd
+
+    def import_fd(self, os_fd: int) -> int:
+        """The kernel takes the caller's fd itself (IOAS_MAP_FILE's fget)."""
+        self._imported.add(os_fd)
+        return os_fd
 
     def ioctl(self, fd: int, request: int, arg: bytearray) -> int:
         try:
@@ -161,7 +191,10 @@ class RealIommufd:
             return exc.errno or errno.EIO, 0
 
     def close_fd(self, fd: int) -> None:
-        if fd in self._devices:
+        if fd in self._imported:
+            self._imported.discard(fd)  # the caller's fd: it closes it
+            return
+        if fd in self._devices or fd in self._adopted.values():
             self.close_device(fd)
             return
         os.close(fd)
@@ -169,6 +202,9 @@ class RealIommufd:
     def close(self) -> None:
         for fd in list(self._devices):
             self.close_device(fd)
+        for fd in list(self._adopted.values()):
+            self.close_device(fd)
+        self._imported.clear()
         if self.iommufd >= 0:
             os.close(self.iommufd)
             self.iommufd = -1

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Protocol
 
 from viommud.backend.calls import CallLog, Iommufd
 from viommud.dispatcher import DispatchStats
+from viommud.guest_memory import GuestResources, RamRegion
 from viommud.host import HostConfig
 from viommud.replies import ConfigReply, DoorbellReply, RequestReply
 from viommud.topology import TopologyStatus
@@ -42,6 +43,14 @@ class ModelContext:
     compat: str | None = None
     # Depth of the vEVENTQ each vIOMMU object gets (HELLO ``events``); 0: no events.
     event_depth: int = 0
+    # Guest RAM memfds and device cdevs the VMM passed (the session owns them); None or
+    # empty: synthetic memory, devices opened by name.
+    resources: GuestResources | None = None
+
+    @property
+    def ram(self) -> tuple[RamRegion, ...]:
+        """The passed guest RAM regions (empty: none passed)."""
+        return self.resources.regions if self.resources is not None else ()
 
 
 class Viommu(Protocol):

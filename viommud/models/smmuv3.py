@@ -71,7 +71,12 @@ class SmmuV3Viommu:
             raise ModelError(str(exc)) from None
         frontend = SmmuV3Frontend(features)
         topology = SmmuTopology(
-            record.viommu, record.iommus, ctx.host, ctx.iommufd, event_depth=ctx.event_depth
+            record.viommu,
+            record.iommus,
+            ctx.host,
+            ctx.iommufd,
+            ram_regions=ctx.ram,
+            event_depth=ctx.event_depth,
         )
         dispatcher = SmmuDispatcher(topology, ctx.iommufd, ctx.stats)
         if ViommuModel.SMMUV3 in ctx.policies:

@@ -345,7 +345,14 @@ class VirtioViommu:
         options = VirtioOptions.from_options(raw)
         frontend = options.frontend()
         topology = VirtioTopology(record.viommu, ctx.host, ctx.iommufd)
-        topology.place_guest_memory(options.guest_memory)
+        if ctx.ram:
+            if "guest_memory" in record.options:
+                raise ModelError(
+                    "the guest_memory option and guest RAM passed by the VMM exclude each other"
+                )
+            topology.use_passed_memory(ctx.ram)
+        else:
+            topology.place_guest_memory(options.guest_memory)
         dispatcher = VirtioDispatcher(topology, ctx.iommufd, ctx.stats)
         log, debug = viommu_log(ctx, record.viommu)
         source = getattr(ctx.iommufd.backend, "drain_device_faults", None)

@@ -69,7 +69,9 @@ class VtdViommu:
         except ValueError as exc:
             raise ModelError(str(exc)) from None
         frontend = VtdFrontend(features)
-        topology = VtdTopology(record.viommu, record.iommus, ctx.host, ctx.iommufd)
+        topology = VtdTopology(
+            record.viommu, record.iommus, ctx.host, ctx.iommufd, ram_regions=ctx.ram
+        )
         dispatcher = VtdDispatcher(topology, ctx.iommufd, ctx.stats)
         log, debug = viommu_log(ctx, record.viommu)
         return cls(record.viommu, frontend, topology, dispatcher, log, debug)

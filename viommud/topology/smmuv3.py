@@ -18,15 +18,17 @@ from __future__ import annotations
 import contextlib
 import enum
 import struct
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
 from protocols.smmuv3 import CERROR_ILL
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
 from viommud.guest.smmuv3 import decode_ste
+from viommud.guest_memory import RamRegion
 from viommud.host import HostConfig
 from viommud.topology import PiommuStatus, TopologyError, TopologyStatus, VdeviceStatus
+from viommud.topology.guest_ram import ParentRam
 
 # QEMU's masks on the vSTE before IOMMU_HWPT_ALLOC (smmuv3.md §3.2): D0 keeps V, Config,
 # S1Fmt, bits [55:6] and S1CDMax; D1 keeps S1DSS, S1CIR, S1COR, S1CSH, S1STALLD and EATS.
@@ -127,6 +129,9 @@ class SmmuTopology:
     host: HostConfig
     iommufd: Iommufd
     ioas_id: int | None = None
+    # Guest RAM the VMM passed, mapped into the IOAS at its allocation (empty: none).
+    ram_regions: InitVar[tuple[RamRegion, ...]] = ()
+    ram: ParentRam = field(init=False)
     slots: dict[str, PiommuSlot] = field(default_factory=dict)
     vdevices: dict[int, VDevice] = field(default_factory=dict)
     # Depth of the vEVENTQ allocated on each vIOMMU object; 0: no vEVENTQ (events off).
@@ -160,7 +165,7 @@ class SmmuTopology:
             slot = self.slots.get(pdev.iommu)
             if slot is None:
                 if self.ioas_id is None:
-                    self.ioas_id = fd.ioas_alloc(pdev.iommu)
+                    self.ioas_id = self._parent_ioas(pdev.iommu)
                 s2 = fd.hwpt_alloc(
                     pdev.iommu,
                     bound.dev_id,
@@ -247,13 +252,29 @@ class SmmuTopology:
             hwpts=sum(1 + len(slot.hwpts) for slot in self.slots.values()),
         )
 
+    def __post_init__(self, ram_regions: tuple[RamRegion, ...]) -> None:
+        self.ram = ParentRam(self.iommufd, ram_regions)
+
+    def _parent_ioas(self, iommu: str) -> int:
+        """The VM's IOAS, holding the passed guest RAM at IOVA = GPA (docs: guest memory)."""
+        fd = self.iommufd
+        ioas_id = fd.ioas_alloc(iommu)
+        if self.ram.regions:
+            try:
+                self.ram.map_into(iommu, ioas_id)
+            except BackendCallError:
+                self._try_destroy(iommu, ioas_id)
+                raise
+        return ioas_id
+
     def destroy(self) -> None:
-        """Free everything this vIOMMU holds on the backend."""
+        """Free everything this vIOMMU holds on the backend (the IOAS with its RAM)."""
         for vid in sorted(self.vdevices):
             self.detach(vid)
         if self.ioas_id is not None:
             self.iommufd.destroy(None, self.ioas_id)
             self.ioas_id = None
+        self.ram.close()
 
     # -- events (docs/smmuv3.md, "Events") ---------------------------------------------
     def read_events(self) -> list[tuple[str, int, bool, bytes]]:

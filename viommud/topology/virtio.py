@@ -28,6 +28,7 @@ backend calls before raising ``BackendCallError``.
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from protocols import iommufd as uapi
 from protocols.models import HostIommu
 from protocols.virtio_iommu import MapFlag
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
+from viommud.guest_memory import RamRegion, synthetic_memfd
 from viommud.host import HostConfig, PhysicalDevice
 from viommud.mappings import Mapping
 from viommud.topology import PiommuStatus, TopologyError, TopologyStatus, VdeviceStatus
@@ -65,15 +67,21 @@ class NotGuestRam(Exception):  # noqa: N818 - a condition the caller maps to S_F
 
 @dataclass(frozen=True, slots=True)
 class GuestRam:
-    """One region of guest RAM: ``size`` bytes at guest-physical ``gpa``, host VA ``hva``."""
+    """One region of guest RAM: ``size`` bytes at guest-physical ``gpa``, at host VA ``hva``
+    (mapped with IOAS_MAP), or with ``fd`` >= 0 (a number from ``import_fd``) at byte
+    ``offset`` of that file (mapped with IOAS_MAP_FILE)."""
 
     gpa: int
     size: int
     hva: int
+    fd: int = -1
+    offset: int = 0
 
 
-# Without a ``guest_memory`` option: 1 TiB of guest RAM from guest-physical 0 (its host VA
-# is allocated in the backend's user memory; the emulator's is sparse, so this costs nothing).
+# Without a ``guest_memory`` option: 1 TiB of guest RAM from guest-physical 0. On a backend
+# with sparse user memory (the emulator) its host VA is allocated there, which costs
+# nothing; otherwise (/dev/iommu) it is a sparse memfd, whose pages are only allocated and
+# pinned when a mapping needs them.
 DEFAULT_GUEST_MEMORY = ((0, 1 << 40),)
 
 
@@ -83,16 +91,16 @@ class GuestMemory:
 
     regions: tuple[GuestRam, ...] = ()
 
-    def pieces(self, gpa: int, size: int) -> list[tuple[int, int, int]]:
-        """``(offset, hva, length)`` pieces covering ``[gpa, gpa + size)``; NotGuestRam if a
-        byte of it is not RAM."""
-        out: list[tuple[int, int, int]] = []
+    def pieces(self, gpa: int, size: int) -> list[tuple[int, GuestRam, int, int]]:
+        """``(offset, region, offset in region, length)`` pieces covering
+        ``[gpa, gpa + size)``; NotGuestRam if a byte of it is not RAM."""
+        out: list[tuple[int, GuestRam, int, int]] = []
         pos, end = gpa, gpa + size
         while pos < end:
             for region in self.regions:
                 if region.gpa <= pos < region.gpa + region.size:
                     length = min(end, region.gpa + region.size) - pos
-                    out.append((pos - gpa, region.hva + (pos - region.gpa), length))
+                    out.append((pos - gpa, region, pos - region.gpa, length))
                     pos += length
                     break
             else:
@@ -143,6 +151,8 @@ class VirtioTopology:
     iommufd: Iommufd
     memory: GuestMemory = field(default_factory=GuestMemory)
     allocated: list[int] = field(default_factory=list)  # host VAs this vIOMMU allocated
+    imported: list[int] = field(default_factory=list)  # backend numbers from import_fd
+    memfds: list[int] = field(default_factory=list)  # synthetic RAM memfds (OS fds) it owns
     endpoints: dict[int, HostEndpoint] = field(default_factory=dict)
     domains: dict[int, HostDomain] = field(default_factory=dict)
     objects: dict[Key, _Obj] = field(default_factory=dict)
@@ -366,16 +376,18 @@ class VirtioTopology:
         ioas = self.objects[("ioas", dom.domain)]
         pieces = self.memory.pieces(mapping.phys, mapping.size)
         done: list[tuple[int, int]] = []
+        readable = bool(mapping.flags & MAP_READ)
+        writeable = bool(mapping.flags & MAP_WRITE)
         try:
-            for offset, hva, length in pieces:
-                self.iommufd.ioas_map(
-                    None,
+            for offset, region, within, length in pieces:
+                self._map_ram(
                     ioas.id,
                     mapping.start + offset,
+                    region,
+                    within,
                     length,
-                    user_va=hva,
-                    readable=bool(mapping.flags & MAP_READ),
-                    writeable=bool(mapping.flags & MAP_WRITE),
+                    readable=readable,
+                    writeable=writeable,
                 )
                 done.append((mapping.start + offset, length))
         except BackendCallError:
@@ -396,6 +408,37 @@ class VirtioTopology:
             self._put(key)
             dom.forwarded.clear()
             raise
+
+    def _map_ram(
+        self,
+        ioas_id: int,
+        iova: int,
+        region: GuestRam,
+        within: int,
+        length: int,
+        *,
+        readable: bool,
+        writeable: bool,
+    ) -> None:
+        """Map ``length`` bytes of ``region`` from ``within`` at ``iova``: IOAS_MAP of its
+        host VA, or IOAS_MAP_FILE of its file."""
+        if region.fd < 0:
+            self.iommufd.ioas_map(
+                None,
+                ioas_id,
+                iova,
+                length,
+                user_va=region.hva + within,
+                readable=readable,
+                writeable=writeable,
+            )
+            return
+        flags = (uapi.IOMMU_IOAS_MAP_READABLE if readable else 0) | (
+            uapi.IOMMU_IOAS_MAP_WRITEABLE if writeable else 0
+        )
+        self.iommufd.ioas_map_file(
+            None, ioas_id, region.fd, region.offset + within, length, iova=iova, flags=flags
+        )
 
     def _ioas_used(self, dom: HostDomain) -> bool:
         return any(k[0] == "paging" and k[1] == dom.domain for k in self.objects)
@@ -436,7 +479,9 @@ class VirtioTopology:
         self.objects[key] = _Obj(ioas_id, None, (), users=1)
         try:
             for region in self.memory.regions:
-                self.iommufd.ioas_map(None, ioas_id, region.gpa, region.size, user_va=region.hva)
+                self._map_ram(
+                    ioas_id, region.gpa, region, 0, region.size, readable=True, writeable=True
+                )
         except BackendCallError:
             self._put(key)
             raise
@@ -580,16 +625,39 @@ class VirtioTopology:
 
     # -- guest memory ------------------------------------------------------------------------
     def place_guest_memory(self, regions: Iterable[tuple[int, int, int | None]]) -> None:
-        """Set guest RAM: ``(gpa, size, hva)``; a None ``hva`` is allocated in the backend's
-        user memory (where a VMM's RAM would be mapped) and freed at ``destroy``."""
+        """Set guest RAM: ``(gpa, size, hva)``; a None ``hva`` is synthetic RAM, freed at
+        ``destroy``: allocated in the backend's user memory when that is sparse (the
+        emulator's), else a sparse memfd mapped with IOAS_MAP_FILE (/dev/iommu: nothing is
+        allocated up front, pages are pinned only where mapped)."""
         placed: list[GuestRam] = []
         memory = self.iommufd.backend.memory
+        sparse = bool(getattr(memory, "sparse", False))
         for gpa, size, given in regions:
-            hva = given
-            if hva is None:
+            if given is not None:
+                placed.append(GuestRam(gpa, size, given))
+            elif sparse:
                 hva = memory.alloc(size)
                 self.allocated.append(hva)
-            placed.append(GuestRam(gpa, size, hva))
+                placed.append(GuestRam(gpa, size, hva))
+            else:
+                os_fd = synthetic_memfd(size)
+                self.memfds.append(os_fd)
+                number = self.iommufd.import_fd(os_fd)
+                self.imported.append(number)
+                placed.append(GuestRam(gpa, size, 0, number, 0))
+        self.memory = GuestMemory(tuple(placed))
+
+    def use_passed_memory(self, regions: Iterable[RamRegion]) -> None:
+        """Set guest RAM to the memfds the VMM passed (the session owns the fds; only the
+        backend's numbers for them are this vIOMMU's)."""
+        numbers: dict[int, int] = {}
+        placed: list[GuestRam] = []
+        for region in regions:
+            number = numbers.get(region.fd)
+            if number is None:
+                number = numbers[region.fd] = self.iommufd.import_fd(region.fd)
+                self.imported.append(number)
+            placed.append(GuestRam(region.gpa, region.size, 0, number, region.offset))
         self.memory = GuestMemory(tuple(placed))
 
     # -- teardown ---------------------------------------------------------------------------
@@ -645,3 +713,7 @@ class VirtioTopology:
         memory = self.iommufd.backend.memory
         while self.allocated:
             memory.free(self.allocated.pop())
+        while self.imported:
+            self.iommufd.close_imported(self.imported.pop())
+        while self.memfds:
+            os.close(self.memfds.pop())

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
@@ -38,8 +38,10 @@ from protocols.vtd import (
 )
 from viommud.backend.calls import BackendCallError, BoundDevice, Iommufd
 from viommud.guest.vtd import LegacyContext, PasidEntry, VtdContext
+from viommud.guest_memory import RamRegion
 from viommud.host import HostConfig
 from viommud.topology import PiommuStatus, TopologyError, TopologyStatus, VdeviceStatus
+from viommud.topology.guest_ram import ParentRam
 
 FULL_END = 1 << 64  # exclusive end of the whole 64-bit address space
 HISTORY = 64  # host flushes remembered per HWPT for the device-TLB elision rule
@@ -192,6 +194,9 @@ class VtdTopology:
     host: HostConfig
     iommufd: Iommufd
     ioas_id: int | None = None
+    # Guest RAM the VMM passed, mapped into the IOAS at its allocation (empty: none).
+    ram_regions: InitVar[tuple[RamRegion, ...]] = ()
+    ram: ParentRam = field(init=False)
     slots: dict[str, UnitSlot] = field(default_factory=dict)
     vdevices: dict[int, VtdDevice] = field(default_factory=dict)
     clock: int = 0  # orders attachments and host flushes (device-TLB elision rule)
@@ -242,7 +247,7 @@ class VtdTopology:
             slot = self.slots.get(pdev.iommu)
             if slot is None:
                 if self.ioas_id is None:
-                    self.ioas_id = fd.ioas_alloc(pdev.iommu)
+                    self.ioas_id = self._parent_ioas(pdev.iommu)
                 parent = fd.hwpt_alloc(
                     pdev.iommu,
                     bound.dev_id,
@@ -306,13 +311,29 @@ class VtdTopology:
             hwpts=sum(1 + len(slot.hwpts) for slot in self.slots.values()),
         )
 
+    def __post_init__(self, ram_regions: tuple[RamRegion, ...]) -> None:
+        self.ram = ParentRam(self.iommufd, ram_regions)
+
+    def _parent_ioas(self, iommu: str) -> int:
+        """The VM's IOAS, holding the passed guest RAM at IOVA = GPA (docs: guest memory)."""
+        fd = self.iommufd
+        ioas_id = fd.ioas_alloc(iommu)
+        if self.ram.regions:
+            try:
+                self.ram.map_into(iommu, ioas_id)
+            except BackendCallError:
+                self._try_destroy(iommu, ioas_id)
+                raise
+        return ioas_id
+
     def destroy(self) -> None:
-        """Free everything this vIOMMU holds on the backend."""
+        """Free everything this vIOMMU holds on the backend (the IOAS with its RAM)."""
         for vid in sorted(self.vdevices):
             self.detach(vid)
         if self.ioas_id is not None:
             self.iommufd.destroy(None, self.ioas_id)
             self.ioas_id = None
+        self.ram.close()
 
     # -- binding changes (context-cache and PASID-cache invalidations) -------------------
     def bind(self, vid: int, binding: Binding) -> bool:

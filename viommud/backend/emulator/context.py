@@ -28,8 +28,10 @@ from viommud.backend.emulator.driver import (
     IommuDriver,
     PhysicalIommuState,
 )
+from viommud.backend.emulator.files import FileRef
 from viommud.backend.emulator.intel import VtdFlush
 from viommud.backend.emulator.objects import (
+    Area,
     DeviceObject,
     FaultObject,
     HwptNestedObject,
@@ -64,11 +66,16 @@ _INTEL_VTD = HostIommu.INTEL_VTD
 
 @dataclass(slots=True)
 class DeviceFile:
-    """An open VFIO cdev; ``dev_id`` is set once bound to the iommufd."""
+    """An open VFIO cdev; ``dev_id`` is set once bound to the iommufd.
+
+    A cdev the VMM passed (``adopt_device``) keeps its OS fd in ``os_fd`` (closed with the
+    file); ``cdev`` is False when that fd is no character device, hence no VFIO cdev."""
 
     fd: int
     pdev: PhysicalDevice
     dev_id: int = 0
+    os_fd: int = -1
+    cdev: bool = True
 
 
 @dataclass(slots=True)
@@ -108,6 +115,8 @@ class IommufdContext:
         self._tombstones: set[int] = set()
         self._files: dict[int, DeviceFile] = {}
         self._event_files: dict[int, EventFile] = {}
+        self._imported: dict[int, FileRef] = {}  # fds passed in with import_fd
+        self._adopted: dict[str, int] = {}  # device name -> fd of its passed cdev
         self._units = {unit.id: PhysicalIommuState(unit) for unit in host.iommus}
         self._drivers: dict[str, IommuDriver] = dict(drivers)
         self._pdevs: dict[str, PhysicalDevice] = {d.id: d for d in host.devices}
@@ -266,7 +275,7 @@ class IommufdContext:
 
     def _new_fd(self) -> int:
         fd = IOMMUFD_FD + 1
-        while fd in self._files or fd in self._event_files:
+        while fd in self._files or fd in self._event_files or fd in self._imported:
             fd += 1
         return fd
 
@@ -305,6 +314,8 @@ class IommufdContext:
                 self._units[obj.iommu].vmids.discard(obj.vmid)
             if obj.asid:
                 self._asids.discard(obj.asid)
+        elif isinstance(obj, IoasObject):
+            obj.clear()  # iommufd_ioas_destroy unmaps everything, dropping file references
         elif isinstance(obj, HwQueueObject):
             for area in obj.pinned:
                 area.locks -= 1
@@ -348,6 +359,15 @@ class IommufdContext:
             return False
         return True
 
+    def _pin_error(self, area: Area, offset: int = 0, length: int | None = None) -> int:
+        """Pinning ``length`` bytes of ``area`` from ``offset``: 0, or EFAULT for user
+        memory that is not mapped (pin_user_pages), EINVAL for a file memfd_pin_folios
+        refuses (not shmem/hugetlbfs, or pages past its end)."""
+        size = area.length - offset if length is None else length
+        if area.file is not None:
+            return area.file.pin_error(area.user_va + offset, size)
+        return ENOERR if self._pinnable(area.user_va + offset, size) else errno.EFAULT
+
     def _add_domain_check(self, ioas: IoasObject, driver: IommuDriver) -> None:
         """``iopt_table_add_domain``: alignment, aperture and filling (pinning) checks."""
         new_align = max(driver.pgsize, self._iova_alignment(ioas))
@@ -362,8 +382,9 @@ class IommufdContext:
             if area.iova < start or area.last > end:
                 raise IoctlError(errno.EADDRINUSE)
         for area in ioas.areas:
-            if not self._pinnable(area.user_va, area.length):
-                raise IoctlError(errno.EFAULT)
+            rc = self._pin_error(area)
+            if rc:
+                raise IoctlError(rc)
 
     def _paging_maker(
         self,

@@ -64,6 +64,8 @@ class DeviceIoctls(IommufdContext):
             return errno.EINVAL  # one device cannot be bound twice
         if cmd.iommufd != self.iommufd or not self._open:
             return errno.EBADFD if cmd.iommufd in self._files else errno.EBADF
+        if any(f.dev_id and f.pdev.id == file.pdev.id for f in self._files.values()):
+            return errno.EINVAL  # vfio_df_open: a cdev-opened device is opened only once
         dev = self._insert(lambda obj_id: DeviceObject(obj_id, file.pdev, file.fd))
         file.dev_id = dev.id
         arg[12:16] = _U32.pack(dev.id)  # copy_to_user(&arg->out_devid)

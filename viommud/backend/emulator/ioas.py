@@ -1,4 +1,4 @@
-"""IOAS ioctls: IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP and IOMMU_IOAS_UNMAP (reference §1.2).
+"""IOAS ioctls: IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP(_FILE) and IOMMU_IOAS_UNMAP (reference §1.2).
 
 Mirrors ``drivers/iommu/iommufd/ioas.c`` and the parts of ``io_pagetable.c`` behind it:
 IOVA allocation (``iopt_alloc_iova``), reserved ranges outside the domains' apertures,
@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from protocols import iommufd as uapi
 from viommud.backend.emulator.context import IommufdContext
+from viommud.backend.emulator.files import FileRef
 from viommud.backend.emulator.objects import Area, IoasObject
 from viommud.backend.emulator.usercopy import ENOERR, PAGE_SIZE, U64_MAX, Call, IoctlError
 
@@ -90,34 +91,96 @@ class IoasIoctls(IommufdContext):
             return errno.EOVERFLOW
         if cmd.length == 0 or cmd.length > U64_MAX - PAGE_SIZE:
             return errno.EINVAL
-        # iopt_alloc_area_pages
-        align = self._iova_alignment(ioas)
-        if cmd.length & (align - 1):
-            return errno.EINVAL
-        if cmd.flags & uapi.IOMMU_IOAS_MAP_FIXED_IOVA:
-            iova = cmd.iova
-            if iova & (align - 1):
-                return errno.EINVAL
-            last = iova + cmd.length - 1
-            if last > U64_MAX:
-                return errno.EOVERFLOW
-            if any(first <= last and iova <= end for first, end in self._reserved(ioas)):
-                return errno.EINVAL
-            if ioas.areas_in(iova, last):
-                return errno.EEXIST
-        else:
-            iova = self._alloc_iova(ioas, cmd.user_va, cmd.length, align)
-        # iopt_insert_area
-        if (cmd.user_va % PAGE_SIZE) & (align - 1):
-            return errno.EINVAL
-        # iopt_fill_domains_pages: pin the user pages when a domain needs them
-        if self._domains(ioas) and not self._pinnable(cmd.user_va, cmd.length):
-            return errno.EFAULT
-        area = Area(iova, cmd.length, cmd.user_va, cmd.flags & MAP_PROT)
-        ioas.insert(area)
+        iova = self._map_area(ioas, cmd.flags, cmd.iova, cmd.length, cmd.user_va, file=None)
         if call.respond(replace(cmd, iova=iova)):
             return errno.EFAULT  # pragma: no cover - respond cannot fault here
         return ENOERR
+
+    # -- IOMMU_IOAS_MAP_FILE ----------------------------------------------------------------
+    def _ioctl_ioas_map_file(self, call: Call[uapi.IoasMapFile]) -> int:
+        """``iommufd_ioas_map_file`` (ioas.c) and ``iopt_map_file_pages`` (io_pagetable.c):
+        the checks of IOAS_MAP, then the file's; its pages are pinned (memfd_pin_folios)
+        only when a domain needs them, so a file that is no memfd, or too short, fails
+        there (EINVAL) and not before."""
+        cmd = call.cmd
+        if cmd.flags & ~MAP_FLAGS:
+            return errno.EOPNOTSUPP
+        if cmd.iova >= U64_MAX or cmd.length >= U64_MAX:
+            return errno.EOVERFLOW
+        if not cmd.flags & MAP_PROT:
+            return errno.EINVAL
+        ioas: IoasObject = self._get(cmd.ioas_id, IoasObject)
+        # iopt_map_file_pages
+        if cmd.length == 0:
+            return errno.EINVAL
+        if cmd.start + cmd.length - 1 > U64_MAX:
+            return errno.EOVERFLOW
+        file = self._fget(cmd.fd)
+        if file is None:
+            return errno.EBADF
+        # iopt_alloc_file_pages / iopt_alloc_pages
+        if cmd.length > U64_MAX - PAGE_SIZE:
+            return errno.EINVAL
+        file.get()  # the area's iopt_pages holds the file
+        try:
+            iova = self._map_area(ioas, cmd.flags, cmd.iova, cmd.length, cmd.start, file=file)
+        except IoctlError:
+            file.put()
+            raise
+        if call.respond(replace(cmd, iova=iova)):
+            return errno.EFAULT  # pragma: no cover - respond cannot fault here
+        return ENOERR
+
+    def _fget(self, fd: int) -> FileRef | None:
+        """``fget(fd)``: the open file numbered ``fd`` in this process (the emulator's fd
+        table); the iommufd, device and event fds are files too, but no memfd."""
+        imported = self._imported.get(fd)
+        if imported is not None:
+            return imported
+        if fd == self.iommufd or fd in self._files or fd in self._event_files:
+            return FileRef(-1, memfd=False, refs=0)
+        return None
+
+    def _map_area(
+        self,
+        ioas: IoasObject,
+        flags: int,
+        iova: int,
+        length: int,
+        source: int,
+        *,
+        file: FileRef | None,
+    ) -> int:
+        """``iopt_map_common``: place an area of ``length`` bytes from ``source`` (a user VA,
+        or a byte offset in ``file``) at ``iova`` (or a free IOVA without FIXED_IOVA);
+        pins it when the IOAS has a domain. Returns the IOVA; raises IoctlError."""
+        # iopt_alloc_area_pages
+        align = self._iova_alignment(ioas)
+        if length & (align - 1):
+            raise IoctlError(errno.EINVAL)
+        if flags & uapi.IOMMU_IOAS_MAP_FIXED_IOVA:
+            if iova & (align - 1):
+                raise IoctlError(errno.EINVAL)
+            last = iova + length - 1
+            if last > U64_MAX:
+                raise IoctlError(errno.EOVERFLOW)
+            if any(first <= last and iova <= end for first, end in self._reserved(ioas)):
+                raise IoctlError(errno.EINVAL)
+            if ioas.areas_in(iova, last):
+                raise IoctlError(errno.EEXIST)
+        else:
+            iova = self._alloc_iova(ioas, source, length, align)
+        # iopt_insert_area
+        if (source % PAGE_SIZE) & (align - 1):
+            raise IoctlError(errno.EINVAL)
+        area = Area(iova, length, source, flags & MAP_PROT, file=file)
+        # iopt_fill_domains_pages: pin the pages when a domain needs them
+        if self._domains(ioas):
+            rc = self._pin_error(area)
+            if rc:
+                raise IoctlError(rc)
+        ioas.insert(area)
+        return iova
 
     # -- IOMMU_IOAS_UNMAP -------------------------------------------------------------------
     def _ioctl_ioas_unmap(self, call: Call[uapi.IoasUnmap]) -> int:

@@ -21,6 +21,8 @@ kernel's layout:
   ``IommufdCore``, what a driver may ask of the core;
 * ``arm_smmuv3``, ``intel``, ``selftest`` - the ARM SMMUv3, Intel VT-d and selftest mock
   drivers; the mock (§5) and IOMMU_TEST_CMD are loaded with ``selftest=True``;
+* ``files`` - the files the kernel holds (fds passed in with ``import_fd``, the files of
+  IOAS_MAP_FILE areas) and what pinning their pages (``memfd_pin_folios``) refuses;
 * ``caches`` - per physical IOMMU IOTLB and configuration caches and per device ATC /
   device TLB, where every host invalidation is applied and journalled;
 * ``testing`` - inspection, cache filling and fault injection for tests.
@@ -32,7 +34,10 @@ reference leaves room are listed in ``NOTES`` below.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +49,7 @@ from viommud.backend.emulator.context import DeviceFile
 from viommud.backend.emulator.device import DeviceIoctls
 from viommud.backend.emulator.driver import KERNEL_MAINLINE, IommuDriver
 from viommud.backend.emulator.eventq import EventqIoctls
+from viommud.backend.emulator.files import FileRef
 from viommud.backend.emulator.hw_pagetable import HwptIoctls
 from viommud.backend.emulator.intel import IntelVtdDriver
 from viommud.backend.emulator.ioas import IoasIoctls
@@ -60,8 +66,22 @@ Choices the reference leaves open, made here:
 * Mainline by default; EmulatedIommufd(kernel="pending") switches the ARM vIOMMU
   invalidation to the queued for-next series (§2.7, §3.6), see docs/backend.md.
 * Known iommufd ioctls that are not emulated (IOAS_ALLOW_IOVAS, IOAS_COPY, IOAS_IOVA_RANGES,
-  OPTION, VFIO_IOAS, dirty tracking, IOAS_MAP_FILE, IOAS_CHANGE_PROCESS) answer ENOTTY, as
-  does IOMMU_TEST_CMD unless the emulator is built with selftest=True (CONFIG_IOMMUFD_TEST).
+  OPTION, VFIO_IOAS, dirty tracking, IOAS_CHANGE_PROCESS) answer ENOTTY, as does
+  IOMMU_TEST_CMD unless the emulator is built with selftest=True (CONFIG_IOMMUFD_TEST).
+* IOAS_MAP_FILE takes the fds of the emulator's table: import_fd() enters a duplicate of an
+  OS fd (a memfd); the iommufd, device and event fds are files too, but no memfds. The
+  order of checks is the newest mainline one (iopt_map_file_pages checks length 0 and
+  start + length overflow before fget's EBADF; 6.13-6.18 looked the fd up first). Pages
+  are pinned only when the IOAS has a domain (at the map, or when a domain is added):
+  memfd_pin_folios answers EINVAL for a file that is not shmem/hugetlbfs (the emulator asks
+  F_GET_SEALS, which answers for exactly those) and for pages at or past the file's end.
+  No dma-buf fds; no EPERM for a writeable mapping of a read-only file (a proposed fix,
+  not mainline).
+* adopt_device(): any character device passed as a device's cdev is taken for that VFIO
+  cdev (e.g. /dev/null in tests; the emulator cannot tell them apart); a passed fd that is
+  no character device answers ENOTTY to every VFIO request. BIND of a device bound through
+  another fd is EINVAL (vfio_df_open: a cdev-opened device is opened once), as is a second
+  BIND on the same fd (device_cdev.c: one device cannot be bound twice).
 * Emulated ARM and VT-d devices have no dirty-tracking capability (DIRTY_TRACKING:
   EOPNOTSUPP) and no PASID support on the VFIO side (ATTACH/DETACH with the PASID flag:
   EOPNOTSUPP); GET_HW_INFO reports out_max_pasid_log2 0 and no capabilities for them.
@@ -153,6 +173,9 @@ class EmulatedIommufd(IoasIoctls, HwptIoctls, ViommuIoctls, EventqIoctls, Device
 
     # -- Backend ------------------------------------------------------------------------
     def open_device(self, device: str) -> int:
+        adopted = self._adopted.get(device)
+        if adopted is not None:
+            return adopted  # the cdev the VMM passed (adopt_device)
         try:
             pdev = self.host.device(device)
         except KeyError:
@@ -163,6 +186,37 @@ class EmulatedIommufd(IoasIoctls, HwptIoctls, ViommuIoctls, EventqIoctls, Device
         self._files[fd] = DeviceFile(fd, pdev)
         return fd
 
+    def adopt_device(self, device: str, os_fd: int) -> None:
+        """Take ``os_fd`` as the VFIO cdev of ``device`` (ownership passes here, also on
+        error); ``open_device(device)`` returns its number until it is closed. Any
+        character device is taken for the cdev of the device named (the emulator cannot
+        tell a VFIO cdev from another one); any other file answers ENOTTY to every VFIO
+        request, as a file without VFIO's ioctls does."""
+        try:
+            pdev = self.host.device(device)
+            if device in self._adopted:
+                raise OSError(errno.EBUSY, f"device {device!r} already has a passed fd open")
+            cdev = stat.S_ISCHR(os.fstat(os_fd).st_mode)
+        except KeyError:
+            os.close(os_fd)
+            raise OSError(errno.ENODEV, f"no host device {device!r}") from None
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.close(os_fd)
+            raise
+        fd = self._new_fd()
+        self._files[fd] = DeviceFile(fd, pdev, os_fd=os_fd, cdev=cdev)
+        self._adopted[device] = fd
+
+    def import_fd(self, os_fd: int) -> int:
+        """Enter a duplicate of ``os_fd`` in the fd table (the caller keeps its own fd);
+        returns the number IOAS_MAP_FILE takes. ``close_fd`` closes it; areas mapped from
+        it keep the file until they are unmapped."""
+        dup = os.dup(os_fd)
+        fd = self._new_fd()
+        self._imported[fd] = FileRef.adopt(dup)
+        return fd
+
     def close_device(self, fd: int) -> None:
         self._mark = len(self.cache_model.journal)
         file = self._files.pop(fd, None)
@@ -170,6 +224,10 @@ class EmulatedIommufd(IoasIoctls, HwptIoctls, ViommuIoctls, EventqIoctls, Device
             raise OSError(errno.EBADF, f"fd {fd} is not an open device")
         if file.dev_id:
             self._unbind(file.dev_id)
+        if file.os_fd >= 0:
+            os.close(file.os_fd)
+            if self._adopted.get(file.pdev.id) == fd:
+                del self._adopted[file.pdev.id]
 
     def ioctl(self, fd: int, request: int, arg: bytearray) -> int:
         self._mark = len(self.cache_model.journal)
@@ -177,7 +235,8 @@ class EmulatedIommufd(IoasIoctls, HwptIoctls, ViommuIoctls, EventqIoctls, Device
             return self._iommufd_ioctl(request, arg)
         file = self._files.get(fd)
         if file is None:
-            return errno.ENOTTY if fd in self._event_files else errno.EBADF
+            known = fd in self._event_files or fd in self._imported
+            return errno.ENOTTY if known else errno.EBADF
         return self._device_ioctl(file, request, arg)
 
     def close(self) -> None:
@@ -186,6 +245,8 @@ class EmulatedIommufd(IoasIoctls, HwptIoctls, ViommuIoctls, EventqIoctls, Device
             del self._event_files[fd]
         for fd in sorted(self._files):
             self.close_device(fd)
+        for fd in sorted(self._imported):
+            self._imported.pop(fd).put()
         while self._objects:
             leaves = [obj for obj in self._objects.values() if not self._busy(obj)]
             assert leaves, "reference cycle in the object graph"
@@ -196,8 +257,12 @@ class EmulatedIommufd(IoasIoctls, HwptIoctls, ViommuIoctls, EventqIoctls, Device
         self._open = False
 
     def close_fd(self, fd: int) -> None:
-        """``close(fd)`` of an event fd (or a device fd, like close_device)."""
+        """``close(fd)`` of an event fd, an imported fd (or a device fd, like close_device)."""
         if self._event_files.pop(fd, None) is not None:
+            return
+        imported = self._imported.pop(fd, None)
+        if imported is not None:
+            imported.put()
             return
         self.close_device(fd)
 
@@ -214,6 +279,8 @@ class EmulatedIommufd(IoasIoctls, HwptIoctls, ViommuIoctls, EventqIoctls, Device
             return exc.errno
 
     def _device_ioctl(self, file: DeviceFile, request: int, arg: bytearray) -> int:
+        if not file.cdev:
+            return errno.ENOTTY  # a passed fd that is no VFIO cdev has none of its ioctls
         handler: _DeviceHandler
         if request == uapi.VFIO_DEVICE_BIND_IOMMUFD:
             handler = EmulatedIommufd._vfio_bind
@@ -248,6 +315,7 @@ _IOMMUFD_OPS: dict[int, tuple[type[uapi.UapiStruct], _Handler]] = {
     uapi.IOMMU_DESTROY: (uapi.Destroy, EmulatedIommufd._ioctl_destroy),
     uapi.IOMMU_IOAS_ALLOC: (uapi.IoasAlloc, EmulatedIommufd._ioctl_ioas_alloc),
     uapi.IOMMU_IOAS_MAP: (uapi.IoasMap, EmulatedIommufd._ioctl_ioas_map),
+    uapi.IOMMU_IOAS_MAP_FILE: (uapi.IoasMapFile, EmulatedIommufd._ioctl_ioas_map_file),
     uapi.IOMMU_IOAS_UNMAP: (uapi.IoasUnmap, EmulatedIommufd._ioctl_ioas_unmap),
     uapi.IOMMU_HWPT_ALLOC: (uapi.HwptAlloc, EmulatedIommufd._ioctl_hwpt_alloc),
     uapi.IOMMU_GET_HW_INFO: (uapi.GetHwInfo, EmulatedIommufd._ioctl_get_hw_info),

@@ -16,6 +16,7 @@ from typing import ClassVar
 from sortedcontainers import SortedList
 
 from protocols import iommufd as uapi
+from viommud.backend.emulator.files import FileRef
 from viommud.host import PhysicalDevice
 
 __all__ = [
@@ -76,13 +77,18 @@ class DeviceObject(IommufdObject):
 
 @dataclass(eq=False, slots=True)
 class Area:
-    """One IOAS_MAP'ed range of an IOAS (``struct iopt_area``)."""
+    """One IOAS_MAP'ed or IOAS_MAP_FILE'd range of an IOAS (``struct iopt_area``).
+
+    ``user_va`` is where its pages come from: a user virtual address, or with ``file`` set
+    (IOAS_MAP_FILE) the byte offset in that file; the area holds a reference to the file.
+    """
 
     iova: int
     length: int
     user_va: int
     prot: int  # IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE
     locks: int = 0  # HW queues pinning it (IOAS_UNMAP gives EBUSY while > 0)
+    file: FileRef | None = None
 
     @property
     def last(self) -> int:
@@ -128,6 +134,13 @@ class IoasObject(IommufdObject):
         assert self._by_start.get(area.iova) is area
         self._starts.remove(area.iova)
         del self._by_start[area.iova]
+        if area.file is not None:
+            area.file.put()  # iopt_release_pages: the pages' file reference goes
+
+    def clear(self) -> None:
+        """Remove every area (the IOAS is destroyed: ``iopt_unmap_all``)."""
+        for area in self.areas:
+            self.remove(area)
 
 
 @dataclass(frozen=True, eq=False, slots=True)

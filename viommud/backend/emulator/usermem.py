@@ -72,6 +72,10 @@ class EmulatedMemory:
 
     __slots__ = ("_bases", "_blocks", "_next")
 
+    # alloc() costs nothing until written: synthetic guest RAM may be placed here
+    # (viommud/topology/virtio.py); a backend memory without it gets a sparse memfd.
+    sparse = True
+
     def __init__(self) -> None:
         self._bases: list[int] = []
         self._blocks: dict[int, bytearray | SparseBlock] = {}

@@ -123,6 +123,7 @@ class ViommuIoctls(IommufdContext):
         for area in areas:
             first = max(area.iova, iova)
             end = min(area.last, last)
-            if not self._pinnable(area.user_va + (first - area.iova), end - first + 1):
-                raise IoctlError(errno.EFAULT)
+            rc = self._pin_error(area, first - area.iova, end - first + 1)
+            if rc:
+                raise IoctlError(rc)
         return areas
