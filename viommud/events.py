@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from viommud.backend.base import DeviceFault as DeviceFault  # noqa: PLC0414 - re-exported
+
 if TYPE_CHECKING:
     from viommud.guest.vtd import PasidEntry, VtdContext
 
@@ -138,24 +140,6 @@ class GuestError:
     code: str  # e.g. "CERROR_ILL"
     reason: str
     raw: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceFault:
-    """A DMA fault the host reported for one physical device (backend -> frontend).
-
-    ``device`` is the host device id. ``address`` is the faulting input address, None when
-    the host gave none; ``read``/``write`` the access; ``pasid`` the access's PASID, if any.
-    ``translation`` is True for a translation or permission fault on an address and False for
-    anything else (bad configuration, internal error). The frontend of the device's vIOMMU
-    turns it into the guest's own fault record (virtio-iommu: ``virtio_iommu_fault``)."""
-
-    device: str
-    address: int | None = None
-    read: bool = False
-    write: bool = False
-    pasid: int | None = None
-    translation: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ positive errno. Pointers inside structures (``data_uptr``) are addresses in the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from viommud.host import HostConfig
@@ -76,3 +77,21 @@ class Backend(Protocol):
     def close(self) -> None:
         """Close the iommufd: every object it holds is destroyed, leaf first."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFault:
+    """A DMA fault the host reported for one physical device (backend -> frontend).
+
+    ``device`` is the host device id. ``address`` is the faulting input address, None when
+    the host gave none; ``read``/``write`` the access; ``pasid`` the access's PASID, if any.
+    ``translation`` is True for a translation or permission fault on an address and False for
+    anything else (bad configuration, internal error). The frontend of the device's vIOMMU
+    turns it into the guest's own fault record (virtio-iommu: ``virtio_iommu_fault``)."""
+
+    device: str
+    address: int | None = None
+    read: bool = False
+    write: bool = False
+    pasid: int | None = None
+    translation: bool = True

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from protocols.models import HostIommu, ViommuModel
+from viommud.backend.calls import BackendCallError
 from viommud.dispatcher.vtd import VtdDispatcher
 from viommud.events import StatusWrite
 from viommud.frontends.vtd.frontend import (
@@ -41,7 +42,15 @@ from viommud.models.base import (
     log_group,
     viommu_log,
 )
-from viommud.replies import CONFIG_OK, CommandError, ConfigReply, DoorbellReply, RequestReply
+from viommud.models.vtd_prq import FaultingIommufd, PageRequests
+from viommud.replies import (
+    CONFIG_OK,
+    CommandError,
+    ConfigReply,
+    DoorbellReply,
+    GuestEvent,
+    RequestReply,
+)
 from viommud.topology import TopologyStatus
 from viommud.topology.vtd import VtdTopology
 from viommud.trace import ContextEntry, DeviceAttach, DeviceDetach, PasidEntry, Record, ViommuCreate
@@ -56,6 +65,9 @@ class VtdViommu:
     log: Any
     debug: bool
     model: str = ViommuModel.VTD
+    # HELLO ``events`` with option ``prs``: the FAULT object whose page requests reach the
+    # guest (docs/vtd.md, "Page requests")
+    page_requests: PageRequests | None = None
     group_commit: ClassVar[bool] = True  # screen/commit below (models.GroupCommit)
 
     @classmethod
@@ -69,10 +81,20 @@ class VtdViommu:
         except ValueError as exc:
             raise ModelError(str(exc)) from None
         frontend = VtdFrontend(features)
-        topology = VtdTopology(record.viommu, record.iommus, ctx.host, ctx.iommufd)
+        page_requests = None
+        iommufd = ctx.iommufd
+        if ctx.event_depth and features.prs:
+            try:
+                page_requests = PageRequests.open(ctx.iommufd, ctx.event_depth)
+            except BackendCallError as exc:
+                raise ModelError(f"page requests: {exc}") from None
+            iommufd = FaultingIommufd(ctx.iommufd, page_requests.fault_id)
+        topology = VtdTopology(record.viommu, record.iommus, ctx.host, iommufd)
         dispatcher = VtdDispatcher(topology, ctx.iommufd, ctx.stats)
         log, debug = viommu_log(ctx, record.viommu)
-        return cls(record.viommu, frontend, topology, dispatcher, log, debug)
+        return cls(
+            record.viommu, frontend, topology, dispatcher, log, debug, page_requests=page_requests
+        )
 
     def config(self, record: Record) -> ConfigReply:
         if isinstance(record, DeviceAttach):
@@ -228,5 +250,26 @@ class VtdViommu:
     def status(self) -> TopologyStatus:
         return self.topology.describe()
 
+    def events(self) -> list[GuestEvent]:
+        """Page requests read since the last call, as the guest's page request descriptors
+        (docs/vtd.md, "Page requests"); none without ``prs`` and HELLO ``events``."""
+        prq = self.page_requests
+        if prq is None:
+            return []
+        prq.read(self.topology)
+        return [
+            GuestEvent(self.name, self.model, iommu, sequence, lost, record)
+            for iommu, sequence, lost, record in prq.queue.drain()
+        ]
+
+    def event_fds(self) -> list[int]:
+        prq = self.page_requests
+        return [prq.fd] if prq is not None else []
+
     def destroy(self) -> None:
-        self.topology.destroy()
+        try:
+            self.topology.destroy()
+        finally:
+            if self.page_requests is not None:
+                self.page_requests.close()  # after the HWPTs that held it
+                self.page_requests = None

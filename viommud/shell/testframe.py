@@ -16,7 +16,8 @@ what reaches it. Each op maps onto a hook of ``viommud.backend.emulator.testing`
   ``translation`` (default true): ``testing.inject_device_fault``.
 
 Every op takes ``delay_ms`` (0..60000): the event is raised that long after the answer,
-while the client sends nothing (what the push of EVENT frames is for). This module is
+while the client sends nothing (what the push of EVENT frames is for); and ``repeat``
+(1..4096): raised that many times at once (a queue overflows without a read between). This module is
 sans-I/O: a delayed op is a ``Deferred`` the byte pump schedules on its event loop.
 """
 
@@ -33,6 +34,7 @@ from viommud.backend.emulator.context import IommufdContext
 from viommud.events import DeviceFault
 
 MAX_DELAY_MS = 60_000
+MAX_REPEAT = 4096
 _PERMS = {
     "read": uapi.IOMMU_PGFAULT_PERM_READ,
     "write": uapi.IOMMU_PGFAULT_PERM_WRITE,
@@ -70,13 +72,27 @@ def prepare(body: Any, backend: object) -> tuple[float, Callable[[], dict[str, A
     if not isinstance(device, str):
         raise TestRefused("bad TEST: 'device' must be a host device name")
     delay = _integer(body, "delay_ms", 0, 0, MAX_DELAY_MS) / 1000
+    repeat = _integer(body, "repeat", 1, 1, MAX_REPEAT)
     try:
         testing.bound_device(backend, device)
     except ValueError:
         raise TestRefused(f"bad TEST: {device} is not bound in this session") from None
+    action = _action(op, body, backend, device)
+
+    def run() -> dict[str, Any]:
+        results = [action() for _ in range(repeat)]
+        failed = [r for r in results if not r["ok"]]
+        return failed[0] if failed else results[0]
+
+    return delay, run
+
+
+def _action(
+    op: str, body: dict[str, Any], backend: IommufdContext, device: str
+) -> Callable[[], dict[str, Any]]:
     if op == "trigger_vevent":
         record = _hex(body, "record", uapi.VeventArmSmmuv3.MIN_SIZE)
-        return delay, lambda: _errno(testing.inject_event(backend, device, record))
+        return lambda: _errno(testing.inject_event(backend, device, record))
     if op == "trigger_iopf":
         addr = _integer(body, "addr", None, 0, (1 << 64) - 1)
         perm = _perm(body.get("perm", ["read"]))
@@ -85,7 +101,7 @@ def prepare(body: Any, backend: object) -> tuple[float, Callable[[], dict[str, A
             pasid = _integer(body, "pasid", None, 0, (1 << 20) - 1)
         grpid = _integer(body, "grpid", 0, 0, (1 << 9) - 1)
         last = _flag(body, "last", default=True)
-        return delay, lambda: _errno(
+        return lambda: _errno(
             testing.inject_iopf(
                 backend, device, addr, perm=perm, pasid=pasid, grpid=grpid, last=last
             )
@@ -109,7 +125,7 @@ def prepare(body: Any, backend: object) -> tuple[float, Callable[[], dict[str, A
         testing.inject_device_fault(backend, fault)
         return {"ok": True}
 
-    return delay, raise_fault
+    return raise_fault
 
 
 def _errno(err: int) -> dict[str, Any]:

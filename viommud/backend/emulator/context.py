@@ -20,7 +20,7 @@ from typing import Any
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
-from viommud.backend.base import UserFault, UserMemory
+from viommud.backend.base import DeviceFault, UserFault, UserMemory
 from viommud.backend.emulator.caches import CacheModel, vtd_psi_mask
 from viommud.backend.emulator.driver import (
     ISSUED_HISTORY,
@@ -52,7 +52,6 @@ from viommud.backend.emulator.usercopy import (
     S,
 )
 from viommud.backend.emulator.usermem import EmulatedMemory
-from viommud.events import DeviceFault
 from viommud.host import HostConfig, PhysicalDevice, PhysicalIommu
 
 __all__ = ["IOMMUFD_FD", "DeviceFile", "EventFile", "IommufdContext"]

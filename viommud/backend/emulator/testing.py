@@ -16,6 +16,7 @@ from typing import Literal
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
+from viommud.backend.base import DeviceFault
 from viommud.backend.emulator.caches import (
     AtcEntry,
     CacheView,
@@ -34,7 +35,6 @@ from viommud.backend.emulator.objects import (
     ViommuObject,
 )
 from viommud.backend.emulator.usercopy import PAGE_SIZE
-from viommud.events import DeviceFault
 
 __all__ = [
     "atc",

@@ -129,6 +129,9 @@ class VtdFeatures:
 
     dw: int = 128  # descriptor width in bits: 128 or 256 (256 implies ECAP.SMTS)
     pds: bool = False  # ECAP.PDS: the wait descriptor's page-request drain bit is valid
+    # ECAP.PRS: page requests of the host devices reach the guest's page request queue
+    # (with HELLO ``events``; docs/vtd.md, "Page requests")
+    prs: bool = False
     # How descriptors the architecture and QEMU read differently are treated (docs/vtd.md,
     # "Compatibility policy"): "architecture" or "qemu" (as QEMU 10.0 does).
     compat: str = ARCHITECTURE
@@ -139,7 +142,7 @@ class VtdFeatures:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> VtdFeatures:
-        unknown = set(options) - {"dw", "pds", "compat"}
+        unknown = set(options) - {"dw", "pds", "prs", "compat"}
         if unknown:
             raise ValueError(f"unknown vtd options: {', '.join(sorted(unknown))}")
         dw = options.get("dw", 128)
@@ -148,7 +151,10 @@ class VtdFeatures:
         pds = options.get("pds", False)
         if not isinstance(pds, bool):
             raise ValueError("vtd option 'pds' must be a boolean")
-        return cls(dw=dw, pds=pds, compat=compat_option(options, "vtd"))
+        prs = options.get("prs", False)
+        if not isinstance(prs, bool):
+            raise ValueError("vtd option 'prs' must be a boolean")
+        return cls(dw=dw, pds=pds, prs=prs, compat=compat_option(options, "vtd"))
 
 
 @dataclass(slots=True)
