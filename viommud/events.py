@@ -221,6 +221,20 @@ class CompletionInterrupt:
     index: int
 
 
+@dataclass(frozen=True, slots=True)
+class PageResponse:
+    """A VT-d page group response (VT-d §6.5.2.7) of a vIOMMU with ECAP.PRS: the guest
+    answers page request group ``prgi`` of source ID ``rid`` (and ``pasid``, None without)
+    with response code ``code`` (0 success, 1 invalid request, 0xF response failure)."""
+
+    index: int
+    rid: int
+    pasid: int | None
+    prgi: int
+    code: int
+    lpig: bool
+
+
 Event = Invalidation | StreamTableInvalidated | Barrier | GuestError
 
 #: What the VT-d frontend emits: the shared events plus the VT-d ones.
@@ -231,4 +245,5 @@ VtdEvent = (
     | PasidCacheInvalidated
     | StatusWrite
     | CompletionInterrupt
+    | PageResponse
 )

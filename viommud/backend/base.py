@@ -70,6 +70,10 @@ class Backend(Protocol):
         """``read(fd, count)`` on a vEVENTQ or FAULT fd: ``(errno, data)``; never blocks."""
         ...
 
+    def write(self, fd: int, data: bytes) -> tuple[int, int]:
+        """``write(fd, data)`` on a FAULT fd (page responses): ``(errno, bytes taken)``."""
+        ...
+
     def close_fd(self, fd: int) -> None:
         """Close an event fd (vEVENTQ, FAULT): the object may then be destroyed."""
         ...

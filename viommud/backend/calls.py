@@ -350,6 +350,14 @@ class Iommufd:
             raise BackendCallError("read", err, {"fd": fd})
         return data
 
+    def write_responses(self, fd: int, data: bytes) -> int:
+        """``write(2)`` of ``iommu_hwpt_page_response`` records on a FAULT fd; returns the
+        bytes the kernel took. Not a call-log entry (not an ioctl)."""
+        err, done = self.backend.write(fd, data)
+        if err:
+            raise BackendCallError("write", err, {"fd": fd})
+        return done
+
     def close_event_fd(self, fd: int) -> None:
         self.backend.close_fd(fd)
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from protocols.models import HostIommu, ViommuModel
 from viommud.backend.calls import BackendCallError
 from viommud.dispatcher.vtd import VtdDispatcher
-from viommud.events import StatusWrite
+from viommud.events import PageResponse, StatusWrite
 from viommud.frontends.vtd.frontend import (
     DoorbellSummary,
     FrameError,
@@ -119,9 +119,17 @@ class VtdViommu:
             frontend.receive_data(data)
         except FrameError as exc:
             raise RecordRefused(f"vIOMMU {self.name!r}: {exc}") from None
-        outcome = dispatcher.run(frontend.events())
+        events = frontend.events()
+        responses: list[PageResponse] = []
+        if frontend.features.prs:  # page group responses go to the host, not the dispatcher
+            responses = [e for e in events if isinstance(e, PageResponse)]
+            if responses:
+                events = [e for e in events if not isinstance(e, PageResponse)]
+        outcome = dispatcher.run(events)
         if outcome.host_errors:
             frontend.host_failed(outcome.host_errors)
+        if responses:
+            self._respond(responses)
         summary = frontend.last
         log = self.log
         if log is not None:
@@ -261,6 +269,21 @@ class VtdViommu:
             GuestEvent(self.name, self.model, iommu, sequence, lost, record)
             for iommu, sequence, lost, record in prq.queue.drain()
         ]
+
+    def _respond(self, responses: list[PageResponse]) -> None:
+        """After the doorbell's invalidations are done (descriptors complete in order), the
+        guest's page group responses reach the host (docs/vtd.md, "Page requests")."""
+        prq = self.page_requests
+        if prq is None:
+            return  # no FAULT object (no HELLO events): nothing waits on the host
+        try:
+            stray = prq.respond(responses)
+        except BackendCallError as exc:
+            if self.log is not None:
+                self.log.error("page_response_failed", viommu=self.name, error=str(exc))
+            return
+        if stray and self.log is not None:
+            self.log.info("page_response_unmatched", viommu=self.name, count=len(stray))
 
     def event_fds(self) -> list[int]:
         prq = self.page_requests

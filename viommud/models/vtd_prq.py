@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from protocols import iommufd as uapi
 from protocols.vtd import build_page_request
 from viommud.backend.calls import BackendCallError, Iommufd
+from viommud.events import PageResponse
 from viommud.models.eventq import GuestEventQueue
 from viommud.topology.vtd import VtdTopology
 
@@ -89,6 +90,28 @@ class PageRequests:
                 if last:
                     self.cookies[(vdev.vid, pasid, fault.grpid)] = fault.cookie
                 self.queue.report(vdev.iommu, page_request(vdev.vid, fault, pasid, last))
+
+    def respond(self, responses: list[PageResponse]) -> list[PageResponse]:
+        """Forward the guest's page group responses to the kernel (``write(2)`` of
+        ``iommu_hwpt_page_response``: the cookie of the group, SUCCESS for response code 0,
+        INVALID for any other: the uAPI has no Response Failure). Returns the responses
+        that answer no group read from the FAULT fd (ignored: nothing waits on the host)."""
+        stray: list[PageResponse] = []
+        out = bytearray()
+        for response in responses:
+            cookie = self.cookies.pop((response.rid, response.pasid, response.prgi), None)
+            if cookie is None:
+                stray.append(response)
+                continue
+            code = (
+                uapi.IOMMUFD_PAGE_RESP_SUCCESS
+                if response.code == 0
+                else uapi.IOMMUFD_PAGE_RESP_INVALID
+            )
+            out += uapi.encode(uapi.HwptPageResponse(cookie=cookie, code=code))
+        if out:
+            self.iommufd.write_responses(self.fd, bytes(out))
+        return stray
 
     def close(self) -> None:
         """Close the fd (the kernel answers the groups still pending) and free the FAULT

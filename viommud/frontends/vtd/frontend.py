@@ -50,6 +50,7 @@ from viommud.events import (
     DomainInvalidation,
     GuestError,
     Invalidation,
+    PageResponse,
     PasidCacheInvalidated,
     Scope,
     StatusWrite,
@@ -479,7 +480,18 @@ class VtdFrontend:
     def _on_pgrp_resp(self, index: int, qw0: int, qw1: int, raw: bytes) -> bool:
         if not qw0 & 0x10:
             return self._iqe(index, raw, "page group response without PASID (PP=0)")
-        # No host page-request queue is emulated: the response has nowhere to go.
+        if self.features.prs:  # the vIOMMU forwards it to the host (docs/vtd.md)
+            self._events.append(
+                PageResponse(
+                    index,
+                    _bits(qw0, 16, 16),
+                    _bits(qw0, 32, 20),
+                    _bits(qw1, 3, 9),
+                    _bits(qw0, 12, 4),
+                    bool(qw1 & 0x4),
+                )
+            )
+        # Without ECAP.PRS no page request reached the guest: nothing to answer.
         return False
 
 
