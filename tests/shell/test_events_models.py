@@ -256,3 +256,20 @@ def test_the_guest_event_queue_rules() -> None:
     queue.report("u", b"a")
     queue.report("u", b"b")
     assert [s for _, s, _, _ in queue.drain()] == [SEQUENCE_MASK, 0]  # wraps as INT_MAX
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"prs": 1}, "vtd option 'prs' must be a boolean"),
+        (
+            {"prs": True, "compat": "qemu"},
+            "vtd option 'prs' needs compat 'architecture' (QEMU 10.0 has no PRS)",
+        ),
+    ],
+)
+def test_bad_prs_options_are_refused(options: dict[str, Any], error: str) -> None:
+    rig = Rig({"events": True})
+    (reply,) = rig.record({**VTD[0], "options": options})
+    assert reply.json() == {"ok": False, "error": error}
+    assert _faults(rig.be) == []

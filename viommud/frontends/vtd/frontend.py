@@ -155,7 +155,11 @@ class VtdFeatures:
         prs = options.get("prs", False)
         if not isinstance(prs, bool):
             raise ValueError("vtd option 'prs' must be a boolean")
-        return cls(dw=dw, pds=pds, prs=prs, compat=compat_option(options, "vtd"))
+        compat = compat_option(options, "vtd")
+        if prs and compat == QEMU:
+            # QEMU 10.0 has no page requests: its page group response is an unknown type
+            raise ValueError("vtd option 'prs' needs compat 'architecture' (QEMU 10.0 has no PRS)")
+        return cls(dw=dw, pds=pds, prs=prs, compat=compat)
 
 
 @dataclass(slots=True)
