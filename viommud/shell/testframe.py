@@ -147,7 +147,7 @@ def _integer(body: dict[str, Any], key: str, default: int | None, low: int, high
         except ValueError:
             value = None
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise TestRefused(f"bad TEST: {key!r} must be an integer {low}..{high:#x}")
+        raise TestRefused(f"bad TEST: {key!r} must be an integer {low}..{high}")
     return value
 
 
