@@ -18,6 +18,7 @@ import pytest
 from protocols.frames import FrameType
 from protocols.virtio_iommu import FaultReason, RequestType, build_request, parse_fault
 from protocols.vtd import parse_page_request
+from tests.conftest import running
 from tests.shell.test_serve_drain import Served
 from viommud import wire
 from viommud.shell.client import Client
@@ -324,3 +325,32 @@ async def test_test_frames_are_refused_without_serve_testing(tmp_path: Path) -> 
         await client.close()
     finally:
         assert daemon.stop() == 0
+
+
+async def test_a_state_loaded_session_is_watched_too(connect: Any) -> None:
+    """STATE_LOAD swaps the session (and its emulated kernel): the push follows it."""
+    source = await connect(SMMU_HOST, SMMU_SETUP, events=True, state=True)
+    document = await source.client.state_save()
+    await source.client.close()  # its devices are free again
+    peer = await connect(SMMU_HOST, [], events=True)
+    await peer.client.state_load(document)
+    await peer.test(
+        op="trigger_vevent", device="0000:01:00.0", record=smmu_record(0x12), delay_ms=100
+    )
+    (event,) = await peer.idle_events(1)
+    assert bytes.fromhex(event["record"])[4:8] == VSID.to_bytes(4, "little")
+
+
+async def test_the_in_process_server_pushes_too(tmp_path: Path) -> None:
+    async with running(tmp_path, testing=True) as server:
+        client = await Client.connect(server.socket_path, wait=30)
+        await client.hello(host=SMMU_HOST, events=True)
+        peer = Peer(client)
+        for record in SMMU_SETUP:
+            assert (await peer.call(FrameType.RECORD, record)).json() == {"ok": True}
+        await peer.test(
+            op="trigger_vevent", device="0000:01:00.0", record=smmu_record(0x10), delay_ms=100
+        )
+        (event,) = await peer.idle_events(1)
+        assert event["sequence"] == 0
+        await client.close()
