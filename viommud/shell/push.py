@@ -47,7 +47,11 @@ class EventPush:
         self.pushed = 0  # EVENT bytes written by the push (for tests and logs)
 
     def sync(self) -> None:
-        """Follow the session (it may have been created, rebuilt or ended) and its queues."""
+        """Follow the session (it may have been created, rebuilt or ended) and its queues.
+
+        Call it right after each ``Connection.receive``, before the loop runs anything else:
+        a queue fd the session closed in there may only have been reused by the session
+        itself, so removing and adding the readers cannot touch another connection's fd."""
         connection = self.connection
         for deferred in connection.deferred:
             self._timers.append(self.loop.call_later(deferred.delay, self._fire, deferred))
@@ -62,9 +66,11 @@ class EventPush:
         fds: set[int] = set()
         if session is not None and backend is not None and self._backend is None:
             fds = set(session.event_fds())
-        for fd in self._fds - fds:
+        # Registered afresh each time: a queue closed and another opened during the chunk
+        # may have the same fd number, and epoll forgot the closed one by itself.
+        for fd in self._fds:
             self.loop.remove_reader(fd)
-        for fd in fds - self._fds:
+        for fd in fds:
             self.loop.add_reader(fd, self._readable)
         self._fds = fds
 
