@@ -354,3 +354,36 @@ async def test_the_in_process_server_pushes_too(tmp_path: Path) -> None:
         (event,) = await peer.idle_events(1)
         assert event["sequence"] == 0
         await client.close()
+
+
+async def test_pushed_events_fall_between_whole_replies(connect: Any) -> None:
+    """Events raised while a stream of doorbells is being answered: every frame the client
+    reads is whole (a split reply would not decode), replies keep request order and the
+    events keep their sequence order."""
+    peer = await connect(SMMU_HOST, SMMU_SETUP, events=64)
+    sync = struct.pack("<QQ", 0x46, 0)  # CMD_SYNC
+    await peer.test(
+        op="trigger_vevent",
+        device="0000:01:00.0",
+        record=smmu_record(0x10),
+        repeat=5,
+        delay_ms=20,
+    )
+    first = peer.client.next_seq()
+    for k in range(2000):
+        peer.client.send(wire.encode_guest_data(FrameType.CMDS, first + k, "v", sync))
+        if k % 100 == 99:
+            await asyncio.sleep(0.005)  # let the daemon answer while the timer fires
+    await peer.client.drain()
+    replies_seen: list[int] = []
+    events: list[int] = []
+    async with asyncio.timeout(WAIT):
+        while len(replies_seen) < 2000 or len(events) < 5:
+            frame = await peer.client.receive()
+            if frame.type == FrameType.EVENT:
+                events.append(frame.json()["sequence"])
+            else:
+                assert frame.type == FrameType.RESPONSE, frame.type
+                replies_seen.append(frame.seq)
+    assert replies_seen == [first + k for k in range(2000)]
+    assert events == [0, 1, 2, 3, 4]
