@@ -53,6 +53,9 @@ class EventPush:
         a queue fd the session closed in there may only have been reused by the session
         itself, so removing and adding the readers cannot touch another connection's fd."""
         connection = self.connection
+        if self._timers:  # forget the ones that have fired
+            now = self.loop.time()
+            self._timers = [t for t in self._timers if t.when() > now]
         for deferred in connection.deferred:
             self._timers.append(self.loop.call_later(deferred.delay, self._fire, deferred))
         connection.deferred.clear()
