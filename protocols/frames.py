@@ -39,6 +39,7 @@ class FrameType(enum.IntEnum):
     STATUS = 0x06  # JSON: {} or {"token": str}; the daemon's state, no session needed
     STATE_SAVE = 0x08  # empty: ask for the session's state document (docs/state-format.md)
     STATE_LOAD = 0x09  # a state document: rebuild the session from it
+    TEST = 0x0C  # JSON: {"op": ..., ...} raise a host event (serve --testing only)
     HELLO_OK = 0x81  # JSON: {"protocol": 1, "server": str, "backend": str, "host": {...}}
     RESPONSE = 0x82  # JSON: a response (docs/trace-format.md §4), "calls" when asked for
     CMDS_OK = 0x83  # binary: CmdsOk — a doorbell answered with nothing but counts (compact)

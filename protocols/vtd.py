@@ -70,6 +70,8 @@ __all__ = [
     "IQE",
     "ITE",
     "LEGACY_CONTEXT_ENTRY",
+    "PAGE_REQUEST",
+    "PAGE_REQUEST_SIZE",
     "PASID_ENTRY",
     "PASID_ENTRY_SIZE",
     "PGTT_FIRST_STAGE",
@@ -83,10 +85,12 @@ __all__ = [
     "DescType",
     "build_context_entry",
     "build_descriptor",
+    "build_page_request",
     "build_pasid_entry",
     "build_scalable_context_entry",
     "parse_context_entry",
     "parse_descriptor",
+    "parse_page_request",
     "parse_pasid_entry",
 ]
 
@@ -489,6 +493,59 @@ VTD_S1_SIZE = VTD_S1_STRUCT.size
 for _layout in (IOMMU_HWPT_VTD_S1_LAYOUT, IOMMU_HWPT_VTD_S1_INVALIDATE_LAYOUT):
     if _layout.sizeof() != VTD_S1_SIZE:
         raise AssertionError("VTD_S1_STRUCT does not match the iommu_hwpt_vtd_s1 layouts")
+
+
+# ---------------------------------------------------------------------------------------------
+# Page request descriptor: what the remapping hardware writes into the guest's page request
+# queue for a PCIe page request (VT-d §7.5.1, "Page Request Descriptor"; the layout Linux's
+# ``struct page_req_dsc`` reads). 256 bits: qw0, qw1, then the private data qw2 and qw3.
+
+PAGE_REQUEST_TYPE = 0x1
+PAGE_REQUEST_SIZE = 32
+PAGE_REQUEST = (
+    Struct(
+        "qw0"
+        / _word(
+            Padding(10),  # qw0[63:54]
+            "pm_req" / BitsInteger(1),  # qw0[53]: privileged-mode access requested
+            "exe_req" / BitsInteger(1),  # qw0[52]: execute access requested
+            "pasid" / BitsInteger(20),  # qw0[51:32]
+            "rid" / BitsInteger(16),  # qw0[31:16]: requester ID (bus, device, function)
+            Padding(6),  # qw0[15:10]
+            "pdp" / BitsInteger(1),  # qw0[9]: private data present
+            "pp" / BitsInteger(1),  # qw0[8]: PASID present
+            "type" / Const(PAGE_REQUEST_TYPE, BitsInteger(8)),  # qw0[7:0]
+        ),
+        "qw1"
+        / _word(
+            "addr" / BitsInteger(52),  # qw1[63:12]: page address [63:12]
+            "prgi" / BitsInteger(9),  # qw1[11:3]: page request group index
+            "lpig" / BitsInteger(1),  # qw1[2]: last page in group
+            "wr_req" / BitsInteger(1),  # qw1[1]: write access requested
+            "rd_req" / BitsInteger(1),  # qw1[0]: read access requested
+        ),
+        "private0" / Int64ul,  # qw2: private data (when PDP)
+        "private1" / Int64ul,  # qw3
+    )
+    * "Page request descriptor, 256 bits (VT-d §7.5.1)"
+)
+if PAGE_REQUEST.sizeof() != PAGE_REQUEST_SIZE:
+    raise AssertionError("the page request descriptor is 32 bytes")
+
+
+def build_page_request(**fields: int) -> bytes:
+    """Encode a page request descriptor; omitted fields are zero."""
+    qw0 = {k: fields.pop(k, 0) for k in ("pm_req", "exe_req", "pasid", "rid", "pdp", "pp")}
+    qw1 = {k: fields.pop(k, 0) for k in ("addr", "prgi", "lpig", "wr_req", "rd_req")}
+    private = {k: fields.pop(k, 0) for k in ("private0", "private1")}
+    if fields:
+        raise ValueError(f"not page request fields: {', '.join(sorted(fields))}")
+    return bytes(PAGE_REQUEST.build({"qw0": qw0, "qw1": qw1, **private}))
+
+
+def parse_page_request(raw: bytes) -> dict[str, int]:
+    """Decode a page request descriptor into its fields (``type`` included)."""
+    return flatten_words(PAGE_REQUEST.parse(raw))
 
 
 # ---------------------------------------------------------------------------------------------

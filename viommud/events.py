@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from viommud.backend.base import DeviceFault as DeviceFault  # noqa: PLC0414 - re-exported
+
 if TYPE_CHECKING:
     from viommud.guest.vtd import PasidEntry, VtdContext
 
@@ -141,24 +143,6 @@ class GuestError:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceFault:
-    """A DMA fault the host reported for one physical device (backend -> frontend).
-
-    ``device`` is the host device id. ``address`` is the faulting input address, None when
-    the host gave none; ``read``/``write`` the access; ``pasid`` the access's PASID, if any.
-    ``translation`` is True for a translation or permission fault on an address and False for
-    anything else (bad configuration, internal error). The frontend of the device's vIOMMU
-    turns it into the guest's own fault record (virtio-iommu: ``virtio_iommu_fault``)."""
-
-    device: str
-    address: int | None = None
-    read: bool = False
-    write: bool = False
-    pasid: int | None = None
-    translation: bool = True
-
-
-@dataclass(frozen=True, slots=True)
 class DomainInvalidation:
     """An IOTLB-class invalidation scoped by the guest's domain ID (VT-d IOTLB / P_IOTLB).
 
@@ -237,6 +221,20 @@ class CompletionInterrupt:
     index: int
 
 
+@dataclass(frozen=True, slots=True)
+class PageResponse:
+    """A VT-d page group response (VT-d §6.5.2.7) of a vIOMMU with ECAP.PRS: the guest
+    answers page request group ``prgi`` of source ID ``rid`` (and ``pasid``, None without)
+    with response code ``code`` (0 success, 1 invalid request, 0xF response failure)."""
+
+    index: int
+    rid: int
+    pasid: int | None
+    prgi: int
+    code: int
+    lpig: bool
+
+
 Event = Invalidation | StreamTableInvalidated | Barrier | GuestError
 
 #: What the VT-d frontend emits: the shared events plus the VT-d ones.
@@ -247,4 +245,5 @@ VtdEvent = (
     | PasidCacheInvalidated
     | StatusWrite
     | CompletionInterrupt
+    | PageResponse
 )

@@ -289,6 +289,17 @@ class Session:
                 out += drain()
         return out
 
+    def event_fds(self) -> list[int]:
+        """The fds of the session's event queues (vEVENTQ, FAULT), for a poll loop."""
+        if not self._context.event_depth:
+            return []
+        out: list[int] = []
+        for _, instance in sorted(self.viommus.items()):
+            fds = getattr(instance, "event_fds", None)
+            if fds is not None:
+                out += fds()
+        return out
+
     # -- migration (viommud.state) --------------------------------------------------------
     @property
     def compat(self) -> str | None:

@@ -278,3 +278,20 @@ def test_synthetic_ram_on_the_emulators_memory_is_unchanged() -> None:
     [call] = [c for c in s.calls.entries if c["ioctl"] == "IOMMU_IOAS_MAP"]
     assert call["args"]["length"] == 1 << 40
     s.close()
+
+
+def test_vtd_page_requests_keep_the_passed_cdev(base: int) -> None:
+    """A VT-d vIOMMU with page requests (option prs, HELLO events) allocates through its own
+    iommufd wrapper; a passed cdev is still the one bound, also when given afterwards."""
+    s = Session(EmulatedIommufd(HOST), keep_calls=True, event_depth=8)
+    try:
+        ok(s, ViommuCreate(1, "x", "vtd", ("vtd0",), {"dw": 256, "prs": True}))
+        s.resources.add_device("v0", os.open("/dev/null", os.O_RDWR))
+        ok(s, DeviceAttach(2, "x", 8, "v0"))
+        assert "v0" not in s.resources.devices  # handed to the backend, not opened by name
+        backend = s.backend
+        assert isinstance(backend, EmulatedIommufd)
+        assert [f.pdev.id for f in backend._files.values() if f.os_fd >= 0] == ["v0"]
+    finally:
+        s.close()
+    assert open_fds() == base

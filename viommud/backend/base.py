@@ -13,6 +13,7 @@ passed enter through ``adopt_device`` (its device cdevs) and ``import_fd`` (gues
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from viommud.host import HostConfig
@@ -83,6 +84,10 @@ class Backend(Protocol):
         """``read(fd, count)`` on a vEVENTQ or FAULT fd: ``(errno, data)``; never blocks."""
         ...
 
+    def write(self, fd: int, data: bytes) -> tuple[int, int]:
+        """``write(fd, data)`` on a FAULT fd (page responses): ``(errno, bytes taken)``."""
+        ...
+
     def close_fd(self, fd: int) -> None:
         """Close an event fd (vEVENTQ, FAULT): the object may then be destroyed; or forget
         a number ``import_fd`` returned (mappings made from it stay)."""
@@ -91,3 +96,21 @@ class Backend(Protocol):
     def close(self) -> None:
         """Close the iommufd: every object it holds is destroyed, leaf first."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFault:
+    """A DMA fault the host reported for one physical device (backend -> frontend).
+
+    ``device`` is the host device id. ``address`` is the faulting input address, None when
+    the host gave none; ``read``/``write`` the access; ``pasid`` the access's PASID, if any.
+    ``translation`` is True for a translation or permission fault on an address and False for
+    anything else (bad configuration, internal error). The frontend of the device's vIOMMU
+    turns it into the guest's own fault record (virtio-iommu: ``virtio_iommu_fault``)."""
+
+    device: str
+    address: int | None = None
+    read: bool = False
+    write: bool = False
+    pasid: int | None = None
+    translation: bool = True

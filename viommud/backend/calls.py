@@ -315,7 +315,12 @@ class Iommufd:
         flags: int = 0,
         data_type: int = uapi.IOMMU_HWPT_DATA_NONE,
         data: bytes = b"",
+        fault_id: int = 0,
     ) -> int:
+        """``IOMMU_HWPT_ALLOC``; a ``fault_id`` sets IOMMU_HWPT_FAULT_ID_VALID: the domain's
+        I/O page faults go to that FAULT object."""
+        if fault_id:
+            flags |= uapi.IOMMU_HWPT_FAULT_ID_VALID
         args: dict[str, Any] = {
             "flags": flags,
             "dev_id": dev_id,
@@ -324,6 +329,8 @@ class Iommufd:
         }
         if data:
             args["data"] = data.hex()
+        if fault_id:
+            args["fault_id"] = fault_id
         out = self._simple(
             iommu,
             self.backend.iommufd,
@@ -335,6 +342,7 @@ class Iommufd:
                 data_type=data_type,
                 data_len=len(data),
                 data_uptr=self._buffer(data) if data else 0,
+                fault_id=fault_id,
             ),
             args,
             out_field="out_hwpt_id",
@@ -378,13 +386,34 @@ class Iommufd:
         )
         return int(out.out_veventq_id), int(out.out_veventq_fd)
 
+    # -- FAULT (iommufd uAPI IOMMU_FAULT_QUEUE_ALLOC; docs/vtd.md, "Page requests") -----
+    def fault_queue_alloc(self, iommu: str | None = None) -> tuple[int, int]:
+        """A FAULT object for I/O page faults: ``(object id, fd)``."""
+        out = self._simple(
+            iommu,
+            self.backend.iommufd,
+            uapi.IOMMU_FAULT_QUEUE_ALLOC,
+            uapi.FaultQueueAlloc(),
+            {},
+            out_field="out_fault_id",
+        )
+        return int(out.out_fault_id), int(out.out_fault_fd)
+
     def read_events(self, fd: int, count: int) -> bytes:
-        """``read(2)`` on a vEVENTQ fd: whole records (header + payload) that fit in
+        """``read(2)`` on a vEVENTQ or FAULT fd: whole records (header + payload) that fit in
         ``count``; empty when none is queued. Not a call-log entry (not an ioctl)."""
         err, data = self.backend.read(fd, count)
         if err:
             raise BackendCallError("read", err, {"fd": fd})
         return data
+
+    def write_responses(self, fd: int, data: bytes) -> int:
+        """``write(2)`` of ``iommu_hwpt_page_response`` records on a FAULT fd; returns the
+        bytes the kernel took. Not a call-log entry (not an ioctl)."""
+        err, done = self.backend.write(fd, data)
+        if err:
+            raise BackendCallError("write", err, {"fd": fd})
+        return done
 
     def close_event_fd(self, fd: int) -> None:
         self.backend.close_fd(fd)

@@ -209,6 +209,10 @@ class SmmuV3Viommu:
             for iommu, sequence, lost, record in self.topology.read_events()
         ]
 
+    def event_fds(self) -> list[int]:
+        """The vEVENTQ fds of its vIOMMU objects (a poll loop watches them)."""
+        return [s.veventq_fd for _, s in sorted(self.topology.slots.items()) if s.veventq_fd >= 0]
+
     def kind_counts(self) -> dict[str, int]:
         return self.frontend.kind_counts()
 

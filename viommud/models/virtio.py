@@ -67,7 +67,8 @@ from viommud.models.base import (
     check_host_iommus,
     viommu_log,
 )
-from viommud.replies import CONFIG_OK, ConfigReply, DoorbellReply, RequestReply
+from viommud.models.eventq import GuestEventQueue
+from viommud.replies import CONFIG_OK, ConfigReply, DoorbellReply, GuestEvent, RequestReply
 from viommud.topology import TopologyError, TopologyStatus
 from viommud.topology.virtio import DEFAULT_GUEST_MEMORY, VirtioTopology
 from viommud.trace import DeviceAttach, DeviceDetach, Record, ViommuCreate
@@ -331,6 +332,9 @@ class VirtioViommu:
     fault_source: FaultSource | None = None
     eventq: deque[bytes] = field(default_factory=deque)
     faults_lost: int = 0
+    # HELLO ``events``: faults go out as EVENT frames (this queue), not in responses
+    events_queue: GuestEventQueue | None = None
+    _devices: frozenset[str] | None = None  # host devices of the endpoints (cache)
     host_problems: int = 0
     iommus: frozenset[str] = frozenset()  # host IOMMUs it may span (empty: any)
     model: str = ViommuModel.VIRTIO_IOMMU
@@ -367,6 +371,8 @@ class VirtioViommu:
             source,
             iommus=frozenset(record.iommus),
         )
+        if ctx.event_depth:
+            instance.events_queue = GuestEventQueue(options.eventq_depth)
         for endpoint in sorted(options.emulated_endpoints):
             frontend.add_endpoint(endpoint, options.endpoint_info(endpoint, None))
         return instance
@@ -397,6 +403,7 @@ class VirtioViommu:
                 f"which vIOMMU {self.name} does not span"
             )
         topology.add_endpoint(vid, device)
+        self._devices = None
         model = topology.host.iommu(pdev.iommu).model
         events = frontend.add_endpoint(vid, self.options.endpoint_info(vid, model))
         try:
@@ -416,6 +423,7 @@ class VirtioViommu:
         finally:
             if vid in self.topology.endpoints:
                 self.topology.remove_endpoint(vid)
+            self._devices = None
 
     def _apply(self, events: list[VirtioEvent]) -> None:
         """Host side of a change that is not a request (no status to report: raise)."""
@@ -504,20 +512,48 @@ class VirtioViommu:
             pasid=fault.pasid,
             translation=fault.translation,
         )
+        queue = self.events_queue
+        if queue is not None:  # an EVENT frame (docs/protocol.md §10)
+            if not queue.report(self.topology.host.device(fault.device).iommu, record):
+                self.faults_lost += 1
+            return True
         if len(self.eventq) >= self.options.eventq_depth:
             self.faults_lost += 1  # no buffer posted: the device drops it (§4)
             return True
         self.eventq.append(record)
         return True
 
-    def take_faults(self) -> list[bytes]:
-        """Poll the backend for this vIOMMU's devices' faults; drain the event queue."""
+    def _poll_faults(self) -> None:
         source = self.fault_source
-        if source is not None:
-            devices = frozenset(ep.pdev.id for ep in self.topology.endpoints.values())
-            if devices:
-                for fault in source(devices):
-                    self.report_fault(fault)
+        if source is None:
+            return
+        devices = self._devices
+        if devices is None:
+            devices = self._devices = frozenset(
+                ep.pdev.id for ep in self.topology.endpoints.values()
+            )
+        if devices:
+            for fault in source(devices):
+                self.report_fault(fault)
+
+    def events(self) -> list[GuestEvent]:
+        """With HELLO ``events``: the fault records queued since the last call, as EVENT
+        frames (docs/virtio-iommu.md §8); without, none (they go in responses)."""
+        queue = self.events_queue
+        if queue is None:
+            return []
+        self._poll_faults()
+        return [
+            GuestEvent(self.name, self.model, iommu, sequence, lost, record)
+            for iommu, sequence, lost, record in queue.drain()
+        ]
+
+    def take_faults(self) -> list[bytes]:
+        """Poll the backend for this vIOMMU's devices' faults; drain the event queue (with
+        HELLO ``events`` they are EVENT frames instead: nothing here)."""
+        if self.events_queue is not None:
+            return []
+        self._poll_faults()
         out = list(self.eventq)
         self.eventq.clear()
         return out

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from protocols.models import HostIommu, ViommuModel
+from viommud.backend.calls import BackendCallError
 from viommud.dispatcher.vtd import VtdDispatcher
-from viommud.events import StatusWrite
+from viommud.events import PageResponse, StatusWrite
 from viommud.frontends.vtd.frontend import (
     DoorbellSummary,
     FrameError,
@@ -41,7 +42,15 @@ from viommud.models.base import (
     log_group,
     viommu_log,
 )
-from viommud.replies import CONFIG_OK, CommandError, ConfigReply, DoorbellReply, RequestReply
+from viommud.models.vtd_prq import FaultingIommufd, PageRequests
+from viommud.replies import (
+    CONFIG_OK,
+    CommandError,
+    ConfigReply,
+    DoorbellReply,
+    GuestEvent,
+    RequestReply,
+)
 from viommud.topology import TopologyStatus
 from viommud.topology.vtd import VtdTopology
 from viommud.trace import ContextEntry, DeviceAttach, DeviceDetach, PasidEntry, Record, ViommuCreate
@@ -56,6 +65,9 @@ class VtdViommu:
     log: Any
     debug: bool
     model: str = ViommuModel.VTD
+    # HELLO ``events`` with option ``prs``: the FAULT object whose page requests reach the
+    # guest (docs/vtd.md, "Page requests")
+    page_requests: PageRequests | None = None
     group_commit: ClassVar[bool] = True  # screen/commit below (models.GroupCommit)
 
     @classmethod
@@ -69,12 +81,20 @@ class VtdViommu:
         except ValueError as exc:
             raise ModelError(str(exc)) from None
         frontend = VtdFrontend(features)
-        topology = VtdTopology(
-            record.viommu, record.iommus, ctx.host, ctx.iommufd, ram_regions=ctx.ram
-        )
+        page_requests = None
+        iommufd = ctx.iommufd
+        if ctx.event_depth and features.prs:
+            try:
+                page_requests = PageRequests.open(ctx.iommufd, ctx.event_depth)
+            except BackendCallError as exc:
+                raise ModelError(f"page requests: {exc}") from None
+            iommufd = FaultingIommufd(ctx.iommufd, page_requests.fault_id)
+        topology = VtdTopology(record.viommu, record.iommus, ctx.host, iommufd, ram_regions=ctx.ram)
         dispatcher = VtdDispatcher(topology, ctx.iommufd, ctx.stats)
         log, debug = viommu_log(ctx, record.viommu)
-        return cls(record.viommu, frontend, topology, dispatcher, log, debug)
+        return cls(
+            record.viommu, frontend, topology, dispatcher, log, debug, page_requests=page_requests
+        )
 
     def config(self, record: Record) -> ConfigReply:
         if isinstance(record, DeviceAttach):
@@ -99,9 +119,17 @@ class VtdViommu:
             frontend.receive_data(data)
         except FrameError as exc:
             raise RecordRefused(f"vIOMMU {self.name!r}: {exc}") from None
-        outcome = dispatcher.run(frontend.events())
+        events = frontend.events()
+        responses: list[PageResponse] = []
+        if frontend.features.prs:  # page group responses go to the host, not the dispatcher
+            responses = [e for e in events if isinstance(e, PageResponse)]
+            if responses:
+                events = [e for e in events if not isinstance(e, PageResponse)]
+        outcome = dispatcher.run(events)
         if outcome.host_errors:
             frontend.host_failed(outcome.host_errors)
+        if responses:
+            self._respond(responses)
         summary = frontend.last
         log = self.log
         if log is not None:
@@ -230,5 +258,41 @@ class VtdViommu:
     def status(self) -> TopologyStatus:
         return self.topology.describe()
 
+    def events(self) -> list[GuestEvent]:
+        """Page requests read since the last call, as the guest's page request descriptors
+        (docs/vtd.md, "Page requests"); none without ``prs`` and HELLO ``events``."""
+        prq = self.page_requests
+        if prq is None:
+            return []
+        prq.read(self.topology)
+        return [
+            GuestEvent(self.name, self.model, iommu, sequence, lost, record)
+            for iommu, sequence, lost, record in prq.queue.drain()
+        ]
+
+    def _respond(self, responses: list[PageResponse]) -> None:
+        """After the doorbell's invalidations are done (descriptors complete in order), the
+        guest's page group responses reach the host (docs/vtd.md, "Page requests")."""
+        prq = self.page_requests
+        if prq is None:
+            return  # no FAULT object (no HELLO events): nothing waits on the host
+        try:
+            stray = prq.respond(responses)
+        except BackendCallError as exc:
+            if self.log is not None:
+                self.log.error("page_response_failed", viommu=self.name, error=str(exc))
+            return
+        if stray and self.log is not None:
+            self.log.info("page_response_unmatched", viommu=self.name, count=len(stray))
+
+    def event_fds(self) -> list[int]:
+        prq = self.page_requests
+        return [prq.fd] if prq is not None else []
+
     def destroy(self) -> None:
-        self.topology.destroy()
+        try:
+            self.topology.destroy()
+        finally:
+            if self.page_requests is not None:
+                self.page_requests.close()  # after the HWPTs that held it
+                self.page_requests = None

@@ -188,6 +188,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     _limit_options(serve)
     serve.add_argument(
+        "--testing",
+        action="store_true",
+        help="take TEST frames that raise host events in a session (tests only, like the "
+        "kernel's CONFIG_IOMMUFD_TEST; docs/protocol.md §11)",
+    )
+    serve.add_argument(
         "--loop",
         choices=("asyncio", "uvloop"),
         default="asyncio",
@@ -453,6 +459,7 @@ def _serve(args: argparse.Namespace) -> int:
         allow_uids=args.allow_uid,
         group=group,
         session_loop=args.loop,
+        testing=args.testing,
         **network,
     )
     _more_files()

@@ -21,6 +21,7 @@ from viommud.frontends.compat import COMPAT_POLICIES
 from viommud.host import HostConfig, HostConfigError
 from viommud.replies import DoorbellReply
 from viommud.session import RecordRefused, Session
+from viommud.shell import testframe
 from viommud.shell.claims import Claims, busy_message
 from viommud.shell.endpoints import token_matches
 from viommud.shell.limits import MAX_HELLO_FRAME, Limits
@@ -75,8 +76,10 @@ class Connection:
         claims: Claims | None = None,
         handoff: bool = False,
         state_dir: StateDir | None = None,
+        testing: bool = False,
     ) -> None:
-        """``limits``: frame sizes and per-session quotas (docs/operations.md §10).
+        """``testing``: TEST frames are taken (``serve --testing``, docs/protocol.md §11).
+        ``limits``: frame sizes and per-session quotas (docs/operations.md §10).
         ``claims``: where physical devices are claimed (EBUSY across sessions).
         ``handoff``: the listener's side of a session process: validate HELLO, then stop
         and leave the session to the process (``handed_off`` holds the bytes to pass on)."""
@@ -112,6 +115,9 @@ class Connection:
         self.session_token: str | None = None
         self.frames = 0
         self._stored = 0
+        self.testing = testing
+        # TEST frames with a delay: events to raise later, taken by the byte pump
+        self.deferred: list[testframe.Deferred] = []
 
     def receive(self, data: bytes) -> bytes:
         """Feed bytes from the peer; returns the reply bytes to send."""
@@ -208,6 +214,29 @@ class Connection:
             return []
         return [wire.encode_json(FrameType.EVENT, 0, event.to_json()) for event in events]
 
+    def push_events(self) -> bytes:
+        """EVENT frames for what the session's queues hold now, to send between replies
+        while the client is idle (docs/protocol.md §10, "Push"); nothing once the
+        connection is closing or handed over."""
+        if self.closing or self.handed_off is not None:
+            return b""
+        return b"".join(self._events())
+
+    def _test(self, frame: wire.Frame, session: Session) -> bytes:
+        """TEST (docs/protocol.md §11): raise a host event now, or after ``delay_ms``."""
+        if not self.testing:
+            return encode_error(frame.seq, testframe.NOT_ENABLED, fatal=False)
+        try:
+            delay, action = testframe.prepare(
+                frame.json(max_depth=wire.MAX_JSON_DEPTH), session.backend
+            )
+        except testframe.TestRefused as exc:
+            return encode_error(frame.seq, str(exc), fatal=False)
+        if delay:
+            self.deferred.append(testframe.Deferred(delay, action))
+            return wire.encode_json(FrameType.RESPONSE, frame.seq, {"ok": True, "deferred": True})
+        return wire.encode_json(FrameType.RESPONSE, frame.seq, action())
+
     def _doorbell_reply(self, seq: int, reply: DoorbellReply) -> bytes:
         return encode_doorbell(
             seq, reply, compact=self.compact, writes=self.compact_writes, calls=self._calls()
@@ -288,6 +317,8 @@ class Connection:
             return wire.encode_json(FrameType.STATS_OK, frame.seq, session.report())
         if kind in (FrameType.STATE_SAVE, FrameType.STATE_LOAD):
             return self._state(frame, session)
+        if kind == FrameType.TEST:
+            return self._test(frame, session)
         raise _Fatal(f"frame type 0x{kind:02x} is not a request")
 
     def _hello(self, frame: wire.Frame) -> bytes:

@@ -94,6 +94,7 @@ class Server:
         session_loop: str = "asyncio",
         state_dir: Path | None = None,
         watchdog: float | None = None,
+        testing: bool = False,
     ) -> None:
         """``tcp``: extra TCP listeners (inside network namespace ``netns`` when given), each
         needing ``token`` in HELLO. ``activated``: sockets from the service manager, served
@@ -141,6 +142,7 @@ class Server:
         self.started_at = time.monotonic()
         self.limits = limits if limits is not None else Limits()
         self.processes = processes
+        self.testing = testing  # serve --testing: TEST frames (docs/protocol.md §11)
         self.backend = backend
         self.allow_uids = frozenset(allow_uids)
         self.group = group
@@ -470,6 +472,7 @@ class Server:
             claims=self.registry.owner(client_id, f"client {client_id}"),
             handoff=self.processes,
             state_dir=None if self.processes else self.state_dir,
+            testing=self.testing,
         )
         self._connections[client_id] = connection
         self.clients += 1
@@ -567,6 +570,7 @@ class Server:
             "loop": self.session_loop,
             # serve --state-dir: the session process keeps (and resumes) the session's state
             "state_dir": str(self.state_dir.path) if self.state_dir is not None else None,
+            "testing": self.testing,
         }
         try:
             handed.start(setup, connection.handed_off + leftover)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from viommud.shell.connection import Connection
 from viommud.shell.limits import Limits
+from viommud.shell.push import EventPush
 from viommud.shell.replies import encode_error
 
 READ_CHUNK = 256 * 1024
@@ -39,6 +40,8 @@ async def pump(
     ``timeout`` or ``shutdown``. ``tick`` is called after every chunk."""
     loop = asyncio.get_running_loop()
     started = loop.time()
+    events = EventPush(connection, writer)  # host events pushed between replies
+    events.sync()
     try:
         while True:
             if connection.closing:
@@ -54,6 +57,7 @@ async def pump(
                         data = await reader.read(READ_CHUNK)
                 except TimeoutError:
                     connection.log.info("client_timed_out", reason=why)
+                    events.close()  # nothing after the last word
                     writer.write(encode_error(0, why, fatal=True))
                     await writer.drain()
                     return "timeout"
@@ -62,6 +66,8 @@ async def pump(
                 tick()
             if out:
                 writer.write(out)
+            events.sync()
+            if out:
                 await writer.drain()
             if not data:
                 return "eof"
@@ -70,8 +76,11 @@ async def pump(
         if not stopping() or task is None:
             raise
         task.uncancel()  # this cancel asked for a goodbye; a second one ends it at once
+        events.close()
         await _goodbye(reader, writer, connection)
         return "shutdown"
+    finally:
+        events.close()
 
 
 def _deadline(

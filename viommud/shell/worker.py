@@ -142,6 +142,7 @@ async def serve(control: socket.socket, fd: int, setup: dict[str, Any], rest: by
         limits=limits,
         claims=link,
         state_dir=StateDir(Path(setup["state_dir"])) if setup.get("state_dir") else None,
+        testing=bool(setup.get("testing")),
     )
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_connection(sock=sock)

@@ -20,7 +20,7 @@ from typing import Any
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
-from viommud.backend.base import UserFault, UserMemory
+from viommud.backend.base import DeviceFault, UserFault, UserMemory
 from viommud.backend.emulator.caches import CacheModel, vtd_psi_mask
 from viommud.backend.emulator.driver import (
     ISSUED_HISTORY,
@@ -127,6 +127,13 @@ class IommufdContext:
         self._asids: set[int] = set()
         self._mock_devices = 0
         self._mark = 0  # journal length before the current call (testing.last_removed)
+        # Readiness: called whenever a vEVENTQ or FAULT fd (or the device-fault source)
+        # becomes readable, as epoll would report EPOLLIN on the fd; the shell turns it into
+        # a read-and-send on its event loop (docs/protocol.md §10, "Push").
+        self.event_notifier: Callable[[], None] | None = None
+        # Host DMA faults of devices outside any FAULT object (testing.inject_device_fault),
+        # taken by drain_device_faults (docs/virtio-iommu.md §8).
+        self._device_faults: list[DeviceFault] = []
         if selftest:
             mock = HostIommu.SELFTEST
             if mock in self._units:
@@ -231,6 +238,7 @@ class IommufdContext:
         if queue is None:
             return errno.EOPNOTSUPP
         queue.report(payload)
+        self.notify_readable()
         return ENOERR
 
     def report_fault(self, dev: DeviceObject, fault: uapi.HwptPgfault) -> None:
@@ -240,6 +248,25 @@ class IommufdContext:
         queue = self._objects.get(fault_id) if fault_id else None
         if isinstance(queue, FaultObject):
             queue.deliver.append([replace(fault, dev_id=dev.id)])
+            self.notify_readable()
+
+    def report_device_fault(self, fault: DeviceFault) -> None:
+        """A DMA fault of host device ``fault.device`` for the device-fault source."""
+        self._device_faults.append(fault)
+        self.notify_readable()
+
+    def drain_device_faults(self, devices: frozenset[str]) -> list[DeviceFault]:
+        """The queued device faults of ``devices``, oldest first; the others stay."""
+        taken = [f for f in self._device_faults if f.device in devices]
+        if taken:
+            self._device_faults = [f for f in self._device_faults if f.device not in devices]
+        return taken
+
+    def notify_readable(self) -> None:
+        """Tell the notifier that something became readable (no-op without one)."""
+        notifier = self.event_notifier
+        if notifier is not None:
+            notifier()
 
     def new_mock_device(self) -> PhysicalDevice:
         """A fresh selftest device behind the mock IOMMU (``mock_dev_create``)."""

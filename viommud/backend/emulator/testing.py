@@ -16,6 +16,7 @@ from typing import Literal
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
+from viommud.backend.base import DeviceFault
 from viommud.backend.emulator.caches import (
     AtcEntry,
     CacheView,
@@ -43,8 +44,10 @@ __all__ = [
     "clear_issued",
     "dma",
     "inject_cmdq_error",
+    "inject_device_fault",
     "inject_event",
     "inject_invalidate_error",
+    "inject_iopf",
     "issued",
     "last_removed",
     "mock_devices",
@@ -261,3 +264,39 @@ def bound_device(be: IommufdContext, device: str) -> DeviceObject:
         if isinstance(obj, DeviceObject) and obj.pdev.id == device:
             return obj
     raise ValueError(f"{device} is not bound to this iommufd")
+
+
+def inject_iopf(
+    be: IommufdContext,
+    device: str,
+    addr: int,
+    *,
+    perm: int = uapi.IOMMU_PGFAULT_PERM_READ,
+    pasid: int | None = None,
+    grpid: int = 0,
+    last: bool = True,
+) -> int:
+    """A page request of host device ``device`` (PCIe PRI), as the host IOMMU driver reports
+    it (VT-d: ``intel_prq_report``): one fault group of one fault to the FAULT object of the
+    device's domain. Returns 0, or ENOENT when that domain has no FAULT object (the kernel's
+    iopf core then answers the device itself: nothing reaches userspace)."""
+    dev = bound_device(be, device)
+    hwpt = be._objects.get(dev.hwpt_id) if dev.hwpt_id else None
+    if not getattr(hwpt, "fault_id", 0):
+        return errno.ENOENT
+    flags = uapi.IOMMU_PGFAULT_FLAGS_LAST_PAGE if last else 0
+    if pasid is not None:
+        flags |= uapi.IOMMU_PGFAULT_FLAGS_PASID_VALID
+    fault = uapi.HwptPgfault(
+        flags=flags, pasid=pasid or 0, grpid=grpid, perm=perm, addr=addr & ~(PAGE_SIZE - 1)
+    )
+    be.report_fault(dev, fault)
+    return 0
+
+
+def inject_device_fault(be: IommufdContext, fault: DeviceFault) -> None:
+    """A DMA fault of a host device outside any FAULT object (a translation fault on a
+    kernel-managed domain), for the device-fault source ``drain_device_faults`` that the
+    virtio-iommu model polls (docs/virtio-iommu.md §8). The real kernel has no uAPI for
+    these; the emulator offers them so the guest-visible path can be exercised."""
+    be.report_device_fault(fault)

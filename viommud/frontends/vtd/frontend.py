@@ -50,6 +50,7 @@ from viommud.events import (
     DomainInvalidation,
     GuestError,
     Invalidation,
+    PageResponse,
     PasidCacheInvalidated,
     Scope,
     StatusWrite,
@@ -129,6 +130,9 @@ class VtdFeatures:
 
     dw: int = 128  # descriptor width in bits: 128 or 256 (256 implies ECAP.SMTS)
     pds: bool = False  # ECAP.PDS: the wait descriptor's page-request drain bit is valid
+    # ECAP.PRS: page requests of the host devices reach the guest's page request queue
+    # (with HELLO ``events``; docs/vtd.md, "Page requests")
+    prs: bool = False
     # How descriptors the architecture and QEMU read differently are treated (docs/vtd.md,
     # "Compatibility policy"): "architecture" or "qemu" (as QEMU 10.0 does).
     compat: str = ARCHITECTURE
@@ -139,7 +143,7 @@ class VtdFeatures:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> VtdFeatures:
-        unknown = set(options) - {"dw", "pds", "compat"}
+        unknown = set(options) - {"dw", "pds", "prs", "compat"}
         if unknown:
             raise ValueError(f"unknown vtd options: {', '.join(sorted(unknown))}")
         dw = options.get("dw", 128)
@@ -148,7 +152,14 @@ class VtdFeatures:
         pds = options.get("pds", False)
         if not isinstance(pds, bool):
             raise ValueError("vtd option 'pds' must be a boolean")
-        return cls(dw=dw, pds=pds, compat=compat_option(options, "vtd"))
+        prs = options.get("prs", False)
+        if not isinstance(prs, bool):
+            raise ValueError("vtd option 'prs' must be a boolean")
+        compat = compat_option(options, "vtd")
+        if prs and compat == QEMU:
+            # QEMU 10.0 has no page requests: its page group response is an unknown type
+            raise ValueError("vtd option 'prs' needs compat 'architecture' (QEMU 10.0 has no PRS)")
+        return cls(dw=dw, pds=pds, prs=prs, compat=compat)
 
 
 @dataclass(slots=True)
@@ -473,7 +484,18 @@ class VtdFrontend:
     def _on_pgrp_resp(self, index: int, qw0: int, qw1: int, raw: bytes) -> bool:
         if not qw0 & 0x10:
             return self._iqe(index, raw, "page group response without PASID (PP=0)")
-        # No host page-request queue is emulated: the response has nowhere to go.
+        if self.features.prs:  # the vIOMMU forwards it to the host (docs/vtd.md)
+            self._events.append(
+                PageResponse(
+                    index,
+                    _bits(qw0, 16, 16),
+                    _bits(qw0, 32, 20),
+                    _bits(qw1, 3, 9),
+                    _bits(qw0, 12, 4),
+                    bool(qw1 & 0x4),
+                )
+            )
+        # Without ECAP.PRS no page request reached the guest: nothing to answer.
         return False
 
 
