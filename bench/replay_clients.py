@@ -13,10 +13,10 @@ each a process of its own running the replay client (viommud.shell.replay, what
 
 Every client process starts, reads its trace's first bytes and connects nothing until all
 are ready; they are then released together, and each reports when it started and ended its
-replay. The aggregate rate of a round is ``N × doorbells / (last end − first start)``; each
+replay. The aggregate rate of a round is ``N * doorbells / (last end - first start)``; each
 point is the best of ``--rounds`` rounds (this machine is shared and has slow spells). The
 figure is the scaling ratio: aggregate doorbells/s with N clients / with 1 client, for the
-daemon and for the floor, measured in the same run. Issue 17's target: ≥ 1.7× with 2
+daemon and for the floor, measured in the same run. Issue 17's target: ≥ 1.7x with 2
 clients on 2 cores. The clients themselves take CPU (parsing, framing: what the floor
 measures), so on a 2-core machine N clients and N sessions share the same 2 cores.
 """
@@ -137,9 +137,7 @@ def _echoes(n: int) -> Iterator[list[str]]:
         yield [stack.enter_context(spawned("echo")) for _ in range(n)]
 
 
-def measure(
-    name: str, counts: list[int], *, kind: str, quick: bool, rounds: int
-) -> dict[str, Any]:
+def measure(name: str, counts: list[int], *, kind: str, quick: bool, rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="viommud-clients-") as tmp:
         trace, doorbells = _trace(name, quick, Path(tmp))
         if kind == "pipe":  # the set-up's doorbells (STE installs) are not timed
@@ -156,8 +154,8 @@ def measure(
                             raise RuntimeError(f"guest errors: {reports}")
                         wall = max(r["end"] for r in reports) - min(r["start"] for r in reports)
                         best[side] = max(best[side], n * doorbells / wall)
-                for side in points:
-                    points[side].append({"clients": n, "doorbells_per_s": round(best[side])})
+                for side, series in points.items():
+                    series.append({"clients": n, "doorbells_per_s": round(best[side])})
         for series in points.values():
             for p in series:
                 p["ratio_to_1"] = round(p["doorbells_per_s"] / series[0]["doorbells_per_s"], 3)
@@ -200,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         for d, f in zip(row["daemon"], row["floor"], strict=True):
             print(
                 f"{row['client']:>6} {row['workload']:>9} {d['clients']} client(s): daemon"
-                f" {d['doorbells_per_s']:,} doorbells/s ({d['ratio_to_1']:.2f}× of 1),"
-                f" floor {f['doorbells_per_s']:,} ({f['ratio_to_1']:.2f}× of 1)"
+                f" {d['doorbells_per_s']:,} doorbells/s ({d['ratio_to_1']:.2f}x of 1),"
+                f" floor {f['doorbells_per_s']:,} ({f['ratio_to_1']:.2f}x of 1)"
             )
     return 0
 
