@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocols.smmuv3 import Opcode, build_command
-from tests.group_commit.test_smmuv3 import _doorbell
+from tests.group_commit.test_smmuv3 import _doorbell, _field_values, _va
 from tests.oracle.workload import SYNC, Rig, build, host
 from viommud.backend.emulator import testing
+from viommud.dispatcher.smmuv3_coalesce import Entry, coalesce, coalesce_tlb_only
 from viommud.frontends.smmuv3.frontend import SmmuFeatures, SmmuV3Frontend
 from viommud.group_commit.smmuv3_screen import plain_syncs, screen
 from viommud.models.smmuv3 import SmmuV3Viommu
@@ -124,3 +125,37 @@ def test_plain_syncs_agrees_with_the_screen_and_the_frontend(data: bytes, ril: b
         frontend = SmmuV3Frontend(features)
         frontend.receive_data(data)
         assert syncs == frontend.last.syncs == screened.syncs[0]
+
+
+# ranges of one ASID close together, so that they overlap, touch and flood
+_small_range = st.tuples(
+    st.integers(1, 2), st.integers(0, 7), st.integers(0, 3), st.integers(0, 40)
+).map(
+    lambda t: build_command(
+        Opcode.TLBI_NH_VA, asid=t[0], num=t[1], scale=t[2], ttl=t[2] % 4, tg=1, addr=t[3] << 12
+    )
+)
+_tlb_command = st.one_of(
+    _field_values.map(lambda f: _va(*f)),
+    st.tuples(st.integers(0, 31), st.integers(0, 31), st.integers(0, 3), st.integers(0, 64)).map(
+        lambda t: build_command(
+            Opcode.TLBI_NH_VAA, num=t[0], scale=t[1] % 8, ttl=t[2], tg=1, addr=t[3] << 12
+        )
+    ),
+    st.integers(1, 2).map(lambda a: build_command(Opcode.TLBI_NH_ASID, asid=a)),
+    st.just(build_command(Opcode.TLBI_NH_ALL)),
+    st.just(build_command(Opcode.TLBI_NSNH_ALL)),
+)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.one_of(_tlb_command, _small_range), min_size=0, max_size=40),
+    st.sampled_from([4, 64, 512]),
+)
+def test_coalesce_tlb_only_is_coalesce(commands: list[bytes], flood: int) -> None:
+    """The TLB-only coalescer skips rules only where they would change nothing."""
+    entries = [Entry(raw, k) for k, raw in enumerate(commands)]
+    expected = [(e.raw, e.origin) for e in coalesce(entries, flood_pages=flood)]
+    got = [(e.raw, e.origin) for e in coalesce_tlb_only(entries, flood_pages=flood)]
+    assert got == expected

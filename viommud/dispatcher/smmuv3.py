@@ -49,6 +49,7 @@ from viommud.dispatcher.smmuv3_coalesce import (
     Entry,
     class_rank,
     coalesce,
+    coalesce_tlb_only,
     plain_entries,
 )
 from viommud.events import (
@@ -225,7 +226,11 @@ class SmmuDispatcher:
         policy = self.policy
         self._written = entries
         for slot in targets:
-            sent = coalesce(entries, flood_pages=policy.flood_pages) if policy.coalesce else entries
+            sent = (
+                coalesce_tlb_only(entries, flood_pages=policy.flood_pages)
+                if policy.coalesce
+                else entries
+            )
             self._send(slot, sent, host)
         self._written = None
         if not host:
