@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -31,6 +35,11 @@ from bench import workloads
 from bench.daemon_load import daemon, throughput
 from bench.throughput import latency, pct
 from bench.transport import frames, spawned
+from protocols.frames import FrameType
+from viommud import wire
+from viommud.backend.select import emulated_backend
+from viommud.shell import logs
+from viommud.shell.connection import Connection
 
 
 def log_cost(unmaps: int, rounds: int) -> dict[str, Any]:
@@ -43,6 +52,36 @@ def log_cost(unmaps: int, rounds: int) -> dict[str, Any]:
         "info_doorbells_per_s": round(best["info"]),
         "error_doorbells_per_s": round(best["error"]),
         "info_vs_error": round(best["info"] / best["error"], 3),
+    }
+
+
+def log_cpu(unmaps: int, rounds: int) -> dict[str, Any]:
+    host, setup, timed = frames(workloads.strict_ril(unmaps))
+    chunks = [b"".join(timed[at : at + 64]) for at in range(0, len(timed), 64)]
+    hello = wire.encode_json(
+        FrameType.HELLO, 0, {"protocol": 1, "host": host, "compact": True, "compact_writes": True}
+    )
+
+    def once(level: str) -> float:
+        logs.configure(level, "json", io.StringIO())
+        try:
+            connection = Connection(1, emulated_backend, None, logs.get_logger(client=1))
+            connection.receive(hello + b"".join(setup))
+            started = time.process_time()
+            for chunk in chunks:
+                connection.receive(chunk)
+            return (time.process_time() - started) / len(timed)
+        finally:
+            structlog.reset_defaults()
+
+    best = {"info": float("inf"), "error": float("inf")}
+    for _ in range(rounds):
+        for level in ("info", "error"):
+            best[level] = min(best[level], once(level))
+    return {
+        "info_us_per_doorbell": round(best["info"] * 1e6, 2),
+        "error_us_per_doorbell": round(best["error"] * 1e6, 2),
+        "info_vs_error_cpu": round(best["info"] / best["error"], 3),
     }
 
 
@@ -74,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     unmaps, pings = (5_000, 300) if args.quick else (40_000, 2_000)
     out = {
         "log": log_cost(unmaps, args.rounds),
+        "log_cpu": log_cpu(min(unmaps, 20_000), args.rounds + 2),
         "latency": [sync_latency(n, pings, args.rounds) for n in (1, 16)],
     }
     if args.json:
@@ -83,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"INFO vs error: {log['info_doorbells_per_s']:,} vs {log['error_doorbells_per_s']:,}"
         f" doorbells/s, ratio {log['info_vs_error']}"
+    )
+    cpu = out["log_cpu"]
+    print(
+        f"INFO vs error, CPU per doorbell through Connection.receive:"
+        f" {cpu['info_us_per_doorbell']} vs {cpu['error_us_per_doorbell']} µs,"
+        f" ratio {cpu['info_vs_error_cpu']}"
     )
     for lat in out["latency"]:
         print(
