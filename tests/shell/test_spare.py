@@ -29,7 +29,9 @@ def _loaded_after(backend: str) -> bool:
 
 def test_a_spare_for_the_emulated_backend_has_the_emulated_kernel_loaded() -> None:
     assert _loaded_after("emulated")
+    assert _loaded_after("auto") is not Path("/dev/iommu").exists()  # serve's default
     assert not _loaded_after("iommufd")
+    assert not _loaded_after("nonsense")
 
 
 def test_the_spawner_names_the_backend_to_its_spares() -> None:

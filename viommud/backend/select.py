@@ -56,7 +56,12 @@ def emulated_backend(host: HostConfig) -> Backend:
 
 def preload(name: str) -> None:
     """Import what sessions on backend ``name`` will need (a spare session process does it
-    before its client arrives)."""
+    before its client arrives); ``auto`` as ``resolve`` decides it, nothing for a name it
+    refuses (the session reports that itself)."""
+    try:
+        name = resolve(name)
+    except BackendUnavailable:
+        return
     if name == "emulated":
         import viommud.backend.emulator.kernel  # noqa: F401, PLC0415 - the point
 
