@@ -16,13 +16,17 @@ shows it, or the script's own table when its layout is the README's. Sections:
 * ``doorbell-us``: daemon CPU per doorbell in process, by layer (bench/doorbell.py);
 * ``virtio-scale``: virtio-iommu MAP/UNMAP at 10^3 / 10^5 / 10^6 live mappings
   (bench/virtio_scale.py);
+* ``clients``: 1 and 2 concurrent clients, a session process each, against their echo floor
+  (bench/replay_clients.py);
+* ``log-latency``: INFO logging's cost and the sync p50 / p99 against the echo's, default
+  settings (bench/log_latency.py);
 * ``socket``: the socket benchmark against the echo server, all modes, and sync latency
   (bench/throughput.py);
 * ``scaling``, ``memory``, ``decode``: bench/scaling.py, bench/memory.py, bench/decode.py.
 
 ``--quick`` passes ``--quick`` to every script (small sizes: a smoke run, not README
 figures). The README's "Real guests" table comes from ``python -m capture.kit`` (it boots
-QEMU), not from here. The full run takes about 25 minutes on the 2-core machine.
+QEMU), not from here. The full run takes about 35 minutes on the 2-core machine.
 """
 
 from __future__ import annotations
@@ -178,6 +182,8 @@ SECTIONS: dict[str, Callable[[bool], str]] = {
     "group-commit": group_commit,
     "doorbell-us": doorbell_us,
     "virtio-scale": virtio_scale,
+    "clients": _script("replay_clients.py"),
+    "log-latency": _script("log_latency.py"),
     "socket": _script("throughput.py"),
     "scaling": _script("scaling.py"),
     "memory": _script("memory.py"),

@@ -178,3 +178,32 @@ def test_replay_floor_states_the_group_commit_n() -> None:
     assert alone["invalidate_calls"] / 4 <= grouped["invalidate_calls"] < alone["invalidate_calls"]
     assert alone["ratio"] > 0
     assert grouped["ratio"] > 0
+
+
+@pytest.mark.slow
+def test_replay_clients_benchmark_reports_both_sides() -> None:
+    """1 and 2 concurrent clients, pipe and replay: a rate per point for the daemon and for
+    the floor, each with its ratio to 1 client (1.0 for the 1-client point)."""
+    rows = _rows("replay_clients.py", "--rounds", "1", "--workload", "strict")
+    assert sorted(r["client"] for r in rows) == ["pipe", "replay"]  # type: ignore[type-var]
+    for row in rows:
+        for side in ("daemon", "floor"):
+            points = row[side]
+            assert isinstance(points, list)
+            assert [p["clients"] for p in points] == [1, 2]
+            assert points[0]["ratio_to_1"] == 1.0
+            assert all(p["doorbells_per_s"] > 0 for p in points)
+
+
+@pytest.mark.slow
+def test_log_latency_benchmark_runs() -> None:
+    result = run("log_latency.py")
+    log, cpu = result["log"], result["log_cpu"]
+    assert isinstance(log, dict)
+    assert isinstance(cpu, dict)
+    assert log["info_vs_error"] > 0
+    assert cpu["info_us_per_doorbell"] > 0
+    latency = result["latency"]
+    assert isinstance(latency, list)
+    assert [lat["commands_per_doorbell"] for lat in latency] == [2, 17]
+    assert all(lat["daemon"]["p99_us"] >= lat["daemon"]["p50_us"] for lat in latency)

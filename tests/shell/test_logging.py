@@ -78,3 +78,26 @@ def test_json_configuration_filters_by_level() -> None:
         assert "timestamp" in lines[0]
     finally:
         structlog.reset_defaults()
+
+
+def test_per_batch_lines_are_not_built_when_the_session_logger_drops_them() -> None:
+    """A session's logger lowers ``batch_forwarded`` to DEBUG: at INFO the model skips the
+    line (and the per-command ones) altogether, at DEBUG both go out."""
+    for level, wanted in (("info", False), ("debug", True)):
+        stream = io.StringIO()
+        logs.configure(level, "json", stream)
+        try:
+            log = logs.SessionLogger(structlog.get_logger("viommud").bind(client=1))
+            assert log.batch_lines is wanted
+            session = Session(EmulatedIommufd(HOST), log=log)
+            session.handle(ViommuCreate(2, "v", "smmuv3", ("smmu0",)))
+            model = session.viommus["v"]
+            assert getattr(model, "batch") is wanted  # noqa: B009 - the protocol has no field
+            tlbi, sync = build_command(Opcode.TLBI_NH_ALL), build_command(Opcode.CMD_SYNC)
+            session.doorbell("v", tlbi + sync)
+            session.close()
+            events = [json.loads(x)["event"] for x in stream.getvalue().splitlines()]
+            assert ("batch_forwarded" in events) is wanted
+            assert events.count("command_decoded") == (2 if wanted else 0)
+        finally:
+            structlog.reset_defaults()

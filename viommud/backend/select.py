@@ -54,6 +54,18 @@ def emulated_backend(host: HostConfig) -> Backend:
     return EmulatedIommufd(host)
 
 
+def preload(name: str) -> None:
+    """Import what sessions on backend ``name`` will need (a spare session process does it
+    before its client arrives); ``auto`` as ``resolve`` decides it, nothing for a name it
+    refuses (the session reports that itself)."""
+    try:
+        name = resolve(name)
+    except BackendUnavailable:
+        return
+    if name == "emulated":
+        import viommud.backend.emulator.kernel  # noqa: F401, PLC0415 - the point
+
+
 def backend_factory(name: str = "auto", *, dev_iommu: str = DEV_IOMMU) -> BackendFactory:
     """A ``host -> Backend`` factory for ``name``; raises ``BackendUnavailable``."""
     if resolve(name, dev_iommu=dev_iommu) == "emulated":

@@ -49,6 +49,7 @@ from viommud.dispatcher.smmuv3_coalesce import (
     Entry,
     class_rank,
     coalesce,
+    coalesce_tlb_only,
     plain_entries,
 )
 from viommud.events import (
@@ -65,6 +66,7 @@ from viommud.topology.smmuv3 import PiommuSlot, SmmuTopology
 ARM_ISSUE_GROUP = 63  # CMDQ_BATCH_ENTRIES - 1 commands per host CMD_SYNC (iommufd.md §3.4)
 ARM_ENTRY_LEN = 16
 _SYNC = np.uint64(Opcode.CMD_SYNC)
+_SYNC_OP = int(Opcode.CMD_SYNC)
 
 U64 = npt.NDArray[np.uint64]
 
@@ -190,6 +192,51 @@ class SmmuDispatcher:
             if bucket is None:
                 bucket = pending[slot.iommu] = _Pending(slot)
             bucket.entries.append(entry)
+
+    # -- one plain doorbell ---------------------------------------------------------------
+    def run_tlb(self, commands: bytes) -> Outcome:
+        """One plain doorbell (``group_commit.smmuv3_screen.plain_syncs``: valid TLB
+        invalidations and CMD_SYNCs only) without events: what ``run`` does with its
+        events, step for step — the same entries (origin = command index), counters, call
+        barrier, coalescing and calls. TLB commands are all one class, so no SYNC among
+        them splits the call; every CMD_SYNC completes when the call returns."""
+        stats = self.stats
+        self._broadcast = None  # config records may have changed the topology since
+        targets = self.broadcast_targets()
+        slots = len(self.topology.slots)
+        barriers = stats.barriers
+        first_barrier = 0
+        entries: list[Entry] = []
+        sync = _SYNC_OP
+        for index, at in enumerate(range(0, len(commands), ARM_ENTRY_LEN)):
+            if commands[at] == sync:
+                barriers += 1
+                continue
+            stats.baseline_invalidate_calls += slots
+            if targets:
+                if not entries:
+                    first_barrier = barriers + 1
+                entries.append(Entry(commands[at : at + ARM_ENTRY_LEN], index))
+        stats.barriers = barriers
+        if not entries:
+            return NOTHING
+        stats.forwarded += len(entries)
+        host: list[GuestError] = []
+        self.iommufd.log.barrier = first_barrier
+        policy = self.policy
+        self._written = entries
+        for slot in targets:
+            sent = (
+                coalesce_tlb_only(entries, flood_pages=policy.flood_pages)
+                if policy.coalesce
+                else entries
+            )
+            self._send(slot, sent, host)
+        self._written = None
+        if not host:
+            return NOTHING
+        host.sort(key=_by_index)
+        return Outcome(tuple(host), tuple(host))
 
     # -- group commit -------------------------------------------------------------------
     def run_plain(self, commands: bytes, syncs: int, bulk: BulkCoalescer) -> Outcome:

@@ -321,6 +321,50 @@ def coalesce(entries: list[Entry], *, flood_pages: int = DEFAULT_FLOOD_PAGES) ->
     return order_by_class(out)
 
 
+def coalesce_tlb_only(
+    entries: list[Entry], *, flood_pages: int = DEFAULT_FLOOD_PAGES
+) -> list[Entry]:
+    """``coalesce`` for entries that are all TLB invalidations (``TLBI_OPS``: one plain
+    doorbell's work), with the same result: the device rules and the class order return
+    such entries as they are, and each remaining rule is skipped when one pass over the
+    distinct commands shows it would — no duplicate, no VM-wide TLBI, fewer than two range
+    TLBIs with TG != 0 (nothing to merge), no ASID with more than ``flood_pages`` pages of
+    TLBI_NH_VA (pages as ``promote_floods`` counts them; merging can only change that when
+    ranges were merged, so then the rule runs)."""
+    if len(entries) < 2:
+        return entries
+    raws = {e.raw for e in entries}
+    out = entries if len(raws) == len(entries) else drop_duplicates(entries)
+    wide = False
+    ranged = 0
+    pages: dict[int, int] = {}
+    for raw in raws:
+        op = raw[0]
+        if op in TLBI_RANGE_OPS:
+            tg = (raw[9] >> 2) & 3  # W1[11:10]
+            if tg:
+                ranged += 1
+            if op == _TLBI_NH_VA:
+                asid = raw[6] | raw[7] << 8  # W0[63:48]
+                if tg:
+                    w0 = int.from_bytes(raw[:4], "little")
+                    count = (((w0 >> 12) & 0x1F) + 1) << ((w0 >> 20) & 0x1F)
+                else:
+                    count = 1
+                pages[asid] = pages.get(asid, 0) + count
+        elif op in TLBI_VM_WIDE_OPS:
+            wide = True
+    if wide:
+        out = drop_covered_by_vm_wide(out)
+    flood = any(n > flood_pages for n in pages.values())
+    if ranged >= 2:
+        out = merge_ranges(out)
+        flood = True  # merged spans are counted anew
+    if flood:
+        out = promote_floods(out, flood_pages)
+    return out
+
+
 def plain_entries(commands: bytes, array: bytes) -> tuple[list[Entry], list[Entry]]:
     """The entries of a group commit's call (``array``: the TLB commands of the run's
     ``commands``, maybe coalesced by the vectorised rules) with the origin the per-doorbell

@@ -128,6 +128,28 @@ def _check_each(blob: bytes, features: SmmuFeatures) -> tuple[list[int], list[in
     return bad_before, syncs_before
 
 
+def plain_syncs(data: bytes, ril: bool) -> int:
+    """One doorbell screened as ``screen`` screens each (the per-doorbell fast path of
+    ``SmmuV3Viommu.doorbell``): its number of CMD_SYNCs when it is plain, else -1. The same
+    rules as ``_check_each``, stopping at the first command that is not plain."""
+    if not data or len(data) % COMMAND_SIZE:
+        return -1
+    reserved, refused = _RESERVED, _RANGE_REFUSED_LISTS[ril]
+    syncs = 0
+    for w0, w1 in COMMAND.iter_unpack(data):
+        op = w0 & 0xFF
+        rule = reserved.get(op)
+        if rule is None or w0 & rule[0] or w1 & rule[1]:
+            return -1
+        if op == _SYNC:
+            if (w0 >> 12) & 3 == 3:
+                return -1
+            syncs += 1
+        elif op in TLBI_RANGE_OPS and refused[((w1 >> 8) & 0xF) << 1 | ((w0 >> 12) & 0x1F1F != 0)]:
+            return -1
+    return syncs
+
+
 def _range_table(ril: bool) -> npt.NDArray[np.bool_]:
     """Refused TLBI_NH_VA/VAA range encodings (§4.4.1.1, IDR3.RIL), indexed by
     TG << 3 | TTL << 1 | (NUM or SCALE non-zero), as ``SmmuV3Frontend._check_range`` rules."""

@@ -121,6 +121,14 @@ def viommu_log(ctx: ModelContext, viommu: str) -> tuple[Any, bool]:
     return log, bool(check(logging.DEBUG)) if check is not None else True
 
 
+def batch_lines(log: Any) -> bool:
+    """Whether the model's per-batch lines (``batch_forwarded``, ``group_forwarded``,
+    ``request_completed``) can reach the output: a session's logger lowers them to DEBUG
+    and says so (``SessionLogger.batch_lines``); any other logger gets them. Building a
+    line nobody keeps costs a doorbell ~2 µs."""
+    return log is not None and bool(getattr(log, "batch_lines", True))
+
+
 def log_group(
     log: Any,
     calls: CallLog,

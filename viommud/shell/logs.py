@@ -202,6 +202,13 @@ class SessionLogger:
             self._inner.bind(**context), self._repeats, context.get("viommu", self._viommu)
         )
 
+    @property
+    def batch_lines(self) -> bool:
+        """Whether the per-batch lines, lowered to DEBUG here, reach the output (the models
+        skip building them otherwise: viommud.models.base.batch_lines)."""
+        check = getattr(self._inner, "is_enabled_for", None)
+        return True if check is None else bool(check(logging.DEBUG))
+
     def info(self, event: str, *args: Any, **kw: Any) -> Any:
         inner = self._inner  # the events are the models' (documented there)
         return (inner.debug if event in PER_BATCH_EVENTS else inner.info)(event, *args, **kw)

@@ -184,7 +184,7 @@ class Server:
             loop.set_exception_handler(self._old_handler)
             raise
         if self.processes:
-            self._spawner = Spawner()
+            self._spawner = Spawner(self.backend)
             self._spawner.prepare()  # the first spare session process
         self._started = True
         self._notify(

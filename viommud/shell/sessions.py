@@ -32,14 +32,19 @@ class Spare:
 
 
 class Spawner:
-    def __init__(self) -> None:
+    """Keeps the next session process started. ``backend``: the sessions' backend by name
+    (``emulated`` or ``iommufd``); a spare imports what that one needs before a client
+    waits on it (the emulated kernel: ~80 ms)."""
+
+    def __init__(self, backend: str = "emulated") -> None:
         self._spare: asyncio.Task[Spare] | None = None
         self._closed = False
+        self.backend = backend
 
     def prepare(self) -> None:
         """Start the next spare, unless one is on its way."""
         if self._spare is None and not self._closed:
-            self._spare = asyncio.create_task(_spawn())
+            self._spare = asyncio.create_task(_spawn(self.backend))
 
     async def take(self) -> Spare:
         self.prepare()
@@ -64,7 +69,7 @@ class Spawner:
             await got.process.wait()
 
 
-async def _spawn() -> Spare:
+async def _spawn(backend: str) -> Spare:
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         process = await asyncio.create_subprocess_exec(
@@ -72,6 +77,7 @@ async def _spawn() -> Spare:
             "-m",
             "viommud.shell.worker",
             str(child.fileno()),
+            backend,
             pass_fds=(child.fileno(),),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from viommud.backend.select import backend_factory
+from viommud.backend.select import backend_factory, preload
 from viommud.host import HostConfig
 from viommud.shell import logs
 from viommud.shell.connection import Connection
@@ -190,6 +190,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=int(argv[0]))
     control.setblocking(True)
+    if argv[1:]:
+        preload(argv[1])  # while no client waits
     try:
         got = receive_setup(control)
     except (OSError, ValueError, RuntimeError) as exc:

@@ -1,0 +1,161 @@
+"""The per-doorbell fast path of the SMMUv3 model (plain doorbells: valid TLB invalidations
+and CMD_SYNCs, no events) against the reference path (frontend events → ``SmmuDispatcher
+.run``): on random doorbells, with one or two physical SMMUs, devices in bypass and injected
+host failures, both sessions give the same replies, host calls (entries, barrier, errno),
+report, frontend counters and dispatch statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protocols.smmuv3 import Opcode, build_command
+from tests.group_commit.test_smmuv3 import _doorbell, _field_values, _va
+from tests.oracle.workload import SYNC, Rig, build, host
+from viommud.backend.emulator import testing
+from viommud.dispatcher.smmuv3_coalesce import Entry, coalesce, coalesce_tlb_only
+from viommud.frontends.smmuv3.frontend import SmmuFeatures, SmmuV3Frontend
+from viommud.group_commit.smmuv3_screen import plain_syncs, screen
+from viommud.models.smmuv3 import SmmuV3Viommu
+from viommud.replies import DoorbellReply
+from viommud.shell.replies import doorbell_json
+
+LAYOUTS = {
+    "one": (1, {"v": ["smmu0"]}, frozenset[str]()),
+    "two": (2, {"v": ["smmu0", "smmu1"]}, frozenset[str]()),
+    "bypass": (1, {"v": ["smmu0"]}, frozenset({"smmu0"})),  # no stage-1 vSTE: no target
+    "half-bypass": (2, {"v": ["smmu0", "smmu1"]}, frozenset({"smmu1"})),
+}
+
+
+def _rig(layout: str, fast: bool, ril: bool) -> tuple[Rig, SmmuV3Viommu]:
+    n, viommus, bypass = LAYOUTS[layout]
+    rig = build(host(n, 2, False), viommus, ats=False, bypass=bypass)
+    model = rig.session.viommus["v"]
+    assert isinstance(model, SmmuV3Viommu)
+    model.fast = fast
+    model.frontend.features = dataclasses.replace(model.frontend.features, ril=ril)
+    rig.session.drain_calls()
+    return rig, model
+
+
+def _answers(
+    layout: str, fast: bool, ril: bool, doorbells: list[bytes], *, fail: bytes | None, times: int
+) -> dict[str, Any]:
+    rig, model = _rig(layout, fast, ril)
+    if fail is not None:
+        iommu = "smmu1" if layout in ("two", "half-bypass") and fail[1] & 1 else "smmu0"
+        testing.inject_invalidate_error(rig.backend, iommu, fail, times=times)
+    replies: list[Any] = []
+    for data in doorbells:
+        try:
+            reply = rig.session.doorbell("v", data)
+        except Exception as exc:  # the refusal must be the same too
+            replies.append(repr(exc))
+            continue
+        assert isinstance(reply, DoorbellReply)
+        replies.append(doorbell_json(reply))
+    frontend = model.frontend
+    return {
+        "replies": replies,
+        "calls": rig.session.drain_calls(),
+        "report": rig.session.report(),
+        "frontend": (list(frontend.opcode_counts), dict(frontend.error_counts), frontend.barriers),
+        "last": dataclasses.astuple(frontend.last),
+        "stats": dataclasses.asdict(model.dispatcher.stats),
+    }
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(_doorbell, min_size=1, max_size=8),
+    st.sampled_from(sorted(LAYOUTS)),
+    st.booleans(),
+    st.one_of(st.none(), st.tuples(st.integers(0, 7), st.integers(0, 5), st.integers(1, 3))),
+)
+def test_fast_path_is_the_reference_path(
+    doorbells: list[bytes], layout: str, ril: bool, fail: tuple[int, int, int] | None
+) -> None:
+    target = None
+    times = 1
+    if fail is not None:  # one of the doorbells' own commands, refused once or more
+        k, c, times = fail
+        data = doorbells[k % len(doorbells)]
+        if len(data) >= 16 and not len(data) % 16:
+            at = 16 * (c % (len(data) // 16))
+            target = data[at : at + 16]
+    reference = _answers(layout, False, ril, doorbells, fail=target, times=times)
+    fast = _answers(layout, True, ril, doorbells, fail=target, times=times)
+    assert fast == reference
+
+
+def test_plain_doorbells_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain doorbell never reaches the frontend's decoder; any other one does."""
+    rig, _ = _rig("one", True, True)
+    decoded: list[bytes] = []
+    receive = SmmuV3Frontend.receive_data
+
+    def spy(self: SmmuV3Frontend, data: bytes) -> None:
+        decoded.append(data)
+        receive(self, data)
+
+    monkeypatch.setattr(SmmuV3Frontend, "receive_data", spy)
+    plain = build_command(Opcode.TLBI_NH_VA, asid=1, addr=0x1000) + SYNC
+    other = build_command(Opcode.CFGI_CD, sid=8, ssid=0, leaf=1) + SYNC
+    assert rig.session.doorbell("v", plain) == DoorbellReply(2, 1)
+    assert rig.session.doorbell("v", other) == DoorbellReply(2, 1)
+    assert decoded == [other]
+    calls = rig.session.drain_calls()
+    assert calls[0]["ioctl"] == "IOMMU_HWPT_INVALIDATE"
+    assert calls[0]["entries"] == [plain[:16].hex()]
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(_doorbell, st.booleans())
+def test_plain_syncs_agrees_with_the_screen_and_the_frontend(data: bytes, ril: bool) -> None:
+    features = SmmuFeatures(ril=ril)
+    screened = screen([data], features, small=1 << 30)
+    syncs = plain_syncs(data, ril)
+    assert (syncs >= 0) == screened.plain[0]
+    if syncs >= 0:
+        frontend = SmmuV3Frontend(features)
+        frontend.receive_data(data)
+        assert syncs == frontend.last.syncs == screened.syncs[0]
+
+
+# ranges of one ASID close together, so that they overlap, touch and flood
+_small_range = st.tuples(
+    st.integers(1, 2), st.integers(0, 7), st.integers(0, 3), st.integers(0, 40)
+).map(
+    lambda t: build_command(
+        Opcode.TLBI_NH_VA, asid=t[0], num=t[1], scale=t[2], ttl=t[2] % 4, tg=1, addr=t[3] << 12
+    )
+)
+_tlb_command = st.one_of(
+    _field_values.map(lambda f: _va(*f)),
+    st.tuples(st.integers(0, 31), st.integers(0, 31), st.integers(0, 3), st.integers(0, 64)).map(
+        lambda t: build_command(
+            Opcode.TLBI_NH_VAA, num=t[0], scale=t[1] % 8, ttl=t[2], tg=1, addr=t[3] << 12
+        )
+    ),
+    st.integers(1, 2).map(lambda a: build_command(Opcode.TLBI_NH_ASID, asid=a)),
+    st.just(build_command(Opcode.TLBI_NH_ALL)),
+    st.just(build_command(Opcode.TLBI_NSNH_ALL)),
+)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.one_of(_tlb_command, _small_range), min_size=0, max_size=40),
+    st.sampled_from([4, 64, 512]),
+)
+def test_coalesce_tlb_only_is_coalesce(commands: list[bytes], flood: int) -> None:
+    """The TLB-only coalescer skips rules only where they would change nothing."""
+    entries = [Entry(raw, k) for k, raw in enumerate(commands)]
+    expected = [(e.raw, e.origin) for e in coalesce(entries, flood_pages=flood)]
+    got = [(e.raw, e.origin) for e in coalesce_tlb_only(entries, flood_pages=flood)]
+    assert got == expected
