@@ -6,6 +6,7 @@ import io
 import json
 import struct
 
+import pytest
 import structlog
 from structlog.testing import capture_logs
 
@@ -101,3 +102,44 @@ def test_per_batch_lines_are_not_built_when_the_session_logger_drops_them() -> N
             assert events.count("command_decoded") == (2 if wanted else 0)
         finally:
             structlog.reset_defaults()
+
+
+HOST_ALL = HostConfig.from_json(
+    {
+        "iommus": [{"id": "smmu0", "model": "arm-smmuv3"}, {"id": "vtd0", "model": "intel-vtd"}],
+        "devices": [{"id": "0000:01:00.0", "iommu": "smmu0", "sid": 256}],
+    }
+)
+VTD_WAIT = struct.pack("<QQ", 0x2000_0002_5, 0x1000)  # wait descriptor, SW=1, status 2
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+@pytest.mark.parametrize(
+    ("model", "iommus", "data", "line"),
+    [
+        ("vtd", ("vtd0",), VTD_WAIT, "batch_forwarded"),
+        ("virtio-iommu", (), struct.pack("<BxxxIII4x", 1, 1, 8, 0), "request_completed"),
+    ],
+    ids=["vtd", "virtio-iommu"],
+)
+def test_vtd_and_virtio_skip_their_per_batch_lines_at_info(
+    level: str, model: str, iommus: tuple[str, ...], data: bytes, line: str
+) -> None:
+    wanted = level == "debug"
+    stream = io.StringIO()
+    logs.configure(level, "json", stream)
+    try:
+        log = logs.SessionLogger(structlog.get_logger("viommud").bind(client=1))
+        session = Session(EmulatedIommufd(HOST_ALL), log=log)
+        options = {"emulated_endpoints": [8]} if model == "virtio-iommu" else {}
+        session.handle(ViommuCreate(2, "v", model, iommus, options))
+        assert getattr(session.viommus["v"], "batch") is wanted  # noqa: B009
+        if model == "vtd":
+            session.doorbell("v", data)
+        else:
+            session.request("v", data)
+        session.close()
+        events = [json.loads(x)["event"] for x in stream.getvalue().splitlines()]
+        assert (line in events) is wanted
+    finally:
+        structlog.reset_defaults()

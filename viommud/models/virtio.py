@@ -64,6 +64,7 @@ from viommud.models.base import (
     ModelContext,
     ModelError,
     RecordRefused,
+    batch_lines,
     check_host_iommus,
     viommu_log,
 )
@@ -338,6 +339,7 @@ class VirtioViommu:
     host_problems: int = 0
     iommus: frozenset[str] = frozenset()  # host IOMMUs it may span (empty: any)
     model: str = ViommuModel.VIRTIO_IOMMU
+    batch: bool = True  # per-request log lines wanted (models.base.batch_lines)
     group_commit: ClassVar[bool] = False  # one request at a time: nothing to share
 
     @classmethod
@@ -370,6 +372,7 @@ class VirtioViommu:
             debug,
             source,
             iommus=frozenset(record.iommus),
+            batch=batch_lines(log),
         )
         if ctx.event_depth:
             instance.events_queue = GuestEventQueue(options.eventq_depth)
@@ -481,12 +484,13 @@ class VirtioViommu:
                     kind=kind_name(request_type),
                     raw_hex=bytes(data).hex(),
                 )
-            log.info(
-                "request_completed",
-                kind=kind_name(request_type),
-                status=reply.code,
-                backend_calls=calls.seq - calls_before,
-            )
+            if self.batch:
+                log.info(
+                    "request_completed",
+                    kind=kind_name(request_type),
+                    status=reply.code,
+                    backend_calls=calls.seq - calls_before,
+                )
             if reply.status is not Status.OK:
                 log.warning(
                     "guest_error",

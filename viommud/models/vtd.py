@@ -38,6 +38,7 @@ from viommud.models.base import (
     ModelContext,
     ModelError,
     RecordRefused,
+    batch_lines,
     check_host_iommus,
     log_group,
     viommu_log,
@@ -68,6 +69,7 @@ class VtdViommu:
     # HELLO ``events`` with option ``prs``: the FAULT object whose page requests reach the
     # guest (docs/vtd.md, "Page requests")
     page_requests: PageRequests | None = None
+    batch: bool = True  # per-batch log lines wanted (models.base.batch_lines)
     group_commit: ClassVar[bool] = True  # screen/commit below (models.GroupCommit)
 
     @classmethod
@@ -93,7 +95,14 @@ class VtdViommu:
         dispatcher = VtdDispatcher(topology, ctx.iommufd, ctx.stats)
         log, debug = viommu_log(ctx, record.viommu)
         return cls(
-            record.viommu, frontend, topology, dispatcher, log, debug, page_requests=page_requests
+            record.viommu,
+            frontend,
+            topology,
+            dispatcher,
+            log,
+            debug,
+            page_requests=page_requests,
+            batch=batch_lines(log),
         )
 
     def config(self, record: Record) -> ConfigReply:
@@ -144,14 +153,15 @@ class VtdViommu:
                         kind=kind_name(descriptor_type(qw0)),
                         raw_hex=raw.hex(),
                     )
-            log.info(
-                "batch_forwarded",
-                commands=summary.consumed,
-                syncs=summary.syncs,
-                errors=len(outcome.errors),
-                backend_calls=calls.seq - calls_before,
-                device_tlb_elided=dispatcher.elided - elided_before,
-            )
+            if self.batch:
+                log.info(
+                    "batch_forwarded",
+                    commands=summary.consumed,
+                    syncs=summary.syncs,
+                    errors=len(outcome.errors),
+                    backend_calls=calls.seq - calls_before,
+                    device_tlb_elided=dispatcher.elided - elided_before,
+                )
             for error in outcome.errors:
                 log.warning(
                     "guest_error",
