@@ -3,6 +3,7 @@ sessions in the daemon's process and in processes of their own (docs/protocol.md
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import socket
@@ -11,14 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from protocols.frames import FrameType
+from tests.conftest import FIXTURES
 from tests.shell.conftest import TOKEN, Memfds, loopback, running
 from tests.shell.test_fd_frames import DEVICE, HOST, MIB, memory
 from viommud import wire
 from viommud.guest_memory import RamRegion
-from viommud.shell import channel
+from viommud.shell import channel, cli
 from viommud.shell.client import Client, ClientError, status
+from viommud.shell.replay import replay
 from viommud.shell.server import Server
 
 SYNC = bytes.fromhex("46" + "00" * 15)
@@ -304,3 +308,41 @@ async def test_memory_over_tcp_is_refused_without_ending_the_session(tmp_path: P
         }
         assert (await client.stats())["commands"]["total"] == 0
         await client.close()
+
+
+async def test_replay_gives_the_session_guest_memory(tmp_path: Path) -> None:
+    trace = FIXTURES / "smmuv3-every-opcode.jsonl"
+    async with running(tmp_path) as server:
+        with capture_logs() as logs:
+            plain = await replay(trace, server.socket_path)
+            given = await replay(trace, server.socket_path, guest_memory=4 << 30)
+    assert given.exit_code == plain.exit_code == 0, given.error
+    assert given.report is not None
+    assert plain.report is not None
+    assert given.report["commands"] == plain.report["commands"]
+    events = [e for e in logs if e["event"] == "resources_given"]
+    assert [(e["frame_type"], e["fds"]) for e in events] == [("MEMORY", 1)]
+
+
+async def test_replay_guest_memory_needs_a_unix_socket(tmp_path: Path) -> None:
+    trace = FIXTURES / "smmuv3-every-opcode.jsonl"
+    async with running(tmp_path, tcp=[loopback()], token=TOKEN) as server:
+        target = f"tcp://{server.tcp_addresses[0]}"
+        result = await replay(trace, target, token=TOKEN, guest_memory=1 << 20)
+    assert result.exit_code != 0
+    assert result.error is not None
+    assert "not a Unix socket" in result.error
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("4096", 4096), ("4G", 4 << 30), ("512m", 512 << 20), ("1T", 1 << 40), ("8K", 8192)],
+)
+def test_guest_memory_sizes(text: str, size: int) -> None:
+    assert cli._size(text) == size
+
+
+@pytest.mark.parametrize("text", ["100", "0", "-4K", "4X", "", "G", "1.5G"])
+def test_bad_guest_memory_sizes(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="multiple of 4096"):
+        cli._size(text)
