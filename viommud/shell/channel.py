@@ -40,15 +40,21 @@ class UnixChannel:
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[Chunk] | None = None
-        self._watching = False  # our reader is registered (removed when nobody waits)
+        self._watching = False  # our reader is registered (removed when a chunk waits)
+        self._ahead: Chunk | OSError | None = None  # read while nobody waited
         self._out = bytearray()  # written, not yet taken by the kernel
         self._closed = False
 
     async def read(self) -> Chunk:
-        """One recvmsg's worth. While a read waits, the loop's reader callback does the
-        recvmsg itself (as asyncio's transports do: no second trip through the selector);
-        a callback that finds nobody waiting stops watching the socket, and the next read
-        tries the socket first."""
+        """One recvmsg's worth. The loop's reader callback does the recvmsg itself (as
+        asyncio's transports do: no second trip through the selector per wakeup); when
+        nobody waits it keeps one chunk aside and stops watching the socket until that chunk
+        is taken (a client that sends while its replies drain is read one chunk ahead)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if isinstance(ahead, OSError):
+                raise ahead
+            return ahead
         if not self._watching:
             try:
                 return self._recv()
@@ -59,6 +65,11 @@ class UnixChannel:
         self._waiter = waiter
         try:
             return await waiter
+        except asyncio.CancelledError:  # a deadline: what the callback read is kept
+            if waiter.done() and not waiter.cancelled():
+                exc = waiter.exception()
+                self._ahead = exc if isinstance(exc, OSError) else waiter.result()
+            raise
         finally:
             self._waiter = None
 
@@ -70,18 +81,23 @@ class UnixChannel:
 
     def _ready(self) -> None:
         waiter = self._waiter
-        if waiter is None or waiter.done():  # nobody reads now: stop watching until then
+        idle = waiter is None or waiter.done()
+        if idle and self._ahead is not None:  # a chunk waits already: stop watching
             self._loop.remove_reader(self._fd)
             self._watching = False
             return
         try:
-            chunk = self._recv()
+            chunk: Chunk | OSError = self._recv()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            waiter.set_exception(exc)
-            return
-        waiter.set_result(chunk)
+            chunk = exc
+        if idle or waiter is None:
+            self._ahead = chunk
+        elif isinstance(chunk, OSError):
+            waiter.set_exception(chunk)
+        else:
+            waiter.set_result(chunk)
 
     def write(self, data: bytes) -> None:
         if self._out:
@@ -125,6 +141,9 @@ class UnixChannel:
             self._loop.remove_reader(self._fd)
             self._watching = False
         self._out.clear()
+        ahead, self._ahead = self._ahead, None
+        if isinstance(ahead, tuple):
+            close_all(ahead[1])
         self.sock.close()
 
     async def wait_closed(self) -> None:
