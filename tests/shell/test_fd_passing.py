@@ -22,6 +22,7 @@ from viommud import wire
 from viommud.guest_memory import RamRegion
 from viommud.shell import channel, cli
 from viommud.shell.client import Client, ClientError, status
+from viommud.shell.passed import MAX_QUEUED_FDS
 from viommud.shell.replay import replay
 from viommud.shell.server import Server
 
@@ -145,6 +146,50 @@ async def test_fds_sent_right_after_hello_survive_the_handoff(
     assert got[1].json() == {"ok": True, "regions": 1, "bytes": 2 * MIB}
     pid = await session_pid(server)
     assert held(memfds, pid) == {memfds.made[0][1]}
+    sock.close()
+    if server.processes:
+        await gone(pid)
+    else:
+        await server.wait_idle()
+        assert held(memfds, pid) == set()
+
+
+@pytest.mark.parametrize("count", [MAX_QUEUED_FDS, MAX_QUEUED_FDS + 1])
+async def test_the_most_fds_a_frame_takes_survive_the_handoff(
+    server: Server, memfds: Memfds, count: int
+) -> None:
+    """HELLO and a MEMORY frame of MAX_QUEUED_FDS regions in one sendmsg: with session
+    processes all of them travel with the socket in one message (at most SCM_MAX_FD, 253).
+    One more is refused in both modes, before any handoff."""
+    base = memfds(count * 4096)
+    fds = [os.dup(base) for _ in range(count)]
+    body = {
+        "regions": [
+            {"gpa": i * 8192, "size": 4096, "fd": i, "offset": i * 4096} for i in range(len(fds))
+        ]
+    }
+    hello = wire.encode_json(FrameType.HELLO, 1, {"protocol": 1, "host": HOST})
+    mem = wire.encode_json(FrameType.MEMORY, 2, body)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(server.socket_path))
+    socket.send_fds(sock, [hello + mem], fds)
+    for fd in [*fds, base]:
+        os.close(fd)
+    got = await asyncio.to_thread(_read_frames, sock, 2)
+    if count > MAX_QUEUED_FDS:
+        assert got[-1].json() == {
+            "error": f"more than {MAX_QUEUED_FDS} file descriptors wait for their frames",
+            "fatal": True,
+        }
+        sock.close()
+        await server.wait_idle()
+        assert held(memfds, os.getpid()) == set()
+        return
+    assert [(f.type, f.seq) for f in got] == [(FrameType.HELLO_OK, 1), (FrameType.RESPONSE, 2)]
+    assert got[1].json() == {"ok": True, "regions": MAX_QUEUED_FDS, "bytes": MAX_QUEUED_FDS * 4096}
+    pid = await session_pid(server)
+    name = memfds.made[0][1]
+    assert sum(t.startswith(f"/memfd:{name} ") for t in fd_names(pid)) == MAX_QUEUED_FDS
     sock.close()
     if server.processes:
         await gone(pid)

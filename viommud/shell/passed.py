@@ -24,8 +24,10 @@ from protocols.frames import FrameType
 from viommud.guest_memory import RamRegion
 from viommud.session import Session
 
-MAX_QUEUED_FDS = 256  # fds received and not yet taken by their frame, per connection
 MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD: the kernel's bound on one sendmsg's fds
+# fds received and not yet taken by their frame, per connection: at a handoff they travel in
+# one message with the client's socket (viommud.shell.sessions.Handed.start)
+MAX_QUEUED_FDS = MAX_FDS_PER_MESSAGE - 1
 
 
 class PassedFdError(ValueError):
