@@ -39,6 +39,8 @@ class FrameType(enum.IntEnum):
     STATUS = 0x06  # JSON: {} or {"token": str}; the daemon's state, no session needed
     STATE_SAVE = 0x08  # empty: ask for the session's state document (docs/state-format.md)
     STATE_LOAD = 0x09  # a state document: rebuild the session from it
+    MEMORY = 0x0A  # JSON {"regions": [{gpa, size, fd, offset}]}, with memfds (SCM_RIGHTS)
+    DEVICES = 0x0B  # JSON {"devices": {name: fd index}}, with VFIO cdev fds (SCM_RIGHTS)
     TEST = 0x0C  # JSON: {"op": ..., ...} raise a host event (serve --testing only)
     HELLO_OK = 0x81  # JSON: {"protocol": 1, "server": str, "backend": str, "host": {...}}
     RESPONSE = 0x82  # JSON: a response (docs/trace-format.md §4), "calls" when asked for

@@ -18,6 +18,7 @@ import structlog
 from protocols.frames import FrameType
 from tests.shell.conftest import replies
 from viommud import wire
+from viommud.shell.channel import StreamChannel
 from viommud.shell.push import EventPush
 from viommud.shell.testframe import Deferred
 
@@ -77,7 +78,7 @@ async def test_a_readable_queue_fd_is_read_and_pushed() -> None:
     rfd, wfd = os.pipe()
     writer, peer = await _pair()
     connection = StubConnection(StubSession(rfd))
-    push = EventPush(connection, writer)  # type: ignore[arg-type]
+    push = EventPush(connection, StreamChannel(asyncio.StreamReader(), writer))  # type: ignore[arg-type]
     try:
         push.sync()
         os.write(wfd, b"\x07\x08")  # two records arrive while the client is idle
@@ -101,7 +102,7 @@ async def test_a_read_that_yields_nothing_does_not_spin_and_close_stops_watching
     rfd, wfd = os.pipe()
     writer, peer = await _pair()
     connection = StubConnection(StubSession(rfd), fail=True)
-    push = EventPush(connection, writer)  # type: ignore[arg-type]
+    push = EventPush(connection, StreamChannel(asyncio.StreamReader(), writer))  # type: ignore[arg-type]
     try:
         push.sync()
         os.write(wfd, b"\x01")  # readable, but the read gives nothing
@@ -125,7 +126,7 @@ async def test_a_closing_connection_or_no_session_gets_no_watch() -> None:
     rfd, wfd = os.pipe()
     writer, peer = await _pair()
     connection = StubConnection(StubSession(rfd), closing=True)
-    push = EventPush(connection, writer)  # type: ignore[arg-type]
+    push = EventPush(connection, StreamChannel(asyncio.StreamReader(), writer))  # type: ignore[arg-type]
     try:
         push.sync()
         os.write(wfd, b"\x01")

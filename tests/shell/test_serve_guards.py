@@ -75,7 +75,9 @@ def test_bind_failures_name_the_path(
     async def denied(*_args: object, **_kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(asyncio, "start_unix_server", denied)
+    # the Unix listener is bound by the loop's create_unix_server (viommud.shell.channel.grab)
+    loop_class = asyncio.unix_events._UnixSelectorEventLoop
+    monkeypatch.setattr(loop_class, "create_unix_server", denied)
     assert main(["serve", "--socket", str(path), "--backend", "emulated"]) == 1
     assert f"cannot serve: [Errno 13] Permission denied: '{path}'" in capsys.readouterr().err
 

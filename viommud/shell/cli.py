@@ -70,6 +70,26 @@ def _positive(text: str) -> int:
     return value
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """A ``--guest-memory`` value: bytes, or a number with K, M, G or T (powers of 1024), a
+    positive multiple of 4096."""
+    number, unit = text.strip(), ""
+    if number and number[-1].upper() in "KMGT":
+        number, unit = number[:-1], number[-1].upper()
+    try:
+        value = int(number) * _SIZE_UNITS[unit]
+    except ValueError:
+        value = 0
+    if value <= 0 or value % 4096:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive size, a multiple of 4096 (e.g. 4G, 512M), got {text!r}"
+        )
+    return value
+
+
 def _seconds(text: str) -> float:
     """A ``--timeout`` value: a positive number of seconds."""
     try:
@@ -294,6 +314,14 @@ def _parser() -> argparse.ArgumentParser:
         help="after N records save the session, load it into a fresh daemon process (with "
         "--socket: a new session of that daemon) and replay the rest there "
         "(docs/state-format.md)",
+    )
+    rep.add_argument(
+        "--guest-memory",
+        type=_size,
+        metavar="SIZE",
+        help="give the session SIZE bytes of guest RAM at guest-physical 0 before the trace "
+        "(a sparse memfd passed in a MEMORY frame, docs/protocol.md §12; e.g. 4G; Unix "
+        "socket only)",
     )
     rep.add_argument(
         "--timeout",
@@ -579,6 +607,7 @@ def _replay(args: argparse.Namespace) -> int:
                         group_commit=args.group_commit,
                         compat=args.compat,
                         migrate_at=args.migrate_at,
+                        guest_memory=args.guest_memory,
                     )
                 )
             else:
@@ -594,6 +623,7 @@ def _replay(args: argparse.Namespace) -> int:
                         compat=args.compat,
                         migrate_at=args.migrate_at,
                         fresh_backend=args.backend,
+                        guest_memory=args.guest_memory,
                     )
                 )
     except OSError as exc:

@@ -6,19 +6,34 @@ need the daemon's token, which the client presents in HELLO and STATUS.
 Connecting and the HELLO exchange are bounded in time (``timeout``; the CLI's ``--timeout``),
 so a socket that accepts and never answers — something that is not viommud — is an error
 naming the target, never a hang. Every error names the target.
+
+A VMM passes its guest RAM and its VFIO device fds over the Unix socket (docs/protocol.md
+§12) after HELLO and before its first vIOMMU::
+
+    client = await Client.connect("/run/viommud.sock")
+    await client.hello(host=host)
+    await client.send_memory([RamRegion(gpa=0, size=ram_size, fd=memfd)])
+    await client.send_devices({"0000:01:00.0": vfio_cdev_fd})
+
+Each sends one frame and its fds in one ``sendmsg`` (SCM_RIGHTS) and returns the RESPONSE
+body; a refusal raises ``ClientError`` with the daemon's words (errno name first). The
+caller keeps its own fds (the daemon gets copies) and may close them afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+import os
+import socket
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from protocols.frames import PROTOCOL_VERSION, FrameType
 from viommud import __version__, wire
+from viommud.guest_memory import RamRegion
 from viommud.shell.endpoints import EndpointError, is_tcp, parse_tcp
 
 DEFAULT_TIMEOUT = 10.0  # seconds to connect, and again to get the HELLO answered
@@ -188,10 +203,89 @@ class Client:
             raise ClientError(f"{self.target} refused STATE_LOAD: {_error_of(body)}")
         return body
 
+    async def send_memory(self, regions: Iterable[RamRegion]) -> dict[str, Any]:
+        """MEMORY: the guest RAM layout, each region's fd passed with the frame (one fd per
+        region, also when regions share a file). The RESPONSE body (``regions``, ``bytes``)."""
+        items = list(regions)
+        body = {
+            "regions": [
+                {"gpa": r.gpa, "size": r.size, "fd": i, "offset": r.offset}
+                for i, r in enumerate(items)
+            ]
+        }
+        return await self._give(FrameType.MEMORY, body, [r.fd for r in items])
+
+    async def send_devices(self, devices: Mapping[str, int]) -> dict[str, Any]:
+        """DEVICES: the VFIO cdev fd of each host device (name -> fd), passed with the
+        frame. The RESPONSE body (``devices``)."""
+        names = list(devices)
+        body = {"devices": {name: i for i, name in enumerate(names)}}
+        return await self._give(FrameType.DEVICES, body, [devices[n] for n in names])
+
+    async def _give(self, frame_type: int, body: Any, fds: Sequence[int]) -> dict[str, Any]:
+        seq = self.next_seq()
+        await self.send_fds(wire.encode_json(frame_type, seq, body), fds)
+        reply = await self.receive()
+        answer = _body(reply, self.target)
+        name = FrameType(frame_type).name
+        if reply.type != FrameType.RESPONSE or not isinstance(answer, dict):
+            raise ClientError(f"{self.target} refused {name}: {_error_of(answer)}")
+        return answer
+
+    async def send_fds(self, frame: bytes, fds: Sequence[int]) -> None:
+        """Send ``frame`` (whole) with ``fds`` in one sendmsg, after every byte written
+        before it; the daemon reads the fds as the frame's (docs/protocol.md §12)."""
+        transport = self._writer.transport
+        sock = self._writer.get_extra_info("socket")
+        if sock is None or sock.family != socket.AF_UNIX:
+            raise ClientError(f"cannot pass file descriptors to {self.target}: not a Unix socket")
+        if transport.get_write_buffer_size():  # let what was written before go first
+            transport.set_write_buffer_limits(high=0)
+            try:
+                await self.drain()
+            finally:
+                transport.set_write_buffer_limits()
+        loop = asyncio.get_running_loop()
+        own = socket.socket(fileno=os.dup(sock.fileno()))  # non-blocking, like the transport's
+        try:
+            await _sendmsg_all(loop, own, frame, list(fds))
+        except OSError as exc:
+            raise ClientError(f"cannot pass file descriptors to {self.target}: {exc}") from None
+        finally:
+            own.close()
+
     async def close(self) -> None:
         self._writer.close()
         with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
+
+
+async def _sendmsg_all(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes, fds: list[int]
+) -> None:
+    """``data`` with ``fds`` (SCM_RIGHTS, attached to its first byte) on non-blocking
+    ``sock``, waiting for room as needed."""
+    view = memoryview(data)
+    while view:
+        try:
+            if fds:
+                sent = socket.send_fds(sock, [view], fds)
+                fds = []
+            else:
+                sent = sock.send(view)
+            view = view[sent:]
+        except (BlockingIOError, InterruptedError):
+            room: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(sock.fileno(), _wake, room)
+            try:
+                await room
+            finally:
+                loop.remove_writer(sock.fileno())
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _error_of(body: Any) -> Any:

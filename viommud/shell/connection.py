@@ -9,7 +9,7 @@ owns the socket; tests and the stored-output check drive a ``Connection`` direct
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from protocols.frames import PROTOCOL_VERSION, FrameType
@@ -26,6 +26,7 @@ from viommud.shell.claims import Claims, busy_message
 from viommud.shell.endpoints import token_matches
 from viommud.shell.limits import MAX_HELLO_FRAME, Limits
 from viommud.shell.logs import SessionLogger, clip
+from viommud.shell.passed import FdQueue, close_all, give
 from viommud.shell.progress import Progress
 from viommud.shell.replies import encode_doorbell, encode_error, encode_response
 from viommud.shell.statedir import StateDir, StateDirError
@@ -118,15 +119,28 @@ class Connection:
         self.testing = testing
         # TEST frames with a delay: events to raise later, taken by the byte pump
         self.deferred: list[testframe.Deferred] = []
+        # fds passed with frames (SCM_RIGHTS, docs/protocol.md §12): those waiting for their
+        # frame, the bytes received so far (their positions), those of the frame at hand
+        self._fds = FdQueue()
+        self.received = 0
+        self._passed: list[int] = []
+        self.handed_fds: list[tuple[int, list[int]]] = []  # with handed_off: positions in it
 
-    def receive(self, data: bytes) -> bytes:
-        """Feed bytes from the peer; returns the reply bytes to send."""
+    def receive(self, data: bytes, fds: Sequence[int] = (), *, truncated: bool = False) -> bytes:
+        """Feed bytes from the peer; returns the reply bytes to send. ``fds``: the file
+        descriptors that came with ``data`` (one recvmsg; the Connection owns them now);
+        ``truncated``: the kernel dropped some (MSG_CTRUNC)."""
         self.decoder.receive_data(data)
+        self.received += len(data)
         out: list[bytes] = []
+        if fds or truncated:
+            out += self._queue_fds(fds, truncated)
         while not self.closing:
             if self.group_commit:  # a run of doorbells waiting together: answered together
                 run = self.decoder.take_guest_data(FrameType.CMDS)
                 if run:
+                    if self._fds.count:  # a doorbell takes no fds
+                        self._drop_fds(self._take_fds(), FrameType.CMDS)
                     self.frames += len(run)
                     out.append(self._group(run))
                     out += self._events()
@@ -142,10 +156,10 @@ class Connection:
                 break
             if frame.type in _GUEST_FRAMES:
                 self.frames += 1
+            if self._fds.count:
+                self._passed = self._take_fds()
             try:
                 out.append(self._dispatch(frame))
-                if self.handed_off is not None:
-                    break
             except _Fatal as exc:
                 self.log.warning("protocol_error", error=clip(str(exc), 512), seq=frame.seq)
                 out.append(encode_error(frame.seq, str(exc), fatal=True))
@@ -155,6 +169,10 @@ class Connection:
             except Exception as exc:  # a bug must not take the daemon or other clients down
                 self.log.exception("internal_error", seq=frame.seq, frame_type=frame.type)
                 out.append(encode_error(frame.seq, f"internal error: {exc!r}", fatal=False))
+            if self._passed:  # fds that came with a frame that takes none (or refused)
+                self._drop_fds(self._passed, frame.type)
+            if self.handed_off is not None:
+                break
             if not self.closing and self.handed_off is None:
                 out += self._events()
         if self.frames != self._stored and self.session_token is not None:
@@ -164,6 +182,57 @@ class Connection:
             if self.progress.due():
                 self.log.info("session_progress", **_progress_keys(self.progress))
         return b"".join(out)
+
+    # -- passed fds (docs/protocol.md §12) --------------------------------------------
+    def _queue_fds(self, fds: Sequence[int], truncated: bool) -> list[bytes]:
+        """Queue the fds of one recvmsg; a fatal ERROR when some were lost or too many wait."""
+        if self.closing:
+            close_all(fds)
+            return []
+        if truncated:
+            close_all(fds)
+            why = "file descriptors lost: more came with one message than the daemon takes"
+        elif not self._fds.add(self.received - 1, fds):
+            why = f"more than {self._fds.limit} file descriptors wait for their frames"
+        else:
+            return []
+        self._fds.close()
+        self.log.warning("protocol_error", error=why)
+        self.closing = True
+        return [encode_error(0, why, fatal=True)]
+
+    def _take_fds(self) -> list[int]:
+        """The fds of the frame just taken from the decoder (it ends where the buffer starts)."""
+        return self._fds.take(self.received - self.decoder.buffered)
+
+    def _drop_fds(self, fds: list[int], frame_type: int) -> None:
+        close_all(fds)
+        self._passed = []
+        self.log.warning("fds_closed", count=len(fds), frame_type=f"0x{frame_type:02x}")
+
+    def _give(self, frame: wire.Frame, session: Session) -> bytes:
+        """MEMORY / DEVICES: the fds that came with the frame, to the session's resources."""
+        fds, self._passed = self._passed, []
+        name = FrameType(frame.type).name
+        if self.transport != "unix":
+            close_all(fds)
+            why = f"EOPNOTSUPP: {name} needs the Unix socket (fds cannot cross TCP)"
+            return encode_error(frame.seq, why, fatal=False)
+        try:
+            body = give(
+                frame.type,
+                session,
+                frame.json(max_depth=wire.MAX_JSON_DEPTH),
+                fds,
+                attached=set(self._attached.values()),
+            )
+        except (ValueError, wire.WireError) as exc:  # GuestResourceError, PassedFdError, JSON
+            close_all(fds)  # what the refusal has not closed yet
+            self.log.warning("resources_refused", frame_type=name, error=clip(str(exc), 512))
+            text = str(exc) if not isinstance(exc, wire.WireError) else f"EINVAL: {name}: {exc}"
+            return encode_error(frame.seq, text, fatal=False)
+        self.log.info("resources_given", frame_type=name, fds=len(fds))
+        return wire.encode_json(FrameType.RESPONSE, frame.seq, body)
 
     def _group(self, run: list[tuple[int, str, bytes]]) -> bytes:
         """Group commit: the CMDS frames that were waiting together, answered in order after
@@ -319,6 +388,8 @@ class Connection:
             return self._state(frame, session)
         if kind == FrameType.TEST:
             return self._test(frame, session)
+        if kind in (FrameType.MEMORY, FrameType.DEVICES):
+            return self._give(frame, session)
         raise _Fatal(f"frame type 0x{kind:02x} is not a request")
 
     def _hello(self, frame: wire.Frame) -> bytes:
@@ -359,6 +430,9 @@ class Connection:
             self.handed_off = (
                 wire.encode(frame.type, frame.seq, frame.payload) + self.decoder.pending()
             )
+            # fds queued for the frames after HELLO go along, placed in handed_off
+            start = self.received - len(self.handed_off)
+            self.handed_fds = self._fds.export(start)
             return b""
         backend = self.factory(host)
         reply["backend"] = backend.name
@@ -651,6 +725,9 @@ class Connection:
 
     def close(self) -> dict[str, Any] | None:
         """End the session (freeing its backend objects); returns its final totals."""
+        self._fds.close()
+        close_all(self._passed)
+        self._passed = []
         for device in list(self._held):
             if self.claims is not None:
                 self.claims.release(device)

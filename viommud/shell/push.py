@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+from viommud.shell.channel import Channel
 from viommud.shell.connection import Connection
 from viommud.shell.testframe import Deferred
 
@@ -35,9 +36,9 @@ HIGH_WATER = 1 << 20  # bytes waiting in the transport above which nothing is pu
 class EventPush:
     """Push of one connection's host events; ``sync`` after every chunk, ``close`` at end."""
 
-    def __init__(self, connection: Connection, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, connection: Connection, channel: Channel) -> None:
         self.connection = connection
-        self.writer = writer
+        self.channel = channel
         self.loop = asyncio.get_running_loop()
         self._backend: Any = None  # the backend whose notifier points here
         self._fds: set[int] = set()  # fds with a reader on this loop
@@ -109,16 +110,16 @@ class EventPush:
     def _flush(self) -> None:
         self._scheduled = False
         from_reader, self._reader_woke = self._reader_woke, False
-        writer, connection = self.writer, self.connection
-        if writer.is_closing() or connection.session is None:
+        channel, connection = self.channel, self.connection
+        if channel.is_closing() or connection.session is None:
             return
-        buffered = writer.transport.get_write_buffer_size()
+        buffered = channel.buffered()
         if buffered > HIGH_WATER:
             connection.log.info("event_push_paused", buffered=buffered)
             return  # the records wait in their queues; the next reply takes them
         out = connection.push_events()
         if out:
-            writer.write(out)
+            channel.write(out)
             self.pushed += len(out)
         if from_reader and out:
             self.sync()  # watch the fds again; after a read that gave nothing (a failed

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ from typing import IO, Any, Protocol
 from protocols.frames import FrameType
 from viommud import wire
 from viommud.backend.select import emulated_backend
+from viommud.guest_memory import RamRegion
 from viommud.shell.client import Client, ClientError
 from viommud.shell.connection import BackendFactory
 from viommud.shell.server import Server
@@ -92,8 +94,13 @@ async def replay(
     compat: str | None = None,
     migrate_at: int | None = None,
     migrate_to: Callable[[], Awaitable[Client]] | None = None,
+    guest_memory: int | None = None,
 ) -> ReplayResult:
     """Replay ``trace`` on the daemon listening at ``socket_path``.
+
+    With ``guest_memory`` (bytes, a multiple of 4096) the session first gets a sparse memfd
+    of that size as guest RAM at guest-physical 0 (a MEMORY frame, docs/protocol.md §12;
+    a Unix socket only), as a VMM would pass its own.
 
     With ``migrate_at`` N, after the first N records the session is saved (STATE_SAVE),
     loaded into a new session (STATE_LOAD) on the daemon ``migrate_to`` connects to (by
@@ -133,6 +140,7 @@ async def replay(
             compat=compat,
             migrate_at=migrate_at,
             migrate_to=migrate_to or (lambda: Client.connect(socket_path, token=token)),
+            guest_memory=guest_memory,
         )
     except ClientError as exc:
         return ReplayResult(EXIT_REFUSED, None, f"{header.name}: {exc}")
@@ -156,6 +164,7 @@ async def _run(
     compat: str | None = None,
     migrate_at: int | None = None,
     migrate_to: Callable[[], Awaitable[Client]] | None = None,
+    guest_memory: int | None = None,
 ) -> ReplayResult:
     header = reader.header
     extra = {"compat": compat} if compat is not None else {}
@@ -172,6 +181,9 @@ async def _run(
     if migrate_at is not None:
         hello["state"] = True  # the session keeps what STATE_SAVE needs
     await client.hello(**hello)
+    if guest_memory is not None:
+        hello["guest_memory"] = guest_memory  # _migrate gives the new session the same
+        await send_guest_memory(client, guest_memory)
     moved: list[Client] = []  # the client of the session the state moved to
     started = time.perf_counter()
     lines: dict[int, int] = {}  # seq -> trace line
@@ -279,6 +291,17 @@ async def _run(
     return ReplayResult(EXIT_MISSED if report["verify"]["missed"] else EXIT_OK, report)
 
 
+async def send_guest_memory(client: Client, size: int) -> None:
+    """``size`` bytes of guest RAM at guest-physical 0: a sparse memfd, passed in a MEMORY
+    frame (the daemon keeps its own copy of the fd; ours is closed)."""
+    fd = os.memfd_create("viommud-guest-ram", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        await client.send_memory([RamRegion(0, size, fd)])
+    finally:
+        os.close(fd)
+
+
 async def _migrate(
     client: Client,
     migrate_to: Callable[[], Awaitable[Client]],
@@ -292,7 +315,10 @@ async def _migrate(
     document = await client.state_save()
     target = await migrate_to()
     moved.append(target)
-    await target.hello(**hello)
+    guest_memory = hello.get("guest_memory")
+    await target.hello(**{k: v for k, v in hello.items() if k != "guest_memory"})
+    if guest_memory is not None:
+        await send_guest_memory(target, guest_memory)
     loaded = await target.state_load(document)
     await client.close()  # the source session ends: its vIOMMUs live on in the target
     if calls is not None and loaded.get("calls"):
@@ -458,6 +484,7 @@ async def replay_embedded(
     compat: str | None = None,
     migrate_at: int | None = None,
     fresh_backend: str = "emulated",
+    guest_memory: int | None = None,
 ) -> ReplayResult:
     """Start a daemon on a temporary Unix socket in this process and replay through it.
 
@@ -490,6 +517,7 @@ async def replay_embedded(
                     compat=compat,
                     migrate_at=migrate_at,
                     migrate_to=migrate_to,
+                    guest_memory=guest_memory,
                 )
             finally:
                 stop.set()

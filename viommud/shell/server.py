@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import itertools
 import os
 import signal
@@ -30,7 +29,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -39,17 +38,19 @@ from viommud import __version__
 from viommud.backend.select import emulated_backend
 from viommud.host import HostConfig
 from viommud.shell import logs
+from viommud.shell.channel import Channel, StreamChannel, grab
 from viommud.shell.claims import Registry
 from viommud.shell.connection import BackendFactory, Connection
 from viommud.shell.endpoints import TcpAddress, bind_tcp
 from viommud.shell.limits import Limits
 from viommud.shell.logs import clip
+from viommud.shell.passed import close_all
 from viommud.shell.progress import merged
 from viommud.shell.replies import encode_error
 from viommud.shell.sessions import Handed, Spawner
 from viommud.shell.statedir import StateDir
 from viommud.shell.status import Snapshot, Totals, backend_objects, count_kinds
-from viommud.shell.stream import SHUTTING_DOWN, forget_error, pump
+from viommud.shell.stream import SHUTTING_DOWN, pump
 from viommud.shell.systemd import ListenSocket
 
 if TYPE_CHECKING:
@@ -204,8 +205,8 @@ class Server:
                 path.unlink(missing_ok=True)  # a stale socket from a previous run
             old_umask = os.umask(0o177)
             try:
-                server = await asyncio.start_unix_server(
-                    self._accept, path=str(path), backlog=self.limits.backlog
+                server = await asyncio.get_running_loop().create_unix_server(
+                    self._unix_protocol, path=str(path), backlog=self.limits.backlog
                 )
             finally:
                 os.umask(old_umask)
@@ -241,9 +242,7 @@ class Server:
             sock = await asyncio.to_thread(netlink.tcp_listener, address, self.netns)
         try:
             server = await asyncio.start_server(
-                functools.partial(self._accept, transport="tcp"),
-                sock=sock,
-                backlog=self.limits.backlog,
+                self._accept_tcp, sock=sock, backlog=self.limits.backlog
             )
         except OSError:
             sock.close()
@@ -256,12 +255,11 @@ class Server:
     async def _serve_activated(self, listen: ListenSocket) -> None:
         sock = listen.sock
         if listen.is_unix:
-            server = await asyncio.start_unix_server(self._accept, sock=sock)
+            loop = asyncio.get_running_loop()
+            server = await loop.create_unix_server(self._unix_protocol, sock=sock)
             kind = "unix"
         else:
-            server = await asyncio.start_server(
-                functools.partial(self._accept, transport="tcp"), sock=sock
-            )
+            server = await asyncio.start_server(self._accept_tcp, sock=sock)
             kind = "tcp"
         self._servers.append(server)
         bound = _sockname(sock)
@@ -436,28 +434,33 @@ class Server:
         """Return once no client is connected (their sessions are closed by then)."""
         await self._idle.wait()
 
-    async def _accept(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, transport: str = "unix"
-    ) -> None:
+    def _unix_protocol(self) -> asyncio.Protocol:
+        """A Unix client's socket, taken from asyncio before it reads: fds may come with
+        the bytes (viommud.shell.channel)."""
+        return grab(self._accept)
+
+    async def _accept_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._accept(StreamChannel(reader, writer), "tcp")
+
+    async def _accept(self, channel: Channel, transport: str = "unix") -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         client_id = next(self._ids)
         log = self.log.bind(client=client_id)
-        peer = _peername(writer) if transport == "tcp" else ""
-        cred = _peercred(writer) if transport == "unix" else None
+        peer = _peername(channel.sock) if transport == "tcp" else ""
+        cred = _peercred(channel.sock) if transport == "unix" else None
         if cred is not None:
             log = log.bind(peer_uid=cred["uid"], peer_gid=cred["gid"], peer_pid=cred["pid"])
         refusal = self._refusal(cred)
         if refusal is not None:
             log.warning("client_refused", transport=transport, peer=peer, reason=refusal)
             with contextlib.suppress(ConnectionError):
-                writer.write(encode_error(0, refusal, fatal=True))
-                await writer.drain()
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
+                channel.write(encode_error(0, refusal, fatal=True))
+                await channel.drain()
+            channel.close()
+            await channel.wait_closed()
             return
         connection = Connection(
             client_id,
@@ -480,9 +483,9 @@ class Server:
         log.info("client_connected", transport=transport, peer=peer)
         handed: Handed | None = None
         try:
-            ended = await pump(reader, writer, connection, self.limits, stopping=self._stop_asked)
+            ended = await pump(channel, connection, self.limits, stopping=self._stop_asked)
             if ended == "handoff":
-                handed = await self._hand_over(connection, reader, writer, cred)
+                handed = await self._hand_over(connection, channel, cred)
         except (ConnectionResetError, BrokenPipeError) as exc:
             connection.log.info("client_lost", error=str(exc))
         except asyncio.CancelledError:
@@ -508,12 +511,11 @@ class Server:
             self.clients -= 1
             if not self.clients:
                 self._idle.set()
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
+            channel.close()
+            await channel.wait_closed()
             connection.log.info("client_disconnected")  # with the session's vm, if it had one
-            forget_error(reader)  # nothing of this connection may outlive it
-            del connection, reader, writer
+            channel.forget()  # nothing of this connection may outlive it
+            del connection, channel
 
     def _stop_asked(self) -> bool:
         return self._stopping
@@ -532,22 +534,19 @@ class Server:
         return None
 
     async def _hand_over(
-        self,
-        connection: Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        cred: dict[str, int] | None,
+        self, connection: Connection, channel: Channel, cred: dict[str, int] | None
     ) -> Handed:
-        """Pass the client's socket and what was read of it to a session process; follow
-        that process until it ends (the caller's ``finally`` closes the listener's side)."""
+        """Pass the client's socket, what was read of it and the fds it passed that wait for
+        their frames to a session process; follow that process until it ends (the caller's
+        ``finally`` closes the listener's side)."""
         assert self._spawner is not None
         assert connection.handed_off is not None
-        transport = cast("asyncio.Transport", writer.transport)
-        transport.pause_reading()
-        # What the stream read past the HELLO and has not handed out yet goes along.
-        leftover = bytes(getattr(reader, "_buffer", b""))
-        sock = writer.get_extra_info("socket")
-        fd = os.dup(sock.fileno())
+        passed, connection.handed_fds = connection.handed_fds, []
+        try:
+            fd, leftover = channel.detach()
+        except BaseException:
+            close_all(fd for _, batch in passed for fd in batch)
+            raise
         client_id = connection.client_id
         vm = clip(connection.vm)
         who = f"client {client_id}" + (f", vm {vm!r}" if vm else "")
@@ -555,6 +554,7 @@ class Server:
             spare = await self._spawner.take()
         except BaseException:
             os.close(fd)
+            close_all(fd for _, batch in passed for fd in batch)
             raise
         handed = Handed(spare, client_id, fd, self.registry, who=who, log=connection.log)
         self._handed[client_id] = handed
@@ -573,13 +573,12 @@ class Server:
             "testing": self.testing,
         }
         try:
-            handed.start(setup, connection.handed_off + leftover)
+            handed.start(setup, connection.handed_off + leftover, passed)
         except OSError as exc:  # the spare died before it got its session
             handed.kill()
             handed.finish(f"could not start a session process: {exc}")
             raise
         connection.log.info("session_handed_over", pid=handed.pid)
-        transport.abort()  # the listener's transport only; the socket lives on in both copies
         await self._follow(handed)
         return handed
 
@@ -643,8 +642,11 @@ def _sockname(sock: socket.socket) -> str:
     return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
 
-def _peername(writer: asyncio.StreamWriter) -> str:
-    name = writer.get_extra_info("peername")
+def _peername(sock: Any) -> str:
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return ""
     if isinstance(name, tuple) and len(name) >= 2:
         return str(TcpAddress(str(name[0]), int(name[1])))
     return ""
@@ -653,9 +655,8 @@ def _peername(writer: asyncio.StreamWriter) -> str:
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def _peercred(writer: asyncio.StreamWriter) -> dict[str, int] | None:
+def _peercred(sock: Any) -> dict[str, int] | None:
     """pid, uid and gid of a Unix socket's peer (SO_PEERCRED), when the kernel tells."""
-    sock = writer.get_extra_info("socket")
     if sock is None or getattr(socket, "SO_PEERCRED", None) is None:
         return None
     try:

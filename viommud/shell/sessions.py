@@ -16,9 +16,11 @@ import json
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from viommud.shell.claims import Registry
+from viommud.shell.passed import close_all
 from viommud.shell.progress import Histogram
 from viommud.shell.replies import encode_error
 
@@ -113,11 +115,24 @@ class Handed:
     def pid(self) -> int:
         return self.process.pid
 
-    def start(self, setup: dict[str, Any], data: bytes) -> None:
-        setup = {**setup, "data": base64.b64encode(data).decode()}
+    def start(
+        self, setup: dict[str, Any], data: bytes, passed: Sequence[tuple[int, list[int]]] = ()
+    ) -> None:
+        """Send the setup, the client's socket and the fds the client passed that wait for
+        their frames (``passed``: batches placed in ``data``); the listener's copies of
+        those fds are closed, whether they went or not."""
+        fds = [fd for _, batch in passed for fd in batch]
+        setup = {
+            **setup,
+            "data": base64.b64encode(data).decode(),
+            "fds": [[position, len(batch)] for position, batch in passed],
+        }
         line = json.dumps(setup, separators=(",", ":")).encode() + b"\n"
-        self.control.setblocking(True)
-        socket.send_fds(self.control, [line[:4096]], [self.fd])
+        try:
+            self.control.setblocking(True)
+            socket.send_fds(self.control, [line[:4096]], [self.fd, *fds])
+        finally:
+            close_all(fds)
         if len(line) > 4096:
             self.control.sendall(line[4096:])
 

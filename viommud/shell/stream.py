@@ -1,9 +1,10 @@
 """One connection's byte pump: socket -> ``Connection`` -> socket, with its deadlines.
 
 Shared by the in-process server and the session processes (viommud.shell.worker). The pump
-reads a chunk, lets the sans-I/O ``Connection`` answer every whole frame in it, writes the
-replies and waits for them to drain before reading again, so a client that does not read
-its replies stops being read (its buffered bytes stay bounded by one chunk's replies).
+reads a chunk (on a Unix socket with the fds that came with it: viommud.shell.channel), lets
+the sans-I/O ``Connection`` answer every whole frame in it, writes the replies and waits for
+them to drain before reading again, so a client that does not read its replies stops being
+read (its buffered bytes stay bounded by one chunk's replies).
 
 Deadlines (docs/operations.md §10): a connection has ``handshake_timeout`` seconds to get a
 HELLO accepted, a session may stay silent ``idle_timeout`` seconds (0: forever); either ends
@@ -16,19 +17,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from viommud.shell.channel import Channel
 from viommud.shell.connection import Connection
 from viommud.shell.limits import Limits
 from viommud.shell.push import EventPush
 from viommud.shell.replies import encode_error
 
-READ_CHUNK = 256 * 1024
 SHUTTING_DOWN = "shutting down"
 QUIET = 0.05  # seconds without input after which a stopping session is told goodbye
 
 
 async def pump(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    channel: Channel,
     connection: Connection,
     limits: Limits,
     *,
@@ -40,7 +40,7 @@ async def pump(
     ``timeout`` or ``shutdown``. ``tick`` is called after every chunk."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    events = EventPush(connection, writer)  # host events pushed between replies
+    events = EventPush(connection, channel)  # host events pushed between replies
     events.sync()
     try:
         while True:
@@ -50,25 +50,28 @@ async def pump(
                 return "handoff"
             limit, why = _deadline(connection, limits, started, loop.time())
             if limit is None:
-                data = await reader.read(READ_CHUNK)
+                data, fds, lost = await channel.read()
             else:
                 try:
                     async with asyncio.timeout(max(limit, 0.0)):
-                        data = await reader.read(READ_CHUNK)
+                        data, fds, lost = await channel.read()
                 except TimeoutError:
                     connection.log.info("client_timed_out", reason=why)
                     events.close()  # nothing after the last word
-                    writer.write(encode_error(0, why, fatal=True))
-                    await writer.drain()
+                    channel.write(encode_error(0, why, fatal=True))
+                    await channel.drain()
                     return "timeout"
-            out = connection.receive(data)
+            if fds or lost:
+                out = connection.receive(data, fds, truncated=lost)
+            else:
+                out = connection.receive(data)
             if tick is not None:
                 tick()
             if out:
-                writer.write(out)
+                channel.write(out)
             events.sync()
             if out:
-                await writer.drain()
+                await channel.drain()
             if not data:
                 return "eof"
     except asyncio.CancelledError:
@@ -77,7 +80,7 @@ async def pump(
             raise
         task.uncancel()  # this cancel asked for a goodbye; a second one ends it at once
         events.close()
-        await _goodbye(reader, writer, connection)
+        await _goodbye(channel, connection)
         return "shutdown"
     finally:
         events.close()
@@ -95,38 +98,21 @@ def _deadline(
     return None, ""
 
 
-async def _goodbye(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: Connection
-) -> None:
+async def _goodbye(channel: Channel, connection: Connection) -> None:
     """Answer what the client already sent (until it is quiet for ``QUIET`` seconds), then
     send the fatal ERROR ``shutting down``."""
     while not connection.closing:
         try:
             async with asyncio.timeout(QUIET):
-                data = await reader.read(READ_CHUNK)
+                data, fds, lost = await channel.read()
         except TimeoutError:
             break
-        out = connection.receive(data)
+        out = connection.receive(data, fds, truncated=lost)
         if out:
-            writer.write(out)
-            await writer.drain()
+            channel.write(out)
+            await channel.drain()
         if not data:
             return
     if not connection.closing:
-        writer.write(encode_error(0, SHUTTING_DOWN, fatal=True))
-        await writer.drain()
-
-
-def forget_error(reader: asyncio.StreamReader) -> None:
-    """Drop the traceback of the error that ended the connection (a reset, a broken pipe).
-
-    The stream keeps that exception, its traceback keeps the frames that were writing
-    (``pump``'s among them), and those frames keep the stream and the ``Connection``: a
-    cycle only the cycle collector would free, holding a closed session's memory until then.
-    """
-    exc: BaseException | None = reader.exception()
-    seen = 0
-    while exc is not None and seen < 8:
-        exc.__traceback__ = None
-        exc = exc.__context__ or exc.__cause__
-        seen += 1
+        channel.write(encode_error(0, SHUTTING_DOWN, fatal=True))
+        await channel.drain()

@@ -8,8 +8,10 @@ its end, then exits. A stalled, huge or crashing session thus only ever holds it
 process (the PostgreSQL backend-per-connection model), and sessions use every core.
 
 The socketpair stays open as the control link, one JSON object per line. The listener
-sends the setup first (with the client's fd: ``client``, ``transport``, ``peer``, ``cred``,
-``data`` in base64, ``backend``, ``host``, ``limits``, ``log``); the session then sends
+sends the setup first (with the client's fd, then the fds the client passed that wait for
+their frames: ``client``, ``transport``, ``peer``, ``cred``, ``data`` in base64, ``fds``
+(``[[position in data, count], ...]``, docs/protocol.md §12), ``backend``, ``host``,
+``limits``, ``log``); the session then sends
 ``{"claim": DEVICE}`` (answered ``{"holder": null}`` or who holds the device),
 ``{"release": DEVICE}``, ``{"status": ..., "latency": ...}`` (what STATUS and the metrics
 show of it, at most once a second) and, just before exiting, ``{"end": REPORT, ...}``.
@@ -35,10 +37,12 @@ from typing import Any
 from viommud.backend.select import backend_factory, preload
 from viommud.host import HostConfig
 from viommud.shell import logs
+from viommud.shell.channel import Channel, StreamChannel, UnixChannel
 from viommud.shell.connection import Connection
 from viommud.shell.limits import Limits
+from viommud.shell.passed import MAX_QUEUED_FDS, close_all, split
 from viommud.shell.statedir import StateDir
-from viommud.shell.stream import forget_error, pump
+from viommud.shell.stream import pump
 
 SETUP_CHUNK = 1 << 20
 PUSH_INTERVAL = 1.0
@@ -106,24 +110,42 @@ def _latency(connection: Connection) -> dict[str, Any]:
     return {frame: hist.to_json() for frame, hist in connection.progress.latency.items()}
 
 
-def receive_setup(control: socket.socket) -> tuple[dict[str, Any], int, bytes] | None:
-    """The listener's setup message and the client's fd; None when the listener closed the
-    link instead (a spare that is not needed)."""
-    data, fds, _flags, _address = socket.recv_fds(control, SETUP_CHUNK, 1)
+def receive_setup(
+    control: socket.socket,
+) -> tuple[dict[str, Any], list[int], bytes] | None:
+    """The listener's setup message and its fds (the client's socket first, then the fds
+    the client passed); None when the listener closed the link instead (a spare that is
+    not needed)."""
+    data, fds, _flags, _address = socket.recv_fds(control, SETUP_CHUNK, 1 + MAX_QUEUED_FDS)
     if not data:
+        close_all(fds)
         return None
     while b"\n" not in data:
         chunk = control.recv(SETUP_CHUNK)
         if not chunk:
+            close_all(fds)
             return None
         data += chunk
     line, rest = data.split(b"\n", 1)
     if not fds:
         raise RuntimeError("the setup message came without the client's socket")
-    return json.loads(line), fds[0], rest
+    return json.loads(line), fds, rest
 
 
-async def serve(control: socket.socket, fd: int, setup: dict[str, Any], rest: bytes) -> None:
+def _placed(setup: dict[str, Any], passed: list[int]) -> list[tuple[bytes, list[int]]]:
+    """The handed-over bytes cut where the passed fds came with them (Connection.receive
+    calls that put each batch back in its place)."""
+    batches: list[tuple[int, list[int]]] = []
+    at = 0
+    for position, count in setup.get("fds") or []:
+        batches.append((int(position), passed[at : at + int(count)]))
+        at += int(count)
+    close_all(passed[at:])
+    return split(base64.b64decode(setup["data"]), batches)
+
+
+async def serve(control: socket.socket, fds: list[int], setup: dict[str, Any], rest: bytes) -> None:
+    fd, passed = fds[0], fds[1:]
     limits = Limits.from_json(setup["limits"])
     host = HostConfig.from_json(setup["host"]) if setup.get("host") is not None else None
     client_id = int(setup["client"])
@@ -145,7 +167,11 @@ async def serve(control: socket.socket, fd: int, setup: dict[str, Any], rest: by
         testing=bool(setup.get("testing")),
     )
     sock = socket.socket(fileno=fd)
-    reader, writer = await asyncio.open_connection(sock=sock)
+    channel: Channel
+    if setup["transport"] == "unix":
+        channel = UnixChannel(sock)
+    else:
+        channel = StreamChannel(*await asyncio.open_connection(sock=sock))
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     stopping = False
@@ -159,14 +185,13 @@ async def serve(control: socket.socket, fd: int, setup: dict[str, Any], rest: by
     loop.add_signal_handler(signal.SIGTERM, stop)
     pusher = asyncio.create_task(link.keep_pushing(connection))
     try:
-        first = connection.receive(base64.b64decode(setup["data"]))
+        first = b"".join(connection.receive(data, fds) for data, fds in _placed(setup, passed))
         link.push(connection, force=True)
         if first:
-            writer.write(first)
-            await writer.drain()
+            channel.write(first)
+            await channel.drain()
         await pump(
-            reader,
-            writer,
+            channel,
             connection,
             limits,
             stopping=lambda: stopping,
@@ -180,10 +205,9 @@ async def serve(control: socket.socket, fd: int, setup: dict[str, Any], rest: by
         report = connection.close()
         with contextlib.suppress(OSError):
             link.send({"end": report, "latency": _latency(connection)})
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-        forget_error(reader)
+        channel.close()
+        await channel.wait_closed()
+        channel.forget()
 
 
 def main(argv: list[str]) -> int:
@@ -199,7 +223,7 @@ def main(argv: list[str]) -> int:
         return 2
     if got is None:
         return 0
-    setup, fd, rest = got
+    setup, fds, rest = got
     log_options = setup.get("log", {})
     logs.configure(log_options.get("level"), log_options.get("format"))
     loop_factory = None
@@ -208,7 +232,7 @@ def main(argv: list[str]) -> int:
 
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(control, fd, setup, rest))
+        runner.run(serve(control, fds, setup, rest))
     return 0
 
 
