@@ -35,7 +35,7 @@ from viommud.session import Session
 from viommud.topology import TopologyError
 from viommud.trace import DeviceAttach, Record, TraceError, parse_record, record_to_json
 
-__all__ = ["FORMAT", "VERSION", "StateError", "decode", "encode", "load", "save"]
+__all__ = ["FORMAT", "VERSION", "StateError", "decode", "encode", "load", "passed", "save"]
 
 FORMAT = "viommud-state"
 VERSION = 1
@@ -106,6 +106,13 @@ def _resources(doc: dict[str, Any]) -> tuple[list[list[int]], list[str]]:
             "bad state: 'resources' must be {ram: [[gpa, size], ...], devices: [name, ...]}"
         )
     return ram, devices
+
+
+def passed(doc: dict[str, Any]) -> dict[str, Any]:
+    """What a decoded document needs its VMM to pass again before it loads (fds cannot be
+    in a document): ``ram`` ([[gpa, size], ...]) and ``devices``, each only when not empty."""
+    ram, devices = _resources(doc)
+    return {k: v for k, v in (("ram", ram), ("devices", devices)) if v}
 
 
 def save(session: Session, *, frames: int | None = None) -> bytes:

@@ -276,3 +276,40 @@ def test_a_loaded_session_claims_its_devices() -> None:
     target.close()
     other.close()
     assert registry.held() == {}
+
+
+def test_a_load_refused_for_a_busy_device_keeps_the_vmms_ram() -> None:
+    """The rebuild took the guest RAM the VMM passed; refused afterwards (a device another
+    session holds), the RAM goes back to the session, its memfd still open."""
+    import os
+
+    from viommud.guest_memory import RamRegion
+
+    def ram() -> int:
+        fd = os.memfd_create("guest-ram")
+        os.ftruncate(fd, 1 << 21)
+        return fd
+
+    registry, factory = Registry(), Factory()
+    source = _owned(registry, 1, factory)
+    assert source.session is not None
+    source.session.resources.set_memory([RamRegion(0, 1 << 21, ram())])
+    frames = [wire.encode_json(FrameType.RECORD, 2 + i, r) for i, r in enumerate(SETUP)]
+    assert all(f.type != FrameType.ERROR for f in send(source, *frames))
+    (saved,) = send(source, wire.encode(FrameType.STATE_SAVE, 10))
+    source.close()
+    holder = _owned(registry, 2, factory)
+    send(holder, wire.encode_json(FrameType.RECORD, 2, SETUP[0]))
+    send(holder, wire.encode_json(FrameType.RECORD, 3, SETUP[1]))
+    target = _owned(registry, 3, factory)
+    assert target.session is not None
+    fd = ram()
+    target.session.resources.set_memory([RamRegion(0, 1 << 21, fd)])
+    (refused,) = send(target, wire.encode(FrameType.STATE_LOAD, 2, saved.payload))
+    assert "EBUSY" in refused.json()["error"]
+    assert target.session.resources.layout() == [[0, 1 << 21]]
+    os.fstat(fd)  # not closed by the refused rebuild
+    holder.close()
+    (loaded,) = send(target, wire.encode(FrameType.STATE_LOAD, 3, saved.payload))
+    assert loaded.type == FrameType.STATE_LOADED
+    target.close()

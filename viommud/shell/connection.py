@@ -18,6 +18,7 @@ from viommud import __version__, state, wire
 from viommud.backend.base import Backend
 from viommud.backend.calls import BackendCallError
 from viommud.frontends.compat import COMPAT_POLICIES
+from viommud.guest_memory import GuestResources
 from viommud.host import HostConfig, HostConfigError
 from viommud.replies import DoorbellReply
 from viommud.session import RecordRefused, Session
@@ -116,6 +117,9 @@ class Connection:
         self.session_token: str | None = None
         self.frames = 0
         self._stored = 0
+        # serve --state-dir: a resumed session whose VMM had passed guest RAM or device fds
+        # waits for them (MEMORY / DEVICES) and an empty STATE_LOAD: (state, frames)
+        self._pending: tuple[bytes, int] | None = None
         self.testing = testing
         # TEST frames with a delay: events to raise later, taken by the byte pump
         self.deferred: list[testframe.Deferred] = []
@@ -136,7 +140,7 @@ class Connection:
         if fds or truncated:
             out += self._queue_fds(fds, truncated)
         while not self.closing:
-            if self.group_commit:  # a run of doorbells waiting together: answered together
+            if self.group_commit and self._pending is None:  # doorbells waiting together
                 run = self.decoder.take_guest_data(FrameType.CMDS)
                 if run:
                     if self._fds.count:  # a doorbell takes no fds
@@ -154,7 +158,7 @@ class Connection:
                 break
             if frame is None:
                 break
-            if frame.type in _GUEST_FRAMES:
+            if frame.type in _GUEST_FRAMES and self._pending is None:
                 self.frames += 1
             if self._fds.count:
                 self._passed = self._take_fds()
@@ -326,6 +330,8 @@ class Connection:
         session = self.session
         if session is None:
             raise _Fatal("the first frame must be HELLO")
+        if self._pending is not None and kind in _GUEST_FRAMES:
+            return encode_error(frame.seq, _PENDING, fatal=False)
         if kind == FrameType.CMDS:
             started = time.perf_counter()
             calls_before = session.calls.seq
@@ -631,14 +637,17 @@ class Connection:
                 return wire.encode(FrameType.STATE, frame.seq, state.save(session))
             except state.StateError as exc:
                 return encode_error(frame.seq, f"state refused: {exc}", fatal=False)
+        blob, pending = frame.payload, self._pending
+        if not blob and pending is not None:  # the resume that waited for the VMM's fds
+            blob = pending[0]
         try:
-            new = state.load(frame.payload, session, self.factory(session.backend.host))
+            new = state.load(blob, session, self.factory(session.backend.host))
         except state.StateError as exc:
             self.log.warning("state_refused", error=clip(str(exc), 512))
             return encode_error(frame.seq, f"state refused: {exc}", fatal=False)
         refusal = self._adopt(new)
         if refusal is not None:
-            new.close()
+            _give_back(new, session)
             self.log.warning("state_refused", error=clip(refusal, 512))
             return encode_error(frame.seq, f"state refused: {refusal}", fatal=False)
         new.calls.on_error = self._backend_error
@@ -649,6 +658,11 @@ class Connection:
         self.session = new
         session.close()
         self._stored = -1  # a --state-dir file is rewritten with the new session
+        if blob is not frame.payload and pending is not None:
+            self._pending = None
+            self.frames = pending[1]
+            body["frames"] = pending[1]
+            self.log.info("session_resumed", viommus=sorted(new.viommus), frames=pending[1])
         self.log.info("state_loaded", viommus=sorted(new.viommus), records=body["records"])
         return wire.encode_json(FrameType.STATE_LOADED, frame.seq, body)
 
@@ -666,14 +680,26 @@ class Connection:
         out: dict[str, Any] = {"session_token": token}
         if blob is not None:
             try:
+                doc = state.decode(blob)
+                frames = int(doc.get("frames", 0))
+            except (state.StateError, ValueError, TypeError) as exc:
+                state_dir.release(token)
+                raise _Fatal(f"cannot resume: state refused: {exc}") from None
+            needs = state.passed(doc)
+            if needs:  # fds cannot be in a file: the VMM passes them again first
+                self._pending = (blob, frames)
+                self.session_token = token
+                out["resumed"] = {"viommus": doc["viommus"], "frames": frames, "needs": needs}
+                self.log.info("session_resume_pending", frames=frames, needs=sorted(needs))
+                return out  # nothing stored: the file keeps the saved session
+            try:
                 new = state.load(blob, session, self.factory(session.backend.host))
-                frames = int(state.decode(blob).get("frames", 0))
             except (state.StateError, ValueError, TypeError) as exc:
                 state_dir.release(token)
                 raise _Fatal(f"cannot resume: state refused: {exc}") from None
             refusal = self._adopt(new)
             if refusal is not None:
-                new.close()
+                _give_back(new, session)
                 state_dir.release(token)
                 raise _Fatal(f"cannot resume: {refusal}")
             new.calls.on_error = self._backend_error
@@ -779,3 +805,17 @@ def _progress_keys(progress: Progress) -> dict[str, Any]:
         "p50_ms": line["p50_ms"],
         "p99_ms": line["p99_ms"],
     }
+
+
+_PENDING = (
+    "this resumed session waits for the guest RAM and device fds its VMM passed "
+    "(MEMORY / DEVICES) and an empty STATE_LOAD (docs/state-format.md §6)"
+)
+
+
+def _give_back(new: Session, old: Session) -> None:
+    """A rebuilt session refused after ``state.load``: the VMM's memfds and the cdevs it did
+    not use go back to ``old``, then it is closed."""
+    old.use_resources(new.resources)
+    new.use_resources(GuestResources())
+    new.close()
