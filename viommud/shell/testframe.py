@@ -26,12 +26,13 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocols import iommufd as uapi
-from viommud.backend.emulator import testing
-from viommud.backend.emulator.context import IommufdContext
 from viommud.events import DeviceFault
+
+if TYPE_CHECKING:
+    from viommud.backend.emulator.context import IommufdContext
 
 MAX_DELAY_MS = 60_000
 MAX_REPEAT = 4096
@@ -66,6 +67,10 @@ def prepare(body: Any, backend: object) -> tuple[float, Callable[[], dict[str, A
     op = body.get("op")
     if op not in OPS:
         raise TestRefused(f"bad TEST: 'op' must be one of {', '.join(OPS)}")
+    # imported here: a session process loads the emulator only for the backend it serves
+    from viommud.backend.emulator import testing  # noqa: PLC0415
+    from viommud.backend.emulator.context import IommufdContext  # noqa: PLC0415
+
     if not isinstance(backend, IommufdContext):
         raise TestRefused("TEST needs the emulated backend (the real kernel has no such hook)")
     device = body.get("device")
@@ -90,6 +95,8 @@ def prepare(body: Any, backend: object) -> tuple[float, Callable[[], dict[str, A
 def _action(
     op: str, body: dict[str, Any], backend: IommufdContext, device: str
 ) -> Callable[[], dict[str, Any]]:
+    from viommud.backend.emulator import testing  # noqa: PLC0415 - see prepare
+
     if op == "trigger_vevent":
         record = _hex(body, "record", uapi.VeventArmSmmuv3.MIN_SIZE)
         return lambda: _errno(testing.inject_event(backend, device, record))
