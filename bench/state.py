@@ -19,6 +19,9 @@ operator would run it (default settings: a process per session). For each worklo
 * **load**: a second, fresh session on the new daemon takes the saved document with
   STATE_LOAD (request to STATE_LOADED).
 
+The daemons run with ``--max-frame 64 MiB``: a STATE_LOAD carries the whole document, and
+with 10^5 live mappings (~11 MB) it exceeds the default frame limit (8 MiB + 256).
+
 Workloads: the bundled real SMMUv3 trace (``smmuv3-linux61-strict``, whole; its journal stays
 small, the figure is the per-vIOMMU cost) and one virtio-iommu domain with a host device and N
 live one-page mappings (the journal holds one MAP per mapping). The machine is shared and
@@ -56,6 +59,7 @@ IOVA_BASE = 1 << 32
 DEVICE = "0000:01:00.0"
 ENDPOINT = 0x100
 WINDOW = 128  # frames in flight, as the replay client
+LONG = 600.0  # seconds a HELLO (a resume rebuilding 10^5 mappings) or a STATE_LOAD may take
 
 
 def _smmuv3() -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -106,6 +110,9 @@ class Daemon:
     def __init__(self, socket: Path, state_dir: Path) -> None:
         argv = [sys.executable, "-m", "viommud", "serve", "--socket", str(socket)]
         argv += ["--backend", "emulated", "--state-dir", str(state_dir), "--log-level", "error"]
+        # a STATE_LOAD frame carries the whole document: 10^5 mappings exceed the default
+        # --max-frame (8 MiB + 256), so the bench raises it to the codec's 64 MiB
+        argv += ["--max-frame", str(64 << 20)]
         self.socket = socket
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
@@ -163,7 +170,7 @@ async def run_once(host: dict[str, Any], records: list[dict[str, Any]]) -> dict[
         first = Daemon(socket, state_dir)
         try:
             await first.serving()
-            client = await Client.connect(socket)
+            client = await Client.connect(socket, wait=LONG)
             t0 = time.perf_counter()
             hello = await client.hello(host=host)
             first_hello = time.perf_counter() - t0
@@ -179,7 +186,7 @@ async def run_once(host: dict[str, Any], records: list[dict[str, Any]]) -> dict[
         second = Daemon(socket, state_dir)
         try:
             start = await second.serving()
-            client = await Client.connect(socket)
+            client = await Client.connect(socket, wait=LONG)
             t0 = time.perf_counter()
             body = await client.hello(host=host, resume=token)
             resume = time.perf_counter() - t0
@@ -187,7 +194,7 @@ async def run_once(host: dict[str, Any], records: list[dict[str, Any]]) -> dict[
             await client.close()
             if restored["commands"] != totals["commands"]:
                 raise RuntimeError("the resumed session's totals differ")
-            other = await Client.connect(socket)
+            other = await Client.connect(socket, wait=LONG)
             await other.hello(host=host, state=True)
             t0 = time.perf_counter()
             await other.state_load(document)

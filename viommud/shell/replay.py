@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -545,7 +546,8 @@ async def fresh_daemon(socket_path: Path, backend: str = "emulated") -> AsyncIte
     )
     try:
         deadline = time.monotonic() + 60.0
-        while not await asyncio.to_thread(socket_path.exists):
+        # listening, not only bound: the socket file appears before listen(2)
+        while not await asyncio.to_thread(_listening, socket_path):
             if process.returncode is not None or time.monotonic() > deadline:
                 raise ClientError(f"the fresh daemon on {socket_path} did not start")
             await asyncio.sleep(0.05)
@@ -559,6 +561,16 @@ async def fresh_daemon(socket_path: Path, backend: str = "emulated") -> AsyncIte
             except TimeoutError:
                 process.kill()
                 await process.wait()
+
+
+def _listening(path: Path) -> bool:
+    """Whether a daemon accepts connections on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def render_table(report: dict[str, Any]) -> str:
