@@ -14,11 +14,15 @@ KERNEL = "viommud.backend.emulator.kernel"
 
 
 def _loaded_after(backend: str) -> bool:
+    """Whether ``preload(backend)`` (what a spare runs before it waits) loads the emulated
+    kernel. Asked of viommud.backend.select, not of the worker module: the worker also
+    imports the kernel through viommud.shell.connection (its TEST frames, shell.testframe)
+    whatever the backend."""
     code = (
         "import sys\n"
-        "from viommud.shell import worker\n"
+        "from viommud.backend.select import preload\n"
         f"assert {KERNEL!r} not in sys.modules\n"
-        f"worker.preload({backend!r})\n"
+        f"preload({backend!r})\n"
         f"print({KERNEL!r} in sys.modules)\n"
     )
     out = subprocess.run(

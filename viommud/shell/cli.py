@@ -36,6 +36,7 @@ from viommud.shell.endpoints import (
 from viommud.shell.limits import Limits
 from viommud.shell.replay import EXIT_REFUSED, render_table, replay, replay_embedded
 from viommud.shell.server import Server
+from viommud.shell.sessions import default_spares
 from viommud.shell.status import render_table as render_status
 from viommud.trace import TraceError, TraceReader
 
@@ -167,6 +168,19 @@ def _vcpus(text: str) -> int:
     return value
 
 
+def _spares(text: str) -> int:
+    """A ``--spares`` value: spare session processes kept started (>= 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of spare session processes (1 or more), got {text!r}"
+        )
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="viommud", description="VMM-side virtual-IOMMU emulator daemon"
@@ -205,6 +219,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run every session in the daemon's own process (default: one process per "
         "session, so that one session can only slow itself)",
+    )
+    serve.add_argument(
+        "--spares",
+        type=_spares,
+        metavar="N",
+        help="session processes kept started, so that N clients saying HELLO together are "
+        "answered at once (1 or more; default: one per CPU the daemon may use, "
+        f"here {default_spares()}; ignored with --in-process)",
     )
     _limit_options(serve)
     serve.add_argument(
@@ -483,6 +505,7 @@ def _serve(args: argparse.Namespace) -> int:
         watchdog=systemd.watchdog_interval(os.environ, os.getpid()),
         limits=Limits(**{name: getattr(args, name) for name, _, _ in _LIMIT_FLAGS.values()}),
         processes=not args.in_process,
+        spares=args.spares,
         backend=args.backend,
         allow_uids=args.allow_uid,
         group=group,

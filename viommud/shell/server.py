@@ -47,7 +47,7 @@ from viommud.shell.logs import clip
 from viommud.shell.passed import close_all
 from viommud.shell.progress import merged
 from viommud.shell.replies import encode_error
-from viommud.shell.sessions import Handed, Spawner
+from viommud.shell.sessions import Handed, Spawner, default_spares
 from viommud.shell.statedir import StateDir
 from viommud.shell.status import Snapshot, Totals, backend_objects, count_kinds
 from viommud.shell.stream import SHUTTING_DOWN, pump
@@ -96,6 +96,7 @@ class Server:
         state_dir: Path | None = None,
         watchdog: float | None = None,
         testing: bool = False,
+        spares: int | None = None,
     ) -> None:
         """``tcp``: extra TCP listeners (inside network namespace ``netns`` when given), each
         needing ``token`` in HELLO. ``activated``: sockets from the service manager, served
@@ -103,7 +104,8 @@ class Server:
         ``notify``: called with sd_notify states (``READY=1`` once listening).
         ``limits``: frame sizes, deadlines, client cap, quotas, backlog.
         ``processes``: run each session in a process of its own (viommud.shell.worker),
-        whose backend is ``backend`` by name (``factory`` serves in-process sessions).
+        whose backend is ``backend`` by name (``factory`` serves in-process sessions), with
+        ``spares`` of them started ahead (default: one per CPU, sessions.default_spares).
         ``allow_uids``: Unix peers allowed besides the daemon's own user (empty: any the
         socket's permissions let in). ``group``: the socket's group. ``session_loop``:
         the event loop of session processes (``asyncio`` or ``uvloop``). ``watchdog``:
@@ -143,6 +145,7 @@ class Server:
         self.started_at = time.monotonic()
         self.limits = limits if limits is not None else Limits()
         self.processes = processes
+        self.spares = spares if spares is not None else default_spares()
         self.testing = testing  # serve --testing: TEST frames (docs/protocol.md §11)
         self.backend = backend
         self.allow_uids = frozenset(allow_uids)
@@ -185,8 +188,8 @@ class Server:
             loop.set_exception_handler(self._old_handler)
             raise
         if self.processes:
-            self._spawner = Spawner(self.backend)
-            self._spawner.prepare()  # the first spare session process
+            self._spawner = Spawner(self.backend, self.spares)
+            self._spawner.prepare()  # the spare session processes
         self._started = True
         self._notify(
             "READY=1\nSTATUS=serving on "
@@ -226,6 +229,7 @@ class Server:
             mode=oct(self.mode),
             group=self.group,
             sessions="processes" if self.processes else "in-process",
+            spares=self.spares if self.processes else None,
         )
         if self.mode & 0o002:
             self.log.warning("socket_world_writable", path=str(path), mode=oct(self.mode))

@@ -1,7 +1,8 @@
 """The listener's side of session processes (viommud.shell.worker).
 
-``Spawner`` keeps one spare session process started (Python and viommud already imported),
-so a client whose HELLO is accepted does not wait for an interpreter to start. ``Handed``
+``Spawner`` keeps a pool of spare session processes started (Python and viommud already
+imported; by default one per CPU the daemon may use, ``serve --spares``), so clients whose
+HELLOs are accepted together do not wait for interpreters to start. ``Handed``
 is one session handed over: it follows the control link (device claims, status pushes, the
 final report) and, when the process dies without its final report (a crash, a kill), sends
 the client a fatal ERROR on the listener's copy of the socket and logs ``session_failed``.
@@ -13,9 +14,11 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import signal
 import socket
 import sys
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,42 +36,88 @@ class Spare:
         self.control = control
 
 
-class Spawner:
-    """Keeps the next session process started. ``backend``: the sessions' backend by name
-    (``emulated`` or ``iommufd``); a spare imports what that one needs before a client
-    waits on it (the emulated kernel: ~80 ms)."""
+def default_spares() -> int:
+    """As many spares as the CPUs this process may run on (at least 1): a burst of that many
+    HELLOs is handed over at once, and that many sessions could start working together."""
+    return max(1, len(os.sched_getaffinity(0)))
 
-    def __init__(self, backend: str = "emulated") -> None:
-        self._spare: asyncio.Task[Spare] | None = None
+
+class Spawner:
+    """Keeps ``spares`` session processes started (at least 1). ``backend``: the sessions'
+    backend by name (``emulated`` or ``iommufd``); a spare imports what that one needs
+    before a client waits on it (the emulated kernel: ~80 ms).
+
+    ``take`` hands over the oldest spare (the one most likely done with its imports) and
+    starts its replacement in the background, so a take never waits while a spare is
+    there; only when more HELLOs come at once than there are spares does one wait for a
+    process to start (~0.6 s of CPU each: an interpreter and viommud's imports)."""
+
+    def __init__(self, backend: str = "emulated", spares: int = 1) -> None:
+        if spares < 1:
+            raise ValueError(f"a spawner keeps at least 1 spare session process, got {spares}")
+        self._pool: deque[asyncio.Task[Spare]] = deque()
         self._closed = False
         self.backend = backend
+        self.spares = spares
 
     def prepare(self) -> None:
-        """Start the next spare, unless one is on its way."""
-        if self._spare is None and not self._closed:
-            self._spare = asyncio.create_task(_spawn(self.backend))
+        """Start spares until ``spares`` are ready or on their way."""
+        while len(self._pool) < self.spares and not self._closed:
+            self._pool.append(asyncio.create_task(_spawn(self.backend)))
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the spares started (not those still being spawned)."""
+        return [
+            task.result().process.pid
+            for task in self._pool
+            if task.done() and not task.cancelled() and task.exception() is None
+        ]
 
     async def take(self) -> Spare:
-        self.prepare()
-        assert self._spare is not None
-        spare, self._spare = self._spare, None
-        taken = await spare
-        self.prepare()
+        """The oldest spare; one found dead (killed while it waited) is passed over once,
+        for the next one."""
+        taken = await self._next()
+        if not _waiting(taken):
+            taken.control.close()
+            taken = await self._next()
         return taken
 
+    async def _next(self) -> Spare:
+        if self._closed:
+            raise RuntimeError("the daemon is stopping: no new session process")
+        self.prepare()
+        task = self._pool.popleft()
+        self.prepare()  # its replacement starts now, whether this one serves or not
+        return await task
+
     async def close(self) -> None:
-        """Let the spare go (it exits when its link closes)."""
+        """Let every spare go (each exits when its link closes) and wait for them."""
         self._closed = True
-        spare, self._spare = self._spare, None
-        if spare is None:
-            return
-        try:
-            got = await spare
-        except OSError:
-            return
-        got.control.close()
-        with contextlib.suppress(ProcessLookupError):
-            await got.process.wait()
+        pool, self._pool = self._pool, deque()
+        for task in pool:
+            try:
+                got = await task
+            except OSError:
+                continue
+            got.control.close()
+        for task in pool:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    await task.result().process.wait()
+
+
+def _waiting(spare: Spare) -> bool:
+    """Whether the spare still waits for its session: a process that exited has closed its
+    end of the link (seen at once, before the event loop learns its exit status)."""
+    if spare.process.returncode is not None:
+        return False
+    try:
+        return spare.control.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 async def _spawn(backend: str) -> Spare:

@@ -1,11 +1,12 @@
 """A session process: one client's session, in a process of its own.
 
-``viommud serve`` (unless ``--in-process``) keeps one spare session process waiting; when a
-client's HELLO has been accepted the listener passes the client's socket to it
-(``socket.send_fds`` over a socketpair, with the bytes already read: the HELLO frame and
-whatever followed it), starts the next spare, and this process serves that one session to
-its end, then exits. A stalled, huge or crashing session thus only ever holds its own
-process (the PostgreSQL backend-per-connection model), and sessions use every core.
+``viommud serve`` (unless ``--in-process``) keeps spare session processes waiting (``serve
+--spares``, viommud.shell.sessions); when a client's HELLO has been accepted the listener
+passes the client's socket to one (``socket.send_fds`` over a socketpair, with the bytes
+already read: the HELLO frame and whatever followed it), starts its replacement, and this
+process serves that one session to its end, then exits. A stalled, huge or crashing
+session thus only ever holds its own process (the PostgreSQL backend-per-connection
+model), and sessions use every core.
 
 The socketpair stays open as the control link, one JSON object per line. The listener
 sends the setup first (with the client's fd, then the fds the client passed that wait for
