@@ -210,7 +210,7 @@ def test_large_doorbells_fast_path_is_the_reference_path(
 @given(_big_doorbell(), st.booleans())
 def test_wide_screen_agrees_with_the_loop_and_the_frontend(data: bytes, ril: bool) -> None:
     syncs = plain_syncs(data, ril)
-    assert syncs == smmuv3_screen._plain_syncs_each(data, ril)
+    assert syncs == plain_syncs(data, ril, smmuv3_screen._ONE_BY_ONE)
     assert syncs == smmuv3_screen._plain_syncs_wide(data, ril)
     if syncs >= 0:
         frontend = SmmuV3Frontend(SmmuFeatures(ril=ril))

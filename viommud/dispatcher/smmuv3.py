@@ -232,7 +232,7 @@ class SmmuDispatcher:
             )
         policy = self.policy
         host: list[GuestError] = []
-        if not policy.coalesce or tlb_only_unchanged(array, policy.flood_pages):
+        if work == 1 or not policy.coalesce or tlb_only_unchanged(array, policy.flood_pages):
             for slot in targets:
                 result = self._invalidate(slot, array)
                 if result.errno:

@@ -131,21 +131,19 @@ def _check_each(blob: bytes, features: SmmuFeatures) -> tuple[list[int], list[in
 # From this many commands ``plain_syncs`` screens a doorbell with a few C-level operations
 # over the whole of it (``_plain_syncs_wide``) instead of one command at a time.
 WIDE = 4
+_ONE_BY_ONE = 1 << 62  # ``wide`` for the command-by-command loop whatever the size
 
 
-def plain_syncs(data: bytes, ril: bool) -> int:
+def plain_syncs(data: bytes, ril: bool, wide: int = WIDE * COMMAND_SIZE) -> int:
     """One doorbell screened as ``screen`` screens each (the per-doorbell fast path of
     ``SmmuV3Viommu.doorbell``): its number of CMD_SYNCs when it is plain, else -1. The same
     rules as ``_check_each``, stopping at the first command that is not plain; a doorbell
-    of ``WIDE`` commands or more is checked all at once (``_plain_syncs_wide``)."""
+    of ``wide`` bytes (``WIDE`` commands) or more is checked all at once
+    (``_plain_syncs_wide``)."""
     if not data or len(data) % COMMAND_SIZE:
         return -1
-    if len(data) >= WIDE * COMMAND_SIZE:
+    if len(data) >= wide:
         return _plain_syncs_wide(data, ril)
-    return _plain_syncs_each(data, ril)
-
-
-def _plain_syncs_each(data: bytes, ril: bool) -> int:
     reserved, refused = _RESERVED, _RANGE_REFUSED_LISTS[ril]
     syncs = 0
     for w0, w1 in COMMAND.iter_unpack(data):
@@ -185,7 +183,7 @@ _SYNC_BYTE = bytes([_SYNC])
 
 
 def _plain_syncs_wide(data: bytes, ril: bool) -> int:
-    """``_plain_syncs_each`` for a whole doorbell at once: its opcodes are every 16th byte;
+    """``plain_syncs`` for a whole doorbell at once: its opcodes are every 16th byte;
     its reserved bits, and the range fields of its TLBI_NH_VA/VAA, are one AND of the
     doorbell as an integer with a mask laid out command by command. A range field set
     is refused without RIL (``_range_table``) and may be valid with it: then the commands
@@ -199,7 +197,7 @@ def _plain_syncs_wide(data: bytes, ril: bool) -> int:
         if len(_MASKS) < _MASKS_KEPT and len(ops) <= _MASK_KEPT_COMMANDS:
             _MASKS[ops] = mask
     if int.from_bytes(data, "little") & mask:
-        return _plain_syncs_each(data, ril) if ril else -1
+        return plain_syncs(data, ril, _ONE_BY_ONE) if ril else -1
     syncs = ops.count(_SYNC_BYTE)
     at = ops.find(_SYNC_BYTE)
     while at >= 0:
