@@ -51,6 +51,7 @@ from viommud.dispatcher.smmuv3_coalesce import (
     coalesce,
     coalesce_tlb_only,
     plain_entries,
+    tlb_only_unchanged,
 )
 from viommud.events import (
     Barrier,
@@ -67,6 +68,7 @@ ARM_ISSUE_GROUP = 63  # CMDQ_BATCH_ENTRIES - 1 commands per host CMD_SYNC (iommu
 ARM_ENTRY_LEN = 16
 _SYNC = np.uint64(Opcode.CMD_SYNC)
 _SYNC_OP = int(Opcode.CMD_SYNC)
+_SYNC_BYTE = bytes([_SYNC_OP])
 
 U64 = npt.NDArray[np.uint64]
 
@@ -194,45 +196,54 @@ class SmmuDispatcher:
             bucket.entries.append(entry)
 
     # -- one plain doorbell ---------------------------------------------------------------
-    def run_tlb(self, commands: bytes) -> Outcome:
+    def run_tlb(self, commands: bytes, syncs: int) -> Outcome:
         """One plain doorbell (``group_commit.smmuv3_screen.plain_syncs``: valid TLB
-        invalidations and CMD_SYNCs only) without events: what ``run`` does with its
-        events, step for step — the same entries (origin = command index), counters, call
-        barrier, coalescing and calls. TLB commands are all one class, so no SYNC among
-        them splits the call; every CMD_SYNC completes when the call returns."""
+        invalidations and ``syncs`` CMD_SYNCs only) without events: what ``run`` does with
+        its events, step for step — the same entries (origin = command index), counters,
+        call barrier, coalescing and calls. TLB commands are all one class, so no SYNC
+        among them splits the call; every CMD_SYNC completes when the call returns.
+
+        When ``tlb_only_unchanged`` shows coalescing would send the commands as written
+        (or the policy does not coalesce), the array goes out without an ``Entry`` per
+        command; the entries are built only if the host refuses it."""
         stats = self.stats
         self._broadcast = None  # config records may have changed the topology since
         targets = self.broadcast_targets()
-        slots = len(self.topology.slots)
-        barriers = stats.barriers
-        first_barrier = 0
-        entries: list[Entry] = []
-        sync = _SYNC_OP
-        for index, at in enumerate(range(0, len(commands), ARM_ENTRY_LEN)):
-            if commands[at] == sync:
-                barriers += 1
-                continue
-            stats.baseline_invalidate_calls += slots
-            if targets:
-                if not entries:
-                    first_barrier = barriers + 1
-                entries.append(Entry(commands[at : at + ARM_ENTRY_LEN], index))
-        stats.barriers = barriers
-        if not entries:
+        size = ARM_ENTRY_LEN
+        ops = commands[::size]  # W0[7:0] is each command's first byte
+        work = len(ops) - syncs
+        stats.baseline_invalidate_calls += work * len(self.topology.slots)
+        if not work or not targets:
+            stats.barriers += syncs
             return NOTHING
-        stats.forwarded += len(entries)
-        host: list[GuestError] = []
-        self.iommufd.log.barrier = first_barrier
-        policy = self.policy
-        self._written = entries
-        for slot in targets:
-            sent = (
-                coalesce_tlb_only(entries, flood_pages=policy.flood_pages)
-                if policy.coalesce
-                else entries
+        # the call's barrier: the first one after its first TLBI (the SYNCs before it count)
+        self.iommufd.log.barrier = stats.barriers + len(ops) - len(ops.lstrip(_SYNC_BYTE)) + 1
+        stats.barriers += syncs
+        stats.forwarded += work
+        if not syncs:
+            array = commands
+        elif syncs == 1 and ops[-1] == _SYNC_OP:
+            array = commands[:-size]
+        else:
+            array = b"".join(
+                commands[at : at + size]
+                for at in range(0, len(commands), size)
+                if commands[at] != _SYNC_OP
             )
-            self._send(slot, sent, host)
-        self._written = None
+        policy = self.policy
+        host: list[GuestError] = []
+        if work == 1 or not policy.coalesce or tlb_only_unchanged(array, policy.flood_pages):
+            for slot in targets:
+                result = self._invalidate(slot, array)
+                if result.errno:
+                    self._retry(slot, _entries(commands), result, host)
+        else:
+            entries = _entries(commands)
+            self._written = entries
+            for slot in targets:
+                sent = coalesce_tlb_only(entries, flood_pages=policy.flood_pages)
+                self._send(slot, sent, host)
+            self._written = None
         if not host:
             return NOTHING
         host.sort(key=_by_index)
@@ -379,6 +390,16 @@ class SmmuDispatcher:
                 failures.append(str(exc))
         if failures:
             errors.append(GuestError(event.index, CERROR_ILL, "; ".join(failures), event.raw))
+
+
+def _entries(commands: bytes) -> list[Entry]:
+    """The TLB commands of a plain doorbell as entries, each with its index (its origin)."""
+    size = ARM_ENTRY_LEN
+    return [
+        Entry(commands[at : at + size], index)
+        for index, at in enumerate(range(0, len(commands), size))
+        if commands[at] != _SYNC_OP
+    ]
 
 
 def _by_index(error: GuestError) -> int:

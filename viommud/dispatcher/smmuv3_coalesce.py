@@ -365,6 +365,30 @@ def coalesce_tlb_only(
     return out
 
 
+_NOT_VM_WIDE = bytes(op for op in range(256) if op not in TLBI_VM_WIDE_OPS)
+_TG_ZERO = bytes(b for b in range(256) if not (b >> 2) & 3)  # W1 byte 1 with TG = 0
+_NH_VA_BYTE = bytes([_TLBI_NH_VA])
+
+
+def tlb_only_unchanged(array: bytes, flood_pages: int = DEFAULT_FLOOD_PAGES) -> bool:
+    """True only when ``coalesce_tlb_only`` returns the entries of ``array`` (valid TLB
+    invalidations, 16 bytes each, as a plain doorbell sends them) as they are, found with a
+    few C-level operations over the whole array: no VM-wide TLBI, no range TLBI with TG !=
+    0 (the other TLBIs have W1 = 0, so TG is 0 in every command), no more TLBI_NH_VA (one
+    page each then) than ``flood_pages``, and no duplicate (distinct W1 words rule it out
+    at once; else the rows are compared). False means "maybe changed": the caller
+    coalesces."""
+    ops = array[::16]
+    if ops.translate(None, _NOT_VM_WIDE) or array[9::16].translate(None, _TG_ZERO):
+        return False
+    if ops.count(_NH_VA_BYTE) > flood_pages:
+        return False
+    rows = len(ops)
+    if len(set(memoryview(array).cast("Q")[1::2])) == rows:
+        return True
+    return len({array[at : at + 16] for at in range(0, len(array), 16)}) == rows
+
+
 def plain_entries(commands: bytes, array: bytes) -> tuple[list[Entry], list[Entry]]:
     """The entries of a group commit's call (``array``: the TLB commands of the run's
     ``commands``, maybe coalesced by the vectorised rules) with the origin the per-doorbell

@@ -128,12 +128,22 @@ def _check_each(blob: bytes, features: SmmuFeatures) -> tuple[list[int], list[in
     return bad_before, syncs_before
 
 
-def plain_syncs(data: bytes, ril: bool) -> int:
+# From this many commands ``plain_syncs`` screens a doorbell with a few C-level operations
+# over the whole of it (``_plain_syncs_wide``) instead of one command at a time.
+WIDE = 4
+_ONE_BY_ONE = 1 << 62  # ``wide`` for the command-by-command loop whatever the size
+
+
+def plain_syncs(data: bytes, ril: bool, wide: int = WIDE * COMMAND_SIZE) -> int:
     """One doorbell screened as ``screen`` screens each (the per-doorbell fast path of
     ``SmmuV3Viommu.doorbell``): its number of CMD_SYNCs when it is plain, else -1. The same
-    rules as ``_check_each``, stopping at the first command that is not plain."""
+    rules as ``_check_each``, stopping at the first command that is not plain; a doorbell
+    of ``wide`` bytes (``WIDE`` commands) or more is checked all at once
+    (``_plain_syncs_wide``)."""
     if not data or len(data) % COMMAND_SIZE:
         return -1
+    if len(data) >= wide:
+        return _plain_syncs_wide(data, ril)
     reserved, refused = _RESERVED, _RANGE_REFUSED_LISTS[ril]
     syncs = 0
     for w0, w1 in COMMAND.iter_unpack(data):
@@ -147,6 +157,53 @@ def plain_syncs(data: bytes, ril: bool) -> int:
             syncs += 1
         elif op in TLBI_RANGE_OPS and refused[((w1 >> 8) & 0xF) << 1 | ((w0 >> 12) & 0x1F1F != 0)]:
             return -1
+    return syncs
+
+
+def _mask_chunks() -> tuple[bytes, list[bytes]]:
+    """Plain opcodes (as bytes, for ``bytes.translate``) and, per opcode, the 16 bytes of a
+    command whose set bits ``_plain_syncs_wide`` wants clear: the reserved bits and, for
+    TLBI_NH_VA/VAA, NUM, SCALE (W0[16:12], W0[24:20]), TTL and TG (W1[11:8])."""
+    chunks = [bytes(COMMAND_SIZE)] * 256
+    for op, (r0, r1) in _RESERVED.items():
+        ranged = op in TLBI_RANGE_OPS
+        fields0 = 0x1F << 12 | 0x1F << 20 if ranged else 0
+        fields1 = 0xF << 8 if ranged else 0
+        chunks[op] = COMMAND.pack(r0 | fields0, r1 | fields1)
+    return bytes(sorted(_RESERVED)), chunks
+
+
+_PLAIN_OPS, _MASK_CHUNKS = _mask_chunks()
+# The masks of the opcode sequences seen (a guest's large doorbells come in a few shapes,
+# and building one costs more than the check), up to a bound on their number and size.
+_MASKS: dict[bytes, int] = {}
+_MASKS_KEPT = 256
+_MASK_KEPT_COMMANDS = 1024
+_SYNC_BYTE = bytes([_SYNC])
+
+
+def _plain_syncs_wide(data: bytes, ril: bool) -> int:
+    """``plain_syncs`` for a whole doorbell at once: its opcodes are every 16th byte;
+    its reserved bits, and the range fields of its TLBI_NH_VA/VAA, are one AND of the
+    doorbell as an integer with a mask laid out command by command. A range field set
+    is refused without RIL (``_range_table``) and may be valid with it: then the commands
+    are screened one by one. CMD_SYNC CS (W0[13:12], byte 1 bits 5:4) is checked per sync."""
+    ops = data[::COMMAND_SIZE]
+    if ops.translate(None, _PLAIN_OPS):
+        return -1  # an opcode that is not plain
+    mask = _MASKS.get(ops)
+    if mask is None:
+        mask = int.from_bytes(b"".join(map(_MASK_CHUNKS.__getitem__, ops)), "little")
+        if len(_MASKS) < _MASKS_KEPT and len(ops) <= _MASK_KEPT_COMMANDS:
+            _MASKS[ops] = mask
+    if int.from_bytes(data, "little") & mask:
+        return plain_syncs(data, ril, _ONE_BY_ONE) if ril else -1
+    syncs = ops.count(_SYNC_BYTE)
+    at = ops.find(_SYNC_BYTE)
+    while at >= 0:
+        if data[at * COMMAND_SIZE + 1] & 0x30 == 0x30:
+            return -1
+        at = ops.find(_SYNC_BYTE, at + 1)
     return syncs
 
 

@@ -120,7 +120,7 @@ class SmmuV3Viommu:
         if syncs >= 0:
             # A plain doorbell (TLB invalidations and CMD_SYNCs, all valid): no events, the
             # frontend's counters as receive_data keeps them, the dispatcher's exact plan.
-            outcome = self.dispatcher.run_tlb(data)
+            outcome = self.dispatcher.run_tlb(data, syncs)
             summary = DoorbellSummary(len(data) // COMMAND_SIZE, syncs)
             frontend.took_plain(data, syncs, summary)
         else:
