@@ -38,6 +38,19 @@ class ParentRam:
             number = self._numbers[os_fd] = self._iommufd.import_fd(os_fd)
         return number
 
+    def new_ioas(self, iommu: str) -> int:
+        """A new IOAS holding the regions at IOVA = GPA (none: an empty one); on a failure
+        nothing is left of it and the error is raised."""
+        ioas_id = self._iommufd.ioas_alloc(iommu)
+        if self.regions:
+            try:
+                self.map_into(iommu, ioas_id)
+            except BackendCallError:
+                with contextlib.suppress(BackendCallError):  # the first error is reported
+                    self._iommufd.destroy(iommu, ioas_id)
+                raise
+        return ioas_id
+
     def map_into(self, iommu: str | None, ioas_id: int) -> None:
         """Map every region at IOVA = GPA; on a failure undo the ones mapped and raise."""
         done: list[RamRegion] = []

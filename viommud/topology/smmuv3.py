@@ -257,15 +257,7 @@ class SmmuTopology:
 
     def _parent_ioas(self, iommu: str) -> int:
         """The VM's IOAS, holding the passed guest RAM at IOVA = GPA (docs: guest memory)."""
-        fd = self.iommufd
-        ioas_id = fd.ioas_alloc(iommu)
-        if self.ram.regions:
-            try:
-                self.ram.map_into(iommu, ioas_id)
-            except BackendCallError:
-                self._try_destroy(iommu, ioas_id)
-                raise
-        return ioas_id
+        return self.ram.new_ioas(iommu)
 
     def destroy(self) -> None:
         """Free everything this vIOMMU holds on the backend (the IOAS with its RAM)."""
