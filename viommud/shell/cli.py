@@ -155,30 +155,25 @@ def _limit_options(serve: argparse.ArgumentParser) -> None:
         )
 
 
-def _vcpus(text: str) -> int:
-    """A ``--group-commit`` value: how many vCPUs race for a vIOMMU's queue (>= 1)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of racing vCPUs (1 or more), got {text!r}"
-        )
-    return value
+def _at_least_one(what: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= 1, else ``expected a number of WHAT (1 or more)``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected a number of {what} (1 or more), got {text!r}"
+            )
+        return value
+
+    return parse
 
 
-def _spares(text: str) -> int:
-    """A ``--spares`` value: spare session processes kept started (>= 1)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of spare session processes (1 or more), got {text!r}"
-        )
-    return value
+_vcpus = _at_least_one("racing vCPUs")  # --group-commit: vCPUs racing for a vIOMMU's queue
+_spares = _at_least_one("spare session processes")  # --spares: kept started
 
 
 def _parser() -> argparse.ArgumentParser:
