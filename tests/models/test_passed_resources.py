@@ -281,8 +281,8 @@ def test_synthetic_ram_on_the_emulators_memory_is_unchanged() -> None:
 
 
 def test_vtd_page_requests_keep_the_passed_cdev(base: int) -> None:
-    """A VT-d vIOMMU with page requests (option prs, HELLO events) allocates through its own
-    iommufd wrapper; a passed cdev is still the one bound, also when given afterwards."""
+    """A VT-d vIOMMU with page requests (option prs, HELLO events) ties its stage-1 HWPTs to
+    a FAULT object; a passed cdev is still the one bound, also when given afterwards."""
     s = Session(EmulatedIommufd(HOST), keep_calls=True, event_depth=8)
     try:
         ok(s, ViommuCreate(1, "x", "vtd", ("vtd0",), {"dw": 256, "prs": True}))

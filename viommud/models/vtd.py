@@ -43,7 +43,7 @@ from viommud.models.base import (
     log_group,
     viommu_log,
 )
-from viommud.models.vtd_prq import FaultingIommufd, PageRequests
+from viommud.models.vtd_prq import PageRequests
 from viommud.replies import (
     CONFIG_OK,
     CommandError,
@@ -84,14 +84,19 @@ class VtdViommu:
             raise ModelError(str(exc)) from None
         frontend = VtdFrontend(features)
         page_requests = None
-        iommufd = ctx.iommufd
         if ctx.event_depth and features.prs:
             try:
                 page_requests = PageRequests.open(ctx.iommufd, ctx.event_depth)
             except BackendCallError as exc:
                 raise ModelError(f"page requests: {exc}") from None
-            iommufd = FaultingIommufd(ctx.iommufd, page_requests.fault_id)
-        topology = VtdTopology(record.viommu, record.iommus, ctx.host, iommufd, ram_regions=ctx.ram)
+        topology = VtdTopology(
+            record.viommu,
+            record.iommus,
+            ctx.host,
+            ctx.iommufd,
+            fault_id=page_requests.fault_id if page_requests is not None else 0,
+            ram_regions=ctx.ram,
+        )
         dispatcher = VtdDispatcher(topology, ctx.iommufd, ctx.stats)
         log, debug = viommu_log(ctx, record.viommu)
         return cls(

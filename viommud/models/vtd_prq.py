@@ -20,7 +20,6 @@ until they go out as EVENT frames.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocols import iommufd as uapi
@@ -32,44 +31,6 @@ from viommud.topology.vtd import VtdTopology
 
 PGFAULT_SIZE = 40  # struct iommu_hwpt_pgfault
 _READ = PGFAULT_SIZE * 64  # a read takes whole groups that fit
-
-
-class FaultingIommufd(Iommufd):
-    """The session's iommufd calls (same backend, same call log), with every VT-d
-    stage-1 HWPT tied to one FAULT object (IOMMU_HWPT_FAULT_ID_VALID)."""
-
-    def __init__(self, base: Iommufd, fault_id: int) -> None:
-        self._base = base
-        super().__init__(base.backend, base.log)
-        self.fault_id = fault_id
-
-    # Passed device cdevs are the session's (Session.use_resources sets them on its
-    # iommufd, also after a STATE_LOAD): read them there.
-    @property
-    def take_device_fd(self) -> Callable[[str], int | None] | None:
-        return self._base.take_device_fd
-
-    @take_device_fd.setter
-    def take_device_fd(self, value: Callable[[str], int | None] | None) -> None:
-        if value is not None:
-            self._base.take_device_fd = value
-
-    def hwpt_alloc(
-        self,
-        iommu: str,
-        dev_id: int,
-        pt_id: int,
-        *,
-        flags: int = 0,
-        data_type: int = uapi.IOMMU_HWPT_DATA_NONE,
-        data: bytes = b"",
-        fault_id: int = 0,
-    ) -> int:
-        if data_type == uapi.IOMMU_HWPT_DATA_VTD_S1 and not fault_id:
-            fault_id = self.fault_id
-        return super().hwpt_alloc(
-            iommu, dev_id, pt_id, flags=flags, data_type=data_type, data=data, fault_id=fault_id
-        )
 
 
 @dataclass(slots=True)

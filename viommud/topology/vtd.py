@@ -194,6 +194,9 @@ class VtdTopology:
     host: HostConfig
     iommufd: Iommufd
     ioas_id: int | None = None
+    # The FAULT object its stage-1 HWPTs send I/O page faults to (IOMMU_HWPT_FAULT_ID_VALID;
+    # docs/vtd.md "Page requests"); 0: none.
+    fault_id: int = 0
     # Guest RAM the VMM passed, mapped into the IOAS at its allocation (empty: none).
     ram_regions: InitVar[tuple[RamRegion, ...]] = ()
     ram: ParentRam = field(init=False)
@@ -376,6 +379,7 @@ class VtdTopology:
                 slot.parent_hwpt_id,
                 data_type=uapi.IOMMU_HWPT_DATA_VTD_S1,
                 data=s1.pack(),
+                fault_id=self.fault_id,
             )
             shared = SharedHwpt(hwpt_id, slot.iommu, did, s1)
             slot.hwpts[key] = shared
