@@ -20,7 +20,14 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["PAGE_SIZE", "GuestResourceError", "GuestResources", "RamRegion", "synthetic_memfd"]
+__all__ = [
+    "PAGE_SIZE",
+    "GuestResourceError",
+    "GuestResources",
+    "RamRegion",
+    "close_all",
+    "synthetic_memfd",
+]
 
 PAGE_SIZE = 4096
 
@@ -66,7 +73,7 @@ class GuestResources:
                 raise GuestResourceError(errno.EEXIST, "guest memory was already given")
             _check_layout(new)
         except GuestResourceError:
-            _close_all(r.fd for r in new)
+            close_all(r.fd for r in new)
             raise
         self.regions = tuple(sorted(new, key=lambda r: r.gpa))
 
@@ -87,7 +94,7 @@ class GuestResources:
 
     def close(self) -> None:
         """Close every fd still owned (the session ended)."""
-        _close_all([*(r.fd for r in self.regions), *self.devices.values()])
+        close_all([*(r.fd for r in self.regions), *self.devices.values()])
         self.regions = ()
         self.devices.clear()
 
@@ -128,7 +135,8 @@ def _check_layout(regions: tuple[RamRegion, ...]) -> None:
             )
 
 
-def _close_all(fds: Iterable[int]) -> None:
+def close_all(fds: Iterable[int]) -> None:
+    """Close each of ``fds`` once (an fd number named twice is closed once); errors ignored."""
     for fd in set(fds):
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -22,7 +22,8 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from viommud.shell.passed import MAX_FDS_PER_MESSAGE, close_all
+from viommud.guest_memory import close_all
+from viommud.shell.passed import MAX_FDS_PER_MESSAGE
 
 READ_CHUNK = 256 * 1024
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)

@@ -18,7 +18,7 @@ from viommud import __version__, state, wire
 from viommud.backend.base import Backend
 from viommud.backend.calls import BackendCallError
 from viommud.frontends.compat import COMPAT_POLICIES
-from viommud.guest_memory import GuestResources
+from viommud.guest_memory import GuestResources, close_all
 from viommud.host import HostConfig, HostConfigError
 from viommud.replies import DoorbellReply
 from viommud.session import RecordRefused, Session
@@ -27,7 +27,7 @@ from viommud.shell.claims import Claims, busy_message
 from viommud.shell.endpoints import token_matches
 from viommud.shell.limits import MAX_HELLO_FRAME, Limits
 from viommud.shell.logs import SessionLogger, clip
-from viommud.shell.passed import FdQueue, close_all, give
+from viommud.shell.passed import FdQueue, give
 from viommud.shell.progress import Progress
 from viommud.shell.replies import encode_doorbell, encode_error, encode_response
 from viommud.shell.statedir import StateDir, StateDirError

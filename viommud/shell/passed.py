@@ -13,15 +13,13 @@ came with it; on any refusal every one of those fds is closed.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from protocols.frames import FrameType
-from viommud.guest_memory import RamRegion
+from viommud.guest_memory import GuestResourceError, RamRegion, close_all
 from viommud.session import Session
 
 MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD: the kernel's bound on one sendmsg's fds
@@ -30,18 +28,8 @@ MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD: the kernel's bound on one sendmsg's fds
 MAX_QUEUED_FDS = MAX_FDS_PER_MESSAGE - 1
 
 
-class PassedFdError(ValueError):
+class PassedFdError(GuestResourceError):
     """A MEMORY / DEVICES frame refused before the session saw it (its fds are closed)."""
-
-    def __init__(self, err: int, message: str) -> None:
-        super().__init__(f"{errno.errorcode.get(err, str(err))}: {message}")
-        self.errno = err
-
-
-def close_all(fds: Iterable[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 class FdQueue:

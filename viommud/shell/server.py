@@ -36,6 +36,7 @@ import structlog
 from protocols.frames import PROTOCOL_VERSION
 from viommud import __version__
 from viommud.backend.select import emulated_backend
+from viommud.guest_memory import close_all
 from viommud.host import HostConfig
 from viommud.shell import logs
 from viommud.shell.channel import Channel, StreamChannel, grab
@@ -44,7 +45,6 @@ from viommud.shell.connection import BackendFactory, Connection
 from viommud.shell.endpoints import TcpAddress, bind_tcp
 from viommud.shell.limits import Limits
 from viommud.shell.logs import clip
-from viommud.shell.passed import close_all
 from viommud.shell.progress import merged
 from viommud.shell.replies import encode_error
 from viommud.shell.sessions import Handed, Spawner, default_spares

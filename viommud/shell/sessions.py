@@ -22,8 +22,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from viommud.guest_memory import close_all
 from viommud.shell.claims import Registry
-from viommud.shell.passed import close_all
 from viommud.shell.progress import Histogram
 from viommud.shell.replies import encode_error
 

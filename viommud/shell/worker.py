@@ -36,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from viommud.backend.select import backend_factory, preload
+from viommud.guest_memory import close_all
 from viommud.host import HostConfig
 from viommud.shell import logs
 from viommud.shell.channel import Channel, StreamChannel, UnixChannel
 from viommud.shell.connection import Connection
 from viommud.shell.limits import Limits
-from viommud.shell.passed import MAX_QUEUED_FDS, close_all, split
+from viommud.shell.passed import MAX_QUEUED_FDS, split
 from viommud.shell.statedir import StateDir
 from viommud.shell.stream import pump
 
