@@ -637,9 +637,9 @@ class Connection:
                 return wire.encode(FrameType.STATE, frame.seq, state.save(session))
             except state.StateError as exc:
                 return encode_error(frame.seq, f"state refused: {exc}", fatal=False)
-        blob, pending = frame.payload, self._pending
-        if not blob and pending is not None:  # the resume that waited for the VMM's fds
-            blob = pending[0]
+        # an empty STATE_LOAD completes the resume that waited for the VMM's fds
+        resumed = self._pending if not frame.payload else None
+        blob = resumed[0] if resumed is not None else frame.payload
         try:
             new = state.load(blob, session, self.factory(session.backend.host))
         except state.StateError as exc:
@@ -658,11 +658,10 @@ class Connection:
         self.session = new
         session.close()
         self._stored = -1  # a --state-dir file is rewritten with the new session
-        if blob is not frame.payload and pending is not None:
+        if resumed is not None:
             self._pending = None
-            self.frames = pending[1]
-            body["frames"] = pending[1]
-            self.log.info("session_resumed", viommus=sorted(new.viommus), frames=pending[1])
+            self.frames = body["frames"] = resumed[1]
+            self.log.info("session_resumed", viommus=sorted(new.viommus), frames=resumed[1])
         self.log.info("state_loaded", viommus=sorted(new.viommus), records=body["records"])
         return wire.encode_json(FrameType.STATE_LOADED, frame.seq, body)
 
