@@ -19,6 +19,12 @@ figure is the scaling ratio: aggregate doorbells/s with N clients / with 1 clien
 daemon and for the floor, measured in the same run. Issue 17's target: ≥ 1.7x with 2
 clients on 2 cores. The clients themselves take CPU (parsing, framing: what the floor
 measures), so on a 2-core machine N clients and N sessions share the same 2 cores.
+
+Each client reports the CPU it used, so every point also states its ceiling: the ratio that
+N clients and N sessions sharing the machine's cores could reach at best, from the client's
+CPU per doorbell and the 1-client daemon time per doorbell (``ceiling()``). The pipe client
+sends its timed frames several times over (``REPEAT``) so that a round lasts about a second
+of daemon time. Run it on a quiet machine: two sessions need both cores.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,21 +60,28 @@ def replay_client(trace: str, socket: str) -> int:
     """One ``replay`` client process: wait for ``go`` on stdin, replay, print its times."""
     if not _go():
         return 1
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     result = asyncio.run(replay(trace, socket, verify=False))
-    ended = time.time()
+    ended, cpu = time.time(), time.process_time() - cpu
     if result.report is None:
         print(json.dumps({"error": result.error}), flush=True)
         return 1
-    out = {"start": started, "end": ended, "guest_errors": result.report["errors"]["total"]}
+    out = {
+        "start": started,
+        "end": ended,
+        "cpu": cpu,
+        "guest_errors": result.report["errors"]["total"],
+    }
     print(json.dumps(out), flush=True)
     return 0
 
 
-def pipe_client(trace: str, socket: str) -> int:
+def pipe_client(trace: str, socket: str, repeat: str = "1") -> int:
     """One ``pipe`` client process: HELLO and the set-up first, then wait for ``go`` and
-    stream the doorbells (pre-encoded frames, bench/transport.py), print its times."""
+    stream the doorbells (pre-encoded frames, bench/transport.py) ``repeat`` times over,
+    print its times and the CPU it used meanwhile."""
     host, setup, timed = frames(_records(Path(trace)))
+    timed *= int(repeat)  # TLB invalidations are idempotent; seq is the client's to choose
 
     async def run() -> dict[str, Any]:
         pipe = await Pipe.open(socket, host)
@@ -78,11 +92,11 @@ def pipe_client(trace: str, socket: str) -> int:
         loop = asyncio.get_running_loop()
         if not await loop.run_in_executor(None, _go):
             raise RuntimeError("not released")
-        started = time.time()
+        started, cpu = time.time(), time.process_time()
         await pipe.stream(timed)
-        ended = time.time()
+        ended, cpu = time.time(), time.process_time() - cpu
         await pipe.close()
-        return {"start": started, "end": ended, "guest_errors": pipe.errors}
+        return {"start": started, "end": ended, "cpu": cpu, "guest_errors": pipe.errors}
 
     print(json.dumps(asyncio.run(run())), flush=True)
     return 0
@@ -91,11 +105,12 @@ def pipe_client(trace: str, socket: str) -> int:
 CLIENTS = {"pipe": pipe_client, "replay": replay_client}
 
 
-def _round(trace: Path, sockets: list[str], kind: str) -> list[dict[str, Any]]:
+def _round(trace: Path, sockets: list[str], kind: str, repeat: int = 1) -> list[dict[str, Any]]:
     """One client process per socket, released together; their reports."""
+    extra = [str(repeat)] if kind == "pipe" else []
     children = [
         subprocess.Popen(
-            [sys.executable, __file__, "--client", kind, str(trace), path],
+            [sys.executable, __file__, "--client", kind, str(trace), path, *extra],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -137,33 +152,58 @@ def _echoes(n: int) -> Iterator[list[str]]:
         yield [stack.enter_context(spawned("echo")) for _ in range(n)]
 
 
+# The pipe client's timed frames are sent this many times over, so that a round lasts long
+# enough (about a second of daemon time) for a session process's start-up to be noise.
+REPEAT = {"strict": 1, "noril-64": 10}
+
+
+def ceiling(clients: int, cpus: int, daemon_s: float, client_s: float) -> float:
+    """The best scaling ratio possible when every client and every session shares ``cpus``
+    cores: one client's rate is bounded by its session (``daemon_s`` seconds per doorbell,
+    the 1-client round's wall time), N clients' by N sessions and N clients sharing the
+    cores (``daemon_s + client_s`` CPU per doorbell)."""
+    return min(clients, cpus * daemon_s / (daemon_s + client_s))
+
+
 def measure(name: str, counts: list[int], *, kind: str, quick: bool, rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="viommud-clients-") as tmp:
         trace, doorbells = _trace(name, quick, Path(tmp))
+        repeat = 1
         if kind == "pipe":  # the set-up's doorbells (STE installs) are not timed
-            doorbells = len(frames(_records(trace))[2])
+            repeat = 1 if quick else REPEAT.get(name, 1)
+            doorbells = len(frames(_records(trace))[2]) * repeat
         points: dict[str, list[dict[str, Any]]] = {"daemon": [], "floor": []}
+        client_cpu: list[float] = []  # seconds per doorbell, daemon rounds
         with spawned("daemon") as daemon, _echoes(max(counts)) as echoes:
-            _round(trace, [daemon], kind)  # warm-up: the spare session process exists
+            _round(trace, [daemon], kind, repeat)  # warm-up: the spare session process exists
             for n in counts:
                 best: dict[str, float] = {"daemon": 0.0, "floor": 0.0}
                 for _ in range(rounds):
                     for side, sockets in (("floor", echoes[:n]), ("daemon", [daemon] * n)):
-                        reports = _round(trace, sockets, kind)
+                        reports = _round(trace, sockets, kind, repeat)
                         if side == "daemon" and any(r["guest_errors"] for r in reports):
                             raise RuntimeError(f"guest errors: {reports}")
+                        if side == "daemon":
+                            client_cpu += [r["cpu"] / doorbells for r in reports]
                         wall = max(r["end"] for r in reports) - min(r["start"] for r in reports)
                         best[side] = max(best[side], n * doorbells / wall)
                 for side, series in points.items():
                     series.append({"clients": n, "doorbells_per_s": round(best[side])})
+        cpus = len(os.sched_getaffinity(0))
+        client_s = statistics.median(client_cpu)
+        daemon_s = 1 / points["daemon"][0]["doorbells_per_s"]
         for series in points.values():
             for p in series:
                 p["ratio_to_1"] = round(p["doorbells_per_s"] / series[0]["doorbells_per_s"], 3)
+        for p in points["daemon"]:
+            p["ceiling"] = round(ceiling(p["clients"], cpus, daemon_s, client_s), 3)
         return {
             "workload": name,
             "client": kind,
             "doorbells_per_client": doorbells,
-            "cpus": len(os.sched_getaffinity(0)),
+            "cpus": cpus,
+            "client_cpu_us_per_doorbell": round(client_s * 1e6, 2),
+            "daemon_us_per_doorbell_1_client": round(daemon_s * 1e6, 2),
             **points,
         }
 
@@ -199,12 +239,18 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{row['client']:>6} {row['workload']:>9} {d['clients']} client(s): daemon"
                 f" {d['doorbells_per_s']:,} doorbells/s ({d['ratio_to_1']:.2f}x of 1),"
-                f" floor {f['doorbells_per_s']:,} ({f['ratio_to_1']:.2f}x of 1)"
+                f" floor {f['doorbells_per_s']:,} ({f['ratio_to_1']:.2f}x of 1);"
+                f" ceiling {d['ceiling']:.2f}x"
             )
+        print(
+            f"{'':>16} client CPU {row['client_cpu_us_per_doorbell']} us/doorbell, daemon"
+            f" {row['daemon_us_per_doorbell_1_client']} us/doorbell with 1 client,"
+            f" {row['cpus']} cores"
+        )
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--client"]:
-        raise SystemExit(CLIENTS[sys.argv[2]](sys.argv[3], sys.argv[4]))
+        raise SystemExit(CLIENTS[sys.argv[2]](*sys.argv[3:]))
     raise SystemExit(main())
