@@ -195,9 +195,11 @@ def test_replay_clients_benchmark_reports_both_sides() -> None:
             assert all(p["doorbells_per_s"] > 0 for p in points)
         # every daemon point states the best ratio the shared cores allow it
         assert row["client_cpu_us_per_doorbell"] > 0  # type: ignore[operator]
-        ceilings = [p["ceiling"] for p in row["daemon"]]  # type: ignore[union-attr]
+        daemon, cpus = row["daemon"], row["cpus"]
+        assert isinstance(daemon, list) and isinstance(cpus, int)
+        ceilings = [p["ceiling"] for p in daemon]
         assert 0 < ceilings[0] <= 1.0
-        assert 0 < ceilings[1] <= min(2, row["cpus"])  # type: ignore[type-var,operator]
+        assert 0 < ceilings[1] <= min(2, cpus)
 
 
 @pytest.mark.slow
