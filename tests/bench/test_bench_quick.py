@@ -196,7 +196,8 @@ def test_replay_clients_benchmark_reports_both_sides() -> None:
         # every daemon point states the best ratio the shared cores allow it
         assert row["client_cpu_us_per_doorbell"] > 0  # type: ignore[operator]
         daemon, cpus = row["daemon"], row["cpus"]
-        assert isinstance(daemon, list) and isinstance(cpus, int)
+        assert isinstance(daemon, list)
+        assert isinstance(cpus, int)
         ceilings = [p["ceiling"] for p in daemon]
         assert 0 < ceilings[0] <= 1.0
         assert 0 < ceilings[1] <= min(2, cpus)
