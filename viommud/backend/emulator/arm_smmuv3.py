@@ -86,6 +86,9 @@ _VMID_OPS[sorted(TLBI_OPS)] = True
 _LE64 = np.dtype("<u8")
 _CMD_BYTES = np.dtype((np.void, ARM_CMD_SIZE))  # one whole command, for .tolist() -> bytes
 _KEEP_ALL_BUT_VMID = np.uint64(~CMDQ_TLBI_0_VMID & U64_MAX)
+_KEEP_ALL_BUT_VMID_INT = ~CMDQ_TLBI_0_VMID & U64_MAX
+# The opcodes ``convert_words`` converts by the VMID rewrite alone (TLBI_NH_* but NSNH_ALL)
+_VMID_ONLY_OPS = frozenset(int(op) for op in TLBI_NH_OPS) - {_TLBI_NSNH_ALL}
 
 # Field masks of the pending series' strict validation (§3.6): what each opcode may set.
 _W0_VMID = 0xFFFF << 32
@@ -291,9 +294,13 @@ class ArmSmmuV3Driver(IommuDriver):
             blob = core.memory.read(array.uptr, array.entry_num * ARM_CMD_SIZE)
         except UserFault:
             return errno.EFAULT, 0
-        convert = self.convert_words
+        convert, pack = self.convert_words, _QQ.pack
+        vmid_field = viommu.vmid << 32
         converted: list[bytes] = []
         for index, (w0, w1) in enumerate(_QQ.iter_unpack(blob)):
+            if w0 & CMDQ_0_OP in _VMID_ONLY_OPS:  # convert_words' TLBI_NH_* rewrite, inline
+                converted.append(pack((w0 & _KEEP_ALL_BUT_VMID_INT) | vmid_field, w1))
+                continue
             raw = convert(core, viommu, w0, w1)
             if raw is None:
                 return errno.EIO, index
