@@ -315,7 +315,16 @@ class Connection:
             answer = session.doorbell(viommu, data)
         except RecordRefused as exc:
             return encode_error(seq, str(exc), fatal=False)
-        reply = self._doorbell_reply(seq, answer)
+        if (
+            self.compact
+            and not answer.errors
+            and not answer.interrupts
+            and answer.status_writes is None
+            and not session.calls.keep
+        ):
+            reply = wire.encode_cmds_ok(seq, answer.consumed, answer.syncs)  # encode_doorbell's
+        else:
+            reply = self._doorbell_reply(seq, answer)
         self.progress.doorbell(
             time.perf_counter() - started,
             answer.consumed,

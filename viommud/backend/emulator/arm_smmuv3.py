@@ -222,16 +222,20 @@ class ArmSmmuV3Driver(IommuDriver):
         """``arm_vsmmu_cache_invalidate``: mainline (§3.4, quirks included) or pending."""
         if core.kernel == KERNEL_PENDING:
             return self._cache_invalidate_pending(core, viommu, array)
-        if array.entry_num * ARM_CMD_SIZE > KMALLOC_MAX_SIZE:
+        entry_num = array.entry_num
+        if entry_num * ARM_CMD_SIZE > KMALLOC_MAX_SIZE:
             return errno.ENOMEM, 0
         if (
             self.fast_invalidate
-            and not core.unit(viommu.iommu).faults  # injected faults take the reference walk
-            and _packed_arm_array(array)
+            and array.type == uapi.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3
+            and entry_num > 0
+            and array.entry_len == ARM_CMD_SIZE  # read in one piece (§2.3)
         ):
-            if array.entry_num >= VECTOR_MIN:
-                return self._cache_invalidate_packed(core, viommu, array)
-            return self._cache_invalidate_short(core, viommu, array)
+            unit = core.unit(viommu.iommu)
+            if not unit.faults:  # injected faults take the reference walk
+                if entry_num >= VECTOR_MIN:
+                    return self._cache_invalidate_packed(core, viommu, array)
+                return self._cache_invalidate_short(core, viommu, array, unit)
         try:
             cmds = copy_full_array(
                 core.memory,
@@ -284,7 +288,7 @@ class ArmSmmuV3Driver(IommuDriver):
         return ENOERR, base + cur
 
     def _cache_invalidate_short(
-        self, core: IommufdCore, viommu: ViommuObject, array: UserArray
+        self, core: IommufdCore, viommu: ViommuObject, array: UserArray, unit: PhysicalIommuState
     ) -> tuple[int, int]:
         """The mainline walk over fewer than ``VECTOR_MIN`` (< 63) plain 16-byte entries, on
         the words: the same copy as ``copy_full_array`` (one read, EFAULT for a fault
@@ -305,7 +309,7 @@ class ArmSmmuV3Driver(IommuDriver):
             if raw is None:
                 return errno.EIO, index
             converted.append(raw)
-        err = core.unit(viommu.iommu).issue(converted)
+        err = unit.issue(converted)
         core.apply_host_commands(viommu.iommu, converted)
         if err:
             return err, len(converted) - 1
@@ -536,15 +540,6 @@ class ArmSmmuV3Driver(IommuDriver):
 # Arrays shorter than this take the per-entry walk: numpy's fixed cost per call is larger
 # than the loop's for a handful of commands (both give the same results; see the tests).
 VECTOR_MIN = 16
-
-
-def _packed_arm_array(array: UserArray) -> bool:
-    """An ARM command array that ``copy_full_array`` would read in one piece (§2.3)."""
-    return (
-        array.type == uapi.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3
-        and array.entry_num > 0
-        and array.entry_len == ARM_CMD_SIZE
-    )
 
 
 def _vmid_prefix(blob: bytes, vmid: int) -> int:
