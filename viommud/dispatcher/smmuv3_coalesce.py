@@ -404,9 +404,12 @@ def _merge_tlb_ranges(entries: list[Entry]) -> tuple[list[Entry], bool]:
     for key, members in groups.items():
         if len(members) < 2:
             continue
+        runs = _union(sorted(spans[key]))
+        if len(runs) >= len(members):
+            continue  # nothing joined: each run encodes to one command or more, no shorter
         w0_base, w1_low, tg = key
         new: list[Entry] = []
-        for first, end, origin in _union(sorted(spans[key])):
+        for first, end, origin in runs:
             words = encode_range(w0_base, w1_low, first, end - first, tg)
             new += [Entry(_CMD.pack(a, b), origin) for a, b in words]
         if len(new) >= len(members):
