@@ -89,6 +89,7 @@ _KEEP_ALL_BUT_VMID = np.uint64(~CMDQ_TLBI_0_VMID & U64_MAX)
 _KEEP_ALL_BUT_VMID_INT = ~CMDQ_TLBI_0_VMID & U64_MAX
 # The opcodes ``convert_words`` converts by the VMID rewrite alone (TLBI_NH_* but NSNH_ALL)
 _VMID_ONLY_OPS = frozenset(int(op) for op in TLBI_NH_OPS) - {_TLBI_NSNH_ALL}
+_VMID_ONLY_BYTES = bytes(sorted(_VMID_ONLY_OPS))  # for bytes.translate over the opcodes
 
 # Field masks of the pending series' strict validation (§3.6): what each opcode may set.
 _W0_VMID = 0xFFFF << 32
@@ -330,6 +331,12 @@ class ArmSmmuV3Driver(IommuDriver):
             blob = core.memory.read(array.uptr, array.entry_num * ARM_CMD_SIZE)
         except UserFault:
             return errno.EFAULT, 0
+        if (
+            not blob[::ARM_CMD_SIZE].translate(None, _VMID_ONLY_BYTES)
+            and 0 <= viommu.vmid <= 0xFFFF
+        ):
+            # every command a TLBI_NH_* but NSNH_ALL: the rewrite is the VMID's two bytes
+            return self._issue_converted(core, viommu, _with_vmid(blob, viommu.vmid))
         fast_end = _vmid_prefix(blob, viommu.vmid)
         if fast_end:
             words = np.frombuffer(blob, dtype=_LE64, count=2 * fast_end).reshape(fast_end, 2)
@@ -352,6 +359,13 @@ class ArmSmmuV3Driver(IommuDriver):
         """
         rows = _convert_vmid_ops(words, viommu.vmid).view(_CMD_BYTES).reshape(-1)
         commands = cast("list[bytes]", rows.tolist())  # a field-less void item is bytes
+        return ArmSmmuV3Driver._issue_converted(core, viommu, commands)
+
+    @staticmethod
+    def _issue_converted(
+        core: IommufdCore, viommu: ViommuObject, commands: list[bytes]
+    ) -> tuple[int, int]:
+        """``_issue_vmid_groups`` once its commands are converted."""
         unit = core.unit(viommu.iommu)
         apply = core.cache_model.holds_stage1(viommu.iommu, viommu.vmid)
         for start in range(0, len(commands), ARM_CMD_BATCH):
@@ -557,6 +571,18 @@ def _vmid_prefix(blob: bytes, vmid: int) -> int:
         return len(other)
     first = int(other.argmax())
     return first - first % ARM_CMD_BATCH
+
+
+def _with_vmid(blob: bytes, vmid: int) -> list[bytes]:
+    """``arm_vsmmu_convert_user_cmd`` (§3.3) of TLBI_NH_ASID / _VA / _VAA / _ALL commands
+    (no NSNH_ALL), at once: W0[47:32], the VMID field, is bytes 4-5 of each little-endian
+    command; every other bit is kept. One command per item, as ``_convert_vmid_ops``."""
+    rows = len(blob) // ARM_CMD_SIZE
+    out = bytearray(blob)
+    out[4::ARM_CMD_SIZE] = bytes((vmid & 0xFF,)) * rows
+    out[5::ARM_CMD_SIZE] = bytes((vmid >> 8,)) * rows
+    data = bytes(out)
+    return [data[at : at + ARM_CMD_SIZE] for at in range(0, len(data), ARM_CMD_SIZE)]
 
 
 def _convert_vmid_ops(words: npt.NDArray[np.uint64], vmid: int) -> npt.NDArray[np.uint64]:
