@@ -159,7 +159,7 @@ class HwptIoctls(IommufdContext):
         ``copy_cmd_from_user`` checks all pass and it would copy the whole struct, so the
         fields are unpacked straight from ``arg`` (the same FORMAT), without the decoded
         struct and ``Call`` the general dispatch builds. ``_iommufd_ioctl`` takes it only
-        for such an ``arg``; tests/backend/test_invalidate_fast.py holds it to the general
+        for such an ``arg``; tests/backend/test_invalidate_exact.py holds it to the general
         path."""
         _size, hwpt_id, uptr, data_type, entry_len, entry_num, reserved = _INVALIDATE.unpack(arg)
         try:
