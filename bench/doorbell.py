@@ -12,6 +12,9 @@ Workloads:
 * ``real-strict``: fixtures/smmuv3-linux61-strict.jsonl.xz (a real Linux 6.1 guest, 6,237
   doorbells, nearly all one TLBI + CMD_SYNC), repeated ``--repeat`` times;
 * ``strict``: bench/workloads.py's strict RIL guest, one TLBI + CMD_SYNC per doorbell;
+* ``ril-16``: the strict RIL guest batching 16 unmaps per doorbell, one CMD_SYNC after them
+  (17 commands; the ranges of one ASID often touch, so the call's ranges are merged:
+  bench/log_latency.py's 17-command doorbell);
 * ``noril-64``: the strict guest without range invalidation, 64 TLBIs + a sync per doorbell.
 
 Each workload runs ``--rounds`` times (default 3) in fresh sessions; the round with the
@@ -59,6 +62,8 @@ def _records(name: str, quick: bool) -> tuple[Any, list[Record]]:
             return reader.header.host, list(reader)
     if name == "strict":
         objs = workloads.strict_ril(2_000 if quick else 20_000)
+    elif name == "ril-16":
+        objs = workloads.strict_ril(4_000 if quick else 32_000, per_doorbell=16, sync_each=False)
     elif name == "noril-64":
         objs = workloads.strict_noril(40 if quick else 400)
     else:
@@ -160,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-layers", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="best of this many rounds")
-    parser.add_argument("--workload", nargs="+", default=["real-strict", "strict", "noril-64"])
+    parser.add_argument(
+        "--workload", nargs="+", default=["real-strict", "strict", "ril-16", "noril-64"]
+    )
     args = parser.parse_args(argv)
     rows = list(_iter(args.workload, args.quick, not args.no_layers, args.rounds))
     if args.json:

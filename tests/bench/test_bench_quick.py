@@ -156,7 +156,7 @@ def _rows(script: str, *extra: str) -> list[dict[str, object]]:
 @pytest.mark.slow
 def test_doorbell_benchmark_splits_by_layer() -> None:
     rows = _rows("doorbell.py", "--rounds", "1")
-    assert [r["workload"] for r in rows] == ["real-strict", "strict", "noril-64"]
+    assert [r["workload"] for r in rows] == ["real-strict", "strict", "ril-16", "noril-64"]
     for row in rows:
         layers = row["layers_us"]
         assert isinstance(layers, dict)

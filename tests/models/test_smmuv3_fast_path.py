@@ -278,8 +278,8 @@ _small_range = st.tuples(
     st.integers(1, 2), st.integers(0, 7), st.integers(0, 3), st.integers(0, 40)
 ).map(
     lambda t: build_command(
-        Opcode.TLBI_NH_VA, asid=t[0], num=t[1], scale=t[2], ttl=t[2] % 4, tg=1, addr=t[3] << 12
-    )
+        Opcode.TLBI_NH_VA, asid=t[0], num=t[1], scale=t[2], ttl=t[2] % 4, tg=1, addr=t[3]
+    )  # addr is the ADDR[63:12] field: page t[3]
 )
 _tlb_command = st.one_of(
     _field_values.map(lambda f: _va(*f)),
@@ -305,3 +305,73 @@ def test_coalesce_tlb_only_is_coalesce(commands: list[bytes], flood: int) -> Non
     expected = [(e.raw, e.origin) for e in coalesce(entries, flood_pages=flood)]
     got = [(e.raw, e.origin) for e in coalesce_tlb_only(entries, flood_pages=flood)]
     assert got == expected
+
+
+# ranges of every granule, level hint, leaf bit, ASID and VMID field, close together, so that
+# groups form, overlap, touch, stay apart, encode no shorter, and flood
+_any_range = st.tuples(
+    st.sampled_from([Opcode.TLBI_NH_VA, Opcode.TLBI_NH_VAA]),
+    st.integers(1, 3),  # ASID
+    st.integers(0, 1),  # VMID field (the kernel rewrites it; the key keeps it)
+    st.integers(0, 31),  # NUM
+    st.integers(0, 5),  # SCALE
+    st.integers(0, 3),  # TTL
+    st.integers(1, 3),  # TG
+    st.integers(0, 1),  # leaf
+    st.integers(0, 96),  # first page
+).map(
+    lambda t: build_command(
+        t[0],
+        **({"asid": t[1]} if t[0] == Opcode.TLBI_NH_VA else {}),
+        vmid=t[2],
+        num=t[3],
+        scale=t[4],
+        ttl=t[5],
+        tg=t[6],
+        leaf=t[7],
+        addr=t[8] << (t[6] * 2 - 2),  # granule t[8] (the field is ADDR[63:12])
+    )
+)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.one_of(_any_range, _any_range, _small_range, _tlb_command), max_size=40),
+    st.sampled_from([4, 64, 512, 4096]),
+)
+def test_range_merge_of_the_tlb_only_coalescer_is_coalesce(
+    commands: list[bytes], flood: int
+) -> None:
+    """``coalesce_tlb_only``'s one-pass range merge gives what ``merge_ranges`` gives."""
+    entries = [Entry(raw, k) for k, raw in enumerate(commands)]
+    expected = [(e.raw, e.origin) for e in coalesce(entries, flood_pages=flood)]
+    got = [(e.raw, e.origin) for e in coalesce_tlb_only(entries, flood_pages=flood)]
+    assert got == expected
+
+
+def _pages_range(first: int, pages: int, asid: int = 1) -> bytes:
+    """TLBI_NH_VA of ``pages`` (< 32) 4 KiB pages from ``first``, SCALE 0."""
+    return build_command(Opcode.TLBI_NH_VA, asid=asid, num=pages - 1, tg=1, addr=first)
+
+
+@pytest.mark.parametrize(
+    ("ranges", "flood", "promoted"),
+    [
+        ([(0, 3), (3, 2)], 4, True),  # touching: 5 pages merged, one over
+        ([(0, 3), (3, 1)], 4, False),  # 4 merged: at the threshold, not over
+        ([(0, 3), (1, 3)], 4, False),  # overlapping: 6 before merging, 4 after
+        ([(0, 3), (1, 4)], 4, True),  # 7 before, 5 after
+        ([(0, 3), (10, 2)], 4, True),  # apart: nothing merges, 5 pages
+        ([(0, 2), (10, 2)], 4, False),
+        ([(0, 31), (31, 31), (62, 3)], 64, True),  # 65 merged
+        ([(0, 31), (31, 31), (62, 2)], 64, False),
+    ],
+)
+def test_flood_after_a_range_merge_is_counted_on_the_merged_spans(
+    ranges: list[tuple[int, int]], flood: int, promoted: bool
+) -> None:
+    entries = [Entry(_pages_range(first, n), k) for k, (first, n) in enumerate(ranges)]
+    expected = [(e.raw, e.origin) for e in coalesce(entries, flood_pages=flood)]
+    got = [(e.raw, e.origin) for e in coalesce_tlb_only(entries, flood_pages=flood)]
+    assert got == expected
+    assert (got[0][0][0] == Opcode.TLBI_NH_ALL) == promoted

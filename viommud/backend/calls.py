@@ -20,6 +20,8 @@ from viommud.backend.base import Backend
 
 _ENTRY_NUM = struct.Struct("<I")
 _ENTRY_NUM_OFFSET = 24  # iommu_hwpt_invalidate.entry_num (iommufd.md §2.1)
+_INVALIDATE = uapi.HwptInvalidate.FORMAT
+_NO_PAYLOAD: dict[str, Any] = {}  # the payload of a call nobody keeps; never written to
 
 
 class BackendCallError(Exception):
@@ -40,6 +42,10 @@ class InvalidateResult:
 
     errno: int
     done: int
+
+
+# Successful results by entry_num (frozen, so shared): a call's result is built per call.
+_DONE: dict[int, InvalidateResult] = {}
 
 
 @dataclass(slots=True)
@@ -461,23 +467,23 @@ class Iommufd:
             count = len(array) // entry_len
         # The hot path packs struct iommu_hwpt_invalidate directly (same FORMAT as
         # uapi.HwptInvalidate) and reads back entry_num, the one field the kernel writes.
-        fmt = uapi.HwptInvalidate.FORMAT
-        arg = bytearray(fmt.size)
-        fmt.pack_into(
-            arg,
-            0,
-            fmt.size,
-            object_id,
-            self._buffer(array) if array else 0,
-            data_type,
-            entry_len,
-            count,
-            0,
+        arg = bytearray(
+            _INVALIDATE.pack(
+                _INVALIDATE.size,
+                object_id,
+                self._buffer(array) if array else 0,
+                data_type,
+                entry_len,
+                count,
+                0,
+            )
         )
-        err = self.backend.ioctl(self.backend.iommufd, uapi.IOMMU_HWPT_INVALIDATE, arg)
+        backend = self.backend
+        err = backend.ioctl(backend.iommufd, uapi.IOMMU_HWPT_INVALIDATE, arg)
         done: int = _ENTRY_NUM.unpack_from(arg, _ENTRY_NUM_OFFSET)[0]
-        self.log.invalidation_entries += count
-        if self.log.detailed:
+        log = self.log
+        log.invalidation_entries += count
+        if log.keep or log.listener is not None:  # CallLog.detailed
             payload: dict[str, Any] = {
                 "object": {"kind": object_kind, "id": object_id},
                 "data_type": uapi.INVALIDATE_DATA_NAMES.get(data_type, str(data_type)),
@@ -487,6 +493,13 @@ class Iommufd:
                 "entry_num": done,
             }
         else:
-            payload = {}
-        self.log.add("IOMMU_HWPT_INVALIDATE", err, payload, iommu)
-        return InvalidateResult(err, done)
+            payload = _NO_PAYLOAD  # nobody reads it (CallLog.add: neither kept nor listened)
+        log.add("IOMMU_HWPT_INVALIDATE", err, payload, iommu)
+        if err:
+            return InvalidateResult(err, done)
+        result = _DONE.get(done)
+        if result is None:
+            result = InvalidateResult(0, done)
+            if len(_DONE) < 4096:
+                _DONE[done] = result
+        return result

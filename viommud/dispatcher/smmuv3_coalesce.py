@@ -358,11 +358,90 @@ def coalesce_tlb_only(
         out = drop_covered_by_vm_wide(out)
     flood = any(n > flood_pages for n in pages.values())
     if ranged >= 2:
-        out = merge_ranges(out)
-        flood = True  # merged spans are counted anew
+        out, merged = _merge_tlb_ranges(out)
+        if merged:  # merged spans are counted anew
+            flood = _nh_va_flood(out, flood_pages)
     if flood:
         out = promote_floods(out, flood_pages)
     return out
+
+
+_NOT_NUM_SCALE = ~(0x1F << 12 | 0x1F << 20)
+
+
+def _merge_tlb_ranges(entries: list[Entry]) -> tuple[list[Entry], bool]:
+    """``merge_ranges`` for ``coalesce_tlb_only`` in one pass over the commands' words
+    (no ``Entry.words`` / ``_range_key`` / ``_pages`` call per entry), with the same result:
+    the same groups (key of ``_range_key``, in order of first appearance), spans (first
+    page, count, origin, sorted), runs (``_union``), RIL encoding and the same rule for
+    keeping a group as written. Also says whether any group was replaced (else the result
+    holds ``entries`` as they were). tests/models/test_smmuv3_fast_path.py holds it to
+    ``coalesce``."""
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    spans: dict[tuple[int, int, int], list[tuple[int, int, int]]] = {}
+    unpack = _CMD.unpack
+    for index, e in enumerate(entries):
+        raw = e.raw
+        tg = (raw[9] >> 2) & 3  # W1[11:10]
+        if not tg or raw[0] not in TLBI_RANGE_OPS:
+            continue
+        w0, w1 = unpack(raw)
+        key = (w0 & _NOT_NUM_SCALE, w1 & 0xFFF, tg)
+        span = (
+            (w1 & _ADDR_MASK) >> (tg * 2 + 10),
+            (((w0 >> 12) & 0x1F) + 1) << ((w0 >> 20) & 0x1F),
+            e.origin,
+        )
+        members = groups.get(key)
+        if members is None:
+            groups[key] = [index]
+            spans[key] = [span]
+        else:
+            members.append(index)
+            spans[key].append(span)
+    replaced: dict[int, list[Entry]] = {}  # index of the group's first entry -> new entries
+    dropped: set[int] = set()
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        runs = _union(sorted(spans[key]))
+        if len(runs) >= len(members):
+            continue  # nothing joined: each run encodes to one command or more, no shorter
+        w0_base, w1_low, tg = key
+        new: list[Entry] = []
+        for first, end, origin in runs:
+            words = encode_range(w0_base, w1_low, first, end - first, tg)
+            new += [Entry(_CMD.pack(a, b), origin) for a, b in words]
+        if len(new) >= len(members):
+            continue  # the union encodes no shorter: keep the guest's own commands
+        replaced[members[0]] = new
+        dropped.update(members)
+    if not replaced:
+        return entries, False
+    out: list[Entry] = []
+    for index, e in enumerate(entries):
+        if index in dropped:
+            out += replaced.get(index, ())
+        else:
+            out.append(e)
+    return out, True
+
+
+def _nh_va_flood(entries: list[Entry], threshold: int) -> bool:
+    """Whether ``promote_floods`` would find an ASID with more than ``threshold`` pages of
+    TLBI_NH_VA (counted as it counts them) among TLB-only ``entries``."""
+    pages: dict[int, int] = {}
+    for e in entries:
+        raw = e.raw
+        if raw[0] == _TLBI_NH_VA:
+            asid = raw[6] | raw[7] << 8  # W0[63:48]
+            if (raw[9] >> 2) & 3:
+                w0 = int.from_bytes(raw[:4], "little")
+                count = (((w0 >> 12) & 0x1F) + 1) << ((w0 >> 20) & 0x1F)
+            else:
+                count = 1
+            pages[asid] = pages.get(asid, 0) + count
+    return any(n > threshold for n in pages.values())
 
 
 _NOT_VM_WIDE = bytes(op for op in range(256) if op not in TLBI_VM_WIDE_OPS)

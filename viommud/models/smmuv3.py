@@ -133,7 +133,7 @@ class SmmuV3Viommu:
         if outcome.host_errors:
             frontend.host_failed(outcome.host_errors)
         errors = outcome.errors
-        if self.log is not None:
+        if self.log is not None and (errors or self.batch or self.debug):  # a line to log
             self._log_doorbell(data, summary, errors, calls.seq - calls_before, started)
         if not errors:
             return _clean_reply(summary.consumed, summary.syncs)

@@ -113,6 +113,21 @@ class Progress:
         self.errors += errors
         self.host_calls += host_calls
 
+    def doorbell(self, seconds: float, commands: int, errors: int, host_calls: int) -> None:
+        """``batch("cmds", ...)`` in one step (the per-doorbell hot path): one bucket search
+        for both histograms."""
+        bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        hist = self.latency["cmds"]
+        hist.counts[bucket] += 1
+        hist.total += seconds
+        window = self._window
+        window.counts[bucket] += 1
+        window.total += seconds
+        self.doorbells += 1
+        self.commands += commands
+        self.errors += errors
+        self.host_calls += host_calls
+
     def due(self) -> bool:
         """Whether a ``session_progress`` line is due (something happened and a second has
         passed since the last one)."""

@@ -86,6 +86,10 @@ _VMID_OPS[sorted(TLBI_OPS)] = True
 _LE64 = np.dtype("<u8")
 _CMD_BYTES = np.dtype((np.void, ARM_CMD_SIZE))  # one whole command, for .tolist() -> bytes
 _KEEP_ALL_BUT_VMID = np.uint64(~CMDQ_TLBI_0_VMID & U64_MAX)
+_KEEP_ALL_BUT_VMID_INT = ~CMDQ_TLBI_0_VMID & U64_MAX
+# The opcodes ``convert_words`` converts by the VMID rewrite alone (TLBI_NH_* but NSNH_ALL)
+_VMID_ONLY_OPS = frozenset(int(op) for op in TLBI_NH_OPS) - {_TLBI_NSNH_ALL}
+_VMID_ONLY_BYTES = bytes(sorted(_VMID_ONLY_OPS))  # for bytes.translate over the opcodes
 
 # Field masks of the pending series' strict validation (§3.6): what each opcode may set.
 _W0_VMID = 0xFFFF << 32
@@ -219,16 +223,20 @@ class ArmSmmuV3Driver(IommuDriver):
         """``arm_vsmmu_cache_invalidate``: mainline (§3.4, quirks included) or pending."""
         if core.kernel == KERNEL_PENDING:
             return self._cache_invalidate_pending(core, viommu, array)
-        if array.entry_num * ARM_CMD_SIZE > KMALLOC_MAX_SIZE:
+        entry_num = array.entry_num
+        if entry_num * ARM_CMD_SIZE > KMALLOC_MAX_SIZE:
             return errno.ENOMEM, 0
         if (
             self.fast_invalidate
-            and not core.unit(viommu.iommu).faults  # injected faults take the reference walk
-            and _packed_arm_array(array)
+            and array.type == uapi.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3
+            and entry_num > 0
+            and array.entry_len == ARM_CMD_SIZE  # read in one piece (§2.3)
         ):
-            if array.entry_num >= VECTOR_MIN:
-                return self._cache_invalidate_packed(core, viommu, array)
-            return self._cache_invalidate_short(core, viommu, array)
+            unit = core.unit(viommu.iommu)
+            if not unit.faults:  # injected faults take the reference walk
+                if entry_num >= VECTOR_MIN:
+                    return self._cache_invalidate_packed(core, viommu, array)
+                return self._cache_invalidate_short(core, viommu, array, unit)
         try:
             cmds = copy_full_array(
                 core.memory,
@@ -281,7 +289,7 @@ class ArmSmmuV3Driver(IommuDriver):
         return ENOERR, base + cur
 
     def _cache_invalidate_short(
-        self, core: IommufdCore, viommu: ViommuObject, array: UserArray
+        self, core: IommufdCore, viommu: ViommuObject, array: UserArray, unit: PhysicalIommuState
     ) -> tuple[int, int]:
         """The mainline walk over fewer than ``VECTOR_MIN`` (< 63) plain 16-byte entries, on
         the words: the same copy as ``copy_full_array`` (one read, EFAULT for a fault
@@ -291,14 +299,18 @@ class ArmSmmuV3Driver(IommuDriver):
             blob = core.memory.read(array.uptr, array.entry_num * ARM_CMD_SIZE)
         except UserFault:
             return errno.EFAULT, 0
-        convert = self.convert_words
+        convert, pack = self.convert_words, _QQ.pack
+        vmid_field = viommu.vmid << 32
         converted: list[bytes] = []
         for index, (w0, w1) in enumerate(_QQ.iter_unpack(blob)):
+            if w0 & CMDQ_0_OP in _VMID_ONLY_OPS:  # convert_words' TLBI_NH_* rewrite, inline
+                converted.append(pack((w0 & _KEEP_ALL_BUT_VMID_INT) | vmid_field, w1))
+                continue
             raw = convert(core, viommu, w0, w1)
             if raw is None:
                 return errno.EIO, index
             converted.append(raw)
-        err = core.unit(viommu.iommu).issue(converted)
+        err = unit.issue(converted)
         core.apply_host_commands(viommu.iommu, converted)
         if err:
             return err, len(converted) - 1
@@ -319,6 +331,12 @@ class ArmSmmuV3Driver(IommuDriver):
             blob = core.memory.read(array.uptr, array.entry_num * ARM_CMD_SIZE)
         except UserFault:
             return errno.EFAULT, 0
+        if (
+            not blob[::ARM_CMD_SIZE].translate(None, _VMID_ONLY_BYTES)
+            and 0 <= viommu.vmid <= 0xFFFF
+        ):
+            # every command a TLBI_NH_* but NSNH_ALL: the rewrite is the VMID's two bytes
+            return self._issue_converted(core, viommu, _with_vmid(blob, viommu.vmid))
         fast_end = _vmid_prefix(blob, viommu.vmid)
         if fast_end:
             words = np.frombuffer(blob, dtype=_LE64, count=2 * fast_end).reshape(fast_end, 2)
@@ -341,6 +359,13 @@ class ArmSmmuV3Driver(IommuDriver):
         """
         rows = _convert_vmid_ops(words, viommu.vmid).view(_CMD_BYTES).reshape(-1)
         commands = cast("list[bytes]", rows.tolist())  # a field-less void item is bytes
+        return ArmSmmuV3Driver._issue_converted(core, viommu, commands)
+
+    @staticmethod
+    def _issue_converted(
+        core: IommufdCore, viommu: ViommuObject, commands: list[bytes]
+    ) -> tuple[int, int]:
+        """``_issue_vmid_groups`` once its commands are converted."""
         unit = core.unit(viommu.iommu)
         apply = core.cache_model.holds_stage1(viommu.iommu, viommu.vmid)
         for start in range(0, len(commands), ARM_CMD_BATCH):
@@ -531,15 +556,6 @@ class ArmSmmuV3Driver(IommuDriver):
 VECTOR_MIN = 16
 
 
-def _packed_arm_array(array: UserArray) -> bool:
-    """An ARM command array that ``copy_full_array`` would read in one piece (§2.3)."""
-    return (
-        array.type == uapi.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3
-        and array.entry_num > 0
-        and array.entry_len == ARM_CMD_SIZE
-    )
-
-
 def _vmid_prefix(blob: bytes, vmid: int) -> int:
     """How many leading commands of ``blob`` the vectorised walk takes (§3.4).
 
@@ -555,6 +571,18 @@ def _vmid_prefix(blob: bytes, vmid: int) -> int:
         return len(other)
     first = int(other.argmax())
     return first - first % ARM_CMD_BATCH
+
+
+def _with_vmid(blob: bytes, vmid: int) -> list[bytes]:
+    """``arm_vsmmu_convert_user_cmd`` (§3.3) of TLBI_NH_ASID / _VA / _VAA / _ALL commands
+    (no NSNH_ALL), at once: W0[47:32], the VMID field, is bytes 4-5 of each little-endian
+    command; every other bit is kept. One command per item, as ``_convert_vmid_ops``."""
+    rows = len(blob) // ARM_CMD_SIZE
+    out = bytearray(blob)
+    out[4::ARM_CMD_SIZE] = bytes((vmid & 0xFF,)) * rows
+    out[5::ARM_CMD_SIZE] = bytes((vmid >> 8,)) * rows
+    data = bytes(out)
+    return [data[at : at + ARM_CMD_SIZE] for at in range(0, len(data), ARM_CMD_SIZE)]
 
 
 def _convert_vmid_ops(words: npt.NDArray[np.uint64], vmid: int) -> npt.NDArray[np.uint64]:

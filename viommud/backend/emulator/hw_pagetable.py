@@ -26,7 +26,7 @@ from viommud.backend.emulator.objects import (
 )
 from viommud.backend.emulator.usercopy import Call, IoctlError, UserArray, UserData
 
-__all__ = ["HwptIoctls"]
+__all__ = ["INVALIDATE_SIZE", "HwptIoctls"]
 
 NESTED_FLAGS = uapi.IOMMU_HWPT_FAULT_ID_VALID | uapi.IOMMU_HWPT_ALLOC_PASID
 PAGING_FLAGS = (
@@ -37,6 +37,22 @@ PAGING_FLAGS = (
 )
 _ENTRY_NUM_OFFSET = 24  # iommu_hwpt_invalidate.entry_num (§2.1)
 _U32 = struct.Struct("<I")
+_INVALIDATE = uapi.HwptInvalidate.FORMAT
+INVALIDATE_SIZE = _INVALIDATE.size
+
+# The arrays of recent calls: a VMM passes the same few (its scratch buffer, a handful of
+# lengths), and a frozen 4-field value costs more to build than to look up.
+_ARRAYS: dict[tuple[int, int, int, int], UserArray] = {}
+
+
+def _user_array(data_type: int, uptr: int, entry_len: int, entry_num: int) -> UserArray:
+    key = (data_type, uptr, entry_len, entry_num)
+    array = _ARRAYS.get(key)
+    if array is None:
+        array = UserArray(data_type, uptr, entry_len, entry_num)
+        if len(_ARRAYS) < 1024:
+            _ARRAYS[key] = array
+    return array
 
 
 class HwptIoctls(IommufdContext):
@@ -123,21 +139,61 @@ class HwptIoctls(IommufdContext):
 
     # -- IOMMU_HWPT_INVALIDATE (§2.2) --------------------------------------------------------
     def _ioctl_hwpt_invalidate(self, call: Call[uapi.HwptInvalidate]) -> int:
-        rc, done = self._hwpt_invalidate(call.cmd)
+        cmd = call.cmd
+        rc, done = self._hwpt_invalidate(
+            cmd.hwpt_id,
+            data_uptr=cmd.data_uptr,
+            data_type=cmd.data_type,
+            entry_len=cmd.entry_len,
+            entry_num=cmd.entry_num,
+            reserved=cmd.reserved,
+        )
         # The write-back of the whole struct (§2.2 step 6) changes only entry_num; MIN_SIZE
         # is the whole struct, so the user's copy always covers it.
         _U32.pack_into(call.arg, _ENTRY_NUM_OFFSET, done)
         return rc
 
-    def _hwpt_invalidate(self, cmd: uapi.HwptInvalidate) -> tuple[int, int]:
-        if cmd.reserved:
+    def _hwpt_invalidate_exact(self, arg: bytearray) -> int:
+        """``IOMMU_HWPT_INVALIDATE`` whose ``size`` is the kernel's struct size and whose
+        argument holds exactly that struct (what ``Iommufd.invalidate_array`` passes): the
+        ``copy_cmd_from_user`` checks all pass and it would copy the whole struct, so the
+        fields are unpacked straight from ``arg`` (the same FORMAT), without the decoded
+        struct and ``Call`` the general dispatch builds. ``_iommufd_ioctl`` takes it only
+        for such an ``arg``; tests/backend/test_invalidate_exact.py holds it to the general
+        path."""
+        _size, hwpt_id, uptr, data_type, entry_len, entry_num, reserved = _INVALIDATE.unpack(arg)
+        try:
+            rc, done = self._hwpt_invalidate(
+                hwpt_id,
+                data_uptr=uptr,
+                data_type=data_type,
+                entry_len=entry_len,
+                entry_num=entry_num,
+                reserved=reserved,
+            )
+        except IoctlError as exc:
+            return exc.errno  # as _iommufd_ioctl: nothing written back
+        _U32.pack_into(arg, _ENTRY_NUM_OFFSET, done)
+        return rc
+
+    def _hwpt_invalidate(
+        self,
+        hwpt_id: int,
+        *,
+        data_uptr: int,
+        data_type: int,
+        entry_len: int,
+        entry_num: int,
+        reserved: int,
+    ) -> tuple[int, int]:
+        if reserved:
             return errno.EOPNOTSUPP, 0
-        if cmd.entry_num and (not cmd.data_uptr or not cmd.entry_len):
+        if entry_num and (not data_uptr or not entry_len):
             return errno.EINVAL, 0
-        obj = self._objects.get(cmd.hwpt_id)
+        obj = self._objects.get(hwpt_id)
         if obj is None:
             return errno.ENOENT, 0
-        array = UserArray(cmd.data_type, cmd.data_uptr, cmd.entry_len, cmd.entry_num)
+        array = _user_array(data_type, data_uptr, entry_len, entry_num)
         result: tuple[int, int] | None
         if isinstance(obj, HwptNestedObject):
             result = self._drivers[obj.model].hwpt_cache_invalidate(self, obj, array)

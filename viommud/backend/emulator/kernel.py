@@ -50,7 +50,7 @@ from viommud.backend.emulator.device import DeviceIoctls
 from viommud.backend.emulator.driver import KERNEL_MAINLINE, IommuDriver
 from viommud.backend.emulator.eventq import EventqIoctls
 from viommud.backend.emulator.files import FileRef
-from viommud.backend.emulator.hw_pagetable import HwptIoctls
+from viommud.backend.emulator.hw_pagetable import INVALIDATE_SIZE, HwptIoctls
 from viommud.backend.emulator.intel import IntelVtdDriver
 from viommud.backend.emulator.ioas import IoasIoctls
 from viommud.backend.emulator.selftest import MockDriver, test_cmd
@@ -268,6 +268,13 @@ class EmulatedIommufd(IoasIoctls, HwptIoctls, ViommuIoctls, EventqIoctls, Device
 
     # -- dispatch -------------------------------------------------------------------------
     def _iommufd_ioctl(self, request: int, arg: bytearray) -> int:
+        if (
+            request == _HWPT_INVALIDATE
+            and len(arg) == INVALIDATE_SIZE
+            and arg[0] == INVALIDATE_SIZE
+            and not arg[1] | arg[2] | arg[3]
+        ):
+            return self._hwpt_invalidate_exact(arg)  # size == the struct: the checks all pass
         op = _IOMMUFD_OPS.get(request)
         if op is None or (request == uapi.IOMMU_TEST_CMD and not self.selftest):
             return errno.ENOTTY
@@ -308,6 +315,7 @@ class EmulatedIommufd(IoasIoctls, HwptIoctls, ViommuIoctls, EventqIoctls, Device
 
 
 _Handler = Callable[[EmulatedIommufd, Any], int]
+_HWPT_INVALIDATE = uapi.IOMMU_HWPT_INVALIDATE
 _DeviceHandler = Callable[[EmulatedIommufd, DeviceFile, bytearray], int]
 
 # request -> (structure, handler). Known but not emulated requests are absent (ENOTTY).
