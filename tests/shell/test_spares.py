@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from tests.shell.test_isolation import HOST
 from tests.shell.test_serve_drain import Served
 from viommud.shell.cli import main
 from viommud.shell.client import Client
-from viommud.shell.sessions import Spawner, default_spares
+from viommud.shell.sessions import SPARE_NICE, Spawner, can_renice, default_spares
 
 WORKER = b"viommud.shell.worker"
 DEADLINE = 60.0  # seconds the spares may take to start on a loaded machine
@@ -222,3 +225,86 @@ def test_a_killed_spare_does_not_stop_the_daemon(tmp_path: Path) -> None:
         asyncio.run(hello())
     finally:
         assert daemon.stop() == 0
+
+
+# -- spares wait at a low priority --------------------------------------------------------
+
+
+def _nice(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
+async def test_spares_wait_at_nice_19_and_a_taken_one_serves_at_the_daemons() -> None:
+    spawner = Spawner(spares=2, lower=True)
+    spawner.prepare()
+    await async_wait_for_workers(os.getpid(), 2)
+    await asyncio.wait(spawner._pool)
+    waiting = [task.result().process.pid for task in spawner._pool]
+    assert [_nice(pid) for pid in waiting] == [SPARE_NICE, SPARE_NICE]
+    taken = await spawner.take()
+    try:
+        assert taken.process.pid == waiting[0]
+        assert _nice(taken.process.pid) == _nice(0)
+        await asyncio.wait(spawner._pool)
+        assert [_nice(t.result().process.pid) for t in spawner._pool] == [SPARE_NICE] * 2
+    finally:
+        taken.control.close()
+        await taken.process.wait()
+        await spawner.close()
+
+
+async def test_spares_keep_the_daemons_nice_when_it_could_not_give_it_back() -> None:
+    spawner = Spawner(spares=1, lower=False)
+    spawner.prepare()
+    await asyncio.wait(spawner._pool)
+    taken = await spawner.take()
+    try:
+        assert _nice(taken.process.pid) == _nice(0)
+        await asyncio.wait(spawner._pool)
+        assert _nice(spawner._pool[0].result().process.pid) == _nice(0)
+    finally:
+        taken.control.close()
+        await taken.process.wait()
+        await spawner.close()
+
+
+CAPS_ALL, CAPS_NONE = "CapEff:\t000001ffffffffff\n", "CapEff:\t0000000000000000\n"
+CAPS_ONLY_NICE = f"CapEff:\t{1 << 23:016x}\n"
+CAPS_ALL_BUT_NICE = f"CapEff:\t{0x1FFFFFFFFFF & ~(1 << 23):016x}\n"
+
+
+@pytest.mark.parametrize(
+    ("status", "rlimit", "nice", "expected"),
+    [
+        (CAPS_ALL, 0, 0, True),  # root: CAP_SYS_NICE
+        (CAPS_ONLY_NICE, 0, 0, True),
+        (CAPS_ALL_BUT_NICE, 0, 0, False),  # e.g. a container that dropped it
+        (CAPS_NONE, 0, 0, False),  # an ordinary user with the default RLIMIT_NICE
+        (CAPS_NONE, 20, 0, True),  # RLIMIT_NICE 20 allows nice 0 again
+        (CAPS_NONE, 19, 0, False),
+        (CAPS_NONE, 10, 10, True),  # a daemon started at nice 10 needs only 10
+        (CAPS_NONE, resource.RLIM_INFINITY, 0, True),
+        ("Name:\tx\n", 0, 0, False),  # no CapEff line
+    ],
+)
+def test_can_renice_follows_setpriority_rules(
+    status: str, rlimit: int, nice: int, expected: bool
+) -> None:
+    assert can_renice(status, rlimit, nice) is expected
+
+
+def test_this_process_can_renice_as_it_says() -> None:
+    """can_renice's answer for this very process holds: a child raised to SPARE_NICE gets
+    this process's nice value back exactly when it says so."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        os.setpriority(os.PRIO_PROCESS, child.pid, SPARE_NICE)
+        try:
+            os.setpriority(os.PRIO_PROCESS, child.pid, _nice(0))
+            gave_back = True
+        except PermissionError:
+            gave_back = False
+        assert gave_back is can_renice()
+    finally:
+        child.kill()
+        child.wait()

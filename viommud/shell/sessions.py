@@ -15,6 +15,7 @@ import base64
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -28,6 +29,8 @@ from viommud.shell.progress import Histogram
 from viommud.shell.replies import encode_error
 
 CONTROL_LINE_LIMIT = 64 * 1024 * 1024  # a status push describes every vIOMMU of a session
+SPARE_NICE = 19  # a waiting spare's nice value, when it can be given back (setpriority(2))
+CAP_SYS_NICE = 23  # capability(7) bit
 
 
 class Spare:
@@ -42,6 +45,31 @@ def default_spares() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+def can_renice(
+    status: str | None = None, rlimit: int | None = None, nice: int | None = None
+) -> bool:
+    """Whether this process may give a child its own nice value back after raising it:
+    setpriority(2) lowers a nice value only with CAP_SYS_NICE or within RLIMIT_NICE
+    (``20 - nice`` at most), which children inherit. ``status`` (/proc/self/status),
+    ``rlimit`` (RLIMIT_NICE's soft limit) and ``nice`` default to this process's."""
+    if nice is None:
+        nice = os.getpriority(os.PRIO_PROCESS, 0)
+    if rlimit is None:
+        rlimit = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    if rlimit == resource.RLIM_INFINITY or rlimit >= 20 - nice:
+        return True
+    if status is None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as file:
+                status = file.read()
+        except OSError:
+            return False
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_SYS_NICE & 1)
+    return False
+
+
 class Spawner:
     """Keeps ``spares`` session processes started (at least 1). ``backend``: the sessions'
     backend by name (``emulated`` or ``iommufd``); a spare imports what that one needs
@@ -50,20 +78,30 @@ class Spawner:
     ``take`` hands over the oldest spare (the one most likely done with its imports) and
     starts its replacement in the background, so a take never waits while a spare is
     there; only when more HELLOs come at once than there are spares does one wait for a
-    process to start (~0.6 s of CPU each: an interpreter and viommud's imports)."""
+    process to start (~0.6 s of CPU each: an interpreter and viommud's imports).
 
-    def __init__(self, backend: str = "emulated", spares: int = 1) -> None:
+    Where the daemon can give it back (``can_renice``), a spare waits at nice
+    ``SPARE_NICE``: the replacement started when a session takes a spare then uses only CPU
+    that running sessions leave idle, and ``take`` gives the spare the daemon's own nice
+    value before it serves. ``lower=False`` keeps spares at the daemon's."""
+
+    def __init__(
+        self, backend: str = "emulated", spares: int = 1, *, lower: bool | None = None
+    ) -> None:
         if spares < 1:
             raise ValueError(f"a spawner keeps at least 1 spare session process, got {spares}")
         self._pool: deque[asyncio.Task[Spare]] = deque()
         self._closed = False
         self.backend = backend
         self.spares = spares
+        self.nice = os.getpriority(os.PRIO_PROCESS, 0)
+        self.lower = can_renice() if lower is None else lower
 
     def prepare(self) -> None:
         """Start spares until ``spares`` are ready or on their way."""
+        nice = SPARE_NICE if self.lower else None
         while len(self._pool) < self.spares and not self._closed:
-            self._pool.append(asyncio.create_task(_spawn(self.backend)))
+            self._pool.append(asyncio.create_task(_spawn(self.backend, nice)))
 
     @property
     def pids(self) -> list[int]:
@@ -81,6 +119,13 @@ class Spawner:
         if not _waiting(taken):
             taken.control.close()
             taken = await self._next()
+        if self.lower:
+            try:
+                os.setpriority(os.PRIO_PROCESS, taken.process.pid, self.nice)
+            except ProcessLookupError:  # it died just now: its session will say so
+                pass
+            except PermissionError:  # can_renice was wrong: later spares keep the daemon's
+                self.lower = False
         return taken
 
     async def _next(self) -> Spare:
@@ -120,7 +165,7 @@ def _waiting(spare: Spare) -> bool:
         return False
 
 
-async def _spawn(backend: str) -> Spare:
+async def _spawn(backend: str, nice: int | None = None) -> Spare:
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         process = await asyncio.create_subprocess_exec(
@@ -138,6 +183,9 @@ async def _spawn(backend: str) -> Spare:
         raise
     finally:
         child.close()
+    if nice is not None:
+        with contextlib.suppress(OSError):  # it may have exited already
+            os.setpriority(os.PRIO_PROCESS, process.pid, nice)
     return Spare(process, parent)
 
 
