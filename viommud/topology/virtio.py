@@ -382,13 +382,6 @@ class VirtioTopology:
         pieces = self.memory.pieces(mapping.phys, mapping.end - start + 1)
         readable = bool(flags & MAP_READ)
         writeable = bool(flags & MAP_WRITE)
-        if len(pieces) == 1:  # the usual MAP: one region of guest RAM, nothing to undo
-            _, region, within, length = pieces[0]
-            self._map_ram(
-                ioas_id, start, region, within, length, readable=readable, writeable=writeable
-            )
-            dom.forwarded.add(start)
-            return
         done: list[tuple[int, int]] = []
         try:
             for offset, region, within, length in pieces:
