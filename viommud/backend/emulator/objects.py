@@ -160,9 +160,9 @@ class SortedStarts:
         block.insert(i, value)
         firsts[b] = block[0]
         if len(block) > 2 * _LOAD:
-            blocks.insert(b + 1, block[_LOAD:])
+            # two new lists of the exact size: a list cut in place keeps its allocation
+            blocks[b : b + 1] = [block[:_LOAD], block[_LOAD:]]
             firsts.insert(b + 1, block[_LOAD])
-            del block[_LOAD:]
 
     def remove(self, value: int) -> None:
         firsts, blocks = self._firsts, self._blocks
