@@ -158,7 +158,8 @@ class VirtioDispatcher:
                         self.stats.baseline_invalidate_calls += sum(
                             1 for b in self._buckets.values() for step in b.steps if step
                         )
-                    self._flush()
+                    if self._buckets:
+                        self._flush()
                 else:
                     self.apply(event)
         except BackendCallError as exc:

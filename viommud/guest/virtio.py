@@ -20,6 +20,8 @@ from protocols.virtio_iommu import RequestType, TableFormat, TableFormatC
 
 __all__ = [
     "KIND_NAMES",
+    "MAP_SIZE",
+    "UNMAP_SIZE",
     "ArmPgtTable",
     "ArmPstTable",
     "ArmSteTable",
@@ -44,6 +46,8 @@ __all__ = [
     "kind_name",
     "request_type_of",
     "tail",
+    "unpack_map",
+    "unpack_unmap",
 ]
 
 # head.type values (§2.1, §5) as module names: the comparisons below run per request
@@ -85,6 +89,14 @@ _DESC_VTD = struct.Struct("<3sQQI88s")  # @13: reserved0, vtd_flags, pgtbl_addr,
 _INV_A = struct.Struct("<B3xHHIIQQQB19s")
 _INV_B = struct.Struct("<B3xHHHHIIIQQQB11s")
 _INV_C = struct.Struct("<B3xBBHIIQQQB19s")
+
+# MAP and UNMAP without a decoded value (the frontend's fast path; ``decode`` gives the same
+# fields): (type, domain, virt_start, virt_end, phys_start, flags) and
+# (type, domain, virt_start, virt_end, reserved)
+MAP_SIZE = _MAP.size
+UNMAP_SIZE = _UNMAP.size
+unpack_map = _MAP.unpack
+unpack_unmap = _UNMAP.unpack
 
 TABLE_AB_SIZE = _TABLE_AB.size + 62  # 76
 TABLE_C_SIZE = _TABLE_C.size + 111  # 124

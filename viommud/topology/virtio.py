@@ -342,27 +342,29 @@ class VirtioTopology:
     # -- MAP / UNMAP ------------------------------------------------------------------------
     def map(self, domain: int, mapping: Mapping) -> None:
         dom = self.domains.get(domain)
-        if dom is None or ("ioas", domain) not in self.objects:
+        ioas = self.objects.get(("ioas", domain))
+        if dom is None or ioas is None:
             return  # no host device in the domain yet: replayed at the first one
-        self._ioas_map(dom, mapping)
+        self._ioas_map(dom, mapping, ioas.id)
 
     def unmap(self, domain: int, mappings: Iterable[Mapping]) -> None:
         dom = self.domains.get(domain)
-        if dom is None or ("ioas", domain) not in self.objects:
+        ioas = self.objects.get(("ioas", domain))
+        if dom is None or ioas is None:
             return
-        gone = [m for m in mappings if m.start in dom.forwarded]
+        forwarded = dom.forwarded
+        gone = [m for m in mappings if m.start in forwarded]
         if not gone:
             return
         first, last = gone[0].start, gone[-1].end
-        ioas = self.objects[("ioas", domain)]
         done = self.iommufd.ioas_unmap(None, ioas.id, first, last - first + 1)
-        expected = sum(m.size for m in gone)
+        expected = sum(m.end - m.start + 1 for m in gone)
         if done != expected:
             raise TopologyError(
                 f"IOAS_UNMAP of [{first:#x}, {last:#x}] removed {done} bytes, not {expected}"
             )
         for m in gone:
-            dom.forwarded.discard(m.start)
+            forwarded.discard(m.start)
 
     @staticmethod
     def forwardable(mapping: Mapping) -> bool:
@@ -370,32 +372,35 @@ class VirtioTopology:
         mappings (an emulated doorbell) and flags 0 stay with the guest-visible state."""
         return bool(mapping.flags & (MAP_READ | MAP_WRITE)) and not mapping.flags & MAP_MMIO
 
-    def _ioas_map(self, dom: HostDomain, mapping: Mapping) -> None:
-        if not self.forwardable(mapping):
-            return
-        ioas = self.objects[("ioas", dom.domain)]
-        pieces = self.memory.pieces(mapping.phys, mapping.size)
+    def _ioas_map(self, dom: HostDomain, mapping: Mapping, ioas_id: int | None = None) -> None:
+        flags = mapping.flags
+        if not flags & (MAP_READ | MAP_WRITE) or flags & MAP_MMIO:
+            return  # not forwardable
+        if ioas_id is None:
+            ioas_id = self.objects[("ioas", dom.domain)].id
+        start = mapping.start
+        pieces = self.memory.pieces(mapping.phys, mapping.end - start + 1)
+        readable = bool(flags & MAP_READ)
+        writeable = bool(flags & MAP_WRITE)
         done: list[tuple[int, int]] = []
-        readable = bool(mapping.flags & MAP_READ)
-        writeable = bool(mapping.flags & MAP_WRITE)
         try:
             for offset, region, within, length in pieces:
                 self._map_ram(
-                    ioas.id,
-                    mapping.start + offset,
+                    ioas_id,
+                    start + offset,
                     region,
                     within,
                     length,
                     readable=readable,
                     writeable=writeable,
                 )
-                done.append((mapping.start + offset, length))
+                done.append((start + offset, length))
         except BackendCallError:
             for iova, length in done:
                 with contextlib.suppress(BackendCallError):
-                    self.iommufd.ioas_unmap(None, ioas.id, iova, length)
+                    self.iommufd.ioas_unmap(None, ioas_id, iova, length)
             raise
-        dom.forwarded.add(mapping.start)
+        dom.forwarded.add(start)
 
     def _domain_ioas(self, dom: HostDomain, mappings: Iterable[Mapping]) -> None:
         key: Key = ("ioas", dom.domain)

@@ -16,7 +16,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from protocols import iommufd as uapi
 from protocols.models import HostIommu
@@ -56,7 +56,7 @@ from viommud.backend.emulator.usercopy import (
 from viommud.backend.emulator.usermem import EmulatedMemory
 from viommud.host import HostConfig, PhysicalDevice, PhysicalIommu
 
-__all__ = ["IOMMUFD_FD", "DeviceFile", "EventFile", "IommufdContext"]
+__all__ = ["IOMMUFD_FD", "DeviceFile", "EventFile", "IommufdContext", "Iopt"]
 
 IOMMUFD_FD = 3
 _QQ = struct.Struct("<QQ")
@@ -76,6 +76,14 @@ class DeviceFile:
     dev_id: int = 0
     os_fd: int = -1
     cdev: bool = True
+
+
+class Iopt(NamedTuple):
+    """The parts of ``struct io_pagetable`` its domains decide."""
+
+    domains: tuple[HwptPagingObject, ...]  # the HWPT_PAGING objects on the IOAS
+    align: int  # iopt->iova_alignment: 1, or the largest smallest page size of the domains
+    reserved: tuple[tuple[int, int], ...]  # the IOVA ranges outside the domains' apertures
 
 
 @dataclass(slots=True)
@@ -112,6 +120,8 @@ class IommufdContext:
         self.cache_model = CacheModel()
         self._open = True
         self._objects: dict[int, IommufdObject] = {}
+        # IOAS id -> its Iopt; emptied whenever an object comes or goes (``_iopt``)
+        self._iopts: dict[int, Iopt] = {}
         self._tombstones: set[int] = set()
         self._files: dict[int, DeviceFile] = {}
         self._event_files: dict[int, EventFile] = {}
@@ -285,6 +295,7 @@ class IommufdContext:
             raise IoctlError(errno.EBUSY)  # pragma: no cover - xa_limit_31b exhausted
         obj = make(obj_id)
         self._objects[obj_id] = obj
+        self._iopts.clear()
         return obj
 
     def _get(self, obj_id: int, kind: type[IommufdObject]) -> Any:
@@ -328,6 +339,7 @@ class IommufdContext:
     def _destroy(self, obj: IommufdObject) -> None:
         """Remove an unreferenced object and undo its side effects."""
         del self._objects[obj.id]
+        self._iopts.clear()
         if isinstance(obj, VdeviceObject):
             viommu = self._objects[obj.viommu_id]
             assert isinstance(viommu, ViommuObject)
@@ -360,19 +372,40 @@ class IommufdContext:
         return ENOERR
 
     # -- the IO page table of an IOAS (io_pagetable.c) -----------------------------------
-    def _domains(self, ioas: IoasObject) -> list[HwptPagingObject]:
-        return [
+    def _iopt(self, ioas: IoasObject) -> Iopt:
+        """What the IOAS's domains make of its IO page table (cached: an IOAS_MAP or UNMAP
+        reads it, and only a new or destroyed object changes it)."""
+        iopt = self._iopts.get(ioas.id)
+        if iopt is None:
+            iopt = self._iopts[ioas.id] = self._scan_iopt(ioas)
+        return iopt
+
+    def _scan_iopt(self, ioas: IoasObject) -> Iopt:
+        """``_iopt`` from the object table itself."""
+        domains = tuple(
             obj
             for obj in self._objects.values()
             if isinstance(obj, HwptPagingObject) and obj.ioas_id == ioas.id
-        ]
+        )
+        align = 1
+        reserved: list[tuple[int, int]] = []
+        for hwpt in domains:
+            driver = self._drivers[hwpt.model]
+            align = max(align, driver.pgsize)
+            start, end = driver.aperture
+            if start:
+                reserved.append((0, start - 1))
+            if end != U64_MAX:
+                reserved.append((end + 1, U64_MAX))
+        return Iopt(domains, align, tuple(reserved))
+
+    def _domains(self, ioas: IoasObject) -> tuple[HwptPagingObject, ...]:
+        """The HWPT_PAGING objects on ``ioas``, in the object table's order."""
+        return self._iopt(ioas).domains
 
     def _iova_alignment(self, ioas: IoasObject) -> int:
         """``iopt->iova_alignment``: 1, or the largest smallest page size of its domains."""
-        align = 1
-        for hwpt in self._domains(ioas):
-            align = max(align, self._drivers[hwpt.model].pgsize)
-        return align
+        return self._iopt(ioas).align
 
     def _pinnable(self, user_va: int, length: int) -> bool:
         """Whether ``pin_user_pages`` would succeed on ``[user_va, user_va + length)``."""
@@ -457,6 +490,7 @@ class IommufdContext:
             self._destroy(vdev)
             self._tombstones.add(vdev.id)  # §0.3: its ID stays taken until close
         del self._objects[dev.id]
+        self._iopts.clear()
 
     def attach_pt(self, dev: DeviceObject, pt_id: int) -> tuple[int, int]:
         """``iommufd_device_attach`` / ``_replace``: ``(errno, hwpt id attached)``."""

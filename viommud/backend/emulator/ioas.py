@@ -38,16 +38,9 @@ class IoasIoctls(IommufdContext):
         ioas = self._insert(IoasObject)
         return self._finish(call, replace(call.cmd, out_ioas_id=ioas.id), ioas)
 
-    def _reserved(self, ioas: IoasObject) -> list[tuple[int, int]]:
+    def _reserved(self, ioas: IoasObject) -> tuple[tuple[int, int], ...]:
         """The IOVA ranges outside the apertures of the IOAS's domains."""
-        out: list[tuple[int, int]] = []
-        for hwpt in self._domains(ioas):
-            start, end = self._drivers[hwpt.model].aperture
-            if start:
-                out.append((0, start - 1))
-            if end != U64_MAX:
-                out.append((end + 1, U64_MAX))
-        return out
+        return self._iopt(ioas).reserved
 
     def _alloc_iova(self, ioas: IoasObject, uptr: int, length: int, iopt_align: int) -> int:
         """``iopt_alloc_iova``: the lowest fitting hole above PAGE_SIZE."""
@@ -92,7 +85,8 @@ class IoasIoctls(IommufdContext):
         if cmd.length == 0 or cmd.length > U64_MAX - PAGE_SIZE:
             return errno.EINVAL
         iova = self._map_area(ioas, cmd.flags, cmd.iova, cmd.length, cmd.user_va, file=None)
-        if call.respond(replace(cmd, iova=iova)):
+        out = cmd if iova == cmd.iova else replace(cmd, iova=iova)  # FIXED_IOVA: the same
+        if call.respond(out):
             return errno.EFAULT  # pragma: no cover - respond cannot fault here
         return ENOERR
 
@@ -155,7 +149,8 @@ class IoasIoctls(IommufdContext):
         or a byte offset in ``file``) at ``iova`` (or a free IOVA without FIXED_IOVA);
         pins it when the IOAS has a domain. Returns the IOVA; raises IoctlError."""
         # iopt_alloc_area_pages
-        align = self._iova_alignment(ioas)
+        iopt = self._iopt(ioas)
+        align = iopt.align
         if length & (align - 1):
             raise IoctlError(errno.EINVAL)
         if flags & uapi.IOMMU_IOAS_MAP_FIXED_IOVA:
@@ -164,18 +159,19 @@ class IoasIoctls(IommufdContext):
             last = iova + length - 1
             if last > U64_MAX:
                 raise IoctlError(errno.EOVERFLOW)
-            if any(first <= last and iova <= end for first, end in self._reserved(ioas)):
-                raise IoctlError(errno.EINVAL)
-            if ioas.areas_in(iova, last):
+            for first, end in iopt.reserved:
+                if first <= last and iova <= end:
+                    raise IoctlError(errno.EINVAL)
+            if ioas.meets(iova, last):
                 raise IoctlError(errno.EEXIST)
         else:
             iova = self._alloc_iova(ioas, source, length, align)
         # iopt_insert_area
         if (source % PAGE_SIZE) & (align - 1):
             raise IoctlError(errno.EINVAL)
-        area = Area(iova, length, source, flags & MAP_PROT, file=file)
+        area = Area(iova, length, source, flags & MAP_PROT, 0, file)
         # iopt_fill_domains_pages: pin the pages when a domain needs them
-        if self._domains(ioas):
+        if iopt.domains:
             rc = self._pin_error(area)
             if rc:
                 raise IoctlError(rc)
@@ -200,7 +196,8 @@ class IoasIoctls(IommufdContext):
             rc, unmapped = self._unmap_range(ioas, cmd.iova, cmd.iova + cmd.length - 1)
         if rc:
             return rc
-        if call.respond(replace(cmd, length=unmapped)):
+        out = cmd if unmapped == cmd.length else replace(cmd, length=unmapped)
+        if call.respond(out):
             return errno.EFAULT  # pragma: no cover - respond cannot fault here
         return ENOERR
 
@@ -208,16 +205,15 @@ class IoasIoctls(IommufdContext):
         """``iopt_unmap_iova_range``: whole areas only, lowest first; partial progress."""
         unmapped = 0
         while True:
-            found = ioas.areas_in(start, last)
-            if not found:
+            area = ioas.lowest_in(start, last)
+            if area is None:
                 break
-            area = found[0]
             if area.locks:
                 return errno.EBUSY, unmapped
             if area.iova < start or area.last > last:
                 return errno.ENOENT, unmapped
             ioas.remove(area)
-            for hwpt in self._domains(ioas):
+            for hwpt in self._iopt(ioas).domains:
                 self._drivers[hwpt.model].unmap_flush(self, hwpt, area.iova, area.last)
             unmapped += area.length
         return (ENOERR if unmapped else errno.ENOENT), unmapped

@@ -10,10 +10,10 @@ holds the target. The per-driver data of a nested domain (``ArmNestedData``,
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
-
-from sortedcontainers import SortedList
 
 from protocols import iommufd as uapi
 from viommud.backend.emulator.files import FileRef
@@ -33,6 +33,7 @@ __all__ = [
     "IommufdObject",
     "MockNestedData",
     "SelftestObject",
+    "SortedStarts",
     "VdeviceObject",
     "Vevent",
     "VeventqObject",
@@ -95,18 +96,102 @@ class Area:
         return self.iova + self.length - 1
 
 
+_LOAD = 512  # a block splits past 2 * _LOAD starts (sortedcontainers' default load)
+
+
+class SortedStarts:
+    """Distinct ints, sorted, in blocks of at most ``2 * _LOAD`` (the leaf level of a
+    B+-tree, as ``sortedcontainers`` and ``viommud.mappings`` keep it): a lookup is two C
+    bisections, an insert or delete moves at most one block's entries."""
+
+    __slots__ = ("_blocks", "_firsts")
+
+    def __init__(self) -> None:
+        self._blocks: list[list[int]] = []
+        self._firsts: list[int] = []  # _blocks[b][0] for every block b
+
+    def __len__(self) -> int:
+        return sum(len(block) for block in self._blocks)
+
+    def __iter__(self) -> Iterator[int]:
+        for block in self._blocks:
+            yield from block
+
+    def floor(self, value: int) -> int | None:
+        """The largest entry <= ``value``, or None."""
+        b = bisect_right(self._firsts, value) - 1
+        if b < 0:
+            return None
+        block = self._blocks[b]
+        return block[bisect_right(block, value) - 1]  # block[0] <= value
+
+    def higher(self, value: int) -> int | None:
+        """The smallest entry > ``value``, or None."""
+        firsts = self._firsts
+        b = bisect_right(firsts, value) - 1
+        if b >= 0:
+            block = self._blocks[b]
+            i = bisect_right(block, value)
+            if i < len(block):
+                return block[i]
+        return firsts[b + 1] if b + 1 < len(firsts) else None
+
+    def between(self, lo: int, hi: int) -> list[int]:
+        """The entries in ``[lo, hi]``, ascending."""
+        firsts, blocks = self._firsts, self._blocks
+        out: list[int] = []
+        for b in range(max(bisect_right(firsts, lo) - 1, 0), len(blocks)):
+            block = blocks[b]
+            if block[0] > hi:
+                break
+            out.extend(block[bisect_left(block, lo) : bisect_right(block, hi)])
+        return out
+
+    def add(self, value: int) -> None:
+        firsts, blocks = self._firsts, self._blocks
+        if not blocks:
+            blocks.append([value])
+            firsts.append(value)
+            return
+        b = max(bisect_right(firsts, value) - 1, 0)
+        block = blocks[b]
+        i = bisect_left(block, value)
+        assert i == len(block) or block[i] != value, f"{value:#x} is already present"
+        block.insert(i, value)
+        firsts[b] = block[0]
+        if len(block) > 2 * _LOAD:
+            # two new lists of the exact size: a list cut in place keeps its allocation
+            blocks[b : b + 1] = [block[:_LOAD], block[_LOAD:]]
+            firsts.insert(b + 1, block[_LOAD])
+
+    def remove(self, value: int) -> None:
+        firsts, blocks = self._firsts, self._blocks
+        b = bisect_right(firsts, value) - 1
+        block = blocks[b] if b >= 0 else []
+        i = bisect_left(block, value)
+        if i == len(block) or block[i] != value:
+            raise ValueError(f"{value:#x} is not present")
+        del block[i]
+        if block:
+            firsts[b] = block[0]
+        else:
+            del blocks[b]
+            del firsts[b]
+
+
 @dataclass(eq=False, slots=True)
 class IoasObject(IommufdObject):
     """An IO address space (the stage-2 / host IOVA space, §1.2) and its areas.
 
-    The kernel keeps areas in an interval tree; here a sorted list of start IOVAs (a
-    ``SortedList``: O(log n) insert and delete, where a plain list moves every later entry)
-    and a dict from start to area, since areas never overlap.
+    The kernel keeps areas in an interval tree; here the sorted start IOVAs
+    (``SortedStarts``: O(log n) lookup, insert and delete) and a dict from start to area.
+    Areas never overlap, so sorted by start they are sorted by end as well: the only area
+    that can contain an IOVA is the one with the largest start at or below it.
     """
 
     KIND: ClassVar[str] = "IOAS"
     id: int
-    _starts: SortedList[int] = field(default_factory=SortedList)
+    _starts: SortedStarts = field(default_factory=SortedStarts)
     _by_start: dict[int, Area] = field(default_factory=dict)
 
     @property
@@ -116,14 +201,31 @@ class IoasObject(IommufdObject):
         return [by_start[start] for start in self._starts]
 
     def areas_in(self, first: int, last: int) -> list[Area]:
-        """The areas meeting ``[first, last]``, lowest first (O(log n + found)): areas do
-        not overlap, so sorted by start they are sorted by end as well."""
+        """The areas meeting ``[first, last]``, lowest first (O(log n + found))."""
+        by_start = self._by_start
+        lo = first
+        below = self._starts.floor(first)
+        if below is not None and by_start[below].last >= first:
+            lo = below
+        return [by_start[start] for start in self._starts.between(lo, last)]
+
+    def meets(self, first: int, last: int) -> bool:
+        """Whether any area meets ``[first, last]`` (``bool(areas_in(...))``, O(log n)):
+        the area with the largest start <= ``last`` ends highest of those that start there
+        or below."""
+        start = self._starts.floor(last)
+        return start is not None and self._by_start[start].last >= first
+
+    def lowest_in(self, first: int, last: int) -> Area | None:
+        """The lowest area meeting ``[first, last]`` (``areas_in(...)[0]``, O(log n))."""
         starts, by_start = self._starts, self._by_start
-        hi = starts.bisect_right(last)
-        lo = hi
-        while lo and by_start[starts[lo - 1]].last >= first:
-            lo -= 1
-        return [by_start[start] for start in starts[lo:hi]]
+        start = starts.floor(first)
+        if start is not None:
+            area = by_start[start]
+            if area.last >= first:
+                return area
+        start = starts.higher(first)
+        return by_start[start] if start is not None and start <= last else None
 
     def insert(self, area: Area) -> None:
         assert area.iova not in self._by_start

@@ -33,6 +33,7 @@ from protocols.virtio_iommu import (
     CONFIG_BYPASS_OFFSET,
     TAIL_SIZE,
     FaultReason,
+    RequestType,
     Status,
     build_config,
 )
@@ -41,12 +42,14 @@ from viommud.frontends.compat import QEMU
 from viommud.frontends.virtio.domains import Domain, DomainState
 from viommud.frontends.virtio.faults import access, fault_record
 from viommud.frontends.virtio.invalidate import table_invalidations
-from viommud.frontends.virtio.maps import MapRules, map_request, unmap_request
+from viommud.frontends.virtio.maps import MapRules, map_fields, unmap_fields
 from viommud.frontends.virtio.options import DevicePolicy, EndpointInfo, VirtioFeatures
 from viommud.frontends.virtio.probe import probe_properties
 from viommud.frontends.virtio.request import Pending, Refused, Reply, RequestPendingError
 from viommud.frontends.virtio.tables import table_config
 from viommud.guest.virtio import (
+    MAP_SIZE,
+    UNMAP_SIZE,
     Attach,
     AttachTable,
     Decoded,
@@ -60,6 +63,8 @@ from viommud.guest.virtio import (
     kind_name,
     request_type_of,
     tail,
+    unpack_map,
+    unpack_unmap,
 )
 from viommud.virtio_state import DomainKind, GuestView, VirtioEvent
 
@@ -69,6 +74,9 @@ NEED_DATA: Final = None
 U64_MAX: Final = (1 << 64) - 1
 U32_MAX: Final = (1 << 32) - 1
 _BARRIER: Final = Barrier(0)  # every request is one completion (§2.1)
+_MAP: Final = int(RequestType.MAP)
+_UNMAP: Final = int(RequestType.UNMAP)
+_MAP_SIZES: Final = frozenset((MAP_SIZE, UNMAP_SIZE))
 
 
 def _config_default_mask() -> int:
@@ -200,6 +208,39 @@ class VirtioIommuFrontend:
         """Take one request; its events become available from next_event()."""
         if self._pending is not None:
             raise RequestPendingError("complete() the previous request first")
+        size = len(readable)
+        if size in _MAP_SIZES and (writable is None or writable >= TAIL_SIZE):
+            request_type = readable[0]
+            if (request_type == _MAP and size == MAP_SIZE) or (
+                request_type == _UNMAP and size == UNMAP_SIZE
+            ):
+                self._receive_map(request_type, readable, writable)
+                return
+        self._receive(readable, writable)
+
+    def _receive_map(self, request_type: int, readable: bytes, writable: int | None) -> None:
+        """``_receive`` of a well-formed MAP or UNMAP with room for the tail, without the
+        decoded value and the type dispatch (the same checks, state and events: held to
+        ``_receive`` by tests/frontends/test_virtio_fast_path.py)."""
+        self.requests += 1
+        counts = self.kind_counts_
+        counts[request_type] = counts.get(request_type, 0) + 1
+        pending = Pending(request_type, Status.OK, TAIL_SIZE if writable is None else writable)
+        self._pending = pending
+        try:
+            if request_type == _MAP:
+                map_fields(self.state, self._rules, pending, unpack_map(readable))
+            else:
+                unmap_fields(self.state, self._rules, pending, unpack_unmap(readable))
+        except Refused as exc:
+            pending.rollback()
+            pending.status = exc.status
+            pending.reason = exc.reason
+            self._events.clear()
+        self._events.append(_BARRIER)
+
+    def _receive(self, readable: bytes, writable: int | None) -> None:
+        """Any request (the general path)."""
         features = self.features
         decoded = decode(readable, features.vsva_draft, vsva=features.vsva)
         qemu = self.policy.compat == QEMU
@@ -276,6 +317,8 @@ class VirtioIommuFrontend:
         status = pending.status
         if status is None:
             reply = Reply(pending.request_type, None, b"", pending.reason)
+        elif pending.writable == TAIL_SIZE and not pending.properties:
+            reply = Reply(pending.request_type, status, tail(status), pending.reason)
         else:
             body = bytearray(pending.writable - TAIL_SIZE)
             body[: len(pending.properties)] = pending.properties
@@ -292,9 +335,14 @@ class VirtioIommuFrontend:
     # -- per-request rules -------------------------------------------------------------------
     def _handle(self, decoded: Decoded, pending: Pending, raw: bytes) -> None:
         if isinstance(decoded, Map):
-            map_request(self.state, self._rules, decoded, pending)
+            phys, flags = decoded.phys_start, decoded.flags
+            fields = (_MAP, decoded.domain, decoded.virt_start, decoded.virt_end, phys, flags)
+            map_fields(self.state, self._rules, pending, fields)
         elif isinstance(decoded, Unmap):
-            unmap_request(self.state, self._rules, decoded, pending)
+            start, end, reserved = decoded.virt_start, decoded.virt_end, decoded.reserved
+            unmap_fields(
+                self.state, self._rules, pending, (_UNMAP, decoded.domain, start, end, reserved)
+            )
         elif isinstance(decoded, Attach):
             self.state.attach(decoded, pending, bypass_config=self.features.bypass_config)
         elif isinstance(decoded, Detach):

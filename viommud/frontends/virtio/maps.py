@@ -15,11 +15,10 @@ from viommud.frontends.compat import QEMU
 from viommud.frontends.virtio.domains import DomainState
 from viommud.frontends.virtio.options import DevicePolicy, VirtioFeatures
 from viommud.frontends.virtio.request import Pending, Refused
-from viommud.guest.virtio import Map, Unmap
 from viommud.mappings import Mapping, SplitError
 from viommud.virtio_state import Mapped, Unmapped
 
-__all__ = ["MapRules", "map_request", "unmap_request"]
+__all__ = ["MapRules", "map_fields", "unmap_fields"]
 
 U64_MAX = (1 << 64) - 1
 
@@ -58,11 +57,15 @@ class MapRules:
         )
 
 
-def map_request(state: DomainState, rules: MapRules, req: Map, pending: Pending) -> None:
-    if req.flags & ~rules.flags:
-        raise Refused(Status.INVAL, f"MAP flags 0x{req.flags:x}: unknown bits")
-    domain = state.mapping_domain(req.domain)
-    start, end, phys = req.virt_start, req.virt_end, req.phys_start
+def map_fields(
+    state: DomainState, rules: MapRules, pending: Pending, fields: tuple[int, ...]
+) -> None:
+    """MAP of a request's fields: ``(type, domain, virt_start, virt_end, phys_start, flags)``
+    as ``guest.virtio.unpack_map`` gives them."""
+    _, domain_id, start, end, phys, flags = fields
+    if flags & ~rules.flags:
+        raise Refused(Status.INVAL, f"MAP flags 0x{flags:x}: unknown bits")
+    domain = state.mapping_domain(domain_id)
     if end < start:
         raise Refused(Status.RANGE, "MAP virt_end is below virt_start")
     granule = rules.granule
@@ -81,7 +84,7 @@ def map_request(state: DomainState, rules: MapRules, req: Map, pending: Pending)
                     f"MAP overlaps a reserved region of endpoint {endpoint} "
                     f"[{region.start:#x}, {region.end:#x}]",
                 )
-    mapping = Mapping(start, end, phys, req.flags)
+    mapping = Mapping(start, end, phys, flags)
     mappings = domain.mappings
     if len(mappings) >= rules.max_mappings:
         if mappings.overlaps(start, end):
@@ -93,15 +96,20 @@ def map_request(state: DomainState, rules: MapRules, req: Map, pending: Pending)
     state.events.append(Mapped(domain.id, mapping))
 
 
-def unmap_request(state: DomainState, rules: MapRules, req: Unmap, pending: Pending) -> None:
-    if req.reserved and rules.unmap_reserved_inval:
+def unmap_fields(
+    state: DomainState, rules: MapRules, pending: Pending, fields: tuple[int, ...]
+) -> None:
+    """UNMAP of a request's fields: ``(type, domain, virt_start, virt_end, reserved)`` as
+    ``guest.virtio.unpack_unmap`` gives them."""
+    _, domain_id, start, end, reserved = fields
+    if reserved and rules.unmap_reserved_inval:
         raise Refused(Status.INVAL, "UNMAP reserved bytes are not zero")
-    domain = state.mapping_domain(req.domain)
-    if req.virt_end < req.virt_start:
+    domain = state.mapping_domain(domain_id)
+    if end < start:
         raise Refused(Status.RANGE, "UNMAP virt_end is below virt_start")
     mappings = domain.mappings
     try:
-        removed = mappings.remove_range(req.virt_start, req.virt_end)
+        removed = mappings.remove_range(start, end)
     except SplitError as exc:
         raise Refused(Status.RANGE, f"UNMAP: mapping {exc}") from None
     if not removed:
