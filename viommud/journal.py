@@ -16,7 +16,7 @@ from protocols.models import ViommuModel
 from protocols.smmuv3 import Opcode
 from protocols.virtio_iommu import RequestType
 from protocols.vtd import DescType
-from viommud.guest.virtio import Map, Unmap, decode
+from viommud.guest.virtio import MAP_SIZE, UNMAP_SIZE, unpack_map, unpack_unmap
 from viommud.replies import DoorbellReply, RequestReply
 from viommud.trace import Cmds, Record, Request, ViommuCreate, ViommuDestroy
 
@@ -58,6 +58,8 @@ _VTD_PLAIN = frozenset(
 _VTD_LO_PLAIN = bytes(b for b in range(256) if b & 0xF in _VTD_PLAIN)  # qw0[3:0]
 _VTD_HI_PLAIN = bytes(b for b in range(256) if not b & 0x0E)  # qw0[11:9] = 0
 _VIRTIO_PLAIN = frozenset({RequestType.PROBE, RequestType.INVALIDATE})
+_MAP = int(RequestType.MAP)
+_UNMAP = int(RequestType.UNMAP)
 
 
 @dataclass(slots=True)
@@ -155,18 +157,17 @@ class Journal:
         live = self.live.get(viommu)
         if live is None or reply.status != "OK" or not data or data[0] in _VIRTIO_PLAIN:
             return
-        if data[0] == RequestType.MAP:
-            req = decode(data)
-            if isinstance(req, Map):
-                key = self._add(live, Request(0, viommu, bytes(data)))
-                live.maps[req.domain, req.virt_start, req.virt_end] = key
-                return
-        elif data[0] == RequestType.UNMAP:
-            req = decode(data)
-            if isinstance(req, Unmap):
-                if not self._unmapped(live, req.domain, req.virt_start, req.virt_end):
-                    self._add(live, Request(0, viommu, bytes(data)))
-                return
+        kind = data[0]
+        if kind == _MAP and len(data) == MAP_SIZE:  # what ``decode`` makes a Map of
+            _, domain, start, end, _, _ = unpack_map(data)
+            key = self._add(live, Request(0, viommu, bytes(data)))
+            live.maps[domain, start, end] = key
+            return
+        if kind == _UNMAP and len(data) == UNMAP_SIZE:  # an Unmap
+            _, domain, start, end, _ = unpack_unmap(data)
+            if not self._unmapped(live, domain, start, end):
+                self._add(live, Request(0, viommu, bytes(data)))
+            return
         live.forget()  # ATTACH, DETACH, ATTACH_TABLE may destroy a domain and its mappings
         self._add(live, Request(0, viommu, bytes(data)))
 

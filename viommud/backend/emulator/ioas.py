@@ -8,6 +8,7 @@ area insertion and whole-area unmapping with partial progress.
 from __future__ import annotations
 
 import errno
+import struct
 from dataclasses import replace
 
 from protocols import iommufd as uapi
@@ -16,12 +17,21 @@ from viommud.backend.emulator.files import FileRef
 from viommud.backend.emulator.objects import Area, IoasObject
 from viommud.backend.emulator.usercopy import ENOERR, PAGE_SIZE, U64_MAX, Call, IoctlError
 
-__all__ = ["IoasIoctls"]
+__all__ = ["IOAS_MAP_SIZE", "IOAS_UNMAP_SIZE", "IoasIoctls"]
 
 MAP_FLAGS = (
     uapi.IOMMU_IOAS_MAP_FIXED_IOVA | uapi.IOMMU_IOAS_MAP_WRITEABLE | uapi.IOMMU_IOAS_MAP_READABLE
 )
 MAP_PROT = uapi.IOMMU_IOAS_MAP_WRITEABLE | uapi.IOMMU_IOAS_MAP_READABLE
+
+
+IOAS_MAP_FORMAT = uapi.IoasMap.FORMAT
+IOAS_UNMAP_FORMAT = uapi.IoasUnmap.FORMAT
+IOAS_MAP_SIZE = IOAS_MAP_FORMAT.size
+IOAS_UNMAP_SIZE = IOAS_UNMAP_FORMAT.size
+_MAP_IOVA_OFFSET = 32  # struct iommu_ioas_map: iova
+_UNMAP_LENGTH_OFFSET = 16  # struct iommu_ioas_unmap: length
+_U64 = struct.Struct("<Q")
 
 
 def _roundup_pow2(value: int) -> int:
@@ -72,23 +82,59 @@ class IoasIoctls(IommufdContext):
     # -- IOMMU_IOAS_MAP ---------------------------------------------------------------------
     def _ioctl_ioas_map(self, call: Call[uapi.IoasMap]) -> int:
         cmd = call.cmd
-        if cmd.flags & ~MAP_FLAGS or cmd.reserved:
-            return errno.EOPNOTSUPP
-        if cmd.iova >= U64_MAX or cmd.length >= U64_MAX:
-            return errno.EOVERFLOW
-        if not cmd.flags & MAP_PROT:
-            return errno.EINVAL
-        ioas: IoasObject = self._get(cmd.ioas_id, IoasObject)
-        # iopt_alloc_user_pages / iopt_alloc_pages
-        if cmd.user_va + cmd.length > U64_MAX:
-            return errno.EOVERFLOW
-        if cmd.length == 0 or cmd.length > U64_MAX - PAGE_SIZE:
-            return errno.EINVAL
-        iova = self._map_area(ioas, cmd.flags, cmd.iova, cmd.length, cmd.user_va, file=None)
+        iova = self._ioas_map(
+            cmd.flags,
+            cmd.ioas_id,
+            reserved=cmd.reserved,
+            user_va=cmd.user_va,
+            length=cmd.length,
+            iova=cmd.iova,
+        )
+        if iova < 0:
+            return -iova
         out = cmd if iova == cmd.iova else replace(cmd, iova=iova)  # FIXED_IOVA: the same
         if call.respond(out):
             return errno.EFAULT  # pragma: no cover - respond cannot fault here
         return ENOERR
+
+    def _ioas_map_exact(self, arg: bytearray) -> int:
+        """``IOMMU_IOAS_MAP`` whose ``size`` is the kernel's struct size and whose argument
+        holds exactly that struct (what ``Iommufd.ioas_map`` passes): ``copy_cmd_from_user``
+        passes and would copy it whole, and ``respond`` would write it back whole with only
+        ``iova`` possibly changed, so the fields are unpacked straight from ``arg`` (the
+        same FORMAT) and ``iova`` packed back. ``_iommufd_ioctl`` takes it only for such an
+        ``arg``; tests/backend/test_ioas_exact.py holds it to the general path."""
+        _size, flags, ioas_id, reserved, user_va, length, iova = IOAS_MAP_FORMAT.unpack(arg)
+        try:
+            out = self._ioas_map(
+                flags, ioas_id, reserved=reserved, user_va=user_va, length=length, iova=iova
+            )
+        except IoctlError as exc:
+            return exc.errno  # as _iommufd_ioctl: nothing written back
+        if out < 0:
+            return -out
+        if out != iova:
+            _U64.pack_into(arg, _MAP_IOVA_OFFSET, out)
+        return ENOERR
+
+    def _ioas_map(
+        self, flags: int, ioas_id: int, *, reserved: int, user_va: int, length: int, iova: int
+    ) -> int:
+        """``iommufd_ioas_map``'s checks and ``iopt_map_user_pages``: the IOVA mapped, or
+        minus the errno (raises IoctlError where the kernel's helpers fail)."""
+        if flags & ~MAP_FLAGS or reserved:
+            return -errno.EOPNOTSUPP
+        if iova >= U64_MAX or length >= U64_MAX:
+            return -errno.EOVERFLOW
+        if not flags & MAP_PROT:
+            return -errno.EINVAL
+        ioas: IoasObject = self._get(ioas_id, IoasObject)
+        # iopt_alloc_user_pages / iopt_alloc_pages
+        if user_va + length > U64_MAX:
+            return -errno.EOVERFLOW
+        if length == 0 or length > U64_MAX - PAGE_SIZE:
+            return -errno.EINVAL
+        return self._map_area(ioas, flags, iova, length, user_va, file=None)
 
     # -- IOMMU_IOAS_MAP_FILE ----------------------------------------------------------------
     def _ioctl_ioas_map_file(self, call: Call[uapi.IoasMapFile]) -> int:
@@ -181,25 +227,44 @@ class IoasIoctls(IommufdContext):
     # -- IOMMU_IOAS_UNMAP -------------------------------------------------------------------
     def _ioctl_ioas_unmap(self, call: Call[uapi.IoasUnmap]) -> int:
         cmd = call.cmd
-        ioas: IoasObject = self._get(cmd.ioas_id, IoasObject)
-        if cmd.iova == 0 and cmd.length == U64_MAX:
-            rc, unmapped = self._unmap_range(ioas, 0, U64_MAX)
-            if rc == errno.ENOENT:
-                rc = ENOERR  # unmapping everything of an empty IOAS succeeds
-        else:
-            if cmd.iova >= U64_MAX or cmd.length >= U64_MAX:
-                return errno.EOVERFLOW
-            if not cmd.length:
-                return errno.EINVAL
-            if cmd.iova + cmd.length - 1 > U64_MAX:
-                return errno.EOVERFLOW
-            rc, unmapped = self._unmap_range(ioas, cmd.iova, cmd.iova + cmd.length - 1)
-        if rc:
-            return rc
+        unmapped = self._ioas_unmap(cmd.ioas_id, cmd.iova, cmd.length)
+        if unmapped < 0:
+            return -unmapped
         out = cmd if unmapped == cmd.length else replace(cmd, length=unmapped)
         if call.respond(out):
             return errno.EFAULT  # pragma: no cover - respond cannot fault here
         return ENOERR
+
+    def _ioas_unmap_exact(self, arg: bytearray) -> int:
+        """``IOMMU_IOAS_UNMAP`` with an argument of exactly the struct (see
+        ``_ioas_map_exact``): ``length`` is packed back when it differs."""
+        _size, ioas_id, iova, length = IOAS_UNMAP_FORMAT.unpack(arg)
+        try:
+            unmapped = self._ioas_unmap(ioas_id, iova, length)
+        except IoctlError as exc:
+            return exc.errno
+        if unmapped < 0:
+            return -unmapped
+        if unmapped != length:
+            _U64.pack_into(arg, _UNMAP_LENGTH_OFFSET, unmapped)
+        return ENOERR
+
+    def _ioas_unmap(self, ioas_id: int, iova: int, length: int) -> int:
+        """``iommufd_ioas_unmap``: the bytes unmapped, or minus the errno."""
+        ioas: IoasObject = self._get(ioas_id, IoasObject)
+        if iova == 0 and length == U64_MAX:
+            rc, unmapped = self._unmap_range(ioas, 0, U64_MAX)
+            if rc == errno.ENOENT:
+                rc = ENOERR  # unmapping everything of an empty IOAS succeeds
+        else:
+            if iova >= U64_MAX or length >= U64_MAX:
+                return -errno.EOVERFLOW
+            if not length:
+                return -errno.EINVAL
+            if iova + length - 1 > U64_MAX:
+                return -errno.EOVERFLOW
+            rc, unmapped = self._unmap_range(ioas, iova, iova + length - 1)
+        return -rc if rc else unmapped
 
     def _unmap_range(self, ioas: IoasObject, start: int, last: int) -> tuple[int, int]:
         """``iopt_unmap_iova_range``: whole areas only, lowest first; partial progress."""

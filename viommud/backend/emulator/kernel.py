@@ -52,7 +52,7 @@ from viommud.backend.emulator.eventq import EventqIoctls
 from viommud.backend.emulator.files import FileRef
 from viommud.backend.emulator.hw_pagetable import INVALIDATE_SIZE, HwptIoctls
 from viommud.backend.emulator.intel import IntelVtdDriver
-from viommud.backend.emulator.ioas import IoasIoctls
+from viommud.backend.emulator.ioas import IOAS_MAP_SIZE, IOAS_UNMAP_SIZE, IoasIoctls
 from viommud.backend.emulator.selftest import MockDriver, test_cmd
 from viommud.backend.emulator.usercopy import ENOERR, Call, IoctlError, copy_cmd_from_user
 from viommud.backend.emulator.viommu import ViommuIoctls
@@ -275,6 +275,20 @@ class EmulatedIommufd(IoasIoctls, HwptIoctls, ViommuIoctls, EventqIoctls, Device
             and not arg[1] | arg[2] | arg[3]
         ):
             return self._hwpt_invalidate_exact(arg)  # size == the struct: the checks all pass
+        if request == _IOAS_MAP:
+            if (
+                len(arg) == IOAS_MAP_SIZE
+                and arg[0] == IOAS_MAP_SIZE
+                and not arg[1] | arg[2] | arg[3]
+            ):
+                return self._ioas_map_exact(arg)  # the same, for the virtio-iommu MAP path
+        elif (
+            request == _IOAS_UNMAP
+            and len(arg) == IOAS_UNMAP_SIZE
+            and arg[0] == IOAS_UNMAP_SIZE
+            and not arg[1] | arg[2] | arg[3]
+        ):
+            return self._ioas_unmap_exact(arg)
         op = _IOMMUFD_OPS.get(request)
         if op is None or (request == uapi.IOMMU_TEST_CMD and not self.selftest):
             return errno.ENOTTY
@@ -316,6 +330,8 @@ class EmulatedIommufd(IoasIoctls, HwptIoctls, ViommuIoctls, EventqIoctls, Device
 
 _Handler = Callable[[EmulatedIommufd, Any], int]
 _HWPT_INVALIDATE = uapi.IOMMU_HWPT_INVALIDATE
+_IOAS_MAP = uapi.IOMMU_IOAS_MAP
+_IOAS_UNMAP = uapi.IOMMU_IOAS_UNMAP
 _DeviceHandler = Callable[[EmulatedIommufd, DeviceFile, bytearray], int]
 
 # request -> (structure, handler). Known but not emulated requests are absent (ENOTTY).
