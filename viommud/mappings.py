@@ -146,13 +146,16 @@ class MappingStore:
         self._len += 1
         size = len(starts)
         if size > 2 * self._load:
-            # An insertion at either end of the whole store splits off one mapping only:
-            # filling the space in address order (upwards, or downwards as Linux allocates
-            # IOVAs) then leaves full blocks behind, where halves would stay half empty.
+            # An insertion at either end of the whole store leaves the block 3/4 full
+            # (3 * _load // 2) and moves the rest on: filling the space in address order
+            # (upwards, or downwards as Linux allocates IOVAs) leaves blocks with room for
+            # _load // 2 later MAPs in the middle before a split (a split costs ~10 µs at
+            # 10^6 mappings), where halves would stay half empty.
+            keep = 3 * self._load // 2
             if index == size - 1 and block == len(firsts) - 1:
-                self._split(block, index)
+                self._split(block, keep)
             elif not index and not block:
-                self._split(block, 1)
+                self._split(block, size - keep)
             else:
                 self._split(block, size >> 1)
         return True
@@ -268,11 +271,12 @@ class MappingStore:
         return first, head, last, tail
 
     def _split(self, block: int, at: int) -> None:
-        """Cut a block in two before its ``at``-th mapping."""
+        """Cut a block in two before its ``at``-th mapping (both halves copied: an array
+        keeps its allocation when it shrinks)."""
         for column in (self._starts, self._ends, self._phys, self._flags):
             items = column[block]
             column.insert(block + 1, items[at:])
-            del items[at:]
+            column[block] = items[:at]
         self._firsts.insert(block + 1, self._starts[block + 1][0])
 
     def _delete(self, first: int, head: int, last: int, tail: int) -> None:

@@ -167,15 +167,16 @@ TestTinyBlocksAgainstBruteForce = TinyBlockMachine.TestCase
 
 @pytest.mark.parametrize("downwards", [False, True], ids=["upwards", "downwards"])
 def test_sequential_fill_leaves_full_blocks(downwards: bool) -> None:
-    """Pages mapped in address order, as a guest does: every block but one is full, and
-    one-page UNMAPs in the same order empty the store through merges."""
+    """Pages mapped in address order, as a guest does: every block but one is 3/4 full
+    (room for later MAPs in the middle without a split), and one-page UNMAPs in the same
+    order empty the store through merges."""
     store = TinyBlocks()
     pages = range(0, 100 * 0x1000, 0x1000)
     for start in reversed(pages) if downwards else pages:
         assert store.add(Mapping(start, start + 0xFFF, start, 3))
     check_blocks(store)
     sizes = [len(block) for block in store._starts]
-    assert sizes.count(2 * TinyBlocks._load) == len(sizes) - 1
+    assert sizes.count(3 * TinyBlocks._load // 2) == len(sizes) - 1
     for start in pages:
         assert store.remove_range(start, start + 0xFFF) == [Mapping(start, start + 0xFFF, start, 3)]
         check_blocks(store)
@@ -354,3 +355,20 @@ def test_crosvm_remove_map() -> None:
 def test_constructor_refuses_overlaps() -> None:
     with pytest.raises(ValueError, match="overlapping"):
         MappingStore([Mapping(0, 9, 0, 1), Mapping(9, 12, 0, 1)])
+
+
+def test_sequential_fill_leaves_room_in_the_middle() -> None:
+    """Every other page mapped upwards, then the holes of the first block: it takes
+    ``_load // 2`` of them before it splits (a full block would split at the first)."""
+    store = TinyBlocks()
+    page = 0x1000
+    for i in range(40):
+        assert store.add(Mapping(2 * i * page, 2 * i * page + 0xFFF, 0, 3))
+    blocks = len(store._firsts)
+    holes = [(2 * i + 1) * page for i in range(TinyBlocks._load // 2 + 1)]
+    for start in holes[:-1]:
+        assert store.add(Mapping(start, start + 0xFFF, 0, 3))
+        assert len(store._firsts) == blocks
+    assert store.add(Mapping(holes[-1], holes[-1] + 0xFFF, 0, 3))
+    assert len(store._firsts) == blocks + 1
+    check_blocks(store)
