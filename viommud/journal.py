@@ -86,13 +86,16 @@ class _Live:
 class Journal:
     """The records that recreate a session's vIOMMUs, compacted as they arrive."""
 
-    # key (arrival order) -> (incarnation of its vIOMMU, record)
-    entries: dict[int, tuple[int, Record]] = field(default_factory=dict)
+    # key (arrival order) -> (incarnation of its vIOMMU, record); a virtio-iommu request is
+    # kept as its bytes alone (one per live mapping: no Request object), ``records`` makes
+    # the Request
+    entries: dict[int, tuple[int, Record | bytes]] = field(default_factory=dict)
     live: dict[str, _Live] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)  # incarnation -> vIOMMU name
     _next: int = 0
     _key: int = 0
 
-    def _add(self, live: _Live, record: Record) -> int:
+    def _add(self, live: _Live, record: Record | bytes) -> int:
         self._key += 1
         self.entries[self._key] = (live.incarnation, record)
         return self._key
@@ -110,6 +113,7 @@ class Journal:
                 width = 32 if record.options.get("dw") == 256 else 16
             made = _Live(self._next, record.model, width, record.model == ViommuModel.SMMUV3)
             self.live[record.viommu] = made
+            self.names[made.incarnation] = record.viommu
             self._add(made, record)
             return
         live = self.live.get(record.viommu)
@@ -118,6 +122,7 @@ class Journal:
         if isinstance(record, ViommuDestroy):
             del self.live[record.viommu]
             gone = live.incarnation
+            del self.names[gone]
             self.entries = {k: e for k, e in self.entries.items() if e[0] != gone}
             return
         # (a device_detach may destroy a domain with its mappings; the domain can only come
@@ -160,16 +165,16 @@ class Journal:
         kind = data[0]
         if kind == _MAP and len(data) == MAP_SIZE:  # what ``decode`` makes a Map of
             _, domain, start, end, _, _ = unpack_map(data)
-            key = self._add(live, Request(0, viommu, bytes(data)))
+            key = self._add(live, bytes(data))
             live.maps[domain, start, end] = key
             return
         if kind == _UNMAP and len(data) == UNMAP_SIZE:  # an Unmap
             _, domain, start, end, _ = unpack_unmap(data)
             if not self._unmapped(live, domain, start, end):
-                self._add(live, Request(0, viommu, bytes(data)))
+                self._add(live, bytes(data))
             return
         live.forget()  # ATTACH, DETACH, ATTACH_TABLE may destroy a domain and its mappings
-        self._add(live, Request(0, viommu, bytes(data)))
+        self._add(live, bytes(data))
 
     def _unmapped(self, live: _Live, domain: int, start: int, end: int) -> bool:
         """An UNMAP of ``[start, end]`` in ``domain`` answered OK: drop the MAPs of what it
@@ -199,4 +204,8 @@ class Journal:
         return True
 
     def records(self) -> list[Record]:
-        return [record for _, record in self.entries.values()]
+        names = self.names
+        return [
+            Request(0, names[incarnation], record) if isinstance(record, bytes) else record
+            for incarnation, record in self.entries.values()
+        ]

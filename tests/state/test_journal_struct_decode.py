@@ -16,7 +16,7 @@ from protocols.virtio_iommu import RequestType, build_request
 from viommud.guest.virtio import Map, Unmap, decode
 from viommud.journal import _VIRTIO_PLAIN, Journal, _Live
 from viommud.replies import RequestReply
-from viommud.trace import Request, ViommuCreate
+from viommud.trace import Request, ViommuCreate, ViommuDestroy
 
 PAGE = 4096
 OK = RequestReply("OK", b"", 4)
@@ -81,15 +81,20 @@ def _state(journal: Journal) -> Any:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(request(), max_size=40), st.sampled_from(["v", "w"]))
-def test_struct_decoders_keep_the_same_journal(steps: Any, target: str) -> None:
+@given(st.lists(st.tuples(request(), st.sampled_from(["v", "w", "x"]), st.integers(0, 15))))
+def test_struct_decoders_keep_the_same_journal(steps: Any) -> None:
+    """Requests to two virtio-iommu vIOMMUs and one unknown name, the vIOMMUs at times
+    destroyed and made again (the records name the vIOMMU of their incarnation)."""
     fast, slow = Journal(), DecodingJournal()
     for journal in (fast, slow):
         journal.config(ViommuCreate(1, "v", "virtio-iommu", (), {}), ok=True)
-    for raw, ok in steps:
-        reply = OK if ok else INVAL
-        fast.request(target, raw, reply)
-        slow.request(target, raw, reply)
+        journal.config(ViommuCreate(2, "w", "virtio-iommu", (), {}), ok=True)
+    for (raw, ok), target, roll in steps:
+        for journal in (fast, slow):
+            if roll == 0:  # made again
+                journal.config(ViommuDestroy(3, target), ok=True)
+                journal.config(ViommuCreate(4, target, "virtio-iommu", (), {}), ok=True)
+            journal.request(target, raw, OK if ok else INVAL)
         assert _state(fast) == _state(slow)
 
 
