@@ -21,7 +21,9 @@ most): ``start``, ``end``, ``phys`` (u64) and ``flags`` (u32), the widths of the
 ints took ~180. The columns are cut into blocks of at most ``2 * _load`` consecutive
 mappings (the leaf level of a B+-tree, as in sortedcontainers) and ``_firsts`` holds each
 block's first ``start``: a change is a bisection in ``_firsts``, one in the block and a
-memmove inside the block's arrays. ``Mapping`` values are built only where a method returns
+memmove inside the block's arrays. A fill in address order leaves blocks 3/4 full, so that
+later MAPs in their middle (a guest re-using freed IOVAs) split a block only after
+``_load // 2`` of them. ``Mapping`` values are built only where a method returns
 one; they compare by value, so callers see the same answers as with stored objects.
 """
 
