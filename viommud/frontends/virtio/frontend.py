@@ -233,9 +233,7 @@ class VirtioIommuFrontend:
             else:
                 unmap_fields(self.state, self._rules, pending, unpack_unmap(readable))
         except Refused as exc:
-            pending.rollback()
-            pending.status = exc.status
-            pending.reason = exc.reason
+            pending.refuse(exc)
             self._events.clear()
         self._events.append(_BARRIER)
 
@@ -270,9 +268,7 @@ class VirtioIommuFrontend:
             try:
                 self._handle(decoded, pending, readable)
             except Refused as exc:
-                pending.rollback()
-                pending.status = exc.status
-                pending.reason = exc.reason
+                pending.refuse(exc)
                 self._events.clear()
         self._events.append(_BARRIER)
 

@@ -46,6 +46,12 @@ class Pending:
         while undo:
             undo.pop()()
 
+    def refuse(self, refused: Refused) -> None:
+        """The request failed a check: undo its changes and answer ``refused.status``."""
+        self.rollback()
+        self.status = refused.status
+        self.reason = refused.reason
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
