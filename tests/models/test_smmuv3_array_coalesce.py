@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from random import Random
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,6 +29,7 @@ from tests.models.test_smmuv3_fast_path import (
     _tlb_command,
 )
 from tests.oracle.workload import SYNC
+from viommud.dispatcher.smmuv3 import DispatchPolicy
 from viommud.dispatcher.smmuv3_coalesce import Entry, coalesce, coalesce_tlb_array
 from viommud.events import Barrier, Invalidation
 from viommud.frontends.smmuv3.frontend import SmmuFeatures, SmmuV3Frontend
@@ -44,6 +47,45 @@ _wide_range = st.tuples(
 _command = st.one_of(_any_range, _any_range, _small_range, _wide_range, _tlb_command)
 
 
+@st.composite
+def _cluster(draw: st.DrawFn) -> list[bytes]:
+    """Ranges of one group key (opcode, ASID, VMID field, TG, TTL, leaf) in a window of a
+    few dozen granules, so that they overlap, touch, stay apart, and their union encodes
+    in one command, several, or no fewer than were written."""
+    op = draw(st.sampled_from([Opcode.TLBI_NH_VA, Opcode.TLBI_NH_VA, Opcode.TLBI_NH_VAA]))
+    key = draw(
+        st.fixed_dictionaries(
+            {
+                "vmid": st.integers(0, 1),
+                "ttl": st.integers(0, 3),
+                "tg": st.integers(1, 3),
+                "leaf": st.integers(0, 1),
+            }
+        )
+    )
+    if op == Opcode.TLBI_NH_VA:
+        key["asid"] = draw(st.integers(1, 2))
+    base = draw(st.integers(0, 1 << 12))
+    out = []
+    for num, scale, page in draw(
+        st.lists(
+            st.tuples(st.integers(0, 31), st.integers(0, 3), st.integers(0, 80)),
+            min_size=2,
+            max_size=20,
+        )
+    ):
+        first = base + page
+        out.append(
+            build_command(op, num=num, scale=scale, addr=first << (key["tg"] * 2 - 2), **key)
+        )
+    return out
+
+
+_mix = st.tuples(st.lists(_cluster(), min_size=1, max_size=3), st.lists(_command, max_size=6)).map(
+    lambda t: [c for cluster in t[0] for c in cluster] + t[1]
+)
+
+
 def _reference(commands: list[bytes], flood: int) -> bytes:
     entries = [Entry(raw, k) for k, raw in enumerate(commands)]
     return b"".join(e.raw for e in coalesce(entries, flood_pages=flood))
@@ -51,12 +93,16 @@ def _reference(commands: list[bytes], flood: int) -> bytes:
 
 @settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.lists(_command, min_size=0, max_size=40),
+    st.one_of(st.lists(_command, min_size=0, max_size=40), _mix),
     st.integers(0, 3),
+    st.randoms(use_true_random=False),
     st.sampled_from([4, 64, 512, 4096]),
 )
-def test_array_coalescer_is_coalesce(commands: list[bytes], dups: int, flood: int) -> None:
+def test_array_coalescer_is_coalesce(
+    commands: list[bytes], dups: int, order: Random, flood: int
+) -> None:
     commands = commands + commands[: dups * 2]  # duplicates, first occurrence kept
+    order.shuffle(commands)
     assert coalesce_tlb_array(b"".join(commands), flood) == _reference(commands, flood)
 
 
@@ -70,8 +116,7 @@ def test_array_coalescer_merges_a_ril_doorbell() -> None:
     """16 touching 2-page ranges of one ASID: one 32-page command (NUM 31 ... no: 32 pages
     is NUM 0, SCALE 5), and the array is not the one sent."""
     commands = [
-        build_command(Opcode.TLBI_NH_VA, asid=1, num=1, ttl=3, tg=1, addr=2 * k)
-        for k in range(16)
+        build_command(Opcode.TLBI_NH_VA, asid=1, num=1, ttl=3, tg=1, addr=2 * k) for k in range(16)
     ]
     got = coalesce_tlb_array(b"".join(commands))
     assert got == _reference(commands, 512)
@@ -79,35 +124,44 @@ def test_array_coalescer_merges_a_ril_doorbell() -> None:
 
 
 # doorbells of ranges that merge, as a RIL guest batches its unmaps
-_ril_doorbell = st.lists(
-    st.one_of(_any_range, _any_range, _small_range, _wide_range, _tlb_command),
-    min_size=1,
-    max_size=24,
-).map(lambda cs: b"".join(cs) + SYNC)
+_ril_doorbell = st.one_of(st.lists(_command, min_size=1, max_size=24), _mix).map(
+    lambda cs: b"".join(cs) + SYNC
+)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(_ril_doorbell, min_size=1, max_size=3),
     st.sampled_from(sorted(LAYOUTS)),
     st.booleans(),
     st.sampled_from(sorted(_POLICIES)),
-    st.one_of(st.none(), st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), st.integers(1, 3))),
+    st.one_of(
+        st.none(),
+        st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), st.integers(1, 3), st.booleans()),
+    ),
 )
 def test_ril_doorbells_fast_path_is_the_reference_path(
-    doorbells: list[bytes], layout: str, ril: bool, policy: str, fail: tuple[int, int, int] | None
+    doorbells: list[bytes],
+    layout: str,
+    ril: bool,
+    policy: str,
+    fail: tuple[int, int, int, bool] | None,
 ) -> None:
     """Replies, host calls (arrays included), report, frontend counters and dispatcher
-    counters of the fast path equal the event path's, a host failure injected on one of
-    the doorbells' commands or none."""
+    counters of the fast path equal the event path's, with no host failure, or one
+    injected on a guest command or on a command coalescing made (a merged range, a
+    promoted flood: the entry that stood for several guest commands)."""
     target = None
     times = 1
     if fail is not None:
-        k, c, times = fail
+        k, c, times, made = fail
         data = doorbells[k % len(doorbells)]
-        rows = len(data) // 16 - 1  # not the SYNC
-        at = 16 * (c % rows)
-        target = data[at : at + 16]
+        rows = [data[at : at + 16] for at in range(0, len(data) - 16, 16)]  # not the SYNC
+        if made:
+            flood = (_POLICIES[policy] or DispatchPolicy()).flood_pages
+            sent = coalesce_tlb_array(b"".join(rows), flood)
+            rows = [sent[at : at + 16] for at in range(0, len(sent), 16)]
+        target = rows[c % len(rows)]
     chosen = _POLICIES[policy]
     reference = _answers(layout, False, ril, doorbells, fail=target, times=times, policy=chosen)
     fast = _answers(layout, True, ril, doorbells, fail=target, times=times, policy=chosen)
@@ -118,7 +172,7 @@ def test_ril_doorbells_fast_path_is_the_reference_path(
 def _screened(draw: st.DrawFn) -> bytes:
     """A RIL-like doorbell of 4 commands or more (the wide screen), maybe with one bit
     flipped (a reserved bit, a range field, an opcode, a sync's CS)."""
-    commands = draw(st.lists(_command, min_size=3, max_size=40))
+    commands = draw(st.one_of(st.lists(_command, min_size=3, max_size=40), _mix))
     data = bytearray(b"".join(commands) + draw(st.sampled_from([SYNC, b""])))
     if len(data) < 64:
         data += SYNC

@@ -205,8 +205,11 @@ class SmmuDispatcher:
         among them splits the call; every CMD_SYNC completes when the call returns.
 
         When ``tlb_only_unchanged`` shows coalescing would send the commands as written
-        (or the policy does not coalesce), the array goes out without an ``Entry`` per
-        command; the entries are built only if the host refuses it."""
+        (or the policy does not coalesce), the array goes out as it is; else
+        ``coalesce_tlb_array`` coalesces it on the words, once for every target. Either
+        way no ``Entry`` is built per command unless the host refuses a call: then the
+        written entries and ``coalesce_tlb_only``'s (the same commands, with origins) go
+        to ``_retry`` as ``_send`` hands them."""
         stats = self.stats
         self._broadcast = None  # config records may have changed the topology since
         targets = self.broadcast_targets()

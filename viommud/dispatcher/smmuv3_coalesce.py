@@ -580,8 +580,7 @@ def _merge_words(words: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], b
         runs: list[list[int]] = []
         for first, count in sorted(spans[key]):
             if runs and first <= runs[-1][1]:
-                if first + count > runs[-1][1]:
-                    runs[-1][1] = first + count
+                runs[-1][1] = max(runs[-1][1], first + count)
             else:
                 runs.append([first, first + count])
         if len(runs) >= n:
