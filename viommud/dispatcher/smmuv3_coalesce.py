@@ -551,41 +551,52 @@ def coalesce_tlb_array(array: bytes, flood_pages: int = DEFAULT_FLOOD_PAGES) -> 
 
 
 def _merge_words(words: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], bool]:
-    """``_merge_tlb_ranges`` on distinct (W0, W1) words, origins aside: the same groups,
-    runs, encoding and rule for keeping a group; whether any group was replaced."""
-    groups: dict[tuple[int, int, int], list[int]] = {}
-    spans: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
-    for index, (w0, w1) in enumerate(words):
-        tg = (w1 >> 10) & 3
-        if not tg or w0 & 0xFF not in TLBI_RANGE_OPS:
-            continue
-        key = (w0 & _NOT_NUM_SCALE, w1 & 0xFFF, tg)
-        span = (
-            (w1 & _ADDR_MASK) >> (tg * 2 + 10),
-            (((w0 >> 12) & 0x1F) + 1) << ((w0 >> 20) & 0x1F),
+    """``_merge_tlb_ranges`` on distinct (W0, W1) words, origins aside: the same groups
+    (``_range_key``'s key; TG is in W1[11:0]), runs (``_union`` of the group's sorted
+    spans), encoding and rule for keeping a group; whether any group was replaced. The
+    range TLBIs are sorted once by (key, first page, count, index), so each group is a
+    slice whose spans are in order."""
+    ranged = [
+        (
+            w0 & _NOT_NUM_SCALE,
+            w1 & 0xFFF,
+            (w1 & _ADDR_MASK) >> ((w1 >> 10 & 3) * 2 + 10),
+            ((w0 >> 12 & 0x1F) + 1) << (w0 >> 20 & 0x1F),
+            index,
         )
-        members = groups.get(key)
-        if members is None:
-            groups[key] = [index]
-            spans[key] = [span]
-        else:
-            members.append(index)
-            spans[key].append(span)
+        for index, (w0, w1) in enumerate(words)
+        if w1 & 0xC00 and w0 & 0xFF in TLBI_RANGE_OPS
+    ]
+    total = len(ranged)
+    if total < 2:
+        return words, False
+    ranged.sort()
     replaced: dict[int, list[tuple[int, int]]] = {}  # the group's first index -> new words
     dropped: set[int] = set()
-    for key, members in groups.items():
-        n = len(members)
+    start = 0
+    while start < total:
+        w0_base, w1_low = ranged[start][0], ranged[start][1]
+        stop = start + 1
+        while stop < total and ranged[stop][1] == w1_low and ranged[stop][0] == w0_base:
+            stop += 1
+        n = stop - start
         if n < 2:
+            start = stop
             continue
+        group = ranged[start:stop]
+        start = stop
         runs: list[list[int]] = []
-        for first, count in sorted(spans[key]):
-            if runs and first <= runs[-1][1]:
-                runs[-1][1] = max(runs[-1][1], first + count)
+        end = -1
+        for _w0, _w1, first, count, _index in group:
+            if first <= end:
+                if first + count > end:
+                    end = runs[-1][1] = first + count
             else:
-                runs.append([first, first + count])
+                end = first + count
+                runs.append([first, end])
         if len(runs) >= n:
             continue  # nothing joined: each run encodes to one command or more, no shorter
-        w0_base, w1_low, tg = key
+        tg = w1_low >> 10 & 3
         granule_log2 = tg * 2 + 10
         ttl = (w1_low >> 8) & 3
         new: list[tuple[int, int]] = []
@@ -608,7 +619,8 @@ def _merge_words(words: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], b
                 break
         if len(new) >= n:
             continue  # the union encodes no shorter: keep the guest's own commands
-        replaced[members[0]] = new
+        members = [row[4] for row in group]
+        replaced[min(members)] = new
         dropped.update(members)
     if not replaced:
         return words, False
