@@ -49,6 +49,7 @@ from viommud.dispatcher.smmuv3_coalesce import (
     Entry,
     class_rank,
     coalesce,
+    coalesce_tlb_array,
     coalesce_tlb_only,
     plain_entries,
     tlb_only_unchanged,
@@ -204,8 +205,11 @@ class SmmuDispatcher:
         among them splits the call; every CMD_SYNC completes when the call returns.
 
         When ``tlb_only_unchanged`` shows coalescing would send the commands as written
-        (or the policy does not coalesce), the array goes out without an ``Entry`` per
-        command; the entries are built only if the host refuses it."""
+        (or the policy does not coalesce), the array goes out as it is; else
+        ``coalesce_tlb_array`` coalesces it on the words, once for every target. Either
+        way no ``Entry`` is built per command unless the host refuses a call: then the
+        written entries and ``coalesce_tlb_only``'s (the same commands, with origins) go
+        to ``_retry`` as ``_send`` hands them."""
         stats = self.stats
         self._broadcast = None  # config records may have changed the topology since
         targets = self.broadcast_targets()
@@ -238,12 +242,15 @@ class SmmuDispatcher:
                 if result.errno:
                     self._retry(slot, _entries(commands), result, host)
         else:
-            entries = _entries(commands)
-            self._written = entries
+            # the coalesced array, worked out once on the words; the entries (with the
+            # origins a host failure is mapped back with) only if the host refuses it
+            sent = coalesce_tlb_array(array, policy.flood_pages)
             for slot in targets:
-                sent = coalesce_tlb_only(entries, flood_pages=policy.flood_pages)
-                self._send(slot, sent, host)
-            self._written = None
+                result = self._invalidate(slot, sent)
+                if result.errno:
+                    written = _entries(commands)
+                    entries = coalesce_tlb_only(written, flood_pages=policy.flood_pages)
+                    self._retry(slot, entries, result, host, written)
         if not host:
             return NOTHING
         host.sort(key=_by_index)

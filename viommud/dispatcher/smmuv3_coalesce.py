@@ -502,3 +502,132 @@ def plain_entries(commands: bytes, array: bytes) -> tuple[list[Entry], list[Entr
                         break
         out.append(Entry(raw, origin))
     return out, written
+
+
+_TG_SET = bytes(b for b in range(256) if (b >> 2) & 3)  # W1 byte 1 with TG != 0
+_NH_ALL = int(Opcode.TLBI_NH_ALL)
+
+
+def coalesce_tlb_array(array: bytes, flood_pages: int = DEFAULT_FLOOD_PAGES) -> bytes:
+    """The commands ``coalesce_tlb_only`` returns for the entries of ``array`` (TLB
+    invalidations, 16 bytes each, as a plain doorbell sends them), as one array, worked out
+    on the (W0, W1) words without an ``Entry`` per command (the origins are needed only
+    when the host refuses the call; the dispatcher then builds the entries). The same
+    steps: duplicates dropped (first kept), a VM-wide TLBI leaves only the first one, range
+    TLBIs grouped by ``_range_key`` and merged (``_union``, ``encode_range``, a group kept
+    as written when its union encodes no shorter), TLBI_NH_VA pages counted per ASID (on
+    the merged commands after a merge) and a flood promoted as ``promote_floods`` does.
+    tests/models/test_smmuv3_array_coalesce.py holds it to ``coalesce``."""
+    size = 16
+    ops = array[::size]
+    if len(ops) < 2:
+        return array  # nothing to fold with
+    if ops.translate(None, _NOT_VM_WIDE):  # the first VM-wide TLBI covers the rest
+        for at, op in enumerate(ops):
+            if op in TLBI_VM_WIDE_OPS:
+                return array[at * size : at * size + size]
+    words = list(_CMD.iter_unpack(array))
+    distinct = list(dict.fromkeys(words))
+    changed = len(distinct) != len(words)
+    out = distinct
+    pages: dict[int, int] = {}
+    tgs = array[9::size]
+    if len(tgs) - len(tgs.translate(None, _TG_SET)) >= 2:  # two range TLBIs could merge
+        out, merged = _merge_words(distinct)
+        changed = changed or merged
+    for w0, w1 in out:
+        if w0 & 0xFF == _TLBI_NH_VA:
+            asid = w0 >> 48
+            count = (((w0 >> 12) & 0x1F) + 1) << ((w0 >> 20) & 0x1F) if (w1 >> 10) & 3 else 1
+            pages[asid] = pages.get(asid, 0) + count
+    if pages and max(pages.values()) > flood_pages:
+        flooded = {asid for asid, n in pages.items() if n > flood_pages}
+        first = next(w0 for w0, _ in out if w0 & 0xFF == _TLBI_NH_VA and w0 >> 48 in flooded)
+        return _CMD.pack(_NH_ALL | (first & _VMID_FIELD), 0)
+    if not changed:
+        return array
+    pack = _CMD.pack
+    return b"".join([pack(w0, w1) for w0, w1 in out])
+
+
+def _merge_words(words: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], bool]:
+    """``_merge_tlb_ranges`` on distinct (W0, W1) words, origins aside: the same groups
+    (``_range_key``'s key; TG is in W1[11:0]), runs (``_union`` of the group's sorted
+    spans), encoding and rule for keeping a group; whether any group was replaced. The
+    range TLBIs are sorted once by (key, first page, count, index), so each group is a
+    slice whose spans are in order."""
+    ranged = [
+        (
+            w0 & _NOT_NUM_SCALE,
+            w1 & 0xFFF,
+            (w1 & _ADDR_MASK) >> ((w1 >> 10 & 3) * 2 + 10),
+            ((w0 >> 12 & 0x1F) + 1) << (w0 >> 20 & 0x1F),
+            index,
+        )
+        for index, (w0, w1) in enumerate(words)
+        if w1 & 0xC00 and w0 & 0xFF in TLBI_RANGE_OPS
+    ]
+    total = len(ranged)
+    if total < 2:
+        return words, False
+    ranged.sort()
+    replaced: dict[int, list[tuple[int, int]]] = {}  # the group's first index -> new words
+    dropped: set[int] = set()
+    start = 0
+    while start < total:
+        w0_base, w1_low = ranged[start][0], ranged[start][1]
+        stop = start + 1
+        while stop < total and ranged[stop][1] == w1_low and ranged[stop][0] == w0_base:
+            stop += 1
+        n = stop - start
+        if n < 2:
+            start = stop
+            continue
+        group = ranged[start:stop]
+        start = stop
+        runs: list[list[int]] = []
+        end = -1
+        for _w0, _w1, first, count, _index in group:
+            if first <= end:
+                if first + count > end:
+                    end = runs[-1][1] = first + count
+            else:
+                end = first + count
+                runs.append([first, end])
+        if len(runs) >= n:
+            continue  # nothing joined: each run encodes to one command or more, no shorter
+        tg = w1_low >> 10 & 3
+        granule_log2 = tg * 2 + 10
+        ttl = (w1_low >> 8) & 3
+        new: list[tuple[int, int]] = []
+        for first, end in runs:
+            count = end - first
+            scale = (count & -count).bit_length() - 1
+            num = count >> scale
+            if num < 32:  # one command (encode_range's first and only step)
+                if num == 1 and not scale and not ttl:
+                    num = 2  # TTL=NUM=SCALE=0 is reserved: cover one more granule
+                new.append(
+                    (
+                        w0_base | (num - 1) << 12 | scale << 20,
+                        w1_low | ((first << granule_log2) & _ADDR_MASK),
+                    )
+                )
+            else:
+                new += encode_range(w0_base, w1_low, first, count, tg)
+            if len(new) >= n:
+                break
+        if len(new) >= n:
+            continue  # the union encodes no shorter: keep the guest's own commands
+        members = [row[4] for row in group]
+        replaced[min(members)] = new
+        dropped.update(members)
+    if not replaced:
+        return words, False
+    out: list[tuple[int, int]] = []
+    for index, w in enumerate(words):
+        if index in dropped:
+            out += replaced.get(index, ())
+        else:
+            out.append(w)
+    return out, True

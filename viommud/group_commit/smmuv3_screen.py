@@ -160,44 +160,77 @@ def plain_syncs(data: bytes, ril: bool, wide: int = WIDE * COMMAND_SIZE) -> int:
     return syncs
 
 
-def _mask_chunks() -> tuple[bytes, list[bytes]]:
+def _mask_chunks() -> tuple[bytes, list[bytes], list[bytes]]:
     """Plain opcodes (as bytes, for ``bytes.translate``) and, per opcode, the 16 bytes of a
     command whose set bits ``_plain_syncs_wide`` wants clear: the reserved bits and, for
-    TLBI_NH_VA/VAA, NUM, SCALE (W0[16:12], W0[24:20]), TTL and TG (W1[11:8])."""
+    TLBI_NH_VA/VAA, NUM, SCALE (W0[16:12], W0[24:20]), TTL and TG (W1[11:8]); then the
+    reserved bits alone."""
     chunks = [bytes(COMMAND_SIZE)] * 256
+    reserved = [bytes(COMMAND_SIZE)] * 256
     for op, (r0, r1) in _RESERVED.items():
         ranged = op in TLBI_RANGE_OPS
         fields0 = 0x1F << 12 | 0x1F << 20 if ranged else 0
         fields1 = 0xF << 8 if ranged else 0
         chunks[op] = COMMAND.pack(r0 | fields0, r1 | fields1)
-    return bytes(sorted(_RESERVED)), chunks
+        reserved[op] = COMMAND.pack(r0, r1)
+    return bytes(sorted(_RESERVED)), chunks, reserved
 
 
-_PLAIN_OPS, _MASK_CHUNKS = _mask_chunks()
+_PLAIN_OPS, _MASK_CHUNKS, _RESERVED_CHUNKS = _mask_chunks()
 # The masks of the opcode sequences seen (a guest's large doorbells come in a few shapes,
 # and building one costs more than the check), up to a bound on their number and size.
 _MASKS: dict[bytes, int] = {}
+_RESERVED_MASKS: dict[bytes, int] = {}
 _MASKS_KEPT = 256
 _MASK_KEPT_COMMANDS = 1024
 _SYNC_BYTE = bytes([_SYNC])
+# TLBI_NH_VA/VAA opcodes -> 1, others -> 0 (a ``bytes.translate`` table)
+_RANGE_OP_FLAGS = bytes(int(op in TLBI_RANGE_OPS) for op in range(256))
+
+
+def _ril_unsure_flags() -> bytes:
+    """W1 byte 1 (TG W1[11:10], TTL W1[9:8] in its low nibble) -> 0 when, with RIL, the
+    range encoding is valid whatever NUM and SCALE are, else 1 (a ``bytes.translate``
+    table): TG != 0 with TTL != 0, and not TG = 2 (16 KiB) with TTL = 1 (§4.4.1.1)."""
+    refused = _RANGE_REFUSED_LISTS[True]
+    return bytes(
+        int(bool(refused[(b & 0xF) << 1] or refused[(b & 0xF) << 1 | 1])) for b in range(256)
+    )
 
 
 def _plain_syncs_wide(data: bytes, ril: bool) -> int:
     """``plain_syncs`` for a whole doorbell at once: its opcodes are every 16th byte;
     its reserved bits, and the range fields of its TLBI_NH_VA/VAA, are one AND of the
     doorbell as an integer with a mask laid out command by command. A range field set
-    is refused without RIL (``_range_table``) and may be valid with it: then the commands
-    are screened one by one. CMD_SYNC CS (W0[13:12], byte 1 bits 5:4) is checked per sync."""
+    is refused without RIL (``_range_table``) and may be valid with it: then the reserved
+    bits alone are one more AND, and a TLBI_NH_VA/VAA whose TG and TTL make any NUM and
+    SCALE valid (``_RIL_UNSURE``: every command's W1 byte 1 translated, ANDed with its
+    opcode's ``_RANGE_OP_FLAGS``) needs no more; any other range TLBI sends the commands
+    through the one-by-one loop. CMD_SYNC CS (W0[13:12], byte 1 bits 5:4) is checked per
+    sync."""
     ops = data[::COMMAND_SIZE]
     if ops.translate(None, _PLAIN_OPS):
         return -1  # an opcode that is not plain
     mask = _MASKS.get(ops)
+    keep = len(_MASKS) < _MASKS_KEPT and len(ops) <= _MASK_KEPT_COMMANDS
     if mask is None:
         mask = int.from_bytes(b"".join(map(_MASK_CHUNKS.__getitem__, ops)), "little")
-        if len(_MASKS) < _MASKS_KEPT and len(ops) <= _MASK_KEPT_COMMANDS:
+        if keep:
             _MASKS[ops] = mask
-    if int.from_bytes(data, "little") & mask:
-        return plain_syncs(data, ril, _ONE_BY_ONE) if ril else -1
+    value = int.from_bytes(data, "little")
+    if value & mask:
+        if not ril:
+            return -1
+        reserved = _RESERVED_MASKS.get(ops)
+        if reserved is None:
+            reserved = int.from_bytes(b"".join(map(_RESERVED_CHUNKS.__getitem__, ops)), "little")
+            if keep:
+                _RESERVED_MASKS[ops] = reserved
+        if value & reserved:
+            return -1  # a reserved bit set: refused whatever the range fields
+        unsure = int.from_bytes(data[9::COMMAND_SIZE].translate(_RIL_UNSURE), "little")
+        if unsure & int.from_bytes(ops.translate(_RANGE_OP_FLAGS), "little"):
+            return plain_syncs(data, ril, _ONE_BY_ONE)
     syncs = ops.count(_SYNC_BYTE)
     at = ops.find(_SYNC_BYTE)
     while at >= 0:
@@ -224,6 +257,7 @@ def _range_table(ril: bool) -> npt.NDArray[np.bool_]:
 
 _RANGE_REFUSED = {True: _range_table(True), False: _range_table(False)}
 _RANGE_REFUSED_LISTS = {ril: table.tolist() for ril, table in _RANGE_REFUSED.items()}
+_RIL_UNSURE = _ril_unsure_flags()
 
 
 def _bad_range(
