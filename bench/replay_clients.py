@@ -20,8 +20,8 @@ daemon and for the floor, measured in the same run. Issue 17's target: ≥ 1.7x 
 clients on 2 cores. The clients themselves take CPU (parsing, framing: what the floor
 measures), so on a 2-core machine N clients and N sessions share the same 2 cores.
 
-Each client reports the CPU it used, so every point also states its ceiling: the ratio that
-N clients and N sessions sharing the machine's cores could reach at best, from the client's
+Each client reports the CPU it used, so every point also states its ceiling: an estimate of
+the ratio N clients and N sessions sharing the machine's cores could reach, from the client's
 CPU per doorbell and the 1-client daemon time per doorbell (``ceiling()``). The pipe client
 sends its timed frames several times over (``REPEAT``) so that a round lasts about a second
 of daemon time. Run it on a quiet machine: two sessions need both cores.
@@ -110,7 +110,7 @@ def _round(trace: Path, sockets: list[str], kind: str, repeat: int = 1) -> list[
     extra = [str(repeat)] if kind == "pipe" else []
     children = [
         subprocess.Popen(
-            [sys.executable, __file__, "--client", kind, str(trace), path, *extra],
+            [sys.executable, __file__, "--child", kind, str(trace), path, *extra],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -158,10 +158,11 @@ REPEAT = {"strict": 1, "noril-64": 10}
 
 
 def ceiling(clients: int, cpus: int, daemon_s: float, client_s: float) -> float:
-    """The best scaling ratio possible when every client and every session shares ``cpus``
-    cores: one client's rate is bounded by its session (``daemon_s`` seconds per doorbell,
-    the 1-client round's wall time), N clients' by N sessions and N clients sharing the
-    cores (``daemon_s + client_s`` CPU per doorbell)."""
+    """An estimate of the best scaling ratio when every client and every session shares
+    ``cpus`` cores: one client's rate is taken as bound by its session (``daemon_s``
+    seconds per doorbell, the 1-client round's wall time, which counts the session's waits
+    as CPU, so the estimate errs low), N clients' by N sessions and N clients sharing the
+    cores (``daemon_s + client_s`` per doorbell)."""
     return min(clients, cpus * daemon_s / (daemon_s + client_s))
 
 
@@ -251,6 +252,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--client"]:
+    if sys.argv[1:2] == ["--child"]:
         raise SystemExit(CLIENTS[sys.argv[2]](*sys.argv[3:]))
     raise SystemExit(main())
