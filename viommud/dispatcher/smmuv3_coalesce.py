@@ -213,10 +213,7 @@ def merge_ranges(entries: list[Entry]) -> list[Entry]:
             continue
         spans = sorted((*_pages(e), e.origin) for e in group)
         merged = _union(spans)
-        new: list[Entry] = []
-        for first, end, origin in merged:
-            words = encode_range(w0_base, w1_low, first, end - first, tg)
-            new += [Entry(_CMD.pack(a, b), origin) for a, b in words]
+        new = _range_entries(w0_base, w1_low, tg, merged)
         if len(new) >= len(group):
             continue  # the union encodes no shorter: keep the guest's own commands
         replaced[id(group[0])] = new
@@ -408,10 +405,7 @@ def _merge_tlb_ranges(entries: list[Entry]) -> tuple[list[Entry], bool]:
         if len(runs) >= len(members):
             continue  # nothing joined: each run encodes to one command or more, no shorter
         w0_base, w1_low, tg = key
-        new: list[Entry] = []
-        for first, end, origin in runs:
-            words = encode_range(w0_base, w1_low, first, end - first, tg)
-            new += [Entry(_CMD.pack(a, b), origin) for a, b in words]
+        new = _range_entries(w0_base, w1_low, tg, runs)
         if len(new) >= len(members):
             continue  # the union encodes no shorter: keep the guest's own commands
         replaced[members[0]] = new
@@ -631,3 +625,12 @@ def _merge_words(words: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], b
         else:
             out.append(w)
     return out, True
+
+
+def _range_entries(w0_base: int, w1_low: int, tg: int, runs: list[list[int]]) -> list[Entry]:
+    """The range TLBIs covering each merged run (first page, end page, origin), in order."""
+    new: list[Entry] = []
+    for first, end, origin in runs:
+        words = encode_range(w0_base, w1_low, first, end - first, tg)
+        new += [Entry(_CMD.pack(a, b), origin) for a, b in words]
+    return new
