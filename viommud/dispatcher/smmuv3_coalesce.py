@@ -35,10 +35,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from protocols.smmuv3 import CFGI_CD_OPS, TLBI_OPS, TLBI_RANGE_OPS, TLBI_VM_WIDE_OPS, Opcode
 
 _CMD = struct.Struct("<QQ")
+_T = TypeVar("_T")  # what a spliced list holds: entries or (w0, w1) words
 # TLBI_NH_VA ops of one ASID beyond which a single TLBI_NH_ASID is cheaper: Linux's own
 # cut-over for SVA without RIL (CMDQ_MAX_TLBI_OPS = 1 << (PAGE_SHIFT - 3) = 512 for 4 KiB).
 DEFAULT_FLOOD_PAGES = 512
@@ -195,6 +197,19 @@ def _splice(
             out += replaced[id(e)]
         elif id(e) not in dropped:
             out.append(e)
+    return out
+
+
+def _splice_at(items: list[_T], replaced: dict[int, list[_T]], dropped: set[int]) -> list[_T]:
+    """``items`` with each replaced group's new items at the index ``replaced`` names for
+    it and every other index in ``dropped`` left out (``replaced``'s keys are in
+    ``dropped``)."""
+    out: list[_T] = []
+    for index, item in enumerate(items):
+        if index in dropped:
+            out += replaced.get(index, ())
+        else:
+            out.append(item)
     return out
 
 
@@ -412,13 +427,7 @@ def _merge_tlb_ranges(entries: list[Entry]) -> tuple[list[Entry], bool]:
         dropped.update(members)
     if not replaced:
         return entries, False
-    out: list[Entry] = []
-    for index, e in enumerate(entries):
-        if index in dropped:
-            out += replaced.get(index, ())
-        else:
-            out.append(e)
-    return out, True
+    return _splice_at(entries, replaced, dropped), True
 
 
 def _nh_va_flood(entries: list[Entry], threshold: int) -> bool:
@@ -618,13 +627,7 @@ def _merge_words(words: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], b
         dropped.update(members)
     if not replaced:
         return words, False
-    out: list[tuple[int, int]] = []
-    for index, w in enumerate(words):
-        if index in dropped:
-            out += replaced.get(index, ())
-        else:
-            out.append(w)
-    return out, True
+    return _splice_at(words, replaced, dropped), True
 
 
 def _range_entries(w0_base: int, w1_low: int, tg: int, runs: list[list[int]]) -> list[Entry]:
