@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import workloads  # noqa: E402
+from bench.hello_burst import burst  # noqa: E402
 from bench.transport import Pipe, frames  # noqa: E402
 from protocols.frames import FrameType  # noqa: E402
 from viommud import wire  # noqa: E402
@@ -108,18 +109,8 @@ async def hello_burst(path: str, clients: int) -> dict[str, Any]:
     warm = await Pipe.open(path, host)  # the daemon's first spare is ready: steady state
     await warm.close()
     await asyncio.sleep(2.0)  # and so is the next one
-    started = time.perf_counter()
-    done: list[float] = []
-
-    async def one() -> Pipe:
-        pipe = await Pipe.open(path, host)
-        done.append(time.perf_counter() - started)
-        return pipe
-
-    pipes = await asyncio.gather(*(one() for _ in range(clients)))
-    for pipe in pipes:
-        await pipe.close()
-    return {"clients": clients, "first_s": round(min(done), 2), "last_s": round(max(done), 2)}
+    timed = await burst(path, clients)
+    return {"clients": clients, **{key: round(value, 2) for key, value in timed.items()}}
 
 
 async def throughput(path: str, unmaps: int) -> float:
